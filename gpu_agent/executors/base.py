@@ -1,0 +1,83 @@
+"""What an executor is: the part of the agent that touches the device.
+
+The agent's server (``gpu_agent.server``) owns sockets, sessions, validation and errors; an executor
+owns the device. One ``Executor`` per agent process; one ``ExecutorSession`` per client session.
+
+The server calls ``ExecutorSession.op_<name>(*args)`` for each validated call of a batch, with the
+arguments exactly as ``gpu_agent.protocol.OPS`` describes them, except that ``FrameRef`` arguments
+are replaced by the frame's buffer (a memoryview, valid until the call returns). A method returns
+the call's value for ops with ``result=True`` (``bytes``/``memoryview`` values travel as frames)
+and ``None`` otherwise.
+
+Failures are raised as ``ExecutorError(kind, message)`` with a kind from
+``gpu_agent.protocol.ERROR_KINDS``. Raising ``ContextLost`` tells the server the device context
+had to be recreated: every session of this executor loses its device state.
+
+Address checks (is this pointer inside memory the session mapped?) are done by the server before
+the executor sees a call, for every op whose arguments are addresses or array descriptors, so
+executors may trust them. Kernel arguments are opaque bytes and cannot be checked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class ExecutorError(Exception):
+    """A failed call: ``kind`` is one of protocol.ERROR_KINDS, ``code`` a CUDA error name if any."""
+
+    def __init__(self, kind: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.code = code
+
+
+class ContextLost(ExecutorError):
+    """The device context was destroyed and recreated; all sessions lost their device state."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__("ContextLost", message, code)
+
+
+class ExecutorSession(ABC):
+    """One client session's objects on the device (allocations, modules, streams, ...)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free everything this session holds. Idempotent."""
+
+    @abstractmethod
+    def device_bytes(self) -> int:
+        """Device memory this session has mapped, in bytes."""
+
+
+class Executor(ABC):
+    #: "pycuda" or "emulated"
+    name: str
+    #: True when this executor is not a GPU (host memory, NumPy)
+    emulated: bool
+
+    @abstractmethod
+    def device_info(self) -> dict[str, Any]:
+        """Static facts about the device, sent in ``welcome`` and ``status``.
+
+        Keys: ``name``, ``compute_capability`` [major, minor], ``total_memory``, ``pci_bus_id``,
+        ``attributes`` {ATTRIBUTE_NAME: int} (pycuda's device_attribute names), ``driver_version``,
+        ``emulated`` (bool), ``count`` (devices this agent serves: 1).
+        """
+
+    @abstractmethod
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) device memory in bytes."""
+
+    @abstractmethod
+    def open_session(self, base: int, size: int) -> ExecutorSession:
+        """Start a session whose allocations lie in ``[base, base + size)``."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Live figures for status replies (utilisation etc.); empty when unknown."""
+        return {}
+
+    def close(self) -> None:
+        """Release the device. Idempotent."""

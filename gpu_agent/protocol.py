@@ -1,0 +1,434 @@
+"""The forwarding protocol between the shim (client) and a GPU agent.
+
+This module is the contract. It does no I/O and knows no CUDA: it names the messages, encodes and
+decodes them, and validates every call against the table of operations below.
+
+Framing (one ZeroMQ multipart message, DEALER client -> ROUTER agent)::
+
+    frame 0      msgpack header (a map, key "t" says the message type)
+    frame 1..n   raw buffers, referenced from the header by ``FrameRef(i)`` (i >= 1)
+
+Large host buffers never go through msgpack: they travel as their own frames, sent and received
+zero-copy. Pickle is never used. Small buffers may be inlined as msgpack ``bin``.
+
+Message types
+-------------
+client -> agent
+    ``hello``   {t, v, token, client: {pid, host, user, kernel_id, ...}, range?: [base, size]}
+    ``batch``   {t, q: seq, c: [call, ...]}    each call is ``[op, *args]`` (see ``OPS``)
+    ``status``  {t}                             may be sent without a session
+    ``bye``     {t}                             ends the session, frees everything it holds
+agent -> client
+    ``welcome`` {t, v, session, range: [base, size], device: {...}, executor, agent: {...}}
+    ``reply``   {t, q: seq, r: [[call_index, value], ...], e: error | None}
+    ``status``  {t, ...}
+    ``error``   {t, e: error}                   for a message that is not a batch (or not valid)
+
+Every batch gets exactly one ``reply``, in order, after the agent has executed it: that is both the
+result channel and the flow-control acknowledgement (the client keeps at most a bounded number of
+batches unacknowledged). ``r`` carries the values of the calls that produce one (the ``OPS`` entries
+with ``result=True``); byte results are ``FrameRef``s into the reply's frames.
+
+Errors
+------
+``{"i": call_index | None, "op": op | None, "kind": KIND, "msg": str, "code": str | None}``.
+An error in a call does not stop the batch: like CUDA's non-sticky errors, later calls still run, and
+the client raises the first error at its next sync point, naming the original call and call site
+(which the client remembers; sites never travel). ``kind`` is one of ``ERROR_KINDS``.
+
+Addresses
+---------
+A session owns an address range ``[base, base + size)`` given in ``welcome``. The client places
+every allocation inside it and uses the address as the allocation's handle. The agent maps memory
+only in ``GRANULARITY``-aligned, ``GRANULARITY``-sized pieces (``alloc``), so the client
+sub-allocates small buffers itself. Every other handle (module, function, stream, event, kernel)
+is a small client-chosen integer, unique within the session.
+
+Array descriptor
+----------------
+``[addr, dtype, shape, strides]``: ``dtype`` is NumPy's ``dtype.str`` (``"<f4"``), ``shape`` and
+``strides`` (bytes) are lists of ints. A 0-d array has ``[]`` for both. An operand of an array
+operation is either a descriptor or a scalar (int, float, bool, complex).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+#: Allocation granularity the agent maps in (CUDA VMM's minimum granularity on current GPUs).
+GRANULARITY = 2 << 20
+
+#: Where session address ranges start and how large each is (256 GiB: more than any one GPU holds).
+ADDRESS_SPACE_BASE = 0x7F00_0000_0000
+SESSION_RANGE_SIZE = 256 << 30
+
+#: Limits a client and an agent both enforce.
+MAX_CALLS_PER_BATCH = 4096
+MAX_INLINE_BYTES = 64 << 10  # larger buffers must be frames
+MAX_FRAME_BYTES = 1 << 34
+MAX_INFLIGHT_BATCHES = 8
+
+# message types
+HELLO = "hello"
+WELCOME = "welcome"
+BATCH = "batch"
+REPLY = "reply"
+STATUS = "status"
+BYE = "bye"
+ERROR = "error"
+
+#: Error kinds. The first six are pycuda.driver's exception names; the rest are ours.
+ERROR_KINDS = (
+    "Error",
+    "LogicError",
+    "LaunchError",
+    "RuntimeError",
+    "MemoryError",
+    "CompileError",
+    "ProtocolError",  # malformed message, unknown op, bad argument types
+    "VersionMismatch",  # hello with another protocol version
+    "AuthError",  # missing or wrong token
+    "NotSupported",  # e.g. a raw CUDA kernel on the emulated executor
+    "HandleError",  # unknown or freed handle, address outside the session's memory
+    "ContextLost",  # the GPU context was reset (illegal address in some session)
+    "SessionError",  # no session, or session closed
+)
+
+
+class ProtocolError(Exception):
+    """A message or call that does not follow this protocol."""
+
+    kind = "ProtocolError"
+
+
+# {{{ ext types: frame references and complex scalars
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRef:
+    """Points at frame ``index`` (>= 1) of the same multipart message."""
+
+    index: int
+
+
+_EXT_FRAME = 1
+_EXT_COMPLEX = 2
+_COMPLEX = struct.Struct("<dd")
+_U32 = struct.Struct("<I")
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, FrameRef):
+        return msgpack.ExtType(_EXT_FRAME, _U32.pack(obj.index))
+    if isinstance(obj, complex):
+        return msgpack.ExtType(_EXT_COMPLEX, _COMPLEX.pack(obj.real, obj.imag))
+    # numpy scalars and tuples reach here from careless callers; be strict
+    item = getattr(obj, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_FRAME and len(data) == 4:
+        return FrameRef(_U32.unpack(data)[0])
+    if code == _EXT_COMPLEX and len(data) == 16:
+        re, im = _COMPLEX.unpack(data)
+        return complex(re, im)
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+_packer = msgpack.Packer(default=_default, use_bin_type=True)
+
+
+def pack_header(header: dict) -> bytes:
+    return _packer.pack(header)
+
+
+def unpack_header(data: bytes | memoryview) -> dict:
+    try:
+        header = msgpack.unpackb(
+            data,
+            ext_hook=_ext_hook,
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=len(data),
+        )
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises several exception types for garbage
+        raise ProtocolError(f"header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise ProtocolError("header must be a map with a string 't' (message type)")
+    return header
+
+
+def encode(header: dict, frames: Sequence[Any] = ()) -> list[Any]:
+    """The multipart message for ``header`` and its raw frames (buffers, sent as they are)."""
+    return [pack_header(header), *frames]
+
+
+def decode(parts: Sequence[Any]) -> tuple[dict, list[Any]]:
+    """Header and frames of a received multipart message (frames as received: bytes or zmq.Frame)."""
+    if not parts:
+        raise ProtocolError("empty message")
+    first = parts[0]
+    buf = first.buffer if hasattr(first, "buffer") else first
+    return unpack_header(buf), list(parts[1:])
+
+
+def error(kind: str, msg: str, *, index: int | None = None, op: str | None = None,
+          code: str | None = None) -> dict:
+    assert kind in ERROR_KINDS, kind
+    return {"i": index, "op": op, "kind": kind, "msg": msg, "code": code}
+
+
+# }}}
+
+# {{{ argument kinds and the table of operations
+
+# Each argument kind is a validator: value -> bool.
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_uint(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 1 << 64
+
+
+def _is_num(v: Any) -> bool:
+    return type(v) in (int, float, bool, complex)
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _is_buf(v: Any) -> bool:
+    return type(v) is bytes or type(v) is FrameRef
+
+
+def _is_dim3(v: Any) -> bool:
+    return type(v) is list and 1 <= len(v) <= 3 and all(type(x) is int and x >= 0 for x in v)
+
+
+def _is_strlist(v: Any) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+def is_descriptor(v: Any) -> bool:
+    return (
+        type(v) is list
+        and len(v) == 4
+        and _is_uint(v[0])
+        and type(v[1]) is str
+        and type(v[2]) is list
+        and type(v[3]) is list
+        and len(v[2]) == len(v[3]) <= 32
+        and all(type(x) is int and x >= 0 for x in v[2])
+        and all(type(x) is int for x in v[3])
+    )
+
+
+def _is_operand(v: Any) -> bool:
+    return _is_num(v) or is_descriptor(v)
+
+
+def _is_operands(v: Any) -> bool:
+    return type(v) is list and all(_is_operand(x) for x in v)
+
+
+def _is_map(v: Any) -> bool:
+    return type(v) is dict and all(type(k) is str for k in v)
+
+
+def _is_range(v: Any) -> bool:
+    return type(v) is list and len(v) == 3 and all(type(x) is int for x in v)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def opt(v: Any) -> bool:
+        return v is None or check(v)
+
+    opt.__name__ = f"optional {check.__name__}"
+    return opt
+
+
+INT, UINT, NUM, STR, BOOL, BUF = _is_int, _is_uint, _is_num, _is_str, _is_bool, _is_buf
+DIM3, STRS, DESC, OPERANDS, MAP, RANGE = (
+    _is_dim3, _is_strlist, is_descriptor, _is_operands, _is_map, _is_range)
+HANDLE = UINT
+STREAM = _optional(UINT)  # None = the default (legacy NULL) stream
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation: its argument validators and whether it produces a value."""
+
+    args: tuple[Callable[[Any], bool], ...]
+    result: bool = False
+    doc: str = ""
+
+
+OPS: dict[str, Op] = {
+    # context
+    "synchronize": Op((), True, "cuCtxSynchronize; result None"),
+    "mem_get_info": Op((), True, "-> [free, total]"),
+    "ping": Op((), True, "-> agent monotonic time in ns (clock offset, liveness)"),
+    # memory: addr and size multiples of GRANULARITY, inside the session's range
+    "alloc": Op((UINT, UINT), False, "alloc(addr, size): map device memory exactly there"),
+    "free": Op((UINT,), False, "free(addr): unmap what alloc(addr, ...) mapped"),
+    "htod": Op((UINT, BUF, STREAM), False, "htod(dst, data, stream)"),
+    "dtoh": Op((UINT, UINT, STREAM), True, "dtoh(src, nbytes, stream) -> bytes (FrameRef)"),
+    "dtod": Op((UINT, UINT, UINT, STREAM), False, "dtod(dst, src, nbytes, stream)"),
+    "memset": Op((UINT, INT, INT, UINT, STREAM), False,
+                 "memset(dst, value, width in bytes 1|2|4, count, stream)"),
+    # modules and functions
+    "module_source": Op((HANDLE, STR, STRS, BOOL, _optional(STR), _optional(STR), STRS), False,
+                        "module_source(mod, source, options, no_extern_c, arch, code, include_dirs):"
+                        " compile with nvcc on the agent (cached by source and options)"),
+    "module_image": Op((HANDLE, BUF), False, "module_image(mod, cubin/ptx/fatbin bytes)"),
+    "module_unload": Op((HANDLE,), False, ""),
+    "get_function": Op((HANDLE, HANDLE, STR), False, "get_function(fn, mod, name)"),
+    "get_global": Op((HANDLE, STR), True, "get_global(mod, name) -> [addr, size]"),
+    "function_attribute": Op((HANDLE, STR), True,
+                             "function_attribute(fn, NAME) e.g. NUM_REGS -> int"),
+    "function_set": Op((HANDLE, STR, _optional(INT)), False,
+                       "function_set(fn, what, value): what = cache_config | shared_config |"
+                       " attribute:NAME"),
+    "launch": Op((HANDLE, DIM3, DIM3, UINT, STREAM, BUF), False,
+                 "launch(fn, grid, block, shared_bytes, stream, packed_args)"),
+    # streams and events
+    "stream_create": Op((HANDLE, INT), False, "stream_create(stream, flags)"),
+    "stream_destroy": Op((HANDLE,), False, ""),
+    "stream_synchronize": Op((HANDLE,), True, ""),
+    "stream_query": Op((HANDLE,), True, "-> bool (all work done)"),
+    "stream_wait_event": Op((HANDLE, HANDLE), False, "stream_wait_event(stream, event)"),
+    "event_create": Op((HANDLE, INT), False, "event_create(event, flags)"),
+    "event_destroy": Op((HANDLE,), False, ""),
+    "event_record": Op((HANDLE, STREAM), False, "event_record(event, stream)"),
+    "event_synchronize": Op((HANDLE,), True, ""),
+    "event_query": Op((HANDLE,), True, "-> bool"),
+    "event_elapsed": Op((HANDLE, HANDLE), True, "event_elapsed(start, end) -> milliseconds"),
+    # array operations (gpuarray / cumath), executed as array operations on the agent
+    "array": Op((STR, _optional(DESC), OPERANDS, MAP, STREAM), False,
+                "array(function, out, operands, kwargs, stream): see ARRAY_FUNCTIONS"),
+    # user ElementwiseKernel / ReductionKernel (CUDA C: pycuda executor only)
+    "elementwise_new": Op((HANDLE, STR, STR, STR, MAP), False,
+                          "elementwise_new(kernel, arguments, operation, name, options:"
+                          " {preamble, loop_prep, after_loop, options})"),
+    "elementwise_call": Op((HANDLE, OPERANDS, _optional(RANGE), STREAM), False,
+                           "elementwise_call(kernel, operands, range [start, stop, step], stream)"),
+    "reduction_new": Op((HANDLE, STR, STR, STR, STR, STR, MAP), False,
+                        "reduction_new(kernel, dtype_out, neutral, reduce_expr, map_expr,"
+                        " arguments, options: {name, preamble, options})"),
+    "reduction_call": Op((HANDLE, DESC, OPERANDS, STREAM), False,
+                         "reduction_call(kernel, out (0-d), operands, stream)"),
+}
+
+#: Array functions (the first argument of ``array``). Semantics are NumPy's for the same name,
+#: computed into ``out`` (cast to out's dtype); the client infers out's dtype and shape as pycuda
+#: does. ``kwargs`` per function is listed where it has any.
+ARRAY_FUNCTIONS: dict[str, str] = {
+    # elementwise, two operands (either may be a scalar)
+    **{name: "binary" for name in (
+        "add", "subtract", "multiply", "divide", "power", "equal", "not_equal", "less",
+        "less_equal", "greater", "greater_equal", "minimum", "maximum", "fmod",
+        "logical_and", "logical_or", "ldexp")},
+    # elementwise, one operand
+    **{name: "unary" for name in (
+        "negative", "absolute", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "sinh", "cosh",
+        "tanh", "exp", "log", "log10", "sqrt", "ceil", "floor", "conj", "real", "imag",
+        "logical_not")},
+    # out = operands[0] converted to out's dtype (also strided -> contiguous copies)
+    "copy": "unary",
+    # out[...] = operands[0] (a scalar)
+    "fill": "scalar",
+    # out = start + step * arange(n); kwargs {start, step}
+    "arange": "generator",
+    # out = where(operands[0] != 0, operands[1], operands[2])
+    "where": "ternary",
+    # out = operands[0][operands[1]] (1-d take)
+    "take": "binary",
+    # reductions into a 0-d out: sum(a), dot(a, b), max(a), min(a), any(a), all(a)
+    "sum": "reduction", "max": "reduction", "min": "reduction", "any": "reduction",
+    "all": "reduction", "dot": "reduction2",
+    # a * x + b * y, kwargs {a, b}: pycuda's axpbyz (also used for mul_add)
+    "axpbyz": "binary",
+    # frexp and modf write two outputs: out is the first; kwargs {out2: descriptor}
+    "frexp": "unary2", "modf": "unary2",
+    # out = reverse of 1-d operands[0]
+    "reverse": "unary",
+    # out = concatenate(operands, axis) / stack(operands, axis); kwargs {axis}
+    "concatenate": "nary", "stack": "nary",
+    # out = transpose(operands[0], axes); kwargs {axes}
+    "transpose": "unary",
+}
+
+
+def validate_call(call: Any) -> tuple[str, list[Any]]:
+    """``(op, args)`` of a call, or ProtocolError saying exactly what is wrong."""
+    if type(call) is not list or not call or type(call[0]) is not str:
+        raise ProtocolError("a call must be a list [op, *args] with a string op")
+    name = call[0]
+    op = OPS.get(name)
+    if op is None:
+        raise ProtocolError(f"unknown operation {name!r}")
+    args = call[1:]
+    if len(args) != len(op.args):
+        raise ProtocolError(f"{name} takes {len(op.args)} arguments, got {len(args)}")
+    for i, (check, value) in enumerate(zip(op.args, args)):
+        if not check(value):
+            raise ProtocolError(
+                f"{name}: argument {i} has the wrong type ({type(value).__name__}: "
+                f"{_short(value)}); expected {check.__name__.lstrip('_').replace('is_', '')}")
+    if name == "array" and args[0] not in ARRAY_FUNCTIONS:
+        raise ProtocolError(f"unknown array function {args[0]!r}")
+    return name, args
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def descriptor_extent(desc: Sequence[Any]) -> tuple[int, int]:
+    """Byte range ``[lo, hi)`` an array descriptor touches (``hi == lo`` for an empty array)."""
+    import numpy as np
+
+    addr, dtype, shape, strides = desc
+    itemsize = np.dtype(dtype).itemsize
+    if any(n == 0 for n in shape):
+        return addr, addr
+    lo = hi = 0
+    for n, s in zip(shape, strides):
+        if s >= 0:
+            hi += (n - 1) * s
+        else:
+            lo += (n - 1) * s
+    return addr + lo, addr + hi + itemsize
+
+
+def align_up(n: int, to: int = GRANULARITY) -> int:
+    return (n + to - 1) // to * to
+
+
+def session_range(index: int) -> tuple[int, int]:
+    """The address range of the agent's ``index``-th session slot."""
+    return ADDRESS_SPACE_BASE + index * SESSION_RANGE_SIZE, SESSION_RANGE_SIZE
+
+
+__all__ = [name for name in dir() if not name.startswith("_") and name not in ("math",)]
+del math

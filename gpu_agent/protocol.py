@@ -32,8 +32,8 @@ with ``result=True``); byte results are ``FrameRef``s into the reply's frames.
 Errors
 ------
 ``{"i": call_index | None, "op": op | None, "kind": KIND, "msg": str, "code": str | None}``.
-An error in a call does not stop the batch: like CUDA's non-sticky errors, later calls still run, and
-the client raises the first error at its next sync point, naming the original call and call site
+An error in a call does not stop the batch: like CUDA's non-sticky errors, later calls still run,
+and the client raises the first error at its next sync point, naming the original call and call site
 (which the client remembers; sites never travel). ``kind`` is one of ``ERROR_KINDS``.
 
 Addresses
@@ -177,7 +177,7 @@ def encode(header: dict, frames: Sequence[Any] = ()) -> list[Any]:
 
 
 def decode(parts: Sequence[Any]) -> tuple[dict, list[Any]]:
-    """Header and frames of a received multipart message (frames as received: bytes or zmq.Frame)."""
+    """Header and frames of a received multipart message (frames as received)."""
     if not parts:
         raise ProtocolError("empty message")
     first = parts[0]
@@ -297,8 +297,8 @@ OPS: dict[str, Op] = {
                  "memset(dst, value, width in bytes 1|2|4, count, stream)"),
     # modules and functions
     "module_source": Op((HANDLE, STR, STRS, BOOL, _optional(STR), _optional(STR), STRS), False,
-                        "module_source(mod, source, options, no_extern_c, arch, code, include_dirs):"
-                        " compile with nvcc on the agent (cached by source and options)"),
+                        "module_source(mod, source, options, no_extern_c, arch, code,"
+                        " include_dirs): compiled with nvcc on the agent, cached"),
     "module_image": Op((HANDLE, BUF), False, "module_image(mod, cubin/ptx/fatbin bytes)"),
     "module_unload": Op((HANDLE,), False, ""),
     "get_function": Op((HANDLE, HANDLE, STR), False, "get_function(fn, mod, name)"),
@@ -389,7 +389,7 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
     args = call[1:]
     if len(args) != len(op.args):
         raise ProtocolError(f"{name} takes {len(op.args)} arguments, got {len(args)}")
-    for i, (check, value) in enumerate(zip(op.args, args)):
+    for i, (check, value) in enumerate(zip(op.args, args, strict=True)):
         if not check(value):
             raise ProtocolError(
                 f"{name}: argument {i} has the wrong type ({type(value).__name__}: "
@@ -413,7 +413,7 @@ def descriptor_extent(desc: Sequence[Any]) -> tuple[int, int]:
     if any(n == 0 for n in shape):
         return addr, addr
     lo = hi = 0
-    for n, s in zip(shape, strides):
+    for n, s in zip(shape, strides, strict=True):
         if s >= 0:
             hi += (n - 1) * s
         else:

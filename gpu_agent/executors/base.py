@@ -79,5 +79,5 @@ class Executor(ABC):
         """Live figures for status replies (utilisation etc.); empty when unknown."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device. Idempotent."""

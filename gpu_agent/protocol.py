@@ -160,7 +160,6 @@ def unpack_header(data: bytes | memoryview) -> dict:
             ext_hook=_ext_hook,
             raw=False,
             strict_map_key=False,
-            max_buffer_size=len(data),
         )
     except ProtocolError:
         raise

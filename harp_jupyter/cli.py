@@ -1,0 +1,118 @@
+"""The ``harp`` command: run pycuda scripts on a remote GPU agent.
+
+``harp run [--agent tcp://HOST:PORT] script.py [args...]`` runs the script as ``python script.py
+args...`` would (``sys.argv``, ``sys.path[0]``, ``__main__``, its exit code), with ``pycuda.*``
+imports resolved to the forwarding shim. ``harp run -m module [args...]`` runs a module instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+import traceback
+from types import TracebackType
+
+_DESCRIPTION = "HARP for Jupyter: pycuda code on CPU machines, run on remote GPU agents."
+
+_RUN_EPILOG = """\
+The agent comes from --agent or else HARP_AGENT. HARP_AGENT_TIMEOUT (seconds, default 10) bounds
+how long a sync point waits for an agent that stopped answering; HARP_TOKEN is sent to the agent.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harp", description=_DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "run", help="run a pycuda script on a GPU agent",
+        description="Run a Python script (or -m module) with pycuda forwarded to a GPU agent.",
+        epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--agent", metavar="tcp://HOST:PORT",
+                     help="the GPU agent's endpoint (default: $HARP_AGENT)")
+    run.add_argument("-m", dest="module", metavar="MODULE",
+                     help="run a library module as a script, like python -m")
+    run.add_argument("script", nargs="?", help="the script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if options.command != "run":
+        parser.print_help(sys.stderr)
+        return 2
+    if options.module is None and options.script is None:
+        parser.error("run: a script (or -m MODULE) is required")
+    return run(options.script, options.args, agent=options.agent, module=options.module)
+
+
+def run(script: str | None, args: list[str], *, agent: str | None = None,
+        module: str | None = None) -> int:
+    """Run ``script`` (or ``module``) with the shim active; its exit status."""
+    from harp_jupyter.shim import activate
+
+    if agent:
+        os.environ["HARP_AGENT"] = agent  # child Python processes find the same agent
+    activate(agent=agent)
+    if module is not None:
+        if script is not None:
+            args = [script, *args]
+        sys.argv = [module, *args]
+        sys.path.insert(0, os.getcwd())
+        target, runner = module, runpy.run_module
+    else:
+        assert script is not None
+        if not os.path.exists(script):
+            print(f"harp run: can't open file {script!r}: no such file", file=sys.stderr)
+            return 2
+        sys.argv = [script, *args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        target, runner = script, runpy.run_path
+    try:
+        runner(target, run_name="__main__", **({"alter_sys": True} if module else {}))
+    except SystemExit as e:
+        return _exit_status(e)
+    except KeyboardInterrupt:
+        traceback.print_exception(*sys.exc_info()[:2], _user_traceback(sys.exc_info()[2]))
+        return 130
+    except BaseException as e:
+        traceback.print_exception(type(e), e, _user_traceback(e.__traceback__))
+        return 1
+    finally:
+        _close_session()
+    return 0
+
+
+def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
+    """Drop the frames of this module and runpy, so the traceback starts in the user's code."""
+    here = os.path.abspath(__file__)
+    while tb is not None and (tb.tb_frame.f_globals.get("__name__") == "runpy"
+                              or os.path.abspath(tb.tb_frame.f_code.co_filename) == here):
+        tb = tb.tb_next
+    return tb
+
+
+def _exit_status(e: SystemExit) -> int:
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _close_session() -> None:
+    from harp_jupyter.shim.session import reset_session
+
+    try:
+        reset_session()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

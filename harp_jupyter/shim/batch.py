@@ -1,0 +1,323 @@
+"""BatchWriter: queues forwarded calls and sends them to the agent as batches.
+
+A batch goes out when a sync point needs it (``flush``), when it holds ``max_calls`` calls or
+``flush_bytes`` of frames, or ``linger`` seconds after its first call (a daemon thread). At most
+``max_inflight`` batches are unacknowledged: the sender receives replies before it sends more, so
+a loop of a million launches applies back-pressure instead of growing memory.
+
+Buffer arguments (the ``BUF`` arguments of ``protocol.OPS``) smaller than
+``protocol.MAX_INLINE_BYTES`` are copied into the header (a snapshot); larger ones travel as
+their own zero-copy frames, referenced by ``FrameRef``. A call added with ``track=True`` ends its
+batch at once and returns a tracker that is done when ZeroMQ no longer reads its frames (the
+caller's buffer may then be reused).
+
+Replies arrive in order. Each call's value goes to its ``on_result`` (``FrameRef`` values as
+memoryviews of the reply's frames); a reply's error (the first failed call of its batch) goes to
+the failed call's ``on_error`` and then to ``on_call_error(call_meta, error)``. All socket use and
+every callback happen under ``lock`` (a re-entrant lock the session shares); the linger thread
+takes it too, so callbacks may run on that thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from gpu_agent import protocol
+from harp_jupyter.shim.callsite import CallSite
+from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError, error_from_agent
+from harp_jupyter.shim.transport import AgentConnection
+
+#: (op, call site, on_result, on_error) of one queued call
+CallMeta = tuple[str, CallSite | None, Callable[[Any], None] | None, Callable[[], None] | None]
+
+DEFAULT_LINGER_S = 0.001
+DEFAULT_FLUSH_BYTES = 8 << 20
+
+#: positions of the BUF arguments of each op that has any
+BUF_POSITIONS: dict[str, tuple[int, ...]] = {
+    name: positions
+    for name, op in protocol.OPS.items()
+    if (positions := tuple(i for i, check in enumerate(op.args) if check is protocol.BUF))
+}
+
+
+def byte_view(buffer: Any) -> memoryview:
+    """A flat unsigned-byte view of a contiguous buffer (bytes, bytearray, memoryview, ndarray)."""
+    view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    if view.contiguous:  # Fortran order: its bytes in memory order
+        import numpy as np
+
+        return memoryview(np.asarray(buffer).ravel(order="K").view(np.uint8))
+    raise TypeError("buffer must be contiguous (numpy.ascontiguousarray makes it so)")
+
+
+@dataclass(slots=True)
+class PendingBatch:
+    """A sent batch waiting for its reply."""
+
+    seq: int
+    metas: list[CallMeta]
+
+
+class BatchWriter:
+    """Queued calls, flush policy, in-flight window; see the module docstring."""
+
+    def __init__(self, connection: AgentConnection,
+                 on_call_error: Callable[[CallMeta | None, dict[str, Any]], None], *,
+                 lock: threading.RLock | None = None,
+                 linger: float = DEFAULT_LINGER_S,
+                 flush_bytes: int = DEFAULT_FLUSH_BYTES,
+                 max_calls: int = protocol.MAX_CALLS_PER_BATCH,
+                 max_inflight: int = protocol.MAX_INFLIGHT_BATCHES) -> None:
+        self.connection = connection
+        self.lock = lock or threading.RLock()
+        self.linger = linger
+        self.flush_bytes = flush_bytes
+        self.max_calls = min(max_calls, protocol.MAX_CALLS_PER_BATCH)
+        self.max_inflight = max(1, min(max_inflight, protocol.MAX_INFLIGHT_BATCHES))
+        self._on_call_error = on_call_error
+        self._calls: list[list[Any]] = []
+        self._metas: list[CallMeta] = []
+        self._frames: list[memoryview] = []
+        self._frame_bytes = 0
+        self._next_seq = 1
+        self._inflight: deque[PendingBatch] = deque()
+        self._fatal: Error | None = None  # raised by every later use
+        self._closing = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._linger_loop, name="harp-batch-linger",
+                                        daemon=True)
+        self._thread.start()
+        #: figures for tests and profiling
+        self.batches_sent = 0
+        self.peak_inflight = 0
+        self.peak_queued_calls = 0
+
+    # {{{ adding calls
+
+    def add(self, op: str, args: Sequence[Any], site: CallSite | None = None,
+            on_result: Callable[[Any], None] | None = None,
+            on_error: Callable[[], None] | None = None, *,
+            track: bool = False, end_batch: bool = False) -> zmq.MessageTracker | None:
+        """Queue ``[op, *args]``. With ``track`` (or ``end_batch``) the batch is sent now;
+        ``track`` returns its tracker (None when nothing went as a frame)."""
+        with self.lock:
+            if self._fatal is not None:
+                raise self._fatal
+            positions = BUF_POSITIONS.get(op)
+            call = [op, *args]
+            if positions:
+                for i in positions:
+                    call[i + 1] = self._buffer_argument(call[i + 1])
+            self._calls.append(call)
+            self._metas.append((op, site, on_result, on_error))
+            if (track or end_batch or len(self._calls) >= self.max_calls
+                    or self._frame_bytes >= self.flush_bytes):
+                return self._flush_locked(track)
+            if len(self._calls) == 1:
+                self._wake.set()  # the linger thread sends it if nobody else does soon
+            return None
+
+    def _buffer_argument(self, value: Any) -> Any:
+        if isinstance(value, protocol.FrameRef | bytes):
+            return value
+        view = byte_view(value)
+        if view.nbytes < protocol.MAX_INLINE_BYTES:
+            return view.tobytes()
+        self._frames.append(view)
+        self._frame_bytes += view.nbytes
+        return protocol.FrameRef(len(self._frames))
+
+    @property
+    def queued_calls(self) -> int:
+        return len(self._calls)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # }}}
+
+    # {{{ sending and receiving (all under the lock)
+
+    def flush(self) -> int:
+        """Send what is queued; the sequence number of the last batch sent (0 if none yet)."""
+        with self.lock:
+            if self._fatal is not None:
+                raise self._fatal
+            self._flush_locked(False)
+            return self._next_seq - 1
+
+    def _flush_locked(self, track: bool) -> zmq.MessageTracker | None:
+        if not self._calls:
+            return None
+        while len(self._inflight) >= self.max_inflight:
+            self._receive_one_locked()
+        seq = self._next_seq
+        calls, metas, frames = self._calls, self._metas, self._frames
+        self.peak_queued_calls = max(self.peak_queued_calls, len(calls))
+        self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
+        try:
+            tracker = self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls}, frames,
+                                           track=track and bool(frames))
+        except GPULostError as e:
+            self._fatal = e
+            raise
+        self._next_seq += 1
+        self._inflight.append(PendingBatch(seq, metas))
+        self.batches_sent += 1
+        self.peak_inflight = max(self.peak_inflight, len(self._inflight))
+        return tracker
+
+    def wait_for(self, seq: int) -> None:
+        """Receive replies until batch ``seq`` (and all before it) is acknowledged."""
+        with self.lock:
+            while self._inflight and self._inflight[0].seq <= seq:
+                self._receive_one_locked()
+
+    def drain(self) -> None:
+        """Send everything and wait for every reply."""
+        self.wait_for(self.flush())
+
+    def reap(self) -> None:
+        """Process the replies that have already arrived, without waiting."""
+        with self.lock:
+            while self._inflight and self.connection.has_message():
+                self._receive_one_locked()
+
+    def _receive_one_locked(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        try:
+            header, frames = self.connection.recv()
+        except GPULostError as e:
+            self._fatal = e
+            raise
+        kind = header.get("t")
+        if kind == protocol.REPLY:
+            pending = self._inflight[0] if self._inflight else None
+            if pending is None or header.get("q") != pending.seq:
+                expected = pending.seq if pending else None
+                self._fatal = ProtocolError(
+                    f"the agent at {self.connection.endpoint} replied to batch "
+                    f"{header.get('q')!r}, expected {expected!r}")
+                raise self._fatal
+            self._inflight.popleft()
+            self._deliver(pending, header, frames)
+        elif kind == protocol.ERROR:
+            # An error message, not a reply: the agent could not take a batch as one, so the
+            # in-order accounting is broken; nothing more can be sent on this connection.
+            error = header.get("e") if isinstance(header.get("e"), dict) else {}
+            self._fatal = error_from_agent(error)
+            self._fatal.args = (f"the GPU agent at {self.connection.endpoint} refused this"
+                                f" session's messages: {self._fatal.args[0]}",)
+            raise self._fatal
+        # anything else (a late welcome, an unknown type) is ignored
+
+    def _deliver(self, pending: PendingBatch, header: dict[str, Any],
+                 frames: list[zmq.Frame]) -> None:
+        metas = pending.metas
+        try:
+            for index, value in header.get("r") or ():
+                on_result = metas[index][2]
+                if on_result is not None:
+                    on_result(_resolve(value, frames))
+        except (TypeError, ValueError, IndexError) as e:
+            self._fatal = ProtocolError(
+                f"malformed reply from the agent at {self.connection.endpoint}: {e!r}")
+            raise self._fatal from None
+        error = header.get("e")
+        if not error:
+            return
+        if not isinstance(error, dict):
+            error = {"kind": "ProtocolError", "msg": f"malformed error in reply: {error!r}"}
+        index = error.get("i")
+        meta = metas[index] if type(index) is int and 0 <= index < len(metas) else None
+        if meta is not None and meta[3] is not None:
+            meta[3]()
+        self._on_call_error(meta, error)
+
+    def wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
+        """Wait until ZeroMQ is done with the frames of ``trackers``; GPULostError if the agent
+        dies meanwhile. The lock is not held while waiting."""
+        for tracker in trackers:
+            while not tracker.done:
+                try:
+                    tracker.wait(0.05)
+                except zmq.NotDone:
+                    with self.lock:
+                        if self._fatal is not None:
+                            raise self._fatal from None
+                        try:
+                            self.connection.poll_alive()
+                        except GPULostError as e:
+                            self._fatal = e
+                            raise
+
+    # }}}
+
+    # {{{ the linger thread
+
+    def _linger_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stop.wait(self.linger):
+                return
+            with self.lock:
+                if self._closing:
+                    return
+                self._wake.clear()
+                if self._fatal is not None or not self._calls:
+                    continue
+                try:
+                    while self._inflight and self.connection.has_message():
+                        self._receive_one_locked()
+                    if len(self._inflight) < self.max_inflight:
+                        self._flush_locked(False)
+                    else:
+                        self._wake.set()  # window full: try again after another linger
+                except Error as e:
+                    self._fatal = self._fatal or e
+                except Exception as e:  # never let the thread die silently
+                    self._fatal = Error(f"internal error in the shim's batch sender: {e!r}")
+
+    # }}}
+
+    @property
+    def fatal(self) -> Error | None:
+        return self._fatal
+
+    def close(self) -> None:
+        """Stop the linger thread; queued calls are sent (best effort) first."""
+        with self.lock:
+            if self._closing:
+                return
+            try:
+                if self._fatal is None and not self.connection.lost:
+                    self._flush_locked(False)
+            except Error:
+                pass
+            self._closing = True
+            self._stop.set()
+            self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0)
+
+
+def _resolve(value: Any, frames: list[zmq.Frame]) -> Any:
+    if isinstance(value, protocol.FrameRef):
+        if not 1 <= value.index <= len(frames):
+            raise IndexError(f"reply refers to frame {value.index}, it has {len(frames)}")
+        return frames[value.index - 1].buffer
+    return value

@@ -1,0 +1,127 @@
+"""Kernel argument packing exactly as pycuda does it, on the client.
+
+pycuda packs launch arguments with its ``_pvt_struct`` module: Python's ``struct`` format language
+with native alignment, plus ``F``/``D`` for complex64/complex128 (NumPy's type characters). The
+packed buffer is what ``cuLaunchKernel`` receives, so the agent launches it as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+_TOKEN = re.compile(r"\s*(\d*)\s*([A-Za-z?])")
+
+
+@lru_cache(maxsize=512)
+def _plan(fmt: str) -> tuple[struct.Struct, tuple[int, ...] | None]:
+    """The struct for ``fmt`` and, if it has complex items, which values are complex."""
+    prefix = ""
+    if fmt[:1] in "@=<>!":
+        prefix, fmt = fmt[0], fmt[1:]
+    parts: list[str] = []
+    complex_values: list[int] = []
+    value_index = 0
+    pos = 0
+    for match in _TOKEN.finditer(fmt):
+        if match.start() != pos:
+            break
+        pos = match.end()
+        count_text, char = match.groups()
+        count = int(count_text) if count_text else 1
+        if char in "FD":
+            base = "f" if char == "F" else "d"
+            parts.append(f"{2 * count}{base}")
+            complex_values.extend(range(value_index, value_index + count))
+            value_index += count
+        else:
+            parts.append(f"{count_text}{char}")
+            value_index += 1 if char in "sp" else (0 if char == "x" else count)
+    if fmt[pos:].strip():
+        raise struct.error(f"bad char in struct format: {fmt[pos:]!r}")
+    packer = struct.Struct(prefix + "".join(parts))
+    return packer, tuple(complex_values) if complex_values else None
+
+
+def pack(fmt: str, *values: Any) -> bytes:
+    """``struct.pack`` with pycuda's complex extension."""
+    packer, complex_values = _plan(fmt)
+    if complex_values is None:
+        return packer.pack(*values)
+    flat: list[Any] = []
+    complex_set = set(complex_values)
+    for i, value in enumerate(values):
+        if i in complex_set:
+            z = complex(value)
+            flat.extend((z.real, z.imag))
+        else:
+            flat.append(value)
+    return packer.pack(*flat)
+
+
+def calcsize(fmt: str) -> int:
+    return _plan(fmt)[0].size
+
+
+def format_for_types(arg_types: Sequence[Any]) -> str:
+    """The format string ``Function.prepare(arg_types)`` builds."""
+    fmt = ""
+    for arg_type in arg_types:
+        if isinstance(arg_type, type) and np.number in arg_type.__mro__:
+            fmt += np.dtype(arg_type).char
+        elif isinstance(arg_type, np.dtype):
+            fmt += f"{arg_type.itemsize}s" if arg_type.char == "V" else arg_type.char
+        elif isinstance(arg_type, str):
+            fmt += arg_type
+        else:
+            fmt += np.dtype(np.uintp).char
+    return fmt
+
+
+def build_arg_buf(args: Sequence[Any], pointer_types: tuple[type, ...],
+                  handler_type: type, device_alloc_of: Callable[[Any], Any]
+                  ) -> tuple[list[Any], bytes]:
+    """``(argument handlers, packed buffer)`` for ``Function.__call__``'s arguments.
+
+    NumPy scalars by value; pointer objects (``pointer_types``, ``__cuda_array_interface__``,
+    ``.gpudata``) as device pointers; ``ndarray``/``np.void`` by value as raw bytes; In/Out/InOut
+    handlers (``handler_type``) as the pointer of their device copy. Anything else, Python ints
+    and floats included, is a TypeError, as in pycuda."""
+    handlers: list[Any] = []
+    fmt: list[str] = []
+    data: list[Any] = []
+    for i, arg in enumerate(args):
+        if isinstance(arg, np.number):
+            fmt.append(arg.dtype.char)
+            data.append(arg)
+        elif isinstance(arg, pointer_types):
+            fmt.append("P")
+            data.append(int(arg))
+        elif isinstance(arg, handler_type):
+            handlers.append(arg)
+            fmt.append("P")
+            data.append(int(device_alloc_of(arg)))
+        elif isinstance(arg, np.ndarray):
+            fmt.append(f"{arg.nbytes}s")
+            data.append(arg.tobytes())
+        elif isinstance(arg, np.void):
+            fmt.append(f"{arg.itemsize}s")
+            data.append(bytes(memoryview(arg)))
+        else:
+            interface = getattr(arg, "__cuda_array_interface__", None)
+            if interface:
+                fmt.append("P")
+                data.append(int(interface["data"][0]))
+                continue
+            try:
+                pointer = int(np.uintp(arg.gpudata))
+            except AttributeError:
+                raise TypeError(f"invalid type on parameter #{i} (0-based)") from None
+            fmt.append("P")
+            data.append(pointer)
+    return handlers, pack("".join(fmt), *data)

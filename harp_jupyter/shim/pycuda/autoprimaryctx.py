@@ -1,0 +1,25 @@
+"""pycuda.autoprimaryctx, forwarded: device 0's primary context, made current.
+
+Importing it does not contact the agent: the first GPU call does.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from harp_jupyter.shim.pycuda import driver as cuda
+
+cuda.init()
+device = cuda.Device(0)
+context = device.retain_primary_context()
+context.push()
+
+
+def _finish_up() -> None:
+    global context
+    if context is not None and cuda.Context.get_current() is context:
+        context.pop()
+    context = None
+
+
+atexit.register(_finish_up)

@@ -1,0 +1,500 @@
+"""RemoteSession: the process's forwarding session with one GPU agent.
+
+This is the API the ``pycuda.*`` shim modules are written against (docs/forwarding-design.md,
+"The shim's session")::
+
+    s = get_session()               # the process's session; connects (hello) on first need
+    s.device / s.emulated           # device_info from welcome / whether the agent is emulated
+    h = s.new_handle()              # a fresh small int for a module/function/stream/event/kernel
+    s.call(op, *args)               # queued, returns at once (large BUFs: sent before returning)
+    s.call_async_buffer(op, *args)  # same, but a large BUF is not waited for (it is kept alive)
+    s.call_sync(op, *args)          # flush, wait for the value, raise the first deferred error
+    s.call_later(op, *args, on_result=fn)  # fn(value) when the reply arrives (lock held)
+    addr = s.alloc(nbytes); s.free(addr)   # client-chosen device addresses
+    s.synchronize()
+
+and, added for the driver module: ``htod``, ``dtoh_into``, ``mem_get_info``, ``flush``,
+``release_later`` (for finalizers), ``close``, ``lost``, ``endpoint``, ``address_range``.
+
+Every call records the user's call site (the first frame outside harp_jupyter.shim). A call that
+fails on the agent is reported in its batch's reply; the first such error is raised at the next
+sync point as the pycuda exception of its kind, naming the call and the site.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from gpu_agent import protocol
+from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
+from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
+from harp_jupyter.shim.callsite import user_call_site
+from harp_jupyter.shim.errors import (
+    AgentNotConfiguredError,
+    Error,
+    GPULostError,
+    HandleError,
+    LogicError,
+    MemoryError,
+    ProtocolError,
+    error_from_agent,
+)
+from harp_jupyter.shim.transport import AgentConnection
+
+#: host<->device copies larger than this travel in chunks of this size, one message each, so
+#: the agent copies chunk i while chunk i+1 is on the wire
+TRANSFER_CHUNK_BYTES = 16 << 20
+
+
+def configured_endpoint() -> str:
+    """The agent endpoint: ``activate(agent=...)``, else HARP_AGENT."""
+    from harp_jupyter import shim
+
+    endpoint = shim.configured_agent() or os.environ.get("HARP_AGENT", "").strip()
+    if not endpoint:
+        raise AgentNotConfiguredError(
+            "no GPU agent configured: set HARP_AGENT=tcp://HOST:PORT (or run the script with"
+            " `harp run --agent tcp://HOST:PORT`, or call"
+            " harp_jupyter.shim.activate(agent=...))")
+    return endpoint
+
+
+class RemoteSession:
+    """One session with one agent; see the module docstring."""
+
+    def __init__(self, endpoint: str | None = None, *, token: str | None = None,
+                 timeout: float | None = None) -> None:
+        self._endpoint = endpoint
+        self._token = token
+        self._timeout = timeout
+        self.lock = threading.RLock()
+        self._connection: AgentConnection | None = None
+        self._writer: BatchWriter | None = None
+        self._allocator: AddressAllocator | None = None
+        self._welcome: dict[str, Any] = {}
+        self._handles = itertools.count(1)
+        self._first_error: Error | None = None
+        self._later_errors = 0
+        # (op, *args) of releases from finalizers, sent by the next call on a user thread
+        self._deferred: deque[tuple[Any, ...]] = deque()
+        self._free_estimate: int | None = None
+        self._closed = False
+        self._lost_error: Error | None = None
+
+    # {{{ connection
+
+    @property
+    def endpoint(self) -> str:
+        if self._endpoint is None:
+            self._endpoint = configured_endpoint()
+        return self._endpoint
+
+    def _ensure_connected(self) -> BatchWriter:
+        writer = self._writer
+        if writer is not None:
+            return writer
+        with self.lock:
+            self._check_usable()
+            if self._writer is None:
+                self._connect()
+            assert self._writer is not None
+            return self._writer
+
+    def _connect(self) -> None:
+        connection = AgentConnection(self.endpoint, token=self._token, timeout=self._timeout)
+        try:
+            welcome = connection.hello()
+            base, size = welcome["range"]
+            device = welcome.get("device") or {}
+        except Error as e:
+            connection.close()
+            self._lost_error = e if isinstance(e, GPULostError) else None
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            connection.close()
+            raise ProtocolError(f"malformed welcome from {self.endpoint}: {e!r}") from None
+        self._connection = connection
+        self._welcome = welcome
+        self._allocator = AddressAllocator(base, size)
+        self._free_estimate = device.get("total_memory")
+        self._writer = BatchWriter(connection, self._on_call_error, lock=self.lock)
+        # learn the real free memory with the first reply, at no extra round trip
+        self._writer.add("mem_get_info", [], None, self._note_mem_info)
+        atexit.register(self.close)
+
+    @property
+    def welcome(self) -> dict[str, Any]:
+        self._ensure_connected()
+        return self._welcome
+
+    @property
+    def device(self) -> dict[str, Any]:
+        """device_info from the agent's welcome (name, compute_capability, attributes, ...)."""
+        return self.welcome.get("device") or {}
+
+    @property
+    def emulated(self) -> bool:
+        """Whether the agent's executor is the emulated one (host memory, no CUDA)."""
+        device = self.device
+        if "emulated" in device:
+            return bool(device["emulated"])
+        return self.welcome.get("executor") == "emulated"
+
+    @property
+    def address_range(self) -> tuple[int, int]:
+        base, size = self.welcome["range"]
+        return base, size
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def lost(self) -> bool:
+        """The agent or this session on it is gone; nothing more can be done with it."""
+        if self._lost_error is not None:
+            return True
+        writer = self._writer
+        return writer is not None and (writer.fatal is not None or writer.connection.lost)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise GPULostError("this GPU session was closed; start a new one with get_session()")
+        if self._lost_error is not None:
+            raise GPULostError(str(self._lost_error))
+
+    # }}}
+
+    # {{{ calls
+
+    def new_handle(self) -> int:
+        return next(self._handles)
+
+    def call(self, op: str, *args: Any) -> None:
+        """Queue a call; returns at once. A large buffer argument is sent before returning."""
+        writer = self._writer or self._ensure_connected()
+        if self._deferred:
+            self._send_deferred()
+        positions = BUF_POSITIONS.get(op)
+        if positions is not None and _has_large_buffer(args, positions):
+            tracker = writer.add(op, args, user_call_site(2), track=True)
+            if tracker is not None:
+                writer.wait_sent([tracker])
+        else:
+            writer.add(op, args, user_call_site(2))
+
+    def call_async_buffer(self, op: str, *args: Any) -> None:
+        """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
+        kept alive until sent, and must not change before the call executes (``*_async``)."""
+        writer = self._writer or self._ensure_connected()
+        if self._deferred:
+            self._send_deferred()
+        writer.add(op, args, user_call_site(2))
+
+    def call_later(self, op: str, *args: Any, on_result: Callable[[Any], None]) -> None:
+        """Queue a call whose value is passed to ``on_result`` when its reply arrives (with the
+        session lock held, possibly on the background thread: keep it short). Not called if
+        the call fails; the error is raised at the next sync point."""
+        writer = self._writer or self._ensure_connected()
+        if self._deferred:
+            self._send_deferred()
+        writer.add(op, args, user_call_site(2), on_result)
+
+    def call_sync(self, op: str, *args: Any) -> Any:
+        """Send everything queued plus this call, wait for its value, raise the first deferred
+        error (of any earlier call, or of this one)."""
+        writer = self._ensure_connected()
+        box: list[Any] = []
+        with self.lock:
+            if self._deferred:
+                self._send_deferred()
+            writer.add(op, args, user_call_site(2), box.append, end_batch=True)
+            self._wait_all(writer)
+        return box[0] if box else None
+
+    def synchronize(self) -> None:
+        self.call_sync("synchronize")
+
+    def flush(self) -> None:
+        """Send what is queued now, without waiting."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _wait_all(self, writer: BatchWriter) -> None:
+        try:
+            writer.wait_for(writer.flush())
+        except GPULostError as e:
+            self._lost_error = e
+            raise
+        self.raise_deferred_error()
+
+    def raise_deferred_error(self) -> None:
+        """Raise (and clear) the first error recorded since the last sync point, if any."""
+        with self.lock:
+            error, self._first_error = self._first_error, None
+            later, self._later_errors = self._later_errors, 0
+        if error is not None:
+            if later:
+                error.args = (f"{error.args[0]}\n  ({later} later error{'s' if later > 1 else ''}"
+                              " before this sync point not shown)",)
+            raise error
+
+    def _on_call_error(self, meta: CallMeta | None, error: dict[str, Any]) -> None:
+        if self._first_error is None:
+            op, site = (meta[0], meta[1]) if meta is not None else (None, None)
+            self._first_error = error_from_agent(error, op, site)
+        else:
+            self._later_errors += 1
+
+    # }}}
+
+    # {{{ memory
+
+    def alloc(self, nbytes: int) -> int:
+        """A device address for ``nbytes`` bytes, chosen here; mapped by the agent in order.
+        A request larger than the free device memory last known waits for the agent, so that
+        running out raises ``MemoryError`` here, as pycuda does."""
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            raise LogicError("cuMemAlloc failed: invalid argument (size must be positive)")
+        writer = self._ensure_connected()
+        site = user_call_site(2)
+        with self.lock:
+            if self._deferred:
+                self._send_deferred()
+            allocator = self._allocator
+            assert allocator is not None
+            if nbytes >= allocator.granularity:
+                for chunk, size in allocator.release_spare():
+                    writer.add("free", [chunk], site)
+                    self._note_unmapped(size)
+            try:
+                addr, chunks = allocator.allocate(nbytes)
+            except AddressSpaceExhausted as e:
+                raise MemoryError(f"cuMemAlloc failed: out of memory ({e})") from None
+            must_wait = False
+            failed: list[int] = []
+            for chunk_addr, size in chunks:
+                estimate = self._free_estimate
+                if estimate is not None:
+                    must_wait = must_wait or size > estimate
+                    self._free_estimate = estimate - size
+                writer.add("alloc", [chunk_addr, size], site, None,
+                           _chunk_failed(allocator, chunk_addr, failed))
+            if must_wait:
+                self._wait_for_alloc(writer, addr, failed)
+        return addr
+
+    def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
+        try:
+            writer.wait_for(writer.flush())
+        except GPULostError as e:
+            self._lost_error = e
+            raise
+        if self._first_error is not None:
+            if not failed:  # this allocation worked; an earlier call's error is raised
+                self.free(addr)
+            self.raise_deferred_error()
+
+    def free(self, addr: int) -> None:
+        """Release the allocation at ``addr`` (fire-and-forget)."""
+        if self._writer is None or self._closed or self.lost:
+            return  # nothing mapped, or the session is gone with its memory
+        with self.lock:
+            allocator = self._allocator
+            assert allocator is not None
+            try:
+                chunks = allocator.release(int(addr))
+            except ValueError:
+                raise HandleError(f"cuMemFree failed: no allocation at {int(addr):#x}") from None
+            site = user_call_site(2)
+            for chunk, size in chunks:
+                self._writer.add("free", [chunk], site)
+                self._note_unmapped(size)
+
+    def _note_unmapped(self, size: int) -> None:
+        if self._free_estimate is not None:
+            self._free_estimate += size
+
+    def release_later(self, op: str, *args: Any) -> None:
+        """For finalizers (any thread, even inside the lock's owner): queue ``op(*args)`` (e.g.
+        ``free`` of an allocation, ``stream_destroy``) for the next call on a user thread."""
+        if not self._closed and not self.lost:
+            self._deferred.append((op, *args))
+
+    def _send_deferred(self) -> None:
+        with self.lock:
+            while self._deferred:
+                op, *args = self._deferred.popleft()
+                if op == "free":
+                    if self._allocator is not None and self._allocator.owns(args[0]):
+                        self.free(args[0])
+                elif self._writer is not None:
+                    self._writer.add(op, args, None)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        free, total = self.call_sync("mem_get_info")
+        self._free_estimate = int(free)
+        return int(free), int(total)
+
+    def _note_mem_info(self, value: Any) -> None:
+        try:
+            self._free_estimate = int(value[0])
+        except (TypeError, ValueError, IndexError):
+            pass
+
+    # }}}
+
+    # {{{ bulk copies
+
+    def htod(self, dst: int, buffer: Any, stream: int | None = None, *,
+             keep: bool = False) -> None:
+        """Copy ``buffer`` to device address ``dst``. Large buffers go zero-copy in chunks; the
+        call returns once they are sent (the buffer may then change), or at once with ``keep``
+        (the buffer must stay unchanged until the copy executed, as for cuMemcpyHtoDAsync)."""
+        view = byte_view(buffer)
+        nbytes = view.nbytes
+        if nbytes == 0:
+            return
+        writer = self._ensure_connected()
+        if self._deferred:
+            self._send_deferred()
+        site = user_call_site(2)
+        if nbytes < protocol.MAX_INLINE_BYTES:
+            writer.add("htod", [int(dst), view.tobytes(), stream], site)
+            return
+        trackers = []
+        for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
+            chunk = view[offset:offset + TRANSFER_CHUNK_BYTES]
+            tracker = writer.add("htod", [int(dst) + offset, chunk, stream], site,
+                                 track=not keep, end_batch=True)
+            if tracker is not None:
+                trackers.append(tracker)
+        if trackers:
+            writer.wait_sent(trackers)
+
+    def dtoh_into(self, dest: Any, src: int, stream: int | None = None, *,
+                  wait: bool = True) -> None:
+        """Copy ``len(dest)`` bytes from device address ``src`` into the writable buffer
+        ``dest``. With ``wait`` this is a sync point; without, ``dest`` is filled when the
+        replies arrive (at the latest by the next sync point)."""
+        view = byte_view(dest)
+        if view.readonly:
+            raise TypeError("the destination buffer is read-only")
+        nbytes = view.nbytes
+        writer = self._ensure_connected()
+        site = user_call_site(2)
+        with self.lock:
+            if self._deferred:
+                self._send_deferred()
+            for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
+                size = min(TRANSFER_CHUNK_BYTES, nbytes - offset)
+                writer.add("dtoh", [int(src) + offset, size, stream], site,
+                           _copy_into(view[offset:offset + size]),
+                           end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
+            if wait:
+                self._wait_all(writer)
+
+    # }}}
+
+    def close(self) -> None:
+        """End the session: queued calls are sent, the agent is told bye. Idempotent."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer, connection = self._writer, self._connection
+        if writer is not None:
+            writer.close()
+        if connection is not None:
+            connection.close(bye=True)
+        atexit.unregister(self.close)
+
+
+def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:
+    for i in positions:
+        value = args[i] if i < len(args) else None
+        if value is None or isinstance(value, bytes):
+            continue
+        try:
+            if memoryview(value).nbytes >= protocol.MAX_INLINE_BYTES:
+                return True
+        except TypeError:
+            pass
+    return False
+
+
+def _copy_into(target: memoryview) -> Callable[[Any], None]:
+    def copy(value: Any) -> None:
+        source = byte_view(value)
+        if source.nbytes != target.nbytes:
+            raise ProtocolError(f"dtoh returned {source.nbytes} bytes, expected {target.nbytes}")
+        target[:] = source
+
+    return copy
+
+
+def _chunk_failed(allocator: AddressAllocator, chunk_addr: int,
+                  failed: list[int]) -> Callable[[], None]:
+    def forget() -> None:
+        allocator.forget_chunk(chunk_addr)
+        failed.append(chunk_addr)
+
+    return forget
+
+
+# {{{ the process's session
+
+_session: RemoteSession | None = None
+_session_lock = threading.Lock()
+
+
+def get_session() -> RemoteSession:
+    """The process's session (a new one after the previous was lost or closed)."""
+    session = _session
+    if session is None or session.closed or session.lost:
+        session = _new_session()
+    return session
+
+
+def _new_session() -> RemoteSession:
+    global _session
+    with _session_lock:
+        session = _session
+        if session is None or session.closed or session.lost:
+            if session is not None and not session.closed:
+                session.close()
+            session = _session = RemoteSession()
+        return session
+
+
+def _forget_session_in_child() -> None:
+    # A forked child must not use the parent's sockets; its first GPU call connects anew.
+    global _session, _session_lock
+    _session = None
+    _session_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_session_in_child)
+
+
+def reset_session() -> None:
+    """Close the process's session (tests, deactivate); the next get_session() starts anew."""
+    global _session
+    with _session_lock:
+        session, _session = _session, None
+    if session is not None:
+        session.close()
+
+
+# }}}

@@ -1,0 +1,80 @@
+"""Shared fixtures: real agent processes on loopback.
+
+``emulated_agent`` starts a real ``harp-agent --executor emulated`` subprocess on a free
+127.0.0.1 port and yields an ``AgentProcess`` with ``.endpoint`` (tcp://127.0.0.1:PORT) and
+``.process`` (the Popen). It is killed at teardown, whatever the test did. ``module_emulated_agent``
+is the same, shared by a module's tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AgentProcess:
+    endpoint: str
+    process: subprocess.Popen
+    output: list[str] = field(default_factory=list)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_agent(*extra: str, executor: str = "emulated", timeout: float = 20) -> AgentProcess:
+    """Start ``harp-agent`` and wait for its start-up line."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpu_agent.cli", "--listen", endpoint, "--executor", executor,
+         "--log-level", "WARNING", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    agent = AgentProcess(endpoint, process)
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        agent.output.append(line)
+        if line.startswith("harp-agent: serving"):
+            return agent
+    agent.kill()
+    raise RuntimeError("harp-agent did not start:\n" + "".join(agent.output))
+
+
+@pytest.fixture
+def emulated_agent() -> Iterator[AgentProcess]:
+    agent = start_agent()
+    try:
+        yield agent
+    finally:
+        agent.kill()
+
+
+@pytest.fixture(scope="module")
+def module_emulated_agent() -> Iterator[AgentProcess]:
+    agent = start_agent()
+    try:
+        yield agent
+    finally:
+        agent.kill()

@@ -1,0 +1,308 @@
+"""pycuda.driver programs through the in-process shim, against a real emulated agent process."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from gpu_agent import protocol
+from harp_jupyter import shim
+from harp_jupyter.shim.session import RemoteSession, get_session, reset_session
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cuda(emulated_agent: Any) -> Iterator[ModuleType]:
+    """``pycuda.driver`` as user code sees it, with a context, on a fresh session."""
+    reset_session()
+    shim.activate(agent=emulated_agent.endpoint)
+    try:
+        importlib.import_module("pycuda.autoinit")
+        yield importlib.import_module("pycuda.driver")
+    finally:
+        reset_session()
+        shim.deactivate()
+
+
+def line_of_next_statement() -> int:
+    return sys._getframe(1).f_lineno + 1
+
+
+def test_pycuda_names_resolve_to_one_shim_module(cuda: ModuleType) -> None:
+    import pycuda
+    import pycuda.driver
+
+    import harp_jupyter.shim.pycuda.driver as shim_driver
+
+    assert cuda is pycuda.driver is shim_driver
+    assert pycuda.driver is sys.modules["harp_jupyter.shim.pycuda.driver"]
+    assert pycuda.VERSION >= (2024, 1)
+
+
+def test_memcpy_round_trip_small_and_chunked(cuda: ModuleType) -> None:
+    for data in (np.arange(1000, dtype=np.float32),
+                 np.random.default_rng(1).random(40 << 17)):  # 40 MiB: several chunks
+        dev = cuda.mem_alloc(data.nbytes)
+        cuda.memcpy_htod(dev, data)
+        back = np.empty_like(data)
+        cuda.memcpy_dtoh(back, dev)
+        assert np.array_equal(back, data)
+        dev.free()
+
+
+def test_htod_source_may_change_once_the_call_returns(cuda: ModuleType) -> None:
+    data = np.full(1 << 20, 7, dtype=np.int32)  # 4 MiB: a zero-copy frame
+    dev = cuda.mem_alloc(data.nbytes)
+    cuda.memcpy_htod(dev, data)
+    data[:] = -1  # pycuda's synchronous copy promises the buffer is reusable now
+    assert (cuda.from_device_like(dev, data) == 7).all()
+
+
+def test_memset_widths_and_offsets(cuda: ModuleType) -> None:
+    dev = cuda.mem_alloc(64)
+    cuda.memset_d8(dev, 0, 64)
+    cuda.memset_d8(int(dev) + 1, 0xAB, 3)
+    cuda.memset_d16(int(dev) + 8, 0x1234, 2)
+    cuda.memset_d32(int(dev) + 16, 0xDEADBEEF, 2)
+    raw = cuda.from_device(dev, 64, np.uint8)
+    assert list(raw[:5]) == [0, 0xAB, 0xAB, 0xAB, 0]
+    assert list(raw[8:12].view(np.uint16)) == [0x1234, 0x1234]
+    assert list(raw[16:24].view(np.uint32)) == [0xDEADBEEF, 0xDEADBEEF]
+    assert not raw[24:].any()
+
+
+def test_dtod_copies_on_the_device(cuda: ModuleType) -> None:
+    data = np.arange(300, dtype=np.int64)
+    src = cuda.to_device(data)
+    dst = cuda.mem_alloc(data.nbytes)
+    cuda.memcpy_dtod(dst, src, data.nbytes)
+    cuda.memcpy_dtod(int(dst), int(src) + 8, 8)  # one element, shifted
+    back = cuda.from_device_like(dst, data)
+    assert back[0] == 1 and np.array_equal(back[1:], data[1:])
+
+
+def test_streams_events_and_async_copies(cuda: ModuleType) -> None:
+    data = np.arange(50_000, dtype=np.float64)  # > the inline limit: a frame
+    host = cuda.pagelocked_empty_like(data)
+    dev = cuda.mem_alloc(data.nbytes)
+    stream = cuda.Stream()
+    start, end = cuda.Event(), cuda.Event()
+    start.record(stream)
+    cuda.memcpy_htod_async(dev, data, stream)
+    cuda.memcpy_dtoh_async(host, dev, stream)
+    end.record(stream)
+    stream.synchronize()
+    assert np.array_equal(host, data)
+    assert stream.is_done() is True
+    assert end.synchronize() is end and end.query() is True
+    assert end.time_since(start) >= 0.0 and start.time_till(end) >= 0.0
+    other = cuda.Stream()
+    other.wait_for_event(end)
+    other.synchronize()
+
+
+def test_mem_get_info_follows_allocations(cuda: ModuleType) -> None:
+    free0, total = cuda.mem_get_info()
+    assert 0 < free0 <= total
+    size = 8 * protocol.GRANULARITY
+    block = cuda.mem_alloc(size)
+    free1, _ = cuda.mem_get_info()
+    assert free1 <= free0 - size
+    block.free()
+    free2, _ = cuda.mem_get_info()
+    assert free2 >= free1 + size
+
+
+def test_device_queries_come_from_the_agent(cuda: ModuleType) -> None:
+    import pycuda.autoinit
+
+    dev = pycuda.autoinit.device
+    info = get_session().device
+    assert cuda.Device.count() == info.get("count", 1) >= 1
+    assert dev.name() == info["name"]
+    assert dev.compute_capability() == tuple(info["compute_capability"])
+    assert dev.total_memory() == info["total_memory"] > 0
+    attributes = dev.get_attributes()
+    assert attributes and all(isinstance(k, cuda.device_attribute) for k in attributes)
+    attribute, value = next(iter(attributes.items()))
+    assert dev.get_attribute(attribute) == value
+    assert getattr(dev, attribute.name.lower()) == value
+    assert cuda.Context.get_device() == dev
+    with pytest.raises(cuda.LogicError):
+        cuda.Device(dev.count())
+
+
+def test_raw_kernel_on_the_emulated_agent_is_not_supported_and_session_survives(
+        cuda: ModuleType) -> None:
+    from pycuda.compiler import SourceModule
+
+    module = SourceModule("""
+    __global__ void double_it(float *a) { a[threadIdx.x] *= 2; }
+    """)
+    double_it = module.get_function("double_it")
+    data = np.ones(32, dtype=np.float32)
+    with pytest.raises(cuda.NotSupportedError) as failure:
+        double_it(cuda.InOut(data), block=(32, 1, 1))  # Out's copy back is a sync point
+    assert "GPU" in str(failure.value)
+    assert isinstance(failure.value, cuda.Error)
+    dev = cuda.to_device(np.arange(8, dtype=np.int32))  # the session still works
+    assert list(cuda.from_device(dev, 8, np.int32)) == list(range(8))
+
+
+def test_deferred_error_is_raised_at_the_next_sync_point_with_its_call_site(
+        cuda: ModuleType) -> None:
+    base, size = get_session().address_range
+    unmapped = base + size - (1 << 20)
+    line = line_of_next_statement()
+    cuda.memset_d8(unmapped, 1, 16)  # fire-and-forget: returns at once
+    cuda.mem_alloc(256)  # still no sync point
+    with pytest.raises(cuda.LogicError) as failure:
+        cuda.Context.synchronize()
+    message = str(failure.value)
+    assert f"{__file__}:{line}" in message and "memset" in message
+    assert failure.value.site[:2] == (__file__, line)
+    cuda.Context.synchronize()  # reported once; the session goes on
+
+
+def test_out_of_memory_is_pycuda_memory_error_and_the_agent_is_fine(
+        cuda: ModuleType, emulated_agent: Any) -> None:
+    import pycuda.autoinit
+
+    too_much = pycuda.autoinit.device.total_memory() + protocol.GRANULARITY
+    with pytest.raises(cuda.MemoryError) as failure:
+        line = line_of_next_statement()
+        cuda.mem_alloc(too_much)
+    assert f"{__file__}:{line}" in str(failure.value)
+    dev = cuda.to_device(np.arange(10, dtype=np.float32))  # this session goes on
+    assert cuda.from_device(dev, 10, np.float32)[9] == 9
+    other = RemoteSession(emulated_agent.endpoint)  # and the agent serves others
+    try:
+        assert other.call_sync("mem_get_info")[1] > 0
+    finally:
+        other.close()
+    assert emulated_agent.process.poll() is None
+
+
+def test_a_long_fire_and_forget_loop_keeps_client_memory_bounded(cuda: ModuleType) -> None:
+    dev = cuda.mem_alloc(1024)
+    process = psutil.Process()
+    cuda.memset_d8(dev, 0, 1024)
+    cuda.Context.synchronize()
+    rss_before = process.memory_info().rss
+    for i in range(200_000):
+        cuda.memset_d8(dev, i & 0xFF, 4)
+    cuda.Context.synchronize()
+    growth = process.memory_info().rss - rss_before
+    writer = get_session()._writer
+    assert writer is not None
+    assert writer.peak_queued_calls <= protocol.MAX_CALLS_PER_BATCH
+    assert writer.peak_inflight <= protocol.MAX_INFLIGHT_BATCHES
+    # 200k queued calls would take well over 50 MiB; bounded queues take a few
+    assert growth < 32 << 20, f"client RSS grew by {growth >> 20} MiB"
+    assert cuda.from_device(dev, 4, np.uint8)[0] == (199_999 & 0xFF)
+
+
+def test_kernel_arguments_are_packed_as_pycuda_packs_them(cuda: ModuleType) -> None:
+    from harp_jupyter.shim.pycuda import _kernel_args
+
+    dev = cuda.mem_alloc(16)
+    record = np.zeros(1, dtype=[("a", np.int8), ("b", np.float64)])[0]
+    handlers, buf = _kernel_args.build_arg_buf(
+        [np.int8(1), dev, np.float64(2.5), np.complex64(1 + 2j), record],
+        (cuda.DeviceAllocation, cuda.PointerHolderBase), cuda.ArgumentHandler,
+        cuda.ArgumentHandler.get_device_alloc)
+    assert handlers == []
+    # native alignment: int8 at 0, pointer at 8, double at 16, complex64 at 24, struct bytes
+    assert buf[0] == 1 and int.from_bytes(buf[8:16], "little") == int(dev)
+    assert np.frombuffer(buf[16:24], np.float64)[0] == 2.5
+    assert np.frombuffer(buf[24:32], np.complex64)[0] == 1 + 2j
+    assert len(buf) == 32 + record.itemsize
+    with pytest.raises(TypeError, match="parameter #0"):
+        _kernel_args.build_arg_buf([5], (cuda.DeviceAllocation,), cuda.ArgumentHandler,
+                                   cuda.ArgumentHandler.get_device_alloc)
+
+
+def _python(code: str, tmp_path: Path, **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HARP_")}
+    environ.update(env)
+    environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                          text=True, timeout=30, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_real_pycuda_is_shadowed_while_active_and_restored_after(tmp_path: Path) -> None:
+    fake = tmp_path / "pycuda"  # stands for a pycuda installed in the same environment
+    fake.mkdir()
+    (fake / "__init__.py").write_text("LOCAL = True\n")
+    (fake / "driver.py").write_text("LOCAL = True\n")
+    out = _python(
+        "import pycuda, pycuda.driver\n"
+        "print('before', pycuda.driver.LOCAL)\n"
+        "from harp_jupyter import shim\n"
+        "shim.activate()\n"
+        "import pycuda, pycuda.driver\n"
+        "print('active', hasattr(pycuda.driver, 'LOCAL'), pycuda.driver.__name__)\n"
+        "shim.deactivate()\n"
+        "import pycuda.driver\n"
+        "print('after', pycuda.driver.LOCAL)\n", tmp_path)
+    assert out.split("\n")[:3] == [
+        "before True", "active False harp_jupyter.shim.pycuda.driver", "after True"]
+
+
+def test_harp_shim_env_activates_any_python_process(tmp_path: Path, emulated_agent: Any) -> None:
+    pth_line = ('import os; os.environ.get("HARP_SHIM") == "1" and'
+                ' __import__("harp_jupyter.shim.autoactivate")')
+    program = (f"{pth_line}\n"
+               "import pycuda.autoinit, pycuda.driver as cuda\n"
+               "print(cuda.__name__, cuda.mem_get_info()[1] > 0)\n")
+    out = _python(program, tmp_path, HARP_SHIM="1", HARP_AGENT=emulated_agent.endpoint)
+    assert out.strip() == "harp_jupyter.shim.pycuda.driver True"
+    plain = _python(f"{pth_line}\nimport sys\nprint('harp_jupyter' in sys.modules)\n", tmp_path)
+    assert plain.strip() == "False"  # without HARP_SHIM=1 nothing of ours is imported
+
+
+def test_garbage_collected_allocations_are_freed_on_the_agent(cuda: ModuleType) -> None:
+    import gc
+
+    size = 8 * protocol.GRANULARITY
+    free_before, _ = cuda.mem_get_info()
+    block = cuda.mem_alloc(size)
+    assert cuda.mem_get_info()[0] <= free_before - size
+    del block
+    gc.collect()
+    assert cuda.mem_get_info()[0] >= free_before  # the free went out with the next call
+    explicit = cuda.mem_alloc(size)
+    explicit.free()
+    with pytest.raises(cuda.LogicError):  # as in pycuda
+        explicit.free()
+    assert cuda.mem_get_info()[0] >= free_before
+
+
+def test_prepared_formats_and_host_helpers(cuda: ModuleType) -> None:
+    from harp_jupyter.shim.pycuda import _kernel_args
+
+    pair = np.dtype([("x", np.float32), ("y", np.float32)])
+    fmt = _kernel_args.format_for_types([np.intp, np.int32, "P", pair, np.complex128, object])
+    assert fmt == np.dtype(np.intp).char + "iP8sD" + np.dtype(np.uintp).char
+    packed = _kernel_args.pack("iD", 7, 1.5 - 2j)
+    assert len(packed) == 24 == _kernel_args.calcsize("iD")  # complex128 aligned to 8
+    assert np.frombuffer(packed[8:], np.complex128)[0] == 1.5 - 2j
+    aligned = cuda.aligned_zeros((3, 5), np.float64, alignment=4096)
+    assert aligned.ctypes.data % 4096 == 0 and aligned.shape == (3, 5) and not aligned.any()
+    host = cuda.pagelocked_zeros_like(np.ones((2, 3), order="F"))
+    assert host.flags.f_contiguous and host.shape == (2, 3)

@@ -1,0 +1,192 @@
+"""BatchWriter over a real DEALER connection to a scripted ROUTER peer on 127.0.0.1.
+
+The peer speaks the protocol from gpu_agent.protocol (decode batches, one reply per batch) and
+records what it received, so these tests see exactly what went on the wire.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from gpu_agent import protocol
+from harp_jupyter.shim.batch import BatchWriter, byte_view
+from harp_jupyter.shim.errors import GPULostError
+from harp_jupyter.shim.transport import AgentConnection
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class ScriptedPeer:
+    """A ROUTER that records batches and replies in order (``ping`` -> 42), unless held."""
+
+    def __init__(self) -> None:
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.batches: list[tuple[dict[str, Any], list[bytes]]] = []
+        self.replying = threading.Event()
+        self.replying.set()
+        self._stop = threading.Event()
+        self._held: list[tuple[bytes, dict[str, Any]]] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self._socket.poll(20):
+                routing_id, *parts = self._socket.recv_multipart()
+                header, frames = protocol.decode(parts)
+                if header["t"] == protocol.BATCH:
+                    self.batches.append((header, [bytes(f) for f in frames]))
+                    self._held.append((routing_id, header))
+            if self.replying.is_set():
+                for routing_id, header in self._held:
+                    results = [[i, 42] for i, call in enumerate(header["c"]) if call[0] == "ping"]
+                    reply = {"t": protocol.REPLY, "q": header["q"], "r": results, "e": None}
+                    self._socket.send_multipart([routing_id, protocol.pack_header(reply)])
+                self._held.clear()
+        self._socket.close(linger=0)
+        self._context.term()
+
+    def wait_for_batches(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.batches) < count:
+            assert time.monotonic() < deadline, f"got {len(self.batches)} batches, not {count}"
+            time.sleep(0.005)
+
+    def calls(self) -> list[list[Any]]:
+        return [call for header, _ in self.batches for call in header["c"]]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def peer() -> Iterator[ScriptedPeer]:
+    p = ScriptedPeer()
+    yield p
+    p.stop()
+
+
+errors: list[tuple[Any, dict[str, Any]]] = []
+
+
+def make_writer(peer: ScriptedPeer, **options: Any) -> BatchWriter:
+    connection = AgentConnection(peer.endpoint, timeout=5)
+    return BatchWriter(connection, lambda meta, error: errors.append((meta, error)), **options)
+
+
+def close(writer: BatchWriter) -> None:
+    writer.close()
+    writer.connection.close()
+
+
+def test_small_buffers_are_snapshots_large_ones_frames(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=60)
+    small = bytearray(b"abcd")
+    large = np.arange(protocol.MAX_INLINE_BYTES, dtype=np.uint8)
+    writer.add("htod", [1 << 40, small, None])
+    small[:] = b"zzzz"  # a snapshot was taken: the change must not travel
+    tracker = writer.add("htod", [2 << 40, large, None], track=True)
+    assert tracker is not None
+    writer.wait_sent([tracker])
+    writer.drain()
+    (header, frames), = peer.batches
+    first, second = header["c"]
+    assert first == ["htod", 1 << 40, b"abcd", None]
+    assert second[:2] == ["htod", 2 << 40] and second[2] == protocol.FrameRef(1)
+    assert frames == [large.tobytes()]
+    close(writer)
+
+
+def test_batch_goes_out_at_max_calls_without_a_flush(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=60, max_calls=10)
+    for i in range(25):
+        writer.add("free", [i], None)
+    peer.wait_for_batches(2)
+    assert [len(h["c"]) for h, _ in peer.batches] == [10, 10]
+    writer.drain()
+    assert [len(h["c"]) for h, _ in peer.batches] == [10, 10, 5]
+    assert [c[1] for c in peer.calls()] == list(range(25))  # in order
+    close(writer)
+
+
+def test_batch_goes_out_past_the_byte_threshold(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=60, flush_bytes=200_000)
+    block = np.zeros(100_000, np.uint8)
+    writer.add("htod", [0, block, None])
+    writer.add("htod", [0, block, None])
+    writer.add("htod", [0, block, None])
+    peer.wait_for_batches(1)
+    assert len(peer.batches[0][0]["c"]) == 2
+    close(writer)
+
+
+def test_linger_sends_a_lone_call(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=0.001)
+    writer.add("free", [7], None)
+    peer.wait_for_batches(1)  # nobody flushed: the linger thread did
+    assert peer.calls() == [["free", 7]]
+    close(writer)
+
+
+def test_results_are_delivered_in_order(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=60, max_calls=3)
+    values: list[tuple[int, Any]] = []
+    for i in range(7):
+        writer.add("ping", [], None, on_result=lambda v, i=i: values.append((i, v)))
+    writer.drain()
+    assert values == [(i, 42) for i in range(7)]
+    close(writer)
+
+
+def test_back_pressure_bounds_unacknowledged_batches(peer: ScriptedPeer) -> None:
+    peer.replying.clear()
+    writer = make_writer(peer, linger=60, max_calls=1, max_inflight=3)
+    sender = threading.Thread(target=lambda: [writer.add("free", [i]) for i in range(10)],
+                              daemon=True)
+    sender.start()
+    peer.wait_for_batches(3)
+    sender.join(0.5)
+    assert sender.is_alive(), "the sender should block while 3 batches are unacknowledged"
+    assert len(peer.batches) == 3
+    peer.replying.set()
+    sender.join(10)
+    assert not sender.is_alive()
+    writer.drain()
+    assert [c[1] for c in peer.calls()] == list(range(10))
+    assert writer.peak_inflight <= 3
+    close(writer)
+
+
+def test_peer_gone_raises_gpu_lost_instead_of_hanging(peer: ScriptedPeer) -> None:
+    peer.replying.clear()
+    writer = make_writer(peer, linger=60)
+    writer.add("ping", [], None)
+    writer.flush()
+    peer.wait_for_batches(1)
+    peer.stop()  # the agent's socket closes with a batch unanswered
+    with pytest.raises(GPULostError, match=peer.endpoint):
+        writer.drain()
+    with pytest.raises(GPULostError):  # and every later use says so too
+        writer.add("free", [1], None)
+    close(writer)
+
+
+def test_byte_view_of_fortran_and_noncontiguous_arrays() -> None:
+    fortran = np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4))
+    view = byte_view(fortran)
+    assert view.nbytes == fortran.nbytes
+    assert bytes(view) == fortran.tobytes(order="F")
+    with pytest.raises(TypeError):
+        byte_view(np.arange(10)[::2])

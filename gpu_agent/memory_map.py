@@ -57,6 +57,13 @@ class MappedRanges:
         bisect.insort(self._starts, addr)
         self._sizes[addr] = size
 
+    def add_external(self, addr: int, size: int) -> None:
+        """Memory the session may address but did not allocate (a module's ``__device__``
+        globals): checked like an allocation, never freed by the client."""
+        if addr not in self._sizes:
+            bisect.insort(self._starts, addr)
+        self._sizes[addr] = size
+
     def remove(self, addr: int) -> int:
         """Forget the allocation that starts at ``addr``; returns its size."""
         size = self._sizes.pop(addr, None)

@@ -199,8 +199,8 @@ class AgentServer:
                 name, args = P.validate_call(call)
                 args = self._resolve_frames(args, frames)
                 self._check_addresses(session, name, args)
-                value = session.ops[name](*args)
-                self._after(session, name, args)
+                value = self.executor.run(session.ops[name], *args)
+                self._after(session, name, args, value)
                 session.calls += 1
                 if P.OPS[name].result:
                     if isinstance(value, bytes | bytearray | memoryview | np.ndarray):
@@ -268,11 +268,13 @@ class AgentServer:
                 ranges.check(*_extent(desc))
 
     @staticmethod
-    def _after(session: ClientSession, name: str, args: list[Any]) -> None:
+    def _after(session: ClientSession, name: str, args: list[Any], value: Any) -> None:
         if name == "alloc":
             session.ranges.add(args[0], args[1])
         elif name == "free":
             session.ranges.remove(args[0])
+        elif name == "get_global":
+            session.ranges.add_external(value[0], value[1])
 
     def _context_lost(self, culprit: ClientSession, message: str) -> None:
         log.error("device context reset after an error in session %s: %s",

@@ -75,6 +75,11 @@ class Executor(ABC):
     def open_session(self, base: int, size: int) -> ExecutorSession:
         """Start a session whose allocations lie in ``[base, base + size)``."""
 
+    def run(self, method: Any, *args: Any) -> Any:
+        """Call one of a session's ``op_`` methods; executors turn their library's errors into
+        ExecutorError (and sticky ones into ContextLost) here."""
+        return method(*args)
+
     def metrics(self) -> dict[str, Any]:
         """Live figures for status replies (utilisation etc.); empty when unknown."""
         return {}

@@ -1,0 +1,153 @@
+"""protocol.ARRAY_FUNCTIONS executed by pycuda's gpuarray and cumath on the GPU.
+
+Operands are GPUArray views of session memory. pycuda computes each result into scratch memory of
+the agent (a memory pool), which is then copied device-to-device into the client-chosen ``out``:
+simple, never a host round trip, and correct for every function pycuda offers.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pycuda.cumath as cumath
+import pycuda.driver as cuda
+import pycuda.gpuarray as gpuarray
+from pycuda.elementwise import ElementwiseKernel
+from pycuda.tools import dtype_to_ctype
+
+GPUArray = gpuarray.GPUArray
+
+_BINARY: dict[str, Callable[[Any, Any], Any]] = {
+    "add": operator.add, "subtract": operator.sub, "multiply": operator.mul,
+    "divide": operator.truediv, "power": operator.pow, "equal": operator.eq,
+    "not_equal": operator.ne, "less": operator.lt, "less_equal": operator.le,
+    "greater": operator.gt, "greater_equal": operator.ge,
+}
+_CUMATH = {
+    "sin": "sin", "cos": "cos", "tan": "tan", "arcsin": "asin", "arccos": "acos",
+    "arctan": "atan", "sinh": "sinh", "cosh": "cosh", "tanh": "tanh", "exp": "exp", "log": "log",
+    "log10": "log10", "sqrt": "sqrt", "ceil": "ceil", "floor": "floor",
+}
+
+
+class ArrayFunctionError(ValueError):
+    pass
+
+
+def _contiguous(a: Any) -> Any:
+    return a if not isinstance(a, GPUArray) or a.flags.forc else a.copy()
+
+
+def _as_array(value: Any, like: GPUArray) -> GPUArray:
+    if isinstance(value, GPUArray):
+        return value
+    result = gpuarray.empty(like.shape, like.dtype, allocator=like.allocator)
+    result.fill(value)
+    return result
+
+
+_arange_kernels: dict[np.dtype, ElementwiseKernel] = {}
+
+
+def _arange(out: GPUArray, start: Any, step: Any, stream: Any) -> None:
+    kernel = _arange_kernels.get(out.dtype)
+    if kernel is None:
+        ctype = dtype_to_ctype(out.dtype)
+        kernel = _arange_kernels[out.dtype] = ElementwiseKernel(
+            f"{ctype} *z, {ctype} start, {ctype} step", "z[i] = start + i * step", "harp_arange")
+    kernel(out, out.dtype.type(start), out.dtype.type(step), stream=stream)
+
+
+def store(out: GPUArray, value: Any, stream: Any) -> None:
+    """Write ``value`` (a GPUArray or scalar) into ``out``, converted to out's dtype."""
+    if not isinstance(value, GPUArray):
+        out.fill(out.dtype.type(value.real if isinstance(value, complex) and out.dtype.kind != "c"
+                                else value), stream=stream)
+        return
+    if value.dtype != out.dtype:
+        if value.dtype.kind == "c" and out.dtype.kind != "c":
+            value = value.real
+        value = _contiguous(value).astype(out.dtype, stream=stream)
+    if value.size != out.size:
+        if value.size == 1:
+            host = value.get()
+            out.fill(host.reshape(()).item(), stream=stream)
+            return
+        raise ArrayFunctionError(f"result of shape {value.shape} does not fit out {out.shape}")
+    value = _contiguous(value)
+    if out.flags.c_contiguous and value.flags.c_contiguous:
+        cuda.memcpy_dtod_async(out.gpudata, value.gpudata, out.nbytes, stream)
+    else:
+        out[...] = value.reshape(out.shape)
+
+
+def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict[str, Any],
+          stream: Any, view: Callable[[list[Any]], GPUArray]) -> None:
+    if out is None:
+        raise ArrayFunctionError(f"{function} needs an out array")
+    ops = [_contiguous(x) for x in operands]
+    if function in _BINARY:
+        a, b = ops
+        if not isinstance(a, GPUArray):  # scalar op array: pycuda's reflected operators
+            a, b = _as_array(a, b), b
+        store(out, _BINARY[function](a, b), stream)
+    elif function in ("minimum", "maximum", "fmod", "ldexp", "logical_and", "logical_or"):
+        a, b = ops
+        like = a if isinstance(a, GPUArray) else b
+        a, b = _as_array(a, like), _as_array(b, like)
+        fn = {"minimum": gpuarray.minimum, "maximum": gpuarray.maximum, "fmod": cumath.fmod,
+              "ldexp": cumath.ldexp, "logical_and": gpuarray.logical_and,
+              "logical_or": gpuarray.logical_or}[function]
+        store(out, fn(a, b), stream)
+    elif function in _CUMATH:
+        store(out, getattr(cumath, _CUMATH[function])(ops[0], stream=stream), stream)
+    elif function == "negative":
+        store(out, -ops[0], stream)
+    elif function == "absolute":
+        store(out, abs(ops[0]), stream)
+    elif function == "conj":
+        store(out, ops[0].conj(), stream)
+    elif function == "real":
+        store(out, ops[0].real, stream)
+    elif function == "imag":
+        store(out, ops[0].imag, stream)
+    elif function == "logical_not":
+        store(out, gpuarray.logical_not(ops[0]), stream)
+    elif function == "copy":
+        store(out, ops[0], stream)
+    elif function == "reverse":
+        store(out, ops[0].reverse(stream=stream), stream)
+    elif function in ("sum", "max", "min"):
+        store(out, getattr(gpuarray, function)(ops[0], stream=stream), stream)
+    elif function in ("any", "all"):
+        store(out, getattr(ops[0], function)(stream=stream), stream)
+    elif function == "dot":
+        store(out, gpuarray.dot(ops[0], ops[1], stream=stream), stream)
+    elif function == "fill":
+        store(out, operands[0], stream)
+    elif function == "arange":
+        _arange(out, kwargs.get("start", 0), kwargs.get("step", 1), stream)
+    elif function == "where":
+        like = next(x for x in ops if isinstance(x, GPUArray))
+        crit, a, b = (_as_array(x, like) for x in ops)
+        store(out, gpuarray.if_positive(crit != 0, a, b, stream=stream), stream)
+    elif function == "take":
+        store(out, gpuarray.take(ops[0], ops[1], stream=stream), stream)
+    elif function == "axpbyz":
+        a, b = ops
+        store(out, a._axpbyz(kwargs.get("a", 1), b, kwargs.get("b", 1), stream=stream), stream)
+    elif function in ("frexp", "modf"):
+        first, second = getattr(cumath, function)(ops[0], stream=stream)
+        store(out, first, stream)
+        store(view(kwargs["out2"]), second, stream)
+    elif function == "concatenate":
+        store(out, gpuarray.concatenate(ops, axis=kwargs.get("axis", 0)), stream)
+    elif function == "stack":
+        store(out, gpuarray.stack(ops, axis=kwargs.get("axis", 0)), stream)
+    elif function == "transpose":
+        store(out, gpuarray.transpose(ops[0], kwargs.get("axes")), stream)
+    else:
+        raise ArrayFunctionError(f"array function {function!r} is not implemented")

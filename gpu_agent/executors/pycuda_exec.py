@@ -1,0 +1,391 @@
+"""The real-GPU executor: forwarded calls run through pycuda on one device.
+
+Device memory of sessions lives at client-chosen addresses (``vmm``); modules are compiled with
+pycuda's SourceModule (nvcc, cached by pycuda by source and options); launches use the argument
+buffer the client packed, so a launch costs the agent no argument parsing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pycuda.driver as cuda
+import pycuda.gpuarray as gpuarray
+from pycuda.compiler import SourceModule
+from pycuda.elementwise import ElementwiseKernel
+from pycuda.reduction import ReductionKernel
+from pycuda.tools import DeviceMemoryPool
+
+from gpu_agent import nvml
+from gpu_agent.executors import pycuda_arrays
+from gpu_agent.executors.base import ContextLost, Executor, ExecutorError, ExecutorSession
+from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
+
+log = logging.getLogger("harp.agent.pycuda")
+
+# errors after which the CUDA context is unusable ("sticky"): the context must be recreated
+_STICKY = ("ILLEGAL_ADDRESS", "illegal memory access", "LAUNCH_FAILED", "unspecified launch",
+           "MISALIGNED_ADDRESS", "misaligned address", "ILLEGAL_INSTRUCTION", "illegal instruction",
+           "HARDWARE_STACK_ERROR", "hardware stack error", "INVALID_PC", "invalid program counter",
+           "ASSERT", "device-side assert", "CONTEXT_IS_DESTROYED")
+
+
+class DevicePointer(int):
+    """A device address pycuda accepts wherever it accepts an allocation."""
+
+    def free(self) -> None:  # views never own memory
+        return None
+
+
+def _kind(error: Exception) -> str:
+    for cls, kind in ((cuda.MemoryError, "MemoryError"), (cuda.LaunchError, "LaunchError"),
+                      (cuda.LogicError, "LogicError"), (cuda.CompileError, "CompileError")):
+        if isinstance(error, cls):
+            return kind
+    return "RuntimeError"
+
+
+class PycudaSession(ExecutorSession):
+    def __init__(self, executor: PycudaExecutor, memory: SessionMemory) -> None:
+        self._x = executor
+        self.memory = memory
+        self.modules: dict[int, Any] = {}
+        self.functions: dict[int, Any] = {}
+        self.streams: dict[int, cuda.Stream] = {}
+        self.events: dict[int, cuda.Event] = {}
+        self.kernels: dict[int, Any] = {}
+
+    # {{{ helpers
+
+    def _stream(self, handle: int | None) -> cuda.Stream | None:
+        if handle is None:
+            return None
+        try:
+            return self.streams[handle]
+        except KeyError:
+            raise ExecutorError("HandleError", f"unknown stream handle {handle}") from None
+
+    def _get(self, table: dict[int, Any], handle: int, what: str) -> Any:
+        try:
+            return table[handle]
+        except KeyError:
+            raise ExecutorError("HandleError", f"unknown {what} handle {handle}") from None
+
+    def view(self, desc: list[Any]) -> gpuarray.GPUArray:
+        addr, dtype, shape, strides = desc
+        return gpuarray.GPUArray(tuple(shape), np.dtype(dtype), allocator=self._x.pool.allocate,
+                                 gpudata=DevicePointer(addr), strides=tuple(strides))
+
+    def _operand(self, value: Any) -> Any:
+        return self.view(value) if isinstance(value, list) else value
+
+    # }}}
+
+    # {{{ memory
+
+    def op_alloc(self, addr: int, size: int) -> None:
+        try:
+            self._x.vmm.map(self.memory, addr, size)
+        except VmmError as e:
+            if e.out_of_memory:
+                free, total = cuda.mem_get_info()
+                raise ExecutorError(
+                    "MemoryError", f"out of memory: {size} bytes requested, {free} of {total} "
+                    f"free on the GPU ({e})", "CUDA_ERROR_OUT_OF_MEMORY") from None
+            raise ExecutorError("RuntimeError", str(e), e.name) from None
+        cuda.memset_d8(addr, 0, size)  # a new tenant never sees an old tenant's data
+
+    def op_free(self, addr: int) -> None:
+        cuda.Context.synchronize()  # work in flight may still use it
+        self._x.vmm.unmap(self.memory, addr)
+
+    def op_htod(self, dst: int, data: Any, stream: int | None) -> None:
+        s = self._stream(stream)
+        if s is None:
+            cuda.memcpy_htod(dst, data)
+        else:
+            cuda.memcpy_htod_async(dst, data, s)
+
+    def op_dtoh(self, src: int, nbytes: int, stream: int | None) -> np.ndarray:
+        out = np.empty(nbytes, np.uint8)
+        s = self._stream(stream)
+        if s is None:
+            cuda.memcpy_dtoh(out, src)
+        else:
+            cuda.memcpy_dtoh_async(out, src, s)
+            s.synchronize()
+        return out
+
+    def op_dtod(self, dst: int, src: int, nbytes: int, stream: int | None) -> None:
+        s = self._stream(stream)
+        if s is None:
+            cuda.memcpy_dtod(dst, src, nbytes)
+        else:
+            cuda.memcpy_dtod_async(dst, src, nbytes, s)
+
+    def op_memset(self, dst: int, value: int, width: int, count: int,
+                  stream: int | None) -> None:
+        name = {1: "memset_d8", 2: "memset_d16", 4: "memset_d32"}.get(width)
+        if name is None:
+            raise ExecutorError("LogicError", f"memset width must be 1, 2 or 4, not {width}")
+        value &= (1 << (8 * width)) - 1
+        s = self._stream(stream)
+        if s is None:
+            getattr(cuda, name)(dst, value, count)
+        else:
+            getattr(cuda, name + "_async")(dst, value, count, s)
+
+    def op_mem_get_info(self) -> list[int]:
+        return list(cuda.mem_get_info())
+
+    def op_synchronize(self) -> None:
+        cuda.Context.synchronize()
+
+    def op_ping(self) -> int:
+        return time.monotonic_ns()
+
+    # }}}
+
+    # {{{ modules and launches
+
+    def op_module_source(self, module: int, source: str, options: list[str], no_extern_c: bool,
+                         arch: str | None, code: str | None, include_dirs: list[str]) -> None:
+        self.modules[module] = SourceModule(
+            source, options=options or None, no_extern_c=no_extern_c, arch=arch, code=code,
+            include_dirs=include_dirs)
+
+    def op_module_image(self, module: int, image: Any) -> None:
+        self.modules[module] = cuda.module_from_buffer(bytes(image))
+
+    def op_module_unload(self, module: int) -> None:
+        self.modules.pop(module, None)
+
+    def op_get_function(self, function: int, module: int, name: str) -> None:
+        self.functions[function] = self._get(self.modules, module, "module").get_function(name)
+
+    def op_get_global(self, module: int, name: str) -> list[int]:
+        ptr, size = self._get(self.modules, module, "module").get_global(name)
+        return [int(ptr), int(size)]
+
+    def op_function_attribute(self, function: int, name: str) -> int:
+        fn = self._get(self.functions, function, "function")
+        return int(fn.get_attribute(getattr(cuda.function_attribute, name)))
+
+    def op_function_set(self, function: int, what: str, value: int | None) -> None:
+        fn = self._get(self.functions, function, "function")
+        if what == "cache_config":
+            fn.set_cache_config(cuda.func_cache.values[value])
+        elif what == "shared_config":
+            fn.set_shared_config(cuda.shared_config.values[value])
+        elif what.startswith("attribute:"):
+            fn.set_attribute(getattr(cuda.function_attribute, what.split(":", 1)[1]), value)
+        else:
+            raise ExecutorError("LogicError", f"function_set: unknown setting {what!r}")
+
+    def op_launch(self, function: int, grid: list[int], block: list[int], shared: int,
+                  stream: int | None, args: Any) -> None:
+        fn = self._get(self.functions, function, "function")
+        fn._launch_kernel(tuple(grid), tuple(block), bytes(args), shared, self._stream(stream))
+
+    # }}}
+
+    # {{{ streams and events
+
+    def op_stream_create(self, stream: int, flags: int) -> None:
+        self.streams[stream] = cuda.Stream(flags)
+
+    def op_stream_destroy(self, stream: int) -> None:
+        self.streams.pop(stream, None)
+
+    def op_stream_synchronize(self, stream: int) -> None:
+        self._get(self.streams, stream, "stream").synchronize()
+
+    def op_stream_query(self, stream: int) -> bool:
+        return bool(self._get(self.streams, stream, "stream").is_done())
+
+    def op_stream_wait_event(self, stream: int, event: int) -> None:
+        self._get(self.streams, stream, "stream").wait_for_event(
+            self._get(self.events, event, "event"))
+
+    def op_event_create(self, event: int, flags: int) -> None:
+        self.events[event] = cuda.Event(flags)
+
+    def op_event_destroy(self, event: int) -> None:
+        self.events.pop(event, None)
+
+    def op_event_record(self, event: int, stream: int | None) -> None:
+        self._get(self.events, event, "event").record(self._stream(stream))
+
+    def op_event_synchronize(self, event: int) -> None:
+        self._get(self.events, event, "event").synchronize()
+
+    def op_event_query(self, event: int) -> bool:
+        return bool(self._get(self.events, event, "event").query())
+
+    def op_event_elapsed(self, start: int, end: int) -> float:
+        return float(self._get(self.events, end, "event").time_since(
+            self._get(self.events, start, "event")))
+
+    # }}}
+
+    # {{{ arrays and user kernels
+
+    def op_array(self, function: str, out: list[Any] | None, operands: list[Any],
+                 kwargs: dict[str, Any], stream: int | None) -> None:
+        try:
+            pycuda_arrays.apply(function, None if out is None else self.view(out),
+                                [self._operand(x) for x in operands], kwargs,
+                                self._stream(stream), self.view)
+        except pycuda_arrays.ArrayFunctionError as e:
+            raise ExecutorError("LogicError", f"{function}: {e}") from None
+
+    def op_elementwise_new(self, kernel: int, arguments: str, operation: str, name: str,
+                           options: dict[str, Any]) -> None:
+        self.kernels[kernel] = ElementwiseKernel(
+            arguments, operation, name, options=options.get("options"),
+            preamble=options.get("preamble", ""), loop_prep=options.get("loop_prep", ""),
+            after_loop=options.get("after_loop", ""))
+
+    def op_elementwise_call(self, kernel: int, operands: list[Any], range_: list[int] | None,
+                            stream: int | None) -> None:
+        k = self._get(self.kernels, kernel, "kernel")
+        extra: dict[str, Any] = {"stream": self._stream(stream)}
+        if range_ is not None:
+            extra["range"] = slice(*range_)
+        k(*[self._operand(x) for x in operands], **extra)
+
+    def op_reduction_new(self, kernel: int, dtype_out: str, neutral: str, reduce_expr: str,
+                         map_expr: str, arguments: str, options: dict[str, Any]) -> None:
+        self.kernels[kernel] = ReductionKernel(
+            np.dtype(dtype_out), neutral, reduce_expr, map_expr or None, arguments,
+            name=options.get("name", "reduce_kernel"), options=options.get("options"),
+            preamble=options.get("preamble", ""), allocator=self._x.pool.allocate)
+
+    def op_reduction_call(self, kernel: int, out: list[Any], operands: list[Any],
+                          stream: int | None) -> None:
+        k = self._get(self.kernels, kernel, "kernel")
+        s = self._stream(stream)
+        result = k(*[self._operand(x) for x in operands], stream=s)
+        pycuda_arrays.store(self.view(out), result, s)
+
+    # }}}
+
+    def device_bytes(self) -> int:
+        return sum(size for size, _ in self.memory.mapped.values())
+
+    def close(self) -> None:
+        self.kernels.clear()
+        self.functions.clear()
+        self.modules.clear()
+        self.events.clear()
+        self.streams.clear()
+        try:
+            cuda.Context.synchronize()
+        except cuda.Error:
+            pass
+        self._x.vmm.release(self.memory)
+        self._x.sessions.discard(self)
+
+
+class PycudaExecutor(Executor):
+    name = "pycuda"
+    emulated = False
+
+    def __init__(self, device: int = 0) -> None:
+        cuda.init()
+        self.device_index = device
+        self.device = cuda.Device(device)
+        self.context = self.device.retain_primary_context()
+        self.context.push()
+        self.vmm = VirtualMemory(device)
+        self.pool = DeviceMemoryPool()
+        self.sessions: set[PycudaSession] = set()
+        self._info = self._read_info()
+
+    def _read_info(self) -> dict[str, Any]:
+        attributes = {}
+        for name in dir(cuda.device_attribute):
+            if name[0].isupper():
+                try:
+                    attributes[name] = int(self.device.get_attribute(
+                        getattr(cuda.device_attribute, name)))
+                except cuda.Error:
+                    pass
+        return {
+            "name": self.device.name(),
+            "compute_capability": list(self.device.compute_capability()),
+            "total_memory": int(self.device.total_memory()),
+            "pci_bus_id": self.device.pci_bus_id(),
+            "driver_version": cuda.get_driver_version(),
+            "emulated": False,
+            "count": 1,
+            "attributes": attributes,
+        }
+
+    def device_info(self) -> dict[str, Any]:
+        return self._info
+
+    def mem_info(self) -> tuple[int, int]:
+        free, total = cuda.mem_get_info()
+        return int(free), int(total)
+
+    def metrics(self) -> dict[str, Any]:
+        return nvml.read(self.device.pci_bus_id())
+
+    def open_session(self, base: int, size: int) -> PycudaSession:
+        try:
+            memory = self.vmm.reserve(base, size)
+        except VmmError as e:
+            raise ExecutorError("RuntimeError", f"cannot reserve this session's address range "
+                                f"{base:#x}+{size:#x}: {e}") from None
+        session = PycudaSession(self, memory)
+        self.sessions.add(session)
+        return session
+
+    def run(self, method: Any, *args: Any) -> Any:
+        """Call a session op, turning pycuda errors into ExecutorErrors (sticky ones reset)."""
+        try:
+            return method(*args)
+        except ExecutorError:
+            raise
+        except cuda.Error as e:
+            text = str(e)
+            if any(marker in text for marker in _STICKY):
+                self.reset(text)
+                raise ContextLost(f"{text} (the GPU context was reset)") from None
+            raise ExecutorError(_kind(e), text) from None
+
+    def reset(self, reason: str) -> None:
+        """Destroy and recreate the context after a sticky error; sessions keep empty ranges."""
+        log.error("resetting the GPU context: %s", reason)
+        for session in list(self.sessions):
+            session.kernels.clear()
+            session.functions.clear()
+            session.modules.clear()
+            session.events.clear()
+            session.streams.clear()
+            session.memory.mapped.clear()
+        self.pool.stop_holding()
+        pycuda_arrays._arange_kernels.clear()
+        try:
+            self.context.pop()
+            self.context.detach()
+        except cuda.Error:
+            pass
+        self.vmm.reset_primary_context()
+        self.context = self.device.retain_primary_context()
+        self.context.push()
+        self.pool = DeviceMemoryPool()
+        for session in self.sessions:
+            session.memory = self.vmm.reserve(session.memory.base, session.memory.size)
+
+    def close(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+        try:
+            self.context.pop()
+        except cuda.Error:
+            pass

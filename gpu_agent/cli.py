@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"harp-agent: serving {server.endpoint} executor={executor.name} device={device}{note}",
           flush=True)
     server.serve_forever()
+    if server.restart:
+        # a fresh process is the only way back to a usable GPU after CUDA's sticky errors
+        print("harp-agent: restarting after a fatal GPU error", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "gpu_agent.cli",
+                                  *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ PROTOCOL_VERSION = 1
 GRANULARITY = 2 << 20
 
 #: Where session address ranges start and how large each is (256 GiB: more than any one GPU holds).
-ADDRESS_SPACE_BASE = 0x7F00_0000_0000
+#: Far below where Linux maps host memory and where CUDA places its own allocations (0x7f...):
+#: seen on an H100 (driver 580), 0x7f0000000000 was taken in some fresh processes.
+ADDRESS_SPACE_BASE = 0x2000_0000_0000
 SESSION_RANGE_SIZE = 256 << 30
 
 #: Limits a client and an agent both enforce.

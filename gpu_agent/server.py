@@ -59,6 +59,8 @@ class AgentServer:
         self.sessions: dict[bytes, ClientSession] = {}
         self.started = time.time()
         self._running = False
+        #: set when the agent must be replaced by a new process (see Executor.restart_required)
+        self.restart = False
 
     # {{{ loop
 
@@ -85,8 +87,10 @@ class AgentServer:
         self._running = False
 
     def close(self) -> None:
-        for session in list(self.sessions.values()):
-            self._end_session(session)
+        if not self.executor.restart_required:
+            for session in list(self.sessions.values()):
+                self._end_session(session)
+        self.sessions.clear()
         self.socket.close(0)
         self.executor.close()
 
@@ -228,6 +232,10 @@ class AgentServer:
                     index=index, op=op)
         self._send(routing_id, {"t": P.REPLY, "q": seq, "r": results, "e": first_error},
                    out_frames)
+        if self.executor.restart_required:
+            log.error("the device is unusable in this process: restarting the agent")
+            self.restart = True
+            self.stop()
 
     @staticmethod
     def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:
@@ -287,7 +295,7 @@ class AgentServer:
                     "session's device memory, modules and streams are gone. Re-run your GPU setup.")
             else:
                 session.lost = (
-                    f"{message}. The GPU context was reset: this session's device memory, "
+                    f"{message}. The GPU context was lost: this session's device memory, "
                     "modules and streams are gone. Fix the kernel and re-run from the start.")
 
     # }}}

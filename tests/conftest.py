@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ def start_agent(*extra: str, executor: str = "emulated", timeout: float = 20) ->
             break
         agent.output.append(line)
         if line.startswith("harp-agent: serving"):
+            # keep draining its output so a chatty agent never blocks on a full pipe
+            threading.Thread(target=agent.output.extend, args=(process.stdout,),
+                             daemon=True).start()
             return agent
     agent.kill()
     raise RuntimeError("harp-agent did not start:\n" + "".join(agent.output))
@@ -74,6 +78,16 @@ def emulated_agent() -> Iterator[AgentProcess]:
 @pytest.fixture(scope="module")
 def module_emulated_agent() -> Iterator[AgentProcess]:
     agent = start_agent()
+    try:
+        yield agent
+    finally:
+        agent.kill()
+
+
+@pytest.fixture(scope="module")
+def gpu_agent() -> Iterator[AgentProcess]:
+    """A real ``harp-agent --executor pycuda`` on GPU 0 (tests/gpu only)."""
+    agent = start_agent(executor="pycuda", timeout=120)
     try:
         yield agent
     finally:

@@ -10,8 +10,9 @@ the call's value for ops with ``result=True`` (``bytes``/``memoryview`` values t
 and ``None`` otherwise.
 
 Failures are raised as ``ExecutorError(kind, message)`` with a kind from
-``gpu_agent.protocol.ERROR_KINDS``. Raising ``ContextLost`` tells the server the device context
-had to be recreated: every session of this executor loses its device state.
+``gpu_agent.protocol.ERROR_KINDS``. Raising ``ContextLost`` tells the server the device context is
+gone: every session of this executor loses its device state, and when the executor sets
+``restart_required`` the agent restarts its process (CUDA's sticky errors last as long as it).
 
 Address checks (is this pointer inside memory the session mapped?) are done by the server before
 the executor sees a call, for every op whose arguments are addresses or array descriptors, so
@@ -57,6 +58,9 @@ class Executor(ABC):
     name: str
     #: True when this executor is not a GPU (host memory, NumPy)
     emulated: bool
+    #: set after an error that leaves the device unusable in this process (CUDA's sticky errors):
+    #: the agent then answers what it was doing and replaces its process
+    restart_required: bool = False
 
     @abstractmethod
     def device_info(self) -> dict[str, Any]:

@@ -303,6 +303,7 @@ class PycudaExecutor(Executor):
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
         self.sessions: set[PycudaSession] = set()
+        self.restart_required = False
         self._info = self._read_info()
 
     def _read_info(self) -> dict[str, Any]:
@@ -354,35 +355,16 @@ class PycudaExecutor(Executor):
         except cuda.Error as e:
             text = str(e)
             if any(marker in text for marker in _STICKY):
-                self.reset(text)
-                raise ContextLost(f"{text} (the GPU context was reset)") from None
+                # CUDA keeps such errors for the life of the process: only a new process has a
+                # usable GPU again, so the agent restarts itself (see AgentServer).
+                log.error("sticky CUDA error, the agent will restart: %s", text)
+                self.restart_required = True
+                raise ContextLost(text) from None
             raise ExecutorError(_kind(e), text) from None
 
-    def reset(self, reason: str) -> None:
-        """Destroy and recreate the context after a sticky error; sessions keep empty ranges."""
-        log.error("resetting the GPU context: %s", reason)
-        for session in list(self.sessions):
-            session.kernels.clear()
-            session.functions.clear()
-            session.modules.clear()
-            session.events.clear()
-            session.streams.clear()
-            session.memory.mapped.clear()
-        self.pool.stop_holding()
-        pycuda_arrays._arange_kernels.clear()
-        try:
-            self.context.pop()
-            self.context.detach()
-        except cuda.Error:
-            pass
-        self.vmm.reset_primary_context()
-        self.context = self.device.retain_primary_context()
-        self.context.push()
-        self.pool = DeviceMemoryPool()
-        for session in self.sessions:
-            session.memory = self.vmm.reserve(session.memory.base, session.memory.size)
-
     def close(self) -> None:
+        if self.restart_required:
+            return  # the context is unusable; the process is about to be replaced
         for session in list(self.sessions):
             session.close()
         try:

@@ -86,6 +86,8 @@ class RemoteSession:
         self._free_estimate: int | None = None
         self._closed = False
         self._lost_error: Error | None = None
+        #: times the user's code waited for the agent (sync points), for tests and profiles
+        self.sync_points = 0
 
     # {{{ connection
 
@@ -231,6 +233,7 @@ class RemoteSession:
             self._writer.flush()
 
     def _wait_all(self, writer: BatchWriter) -> None:
+        self.sync_points += 1
         try:
             writer.wait_for(writer.flush())
         except GPULostError as e:

@@ -1,0 +1,158 @@
+"""Forwarding benchmark: local pycuda vs the HARP shim vs raw pyzmq, measured in one run.
+
+    python bench/forwarding.py [--out bench/results/forwarding-<gpu>.md] [--emulated]
+
+Starts a local ``harp-agent`` (pycuda executor; ``--emulated`` for a smoke run without a GPU,
+where raw kernels are refused and only the transport rows mean anything), runs the workloads of
+``bench/workloads.py`` locally and through the shim, and the raw pyzmq baseline of
+``bench/raw_zmq.py``, then prints a Markdown table of ratios against the targets of
+ARCHITECTURE.md section 7 and writes it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+def run_json(args: list[str], timeout: float = 900) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    proc = subprocess.run([sys.executable, args[0], args[1], out, *args[2:]], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(Path(out).read_text())
+
+
+def start_agent(emulated: bool) -> tuple[subprocess.Popen, str]:
+    endpoint = "tcp://127.0.0.1:5790"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpu_agent.cli", "--listen", endpoint, "--log-level", "WARNING",
+         "--executor", "emulated" if emulated else "pycuda"],
+        env=ENV, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        raise SystemExit(f"agent did not start: {line}")
+    return proc, endpoint
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024
+
+
+def row(what: str, local: str, shim: str, ratio: float | None, target: str,
+        ok: bool | None) -> str:
+    verdict = "" if ok is None else ("PASS" if ok else "MISS")
+    shown = "" if ratio is None else f"{ratio:.2f}"
+    return f"| {what} | {local} | {shim} | {shown} | {target} | {verdict} |"
+
+
+def table(local: dict, shim: dict, raw: dict, agent_rss: float) -> list[str]:
+    lines = ["| measure | local pycuda / raw pyzmq | through the shim | ratio | target | |",
+             "|---|---|---|---|---|---|"]
+    if local:
+        r = shim["launch_us"] / local["launch_us"]
+        lines.append(row("launch, small kernel (µs each)", f"{local['launch_us']:.2f}",
+                         f"{shim['launch_us']:.2f}", r, "≤ 1.5x local", r <= 1.5))
+    if "launch_us" in shim:
+        r = shim["launch_sync_each_us"] / shim["launch_us"]
+        lines.append(row("async batching vs a round trip per launch (µs each)",
+                         f"{shim['launch_sync_each_us']:.2f} (shim, sync each)",
+                         f"{shim['launch_us']:.2f}", r, "≥ 5x faster", r >= 5))
+    lines.append(row("4-byte synchronous read p50 (µs)",
+                     f"{local['read4_p50_us']:.1f}" if local else "",
+                     f"{shim['read4_p50_us']:.1f}", None, "≤ 100 µs",
+                     shim["read4_p50_us"] <= 100))
+    lines.append(row("4-byte synchronous read p99 (µs)",
+                     f"{local['read4_p99_us']:.1f}" if local else "",
+                     f"{shim['read4_p99_us']:.1f}", None, "reported", None))
+    lines.append(row("raw pyzmq round trip p50 (µs)", f"{raw['rtt_p50_us']:.1f}", "", None,
+                     "context", None))
+    for direction in ("h2d", "d2h"):
+        for mib in (1, 64, 256):
+            key = f"{direction}_{mib}MiB_GBps"
+            r = shim[key] / raw[key]
+            lines.append(row(f"{direction.upper()} {mib} MiB (GB/s) vs raw pyzmq",
+                             f"{raw[key]:.2f} (raw zmq)"
+                             + (f", {local[key]:.2f} (local)" if local else ""),
+                             f"{shim[key]:.2f}", r, "≥ 0.70x raw pyzmq", r >= 0.7))
+    if local:
+        r = shim["compute_s"] / local["compute_s"]
+        lines.append(row("compute-bound loop (s)", f"{local['compute_s']:.3f}",
+                         f"{shim['compute_s']:.3f}", r, "≤ 1.03x local", r <= 1.03))
+    if "million_launches_s" in shim:
+        lines.append(row("1,000,000 launches: wall (s)", "",
+                         f"{shim['million_launches_s']:.1f}", None, "bounded memory", None))
+        lines.append(row("  peak RSS of the client / the agent (MiB)", "",
+                         f"{shim['client_peak_rss_mib']:.0f} / {agent_rss:.0f}", None,
+                         "bounded", None))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="Markdown file to write (default bench/results/...)")
+    parser.add_argument("--emulated", action="store_true",
+                        help="smoke run against an emulated agent (no GPU needed)")
+    args = parser.parse_args()
+    raw = run_json_raw()
+    agent, endpoint = start_agent(args.emulated)
+    try:
+        local = {} if args.emulated else run_json([str(HERE / "workloads.py"), "local"])
+        shim = run_json([str(HERE / "workloads.py"), "shim", endpoint])
+        agent_rss = peak_rss_mib(agent.pid)
+    finally:
+        agent.kill()
+    device = shim["device"]
+    lines = [
+        f"# Forwarding benchmark on {device}",
+        "",
+        f"Run {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}, "
+        f"Python {platform.python_version()}: `python bench/forwarding.py"
+        f"{' --emulated' if args.emulated else ''}`. Local pycuda, the shim (over TCP loopback "
+        "to a local harp-agent) and raw pyzmq were measured in this one run.",
+        "",
+        *table(local, shim, raw, agent_rss),
+        "",
+        "Raw figures (JSON):",
+        "",
+        "```",
+        json.dumps({"local": local, "shim": shim, "raw_zmq": raw}, indent=1),
+        "```",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out = Path(args.out) if args.out else HERE / "results" / f"forwarding-{slug}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+def run_json_raw() -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    proc = subprocess.run([sys.executable, str(HERE / "raw_zmq.py"), out], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"raw_zmq failed:\n{proc.stderr}")
+    return json.loads(Path(out).read_text())
+
+
+if __name__ == "__main__":
+    main()

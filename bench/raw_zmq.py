@@ -1,0 +1,73 @@
+"""Raw pyzmq baseline: bulk frames over TCP loopback, DEALER to ROUTER, zero-copy both ways.
+
+``python bench/raw_zmq.py OUT.json`` starts its own ROUTER process and measures what plain pyzmq
+moves per second for 1, 64 and 256 MiB, in each direction, and a small request/reply round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import time
+
+import numpy as np
+import zmq
+
+MIB = 1 << 20
+
+
+def serve(endpoint: str) -> None:
+    socket = zmq.Context.instance().socket(zmq.ROUTER)
+    socket.bind(endpoint)
+    blobs = {mib: np.ones(mib * MIB, np.uint8) for mib in (1, 64, 256)}
+    while True:
+        ident, command, *_payload = socket.recv_multipart(copy=False)
+        kind = command.bytes
+        if kind == b"stop":
+            socket.send_multipart([ident, b"ok"])
+            return
+        if kind.startswith(b"get"):
+            socket.send_multipart([ident, blobs[int(kind[3:])]], copy=False)
+        else:  # put or ping: acknowledge after the frame arrived
+            socket.send_multipart([ident, b"ok"])
+
+
+def main() -> None:
+    endpoint = "tcp://127.0.0.1:5791"
+    server = multiprocessing.Process(target=serve, args=(endpoint,), daemon=True)
+    server.start()
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.connect(endpoint)
+    time.sleep(0.3)
+    results: dict[str, float] = {}
+    samples = []
+    for _ in range(3000):
+        start = time.perf_counter()
+        socket.send(b"ping")
+        socket.recv()
+        samples.append((time.perf_counter() - start) * 1e6)
+    results["rtt_p50_us"] = float(np.percentile(samples[200:], 50))
+    for mib in (1, 64, 256):
+        data = np.ones(mib * MIB, np.uint8)
+        for name, once in (
+            ("h2d", lambda d=data: (socket.send_multipart([b"put", d], copy=False),
+                                    socket.recv())),
+            ("d2h", lambda m=mib: (socket.send(b"get%d" % m), socket.recv(copy=False))),
+        ):
+            once()
+            times = []
+            for _ in range(5 if mib < 256 else 3):
+                start = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - start)
+            results[f"{name}_{mib}MiB_GBps"] = data.nbytes / min(times) / 1e9
+    socket.send(b"stop")
+    socket.recv()
+    server.join(5)
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The benchmark's workloads, written once against pycuda's API.
+
+``python bench/workloads.py local OUT.json`` runs them with local pycuda;
+``python bench/workloads.py shim OUT.json tcp://HOST:PORT`` runs the same code through HARP's
+shim against that agent. Each prints nothing but writes its figures as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+SOURCE = """
+__global__ void tiny(float *x) { x[threadIdx.x] += 1.0f; }
+__global__ void burn(float *x, int iters)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float v = x[i];
+    for (int k = 0; k < iters; ++k) v = v * 0.9999f + 0.0001f;
+    x[i] = v;
+}
+"""
+MIB = 1 << 20
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "shim":
+        from harp_jupyter.shim import activate
+
+        activate(agent=sys.argv[3])
+    import pycuda.autoinit  # noqa: F401
+    import pycuda.driver as cuda
+    from pycuda.compiler import SourceModule
+
+    device = cuda.Device(0).name()
+    results: dict[str, object] = {"mode": mode, "device": device}
+    kernels = "emulated" not in device.lower()  # the emulated agent runs no CUDA C
+    if kernels:
+        module = SourceModule(SOURCE)
+        tiny, burn = module.get_function("tiny"), module.get_function("burn")
+    x = cuda.mem_alloc(4 * 1024)
+    cuda.memset_d32(x, 0, 1024)
+
+    def launches(n: int, sync_each: bool) -> float:
+        for _ in range(100):
+            tiny(x, block=(32, 1, 1), grid=(1, 1))
+        cuda.Context.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            tiny(x, block=(32, 1, 1), grid=(1, 1))
+            if sync_each:
+                cuda.Context.synchronize()
+        cuda.Context.synchronize()
+        return (time.perf_counter() - start) / n * 1e6
+
+    if kernels:
+        results["launch_us"] = launches(50_000, False)
+        results["launch_sync_each_us"] = launches(5_000, True)
+
+    word = cuda.mem_alloc(4)
+    host = np.empty(1, np.float32)
+    samples = []
+    for _ in range(3000):
+        start = time.perf_counter()
+        cuda.memcpy_dtoh(host, word)
+        samples.append((time.perf_counter() - start) * 1e6)
+    samples = samples[200:]
+    results["read4_p50_us"] = float(np.percentile(samples, 50))
+    results["read4_p99_us"] = float(np.percentile(samples, 99))
+
+    for mib in (1, 64, 256):
+        data = np.ones(mib * MIB, np.uint8)
+        dev = cuda.mem_alloc(data.nbytes)
+        reps = 5 if mib < 256 else 3
+        for name, copy in (("h2d", lambda d=dev, h=data: cuda.memcpy_htod(d, h)),
+                           ("d2h", lambda d=dev, h=data: cuda.memcpy_dtoh(h, d))):
+            copy()
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                copy()
+                times.append(time.perf_counter() - start)
+            results[f"{name}_{mib}MiB_GBps"] = data.nbytes / min(times) / 1e9
+        dev.free()
+
+    if not kernels:
+        with open(out, "w") as f:
+            json.dump(results, f)
+        return
+    n = 1 << 20
+    big = cuda.mem_alloc(4 * n)
+    cuda.memset_d32(big, 0, n)
+    burn(big, np.int32(1000), block=(256, 1, 1), grid=(n // 256, 1))
+    cuda.Context.synchronize()
+    iters = 1000
+    while True:  # size the loop so that it runs at least a second on this GPU
+        start = time.perf_counter()
+        burn(big, np.int32(iters), block=(256, 1, 1), grid=(n // 256, 1))
+        cuda.Context.synchronize()
+        if time.perf_counter() - start > 0.1:
+            break
+        iters *= 4
+    start = time.perf_counter()
+    for _ in range(12):
+        burn(big, np.int32(iters), block=(256, 1, 1), grid=(n // 256, 1))
+    cuda.Context.synchronize()
+    results["compute_s"] = time.perf_counter() - start
+    results["compute_iters"] = iters
+
+    if mode == "shim":
+        start = time.perf_counter()
+        for _ in range(1_000_000):
+            tiny(x, block=(32, 1, 1), grid=(1, 1))
+        cuda.Context.synchronize()
+        results["million_launches_s"] = time.perf_counter() - start
+        results["client_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

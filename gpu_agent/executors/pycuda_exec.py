@@ -262,7 +262,7 @@ class PycudaSession(ExecutorSession):
         self.kernels[kernel] = ReductionKernel(
             np.dtype(dtype_out), neutral, reduce_expr, map_expr or None, arguments,
             name=options.get("name", "reduce_kernel"), options=options.get("options"),
-            preamble=options.get("preamble", ""), allocator=self._x.pool.allocate)
+            preamble=options.get("preamble", ""))
 
     def op_reduction_call(self, kernel: int, out: list[Any], operands: list[Any],
                           stream: int | None) -> None:

@@ -130,11 +130,11 @@ class BatchWriter:
             return None
 
     def _buffer_argument(self, value: Any) -> Any:
-        if isinstance(value, protocol.FrameRef | bytes):
+        if isinstance(value, protocol.FrameRef):
             return value
         view = byte_view(value)
         if view.nbytes < protocol.MAX_INLINE_BYTES:
-            return view.tobytes()
+            return value if isinstance(value, bytes) else view.tobytes()
         self._frames.append(view)
         self._frame_bytes += view.nbytes
         return protocol.FrameRef(len(self._frames))

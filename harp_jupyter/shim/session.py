@@ -51,6 +51,10 @@ from harp_jupyter.shim.transport import AgentConnection
 #: the agent copies chunk i while chunk i+1 is on the wire
 TRANSFER_CHUNK_BYTES = 16 << 20
 
+#: a synchronous host->device copy up to this size is snapshotted by a copy and returns at once;
+#: a larger one goes zero-copy and returns when its data is on the wire
+SNAPSHOT_COPY_BYTES = 4 << 20
+
 
 def configured_endpoint() -> str:
     """The agent endpoint: ``activate(agent=...)``, else HARP_AGENT."""
@@ -373,7 +377,8 @@ class RemoteSession:
         if self._deferred:
             self._send_deferred()
         site = user_call_site(2)
-        if nbytes < protocol.MAX_INLINE_BYTES:
+        if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
+            # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer
             writer.add("htod", [int(dst), view.tobytes(), stream], site)
             return
         trackers = []

@@ -138,7 +138,7 @@ def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict
         store(out, gpuarray.take(ops[0], ops[1], stream=stream), stream)
     elif function == "axpbyz":
         a, b = ops
-        store(out, a._axpbyz(kwargs.get("a", 1), b, kwargs.get("b", 1), stream=stream), stream)
+        store(out, a.mul_add(kwargs.get("a", 1), b, kwargs.get("b", 1), stream=stream), stream)
     elif function in ("frexp", "modf"):
         first, second = getattr(cumath, function)(ops[0], stream=stream)
         store(out, first, stream)

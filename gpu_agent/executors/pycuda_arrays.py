@@ -37,8 +37,60 @@ class ArrayFunctionError(ValueError):
     pass
 
 
+_COPY_SOURCE = """
+typedef %(elem)s elem_t;
+struct harp_layout { long long nd; long long shape[8]; long long dst[8]; long long src[8]; };
+extern "C" __global__ void harp_strided_copy(char *dst, const char *src, long long n,
+                                             struct harp_layout m)
+{
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        long long rest = i, d = 0, s = 0;
+        for (int k = (int)m.nd - 1; k >= 0; --k) {
+            long long index = rest %% m.shape[k];
+            rest /= m.shape[k];
+            d += index * m.dst[k];
+            s += index * m.src[k];
+        }
+        *(elem_t *)(dst + d) = *(const elem_t *)(src + s);
+    }
+}
+"""
+_ELEMENT_TYPES = {1: "unsigned char", 2: "unsigned short", 4: "unsigned int",
+                  8: "unsigned long long", 16: "struct { unsigned long long a, b; }"}
+_copy_kernels: dict[int, Any] = {}
+MAX_DIMS = 8
+
+
+def strided_copy(dst: GPUArray, src: GPUArray, stream: Any) -> None:
+    """dst[...] = src for any strides (same shape and dtype), in one kernel."""
+    from pycuda.compiler import SourceModule
+
+    if dst.ndim > MAX_DIMS:
+        raise ArrayFunctionError(f"strided copies support up to {MAX_DIMS} dimensions")
+    itemsize = dst.dtype.itemsize
+    kernel = _copy_kernels.get(itemsize)
+    if kernel is None:
+        module = SourceModule(_COPY_SOURCE % {"elem": _ELEMENT_TYPES[itemsize]},
+                              no_extern_c=True)
+        kernel = _copy_kernels[itemsize] = module.get_function("harp_strided_copy")
+    layout = np.zeros(1 + 3 * MAX_DIMS, np.int64)
+    layout[0] = dst.ndim
+    layout[1:1 + dst.ndim] = dst.shape
+    layout[1 + MAX_DIMS:1 + MAX_DIMS + dst.ndim] = dst.strides
+    layout[1 + 2 * MAX_DIMS:1 + 2 * MAX_DIMS + dst.ndim] = src.strides
+    blob = np.frombuffer(layout.tobytes(), np.dtype((np.void, layout.nbytes)))[0]
+    blocks = int(min(max((dst.size + 255) // 256, 1), 65535))
+    kernel(np.uintp(int(dst.gpudata)), np.uintp(int(src.gpudata)), np.int64(dst.size), blob,
+           block=(256, 1, 1), grid=(blocks, 1), stream=stream)
+
+
 def _contiguous(a: Any) -> Any:
-    return a if not isinstance(a, GPUArray) or a.flags.forc else a.copy()
+    if not isinstance(a, GPUArray) or a.flags.c_contiguous:
+        return a
+    result = gpuarray.empty(a.shape, a.dtype, allocator=a.allocator)
+    strided_copy(result, a, None)
+    return result
 
 
 def _as_array(value: Any, like: GPUArray) -> GPUArray:
@@ -77,11 +129,12 @@ def store(out: GPUArray, value: Any, stream: Any) -> None:
             out.fill(host.reshape(()).item(), stream=stream)
             return
         raise ArrayFunctionError(f"result of shape {value.shape} does not fit out {out.shape}")
-    value = _contiguous(value)
+    if value.shape != out.shape:
+        value = _contiguous(value).reshape(out.shape)
     if out.flags.c_contiguous and value.flags.c_contiguous:
         cuda.memcpy_dtod_async(out.gpudata, value.gpudata, out.nbytes, stream)
     else:
-        out[...] = value.reshape(out.shape)
+        strided_copy(out, value, stream)
 
 
 def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict[str, Any],

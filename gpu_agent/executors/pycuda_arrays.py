@@ -102,6 +102,16 @@ def _as_array(value: Any, like: GPUArray) -> GPUArray:
 
 
 _arange_kernels: dict[np.dtype, ElementwiseKernel] = {}
+_gather_kernels: dict[tuple[np.dtype, np.dtype], ElementwiseKernel] = {}
+
+
+def _gather_kernel(dtype: np.dtype, index_dtype: np.dtype) -> ElementwiseKernel:
+    kernel = _gather_kernels.get((dtype, index_dtype))
+    if kernel is None:
+        ctype, itype = dtype_to_ctype(dtype), dtype_to_ctype(index_dtype)
+        kernel = _gather_kernels[dtype, index_dtype] = ElementwiseKernel(
+            f"{ctype} *out, {ctype} *a, {itype} *index", "out[i] = a[index[i]]", "harp_take")
+    return kernel
 
 
 def _arange(out: GPUArray, start: Any, step: Any, stream: Any) -> None:
@@ -188,7 +198,14 @@ def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict
         crit, a, b = (_as_array(x, like) for x in ops)
         store(out, gpuarray.if_positive(crit != 0, a, b, stream=stream), stream)
     elif function == "take":
-        store(out, gpuarray.take(ops[0], ops[1], stream=stream), stream)
+        # pycuda's take() binds a texture; CUDA 13 removed texture references
+        source, indices = ops
+        target = out if out.flags.c_contiguous else gpuarray.empty(out.shape, out.dtype,
+                                                                  allocator=source.allocator)
+        source = source if source.dtype == out.dtype else source.astype(out.dtype)
+        _gather_kernel(out.dtype, indices.dtype)(target, source, indices, stream=stream)
+        if target is not out:
+            store(out, target, stream)
     elif function == "axpbyz":
         a, b = ops
         store(out, a.mul_add(kwargs.get("a", 1), b, kwargs.get("b", 1), stream=stream), stream)

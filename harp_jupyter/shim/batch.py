@@ -193,14 +193,21 @@ class BatchWriter:
     def reap(self) -> None:
         """Process the replies that have already arrived, without waiting."""
         with self.lock:
-            while self._inflight and self.connection.has_message():
-                self._receive_one_locked()
+            self._reap_locked()
 
-    def _receive_one_locked(self) -> None:
+    def _reap_locked(self) -> None:
+        while self._inflight and self.connection.has_message():
+            if not self._receive_one_locked(wait=False):
+                break  # it was not a reply (a status answer): nothing to wait for
+
+    def _receive_one_locked(self, wait: bool = True) -> bool:
+        """Receive and handle one message; False if ``wait`` is off and none was there."""
         if self._fatal is not None:
             raise self._fatal
         try:
-            header, frames = self.connection.recv()
+            header, frames = self.connection.recv(None if wait else 0)
+        except TimeoutError:
+            return False
         except GPULostError as e:
             self._fatal = e
             raise
@@ -224,6 +231,7 @@ class BatchWriter:
                                 f" session's messages: {self._fatal.args[0]}",)
             raise self._fatal
         # anything else (a late welcome, an unknown type) is ignored
+        return True
 
     def _deliver(self, pending: PendingBatch, header: dict[str, Any],
                  frames: list[zmq.Frame]) -> None:
@@ -281,8 +289,7 @@ class BatchWriter:
                 if self._fatal is not None or not self._calls:
                     continue
                 try:
-                    while self._inflight and self.connection.has_message():
-                        self._receive_one_locked()
+                    self._reap_locked()
                     if len(self._inflight) < self.max_inflight:
                         self._flush_locked(False)
                     else:

@@ -1,6 +1,7 @@
 """Activate the shim when a Python process starts with HARP_SHIM=1 (the agent from HARP_AGENT).
 
-Hooked at interpreter start-up by a ``.pth`` file installed with the wheel, whose one line is::
+Hooked at interpreter start-up by ``harp_shim.pth`` (next to this file; the wheel installs it at
+the top of site-packages), whose one line is::
 
     import os; os.environ.get("HARP_SHIM") == "1" and __import__("harp_jupyter.shim.autoactivate")
 

@@ -38,7 +38,11 @@ def test_gpuarray_program_same_as_local_pycuda(gpu_agent: Any, tmp_path: Path) -
     expected = shared.load_expected()
     shared.check_against_numpy(np.load(forwarded), expected)
     forwarded_results, local_results = np.load(forwarded), np.load(local)
-    for name in expected:
+    local_failures = shared.errors_of(local_results)
+    # what local pycuda 2026.1 cannot do (strided operands, take() on CUDA 13) is listed, and
+    # must be few; everything it can do must agree
+    assert set(local_failures) <= {"strided", "take", "transpose", "col"}, local_failures
+    for name in set(expected) - set(local_failures):
         np.testing.assert_allclose(forwarded_results[name], local_results[name], rtol=1e-6,
                                    atol=1e-7, err_msg=name)
 

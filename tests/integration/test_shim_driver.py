@@ -265,8 +265,8 @@ def test_a_real_pycuda_is_shadowed_while_active_and_restored_after(tmp_path: Pat
 
 
 def test_harp_shim_env_activates_any_python_process(tmp_path: Path, emulated_agent: Any) -> None:
-    pth_line = ('import os; os.environ.get("HARP_SHIM") == "1" and'
-                ' __import__("harp_jupyter.shim.autoactivate")')
+    pth_line = (REPO / "harp_jupyter" / "shim" / "harp_shim.pth").read_text().strip()
+    assert pth_line.startswith("import ")  # site.py executes such .pth lines at start-up
     program = (f"{pth_line}\n"
                "import pycuda.autoinit, pycuda.driver as cuda\n"
                "print(cuda.__name__, cuda.mem_get_info()[1] > 0)\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -31,8 +32,13 @@ def harp_run(agent: str, script: Path, *args: str) -> subprocess.CompletedProces
                           timeout=120)
 
 
+def errors_of(results: Any) -> dict[str, str]:
+    return json.loads(str(results["_errors"]))
+
+
 def check_against_numpy(results: Any, expected: dict[str, np.ndarray]) -> None:
-    assert set(results.files) == set(expected)
+    assert errors_of(results) == {}
+    assert set(results.files) - {"_errors"} == set(expected)
     for name, want in expected.items():
         got = results[name]
         assert got.shape == np.shape(want), name

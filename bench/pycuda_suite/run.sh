@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the project root: pycuda's own tests natively and through the shim.
+# Needs pycuda 2026.1's test/test_{driver,gpuarray,cumath}.py in .device/pycuda-tests/ (from its
+# sdist or its v2026.1 tag; never committed here). Writes junit XML and the comparison to $1.
+set -uo pipefail
+out=${1:-bench/results}
+mkdir -p "$out"
+tests=.device/pycuda-tests
+export PYTHONPATH=$PWD
+gpu=$(python3 -c "import pycuda.driver as d; d.init(); print(d.Device(0).name())")
+timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$out/native.xml" "$tests" \
+  >"$out/native.log" 2>&1
+tail -3 "$out/native.log"
+agents=()
+pids=()
+for i in $(seq 0 7); do
+  port=$((5800 + i))
+  python3 -m gpu_agent.cli --listen "tcp://127.0.0.1:$port" --executor pycuda \
+    --log-level WARNING >"$out/agent-$i.log" 2>&1 &
+  pids+=($!)
+  agents+=("tcp://127.0.0.1:$port")
+done
+sleep 4
+HARP_AGENTS=$(IFS=,; echo "${agents[*]}") timeout 280 python3 -m pytest -q -n 8 \
+  -p no:cacheprovider -p harp_jupyter.shim.pytest_plugin --junitxml="$out/shim.xml" "$tests" \
+  >"$out/shim.log" 2>&1
+tail -3 "$out/shim.log"
+kill "${pids[@]}" 2>/dev/null
+python3 bench/pycuda_suite/compare.py "$out/native.xml" "$out/shim.xml" \
+  "$out/pycuda-suite.md" "$gpu"

@@ -1,0 +1,19 @@
+"""pycuda.characterize, forwarded: facts about the agent's GPU."""
+
+from __future__ import annotations
+
+import struct
+
+from harp_jupyter.shim.pycuda import driver as cuda
+
+
+def platform_bits() -> int:
+    return struct.calcsize("P") * 8
+
+
+def has_stack() -> bool:
+    return cuda.Context.get_device().compute_capability() >= (2, 0)
+
+
+def has_double_support() -> bool:
+    return cuda.Context.get_device().compute_capability() >= (1, 3)

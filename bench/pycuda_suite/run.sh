@@ -16,7 +16,7 @@ pids=()
 for i in $(seq 0 7); do
   port=$((5800 + i))
   python3 -m gpu_agent.cli --listen "tcp://127.0.0.1:$port" --executor pycuda \
-    --log-level WARNING >"$out/agent-$i.log" 2>&1 &
+    --log-level WARNING >"/tmp/harp-agent-$i.log" 2>&1 &
   pids+=($!)
   agents+=("tcp://127.0.0.1:$port")
 done

@@ -62,4 +62,4 @@ def frexp(arg: GPUArray, stream: Any = None) -> tuple[GPUArray, GPUArray]:
 def modf(arg: GPUArray, stream: Any = None) -> tuple[GPUArray, GPUArray]:
     fractional, integral = arg._new_like_me(), arg._new_like_me()
     _run("modf", fractional, [arg], stream, out2=integral.descriptor)
-    return integral, fractional
+    return fractional, integral  # pycuda order (numpy returns the same order)

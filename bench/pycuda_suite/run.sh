@@ -8,7 +8,8 @@ mkdir -p "$out"
 tests=.device/pycuda-tests
 export PYTHONPATH=$PWD
 gpu=$(python3 -c "import pycuda.driver as d; d.init(); print(d.Device(0).name())")
-timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider --junitxml="$out/native.xml" "$tests" \
+timeout 280 python3 -m pytest -q -n 8 -p no:cacheprovider --timeout 60 \
+  --junitxml="$out/native.xml" "$tests" \
   >"$out/native.log" 2>&1
 tail -3 "$out/native.log"
 agents=()

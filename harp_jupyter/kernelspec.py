@@ -35,7 +35,7 @@ def install(agent: str | None, *, user: bool = False, prefix: str | None = None)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kernel.json").write_text(json.dumps(kernel_json(agent), indent=2))
         return KernelSpecManager().install_kernel_spec(
-            tmp, KERNEL_NAME, user=user, prefix=prefix, replace=True)
+            tmp, KERNEL_NAME, user=user, prefix=prefix)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,3 +92,19 @@ def gpu_agent() -> Iterator[AgentProcess]:
         yield agent
     finally:
         agent.kill()
+
+
+@pytest.fixture
+def agent_starter() -> Iterator[Callable[..., AgentProcess]]:
+    """``start(*cli_args)`` starts an emulated agent with extra options; all killed after."""
+    started: list[AgentProcess] = []
+
+    def start(*extra: str) -> AgentProcess:
+        started.append(start_agent(*extra))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.kill()

@@ -132,14 +132,11 @@ def test_out_of_memory_is_a_memory_error(clients: tuple[RawClient, RawClient]) -
     good_client_still_served(good)
 
 
-def test_wrong_token_is_refused(tmp_path: Any) -> None:
-    from conftest import start_agent
-
-    agent = start_agent("--token", "s3cret")
+def test_wrong_token_is_refused(agent_starter: Any) -> None:
+    agent = agent_starter("--token", "s3cret")
+    client = RawClient(agent.endpoint)
     try:
-        client = RawClient(agent.endpoint)
         assert client.hello(token="wrong")["e"]["kind"] == "AuthError"
         assert client.hello(token="s3cret")["t"] == P.WELCOME
-        client.close()
     finally:
-        agent.kill()
+        client.close()

@@ -15,10 +15,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+from harp_jupyter import shim
+from harp_jupyter.shim.session import reset_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +113,31 @@ def agent_starter() -> Iterator[Callable[..., AgentProcess]]:
     finally:
         for agent in started:
             agent.kill()
+
+
+@contextmanager
+def shim_driver(endpoint: str) -> Iterator[ModuleType]:
+    """``pycuda.driver`` as user code sees it through the shim, on a fresh session with a
+    context; the shim is deactivated afterwards."""
+    import importlib
+
+    reset_session()
+    shim.activate(agent=endpoint)
+    try:
+        importlib.import_module("pycuda.autoinit")
+        yield importlib.import_module("pycuda.driver")
+    finally:
+        reset_session()
+        shim.deactivate()
+
+
+@pytest.fixture
+def shim_cuda(emulated_agent: AgentProcess) -> Iterator[ModuleType]:
+    with shim_driver(emulated_agent.endpoint) as cuda:
+        yield cuda
+
+
+@pytest.fixture
+def gpu_shim_cuda(gpu_agent: AgentProcess) -> Iterator[ModuleType]:
+    with shim_driver(gpu_agent.endpoint) as cuda:
+        yield cuda

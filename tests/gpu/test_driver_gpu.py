@@ -6,17 +6,14 @@ with local pycuda in a subprocess and compares bit for bit.
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-from harp_jupyter import shim
 from harp_jupyter.shim.session import reset_session
 
 SAXPY = """
@@ -35,16 +32,8 @@ __global__ void crash(float *p) { p[threadIdx.x + (1ull << 40)] = 1.0f; }
 
 
 @pytest.fixture
-def cuda(gpu_agent: Any) -> Iterator[ModuleType]:
-    reset_session()
-    shim.activate(agent=gpu_agent.endpoint)
-    try:
-        importlib.import_module("pycuda.autoinit")
-        yield importlib.import_module("pycuda.driver")
-    finally:
-        reset_session()
-        shim.deactivate()
-
+def cuda(gpu_shim_cuda: ModuleType) -> ModuleType:
+    return gpu_shim_cuda
 
 def test_device_is_the_real_gpu(cuda: ModuleType) -> None:
     dev = cuda.Device(0)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,8 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from harp_jupyter import shim
-from harp_jupyter.shim.session import get_session, reset_session
+from harp_jupyter.shim.session import get_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,17 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def cuda(emulated_agent: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.setenv("HARP_AGENT_TIMEOUT", "2")
-    reset_session()
-    shim.activate(agent=emulated_agent.endpoint)
-    try:
-        importlib.import_module("pycuda.autoinit")
-        yield importlib.import_module("pycuda.driver")
-    finally:
-        reset_session()
-        shim.deactivate()
-
+def cuda(monkeypatch: pytest.MonkeyPatch, shim_cuda: ModuleType) -> ModuleType:
+    monkeypatch.setenv("HARP_AGENT_TIMEOUT", "2")  # read when the session connects, later
+    return shim_cuda
 
 def test_killed_agent_raises_gpu_lost_at_the_next_sync_point(
         cuda: ModuleType, emulated_agent: Any) -> None:

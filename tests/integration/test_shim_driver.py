@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,8 +14,7 @@ import psutil
 import pytest
 
 from gpu_agent import protocol
-from harp_jupyter import shim
-from harp_jupyter.shim.session import RemoteSession, get_session, reset_session
+from harp_jupyter.shim.session import RemoteSession, get_session
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,17 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def cuda(emulated_agent: Any) -> Iterator[ModuleType]:
+def cuda(shim_cuda: ModuleType) -> ModuleType:
     """``pycuda.driver`` as user code sees it, with a context, on a fresh session."""
-    reset_session()
-    shim.activate(agent=emulated_agent.endpoint)
-    try:
-        importlib.import_module("pycuda.autoinit")
-        yield importlib.import_module("pycuda.driver")
-    finally:
-        reset_session()
-        shim.deactivate()
-
+    return shim_cuda
 
 def line_of_next_statement() -> int:
     return sys._getframe(1).f_lineno + 1

@@ -31,6 +31,10 @@ class MappedRanges:
     def __len__(self) -> int:
         return len(self._starts)
 
+    def starts_at(self, addr: int) -> bool:
+        """Whether an allocation starts exactly at ``addr``."""
+        return addr in self._sizes
+
     def ranges(self) -> list[tuple[int, int]]:
         return [(start, self._sizes[start]) for start in self._starts]
 

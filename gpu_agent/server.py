@@ -255,7 +255,7 @@ class AgentServer:
         if name == "alloc":
             ranges.check_new(args[0], args[1])
         elif name == "free":
-            if args[0] not in dict(ranges.ranges()):
+            if not ranges.starts_at(args[0]):
                 ranges.remove(args[0])  # raises the clear error
         elif name == "htod":
             ranges.check(args[0], args[0] + len(args[1]))

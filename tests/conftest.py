@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -71,32 +72,33 @@ def start_agent(*extra: str, executor: str = "emulated", timeout: float = 20) ->
     raise RuntimeError("harp-agent did not start:\n" + "".join(agent.output))
 
 
-@pytest.fixture
-def emulated_agent() -> Iterator[AgentProcess]:
-    agent = start_agent()
+@contextmanager
+def running_agent(*extra: str, **options: Any) -> Iterator[AgentProcess]:
+    """A started agent, killed when the block ends, whatever happened in it."""
+    agent = start_agent(*extra, **options)
     try:
         yield agent
     finally:
         agent.kill()
+
+
+@pytest.fixture
+def emulated_agent() -> Iterator[AgentProcess]:
+    with running_agent() as agent:
+        yield agent
 
 
 @pytest.fixture(scope="module")
 def module_emulated_agent() -> Iterator[AgentProcess]:
-    agent = start_agent()
-    try:
+    with running_agent() as agent:
         yield agent
-    finally:
-        agent.kill()
 
 
 @pytest.fixture(scope="module")
 def gpu_agent() -> Iterator[AgentProcess]:
     """A real ``harp-agent --executor pycuda`` on GPU 0 (tests/gpu only)."""
-    agent = start_agent(executor="pycuda", timeout=120)
-    try:
+    with running_agent(executor="pycuda", timeout=120) as agent:
         yield agent
-    finally:
-        agent.kill()
 
 
 @pytest.fixture

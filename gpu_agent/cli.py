@@ -9,6 +9,7 @@ import re
 import sys
 
 from gpu_agent.executors import gpu_available, make_executor
+from gpu_agent.parking import ParkStore
 from gpu_agent.server import AgentServer
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -20,6 +21,13 @@ def parse_bytes(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GiB or 512MiB)")
     return int(float(match[1]) * _UNITS[match[2].lower()])
+
+
+def _half_of_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 8 << 30
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shared secret clients must present (HARP_TOKEN on their side)")
     parser.add_argument("--emulated-memory", type=parse_bytes, default=16 << 30,
                         help="device memory the emulated executor pretends to have (16GiB)")
+    parser.add_argument("--lease-ttl", type=float, default=30.0, metavar="SECONDS",
+                        help="a lease not renewed for this long expires; also the most a "
+                             "lease request may ask for (30)")
+    parser.add_argument("--park-memory", type=parse_bytes, default=None, metavar="BYTES",
+                        help="host memory for parked sessions' device memory before spilling to "
+                             "--park-dir (default: half of this machine's memory)")
+    parser.add_argument("--park-dir", default=None, metavar="DIR",
+                        help="where parked state spills past --park-memory (a temporary dir)")
+    parser.add_argument("--park-limit", type=parse_bytes, default=None, metavar="BYTES",
+                        help="all parked state, memory and disk; past it the oldest parked state "
+                             "is dropped and its kernel told so (default: 4x --park-memory)")
+    parser.add_argument("--park-ttl", type=float, default=86400.0, metavar="SECONDS",
+                        help="parked state older than this is dropped (86400)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
     return parser
 
@@ -53,7 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         executor = make_executor(executor_name, args.device,
                                  emulated_memory=args.emulated_memory)
-        server = AgentServer(executor, args.listen, token=args.token)
+        park_memory = args.park_memory if args.park_memory is not None else _half_of_memory()
+        parking = ParkStore(memory_cap=park_memory,
+                            limit=args.park_limit if args.park_limit is not None
+                            else 4 * park_memory,
+                            ttl=args.park_ttl, spill_dir=args.park_dir)
+        server = AgentServer(executor, args.listen, token=args.token, lease_ttl=args.lease_ttl,
+                             parking=parking)
     except Exception as e:
         print(f"harp-agent: cannot start: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

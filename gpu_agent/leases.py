@@ -37,6 +37,7 @@ class Lease:
     state: LeaseState
     requested_at: float
     renewed_at: float
+    ttl: float = 30.0
     granted_at: float | None = None
     ended_at: float | None = None
     info: dict = field(default_factory=dict)
@@ -93,8 +94,10 @@ class LeaseTable:
 
     # {{{ changes; each returns the leases whose state changed, in order
 
-    def request(self, kernel_id: str, user: str = "", info: dict | None = None) -> list[Lease]:
-        """A new lease: held at once if the GPU is free, queued otherwise (first of the result)."""
+    def request(self, kernel_id: str, user: str = "", info: dict | None = None,
+                ttl: float | None = None) -> list[Lease]:
+        """A new lease: held at once if the GPU is free, queued otherwise (first of the result).
+        ``ttl`` may shorten the table's ttl for this lease, never lengthen it."""
         now = self._clock()
         lease = Lease(
             lease_id=secrets.token_hex(8),
@@ -105,6 +108,7 @@ class LeaseTable:
             requested_at=now,
             renewed_at=now,
             info=dict(info or {}),
+            ttl=self.ttl if ttl is None or ttl <= 0 else min(ttl, self.ttl),
         )
         self._leases[lease.lease_id] = lease
         self._queue.append(lease.lease_id)
@@ -134,7 +138,7 @@ class LeaseTable:
         changed: list[Lease] = []
         for lease_id in [*self._queue, *([self._holder] if self._holder else [])]:
             lease = self._leases[lease_id]
-            if lease.active and now - lease.renewed_at > self.ttl:
+            if lease.active and now - lease.renewed_at > lease.ttl:
                 changed += self._end(lease_id, LeaseState.EXPIRED, now)
         return changed
 

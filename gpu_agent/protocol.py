@@ -14,15 +14,27 @@ zero-copy. Pickle is never used. Small buffers may be inlined as msgpack ``bin``
 Message types
 -------------
 client -> agent
-    ``hello``   {t, v, token, client: {pid, host, user, kernel_id, ...}, range?: [base, size]}
+    ``hello``   {t, v, token, lease: [lease_id, lease_token], client: {pid, host, user, ...},
+                 resume?: {session, resume_token, from?}}     needs a held lease (below)
     ``batch``   {t, q: seq, c: [call, ...]}    each call is ``[op, *args]`` (see ``OPS``)
     ``status``  {t}                             may be sent without a session
+    ``park``    {t, rid}                        parks this connection's session (after its batches)
     ``bye``     {t}                             ends the session, frees everything it holds
 agent -> client
-    ``welcome`` {t, v, session, range: [base, size], device: {...}, executor, agent: {...}}
+    ``welcome`` {t, v, session, resume_token, resumed, range: [base, size], device: {...},
+                 executor, agent: {...}}
+    ``parked``  {t, rid, session, bytes}
     ``reply``   {t, q: seq, r: [[call_index, value], ...], e: error | None}
     ``status``  {t, ...}
     ``error``   {t, e: error}                   for a message that is not a batch (or not valid)
+
+Leases (docs/leases-design.md): ``lease_request`` {rid, kernel_id, kernel_secret, user,
+ttl?, info?}, ``lease_renew`` {rid, lease_id, token} and ``lease_release`` {rid, lease_id, token}
+are answered by ``lease`` {rid, lease: LeaseInfo}; a ``lease`` without ``rid`` is pushed to the
+holder's connection when its lease changes. ``drop_parked`` {rid, kernel_id, kernel_secret} and
+``parked_forget`` {rid, session, resume_token} are answered by ``dropped`` {rid, sessions, bytes};
+``parked_fetch`` {rid, session, resume_token} (agent to agent) by ``parked_state`` {rid,
+manifest} plus one frame per chunk. Errors of requests with a ``rid`` echo it.
 
 Every batch gets exactly one ``reply``, in order, after the agent has executed it: that is both the
 result channel and the flow-control acknowledgement (the client keeps at most a bounded number of
@@ -86,6 +98,17 @@ REPLY = "reply"
 STATUS = "status"
 BYE = "bye"
 ERROR = "error"
+PARK = "park"
+PARKED = "parked"
+LEASE_REQUEST = "lease_request"
+LEASE_RENEW = "lease_renew"
+LEASE_RELEASE = "lease_release"
+LEASE = "lease"
+DROP_PARKED = "drop_parked"
+DROPPED = "dropped"
+PARKED_FETCH = "parked_fetch"
+PARKED_STATE = "parked_state"
+PARKED_FORGET = "parked_forget"
 
 #: Error kinds. The first six are pycuda.driver's exception names; the rest are ours.
 ERROR_KINDS = (
@@ -102,6 +125,8 @@ ERROR_KINDS = (
     "HandleError",  # unknown or freed handle, address outside the session's memory
     "ContextLost",  # the GPU context was reset (illegal address in some session)
     "SessionError",  # no session, or session closed
+    "LeaseError",  # no held lease, wrong lease token, or the lease ended (calls did not run)
+    "StateLost",  # parked GPU state that was dropped (TTL, capacity) or cannot be found
 )
 
 

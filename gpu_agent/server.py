@@ -1,9 +1,11 @@
-"""The agent's server: one ZeroMQ ROUTER, many client sessions, one executor.
+"""The agent's server: one ZeroMQ ROUTER, many clients, one executor.
 
-It receives messages, validates them against ``gpu_agent.protocol``, checks every address a call
-names against what the session mapped, runs the calls on the executor and answers every batch with
-exactly one reply. Nothing a client sends can stop it from serving the others: a bad message gets
-an ``error`` reply and the loop goes on.
+It receives messages, validates them against ``gpu_agent.protocol``, and routes them: lease
+requests and session lifecycle go to ``Tenancy`` (the authority over this GPU), batches run on the
+executor after every address they name is checked against what the session mapped. Every batch
+gets exactly one reply; lease changes are pushed to the holders' connections. Nothing a client
+sends can stop it from serving the others: a bad message gets an ``error`` reply and the loop goes
+on.
 """
 
 from __future__ import annotations
@@ -13,20 +15,25 @@ import os
 import secrets
 import signal
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import zmq
 
 from gpu_agent import protocol as P
 from gpu_agent.executors.base import ContextLost, Executor, ExecutorError
+from gpu_agent.leases import Lease
 from gpu_agent.memory_map import AddressError
-from gpu_agent.sessions import ClientSession
+from gpu_agent.migration import MigrationError, fetch_parked, forget_parked
+from gpu_agent.parking import ParkStore
+from gpu_agent.sessions import ACTIVE, ClientSession
+from gpu_agent.tenancy import Tenancy, TenancyError
 
 log = logging.getLogger("harp.agent")
 
-AGENT_VERSION = "0.1.0"
-MAX_SESSIONS = 256
+AGENT_VERSION = "0.2.0"
+TICK_S = 0.25
 
 
 class _CallError(Exception):
@@ -44,8 +51,11 @@ def _extent(desc: list[Any]) -> tuple[int, int]:
 
 
 class AgentServer:
+    _handlers: ClassVar[dict[str, Callable[..., None]]]
+
     def __init__(self, executor: Executor, endpoint: str, *, token: str | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, lease_ttl: float = 30.0,
+                 parking: ParkStore | None = None) -> None:
         self.executor = executor
         self.token = token
         self.context = context or zmq.Context.instance()
@@ -56,11 +66,22 @@ class AgentServer:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.sessions: dict[bytes, ClientSession] = {}
+        self.tenancy = Tenancy(
+            executor, self.endpoint, lease_ttl=lease_ttl,
+            parking=parking or ParkStore(memory_cap=8 << 30, limit=64 << 30, ttl=86400.0))
+        #: routing id -> id of the session that connection drives
+        self.routes: dict[bytes, str] = {}
+        #: lease id -> the connection that hears about that lease's changes
+        self.lease_routes: dict[str, bytes] = {}
         self.started = time.time()
         self._running = False
+        self._next_tick = 0.0
         #: set when the agent must be replaced by a new process (see Executor.restart_required)
         self.restart = False
+
+    @property
+    def sessions(self) -> dict[str, ClientSession]:
+        return self.tenancy.sessions
 
     # {{{ loop
 
@@ -72,24 +93,30 @@ class AgentServer:
         poller.register(self.socket, zmq.POLLIN)
         try:
             while self._running:
-                if not poller.poll(200):
-                    continue
-                while self._running:
-                    try:
-                        parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self.handle(parts)
+                if poller.poll(int(TICK_S * 1000)):
+                    while self._running:
+                        try:
+                            parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(parts)
+                        self._maybe_tick()
+                self._maybe_tick()
         finally:
             self.close()
+
+    def _maybe_tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_S
+            self._tell(self.tenancy.tick())
 
     def stop(self) -> None:
         self._running = False
 
     def close(self) -> None:
         if not self.executor.restart_required:
-            for session in list(self.sessions.values()):
-                self._end_session(session)
+            self.tenancy.close()
         self.sessions.clear()
         self.socket.close(0)
         self.executor.close()
@@ -105,85 +132,167 @@ class AgentServer:
             self._send(routing_id, {"t": P.ERROR, "e": P.error("ProtocolError", str(e))})
             return
         kind = header["t"]
+        rid = header.get("rid")
         try:
-            if kind == P.BATCH:
-                self._on_batch(routing_id, header, frames)
-            elif kind == P.HELLO:
-                self._on_hello(routing_id, header)
-            elif kind == P.STATUS:
-                self._send(routing_id, self.status())
-            elif kind == P.BYE:
-                session = self.sessions.get(routing_id)
-                if session:
-                    self._end_session(session)
-                self._send(routing_id, {"t": P.BYE})
-            else:
+            handler = self._handlers.get(kind)
+            if handler is None:
                 raise _CallError("ProtocolError", f"unknown message type {kind!r}")
-        except _CallError as e:
-            self._send(routing_id, {"t": P.ERROR, "e": P.error(e.kind, str(e), code=e.code)})
+            handler(self, routing_id, header, frames)
+        except (_CallError, TenancyError, MigrationError) as e:
+            reply: dict[str, Any] = {"t": P.ERROR, "e": P.error(e.kind, str(e),
+                                                                 code=getattr(e, "code", None))}
+            if rid is not None:
+                reply["rid"] = rid
+            self._send(routing_id, reply)
 
-    # {{{ hello
+    def _check_token(self, header: dict) -> None:
+        if self.token is not None:
+            given = header.get("token")
+            if not isinstance(given, str) or not secrets.compare_digest(given, self.token):
+                raise _CallError("AuthError", "wrong or missing token for this agent (HARP_TOKEN)")
 
-    def _on_hello(self, routing_id: bytes, header: dict) -> None:
+    # {{{ leases
+
+    def _on_lease_request(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        self._check_token(header)
+        lease, changed = self.tenancy.request(header)
+        self.lease_routes[lease.lease_id] = routing_id
+        self._send(routing_id, {"t": P.LEASE, "rid": header.get("rid"),
+                                "lease": self.tenancy.lease_info(lease, with_token=True)})
+        self._tell(self.tenancy.settle(changed))
+
+    def _on_lease_renew(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        lease = self.tenancy.renew(header)
+        self.lease_routes[lease.lease_id] = routing_id
+        self._send(routing_id, {"t": P.LEASE, "rid": header.get("rid"),
+                                "lease": self.tenancy.lease_info(lease)})
+
+    def _on_lease_release(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        lease, told = self.tenancy.release(header)
+        self._send(routing_id, {"t": P.LEASE, "rid": header.get("rid"),
+                                "lease": self.tenancy.lease_info(lease)})
+        self.lease_routes.pop(lease.lease_id, None)
+        self._tell([x for x in told if x is not lease])
+
+    def _on_drop_parked(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        self._check_token(header)
+        count, nbytes = self.tenancy.drop_kernel(header)
+        self._forget_routes()
+        self._send(routing_id, {"t": P.DROPPED, "rid": header.get("rid"), "sessions": count,
+                                "bytes": nbytes})
+
+    def _tell(self, leases: list[Lease]) -> None:
+        """Push each lease's new state to the connection that holds it."""
+        for lease in leases:
+            route = self.lease_routes.get(lease.lease_id)
+            if route is not None:
+                self._send(route, {"t": P.LEASE, "lease": self.tenancy.lease_info(lease)})
+            if not lease.active:
+                self.lease_routes.pop(lease.lease_id, None)
+
+    # }}}
+
+    # {{{ sessions: hello, park, bye, moving parked state
+
+    def _on_hello(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
         if header.get("v") != P.PROTOCOL_VERSION:
             raise _CallError(
                 "VersionMismatch",
                 f"this agent speaks protocol version {P.PROTOCOL_VERSION}, the client "
                 f"{header.get('v')!r}: install the same harp-jupyter version on both sides")
-        if self.token is not None:
-            given = header.get("token")
-            if not isinstance(given, str) or not secrets.compare_digest(given, self.token):
-                raise _CallError("AuthError", "wrong or missing token for this agent (HARP_TOKEN)")
-        old = self.sessions.get(routing_id)
-        if old:
-            self._end_session(old)
-        slot = self._free_slot(header.get("range"))
-        base, size = P.session_range(slot)
+        self._check_token(header)
+        lease = self.tenancy.held(header.get("lease"))
         client = header.get("client") if isinstance(header.get("client"), dict) else {}
-        try:
-            device = self.executor.open_session(base, size)
-        except ExecutorError as e:
-            raise _CallError(e.kind, str(e), e.code) from None
-        session = ClientSession(secrets.token_hex(8), routing_id, slot, base, size, device, client)
-        self.sessions[routing_id] = session
-        log.info("session %s opened for %s", session.session_id, client)
+        resume = header.get("resume") if isinstance(header.get("resume"), dict) else None
+        old = self.sessions.get(self.routes.get(routing_id, ""))
+        session = None
+        if resume is not None:
+            session_id, resume_token = resume.get("session"), resume.get("resume_token")
+            if not (isinstance(session_id, str) and isinstance(resume_token, str)):
+                raise _CallError("ProtocolError", "resume needs string session and resume_token")
+            session = self.tenancy.resume_here(lease, session_id, resume_token, routing_id)
+            origin = resume.get("from")
+            if session is None and isinstance(origin, str) and origin != self.endpoint:
+                manifest, chunks = fetch_parked(origin, session_id, resume_token, self.token)
+                session = self.tenancy.adopt(lease, manifest, chunks, routing_id, resume_token)
+                try:
+                    forget_parked(origin, session_id, resume_token, self.token)
+                except MigrationError as e:
+                    log.warning("could not tell %s to forget moved session %s: %s",
+                                origin, session_id, e)
+            if session is None:
+                raise _CallError("StateLost", (
+                    "the parked GPU state of this kernel is not on this agent and no other agent "
+                    "was named to fetch it from: its device arrays, modules and streams no longer "
+                    "exist; re-run the cells that create them."))
+        if old is not None and old is not session and old.state == ACTIVE:
+            self.tenancy.park(old, "its connection said hello again")
+        if session is None:
+            wanted = header.get("range")
+            base = wanted[0] if isinstance(wanted, list) and wanted and type(wanted[0]) is int \
+                else None
+            session = self.tenancy.open(lease, routing_id, client, base)
+        session.client = client or session.client
+        self.routes[routing_id] = session.session_id
         self._send(routing_id, {
             "t": P.WELCOME, "v": P.PROTOCOL_VERSION, "session": session.session_id,
-            "range": [base, size], "device": self.executor.device_info(),
+            "resume_token": session.resume_token, "resumed": resume is not None,
+            "range": [session.base, session.size], "device": self.executor.device_info(),
             "executor": self.executor.name, "emulated": self.executor.emulated,
             "agent": {"version": AGENT_VERSION, "pid": os.getpid(), "endpoint": self.endpoint},
         })
 
-    def _free_slot(self, wanted: Any) -> int:
-        used = {s.slot for s in self.sessions.values()}
-        if isinstance(wanted, list) and len(wanted) == 2 and isinstance(wanted[0], int):
-            slot, rem = divmod(wanted[0] - P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE)
-            if rem == 0 and 0 <= slot < MAX_SESSIONS and slot not in used:
-                return slot
-        for slot in range(MAX_SESSIONS):
-            if slot not in used:
-                return slot
-        raise _CallError("SessionError", f"this agent already serves {MAX_SESSIONS} sessions")
+    def _on_park(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        session = self.sessions.get(self.routes.pop(routing_id, ""))
+        if session is None:
+            raise _CallError("SessionError", "park: this connection has no session")
+        nbytes = self.tenancy.park(session, "its kernel asked")
+        self._send(routing_id, {"t": P.PARKED, "rid": header.get("rid"),
+                                "session": session.session_id, "bytes": nbytes})
 
-    def _end_session(self, session: ClientSession) -> None:
-        self.sessions.pop(session.routing_id, None)
-        try:
-            session.device.close()
-        except Exception:
-            log.exception("closing session %s", session.session_id)
-        log.info("session %s closed", session.session_id)
+    def _on_bye(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        session = self.sessions.get(self.routes.pop(routing_id, ""))
+        if session is not None:
+            self.tenancy.end(session)
+        self._send(routing_id, {"t": P.BYE})
+
+    def _on_parked_fetch(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        self._check_token(header)
+        manifest, chunks = self.tenancy.manifest(str(header.get("session")),
+                                                 str(header.get("resume_token")))
+        self._send(routing_id, {"t": P.PARKED_STATE, "rid": header.get("rid"),
+                                "manifest": manifest}, chunks)
+
+    def _on_parked_forget(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        self._check_token(header)
+        nbytes = self.tenancy.forget_moved(str(header.get("session")),
+                                           str(header.get("resume_token")))
+        self._send(routing_id, {"t": P.DROPPED, "rid": header.get("rid"),
+                                "sessions": int(nbytes > 0), "bytes": nbytes})
+
+    def _on_status(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
+        self._send(routing_id, self.status())
+
+    def _forget_routes(self) -> None:
+        self.routes = {r: sid for r, sid in self.routes.items() if sid in self.sessions}
 
     # }}}
 
     # {{{ batches
 
     def _on_batch(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
-        session = self.sessions.get(routing_id)
+        session = self.sessions.get(self.routes.get(routing_id, ""))
         seq = header.get("q")
         calls = header.get("c")
         if session is None:
             raise _CallError("SessionError", "batch before hello: this client has no session "
                              "(was the agent restarted?)")
+        if session.state != ACTIVE:
+            self._send(routing_id, {"t": P.REPLY, "q": seq, "r": [], "e": P.error(
+                "LeaseError", "this session's lease ended and its GPU state was parked before "
+                "these calls arrived: they did not run (the next GPU call leases again and "
+                "restores the parked state)", index=0)})
+            return
         if type(seq) is not int or type(calls) is not list:
             raise _CallError("ProtocolError", "batch needs an int 'q' and a list 'c'")
         if len(calls) > P.MAX_CALLS_PER_BATCH:
@@ -205,6 +314,7 @@ class AgentServer:
                 self._check_addresses(session, name, args)
                 value = self.executor.run(session.ops[name], *args)
                 self._after(session, name, args, value)
+                session.record(name, args)
                 session.calls += 1
                 if P.OPS[name].result:
                     if isinstance(value, bytes | bytearray | memoryview | np.ndarray):
@@ -230,6 +340,12 @@ class AgentServer:
                 first_error = first_error or P.error(
                     "RuntimeError", f"internal agent error in {op}: {type(e).__name__}: {e}",
                     index=index, op=op)
+        session.last_active = time.monotonic()
+        if not session.lost:
+            try:
+                session.device.batch_done()
+            except Exception:
+                log.exception("batch_done")
         self._send(routing_id, {"t": P.REPLY, "q": seq, "r": results, "e": first_error},
                    out_frames)
         if self.executor.restart_required:
@@ -303,11 +419,12 @@ class AgentServer:
     def status(self) -> dict[str, Any]:
         free, total = self.executor.mem_info()
         return {
+            "leases": self.tenancy.status(),
             "t": P.STATUS,
             "executor": self.executor.name,
             "emulated": self.executor.emulated,
             "device": self.executor.device_info(),
-            "memory": {"free": free, "total": total},
+            "memory": {"free": free, "total": total, "used": total - free},
             "metrics": self.executor.metrics(),
             "sessions": [s.summary() for s in self.sessions.values()],
             "agent": {"version": AGENT_VERSION, "pid": os.getpid(), "endpoint": self.endpoint,
@@ -319,3 +436,18 @@ class AgentServer:
             self.socket.send_multipart([routing_id, P.pack_header(header), *frames], copy=False)
         except zmq.ZMQError as e:
             log.warning("could not answer %s: %s", routing_id.hex(), e)
+
+
+AgentServer._handlers = {
+    P.BATCH: AgentServer._on_batch,
+    P.HELLO: AgentServer._on_hello,
+    P.STATUS: AgentServer._on_status,
+    P.BYE: AgentServer._on_bye,
+    P.PARK: AgentServer._on_park,
+    P.LEASE_REQUEST: AgentServer._on_lease_request,
+    P.LEASE_RENEW: AgentServer._on_lease_renew,
+    P.LEASE_RELEASE: AgentServer._on_lease_release,
+    P.DROP_PARKED: AgentServer._on_drop_parked,
+    P.PARKED_FETCH: AgentServer._on_parked_fetch,
+    P.PARKED_FORGET: AgentServer._on_parked_forget,
+}

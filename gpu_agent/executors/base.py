@@ -52,6 +52,25 @@ class ExecutorSession(ABC):
     def device_bytes(self) -> int:
         """Device memory this session has mapped, in bytes."""
 
+    @abstractmethod
+    def park(self) -> list[tuple[int, Any]]:
+        """Wait for the session's work, copy every mapped chunk to host memory, unmap it and
+        give the device memory back; returns ``[(address, host buffer), ...]``. Modules, streams
+        and events stay. The address range stays reserved, so ``restore`` maps the same
+        addresses again."""
+
+    @abstractmethod
+    def restore(self, chunks: list[tuple[int, Any]]) -> None:
+        """Map each chunk at its address again and copy its bytes back (after ``park``, or into
+        a fresh session on another agent whose objects were recreated from the creation log)."""
+
+    def busy(self) -> bool:
+        """Whether GPU work this session issued may still be running."""
+        return False
+
+    def batch_done(self) -> None:  # noqa: B027 - optional hook
+        """Called after each batch ran (executors that track ``busy`` mark it here)."""
+
 
 class Executor(ABC):
     #: "pycuda" or "emulated"

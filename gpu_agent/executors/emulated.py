@@ -204,6 +204,18 @@ class EmulatedSession(ExecutorSession):
     def device_bytes(self) -> int:
         return sum(m.size for m in self._memory.values())
 
+    def park(self) -> list[tuple[int, Any]]:
+        chunks = [(addr, self._memory[addr]) for addr in self._starts]
+        for addr in list(self._starts):
+            self.op_free(addr)
+        return chunks
+
+    def restore(self, chunks: list[tuple[int, Any]]) -> None:
+        for addr, data in chunks:
+            src = np.frombuffer(data, np.uint8)
+            self.op_alloc(addr, src.size)
+            self._memory[addr][:] = src
+
     def close(self) -> None:
         for addr in list(self._starts):
             self.op_free(addr)

@@ -57,6 +57,7 @@ class PycudaSession(ExecutorSession):
         self.streams: dict[int, cuda.Stream] = {}
         self.events: dict[int, cuda.Event] = {}
         self.kernels: dict[int, Any] = {}
+        self._done: cuda.Event | None = None
 
     # {{{ helpers
 
@@ -275,6 +276,34 @@ class PycudaSession(ExecutorSession):
 
     def device_bytes(self) -> int:
         return sum(size for size, _ in self.memory.mapped.values())
+
+    def park(self) -> list[tuple[int, Any]]:
+        cuda.Context.synchronize()  # work in flight finishes first, it is never interrupted
+        chunks: list[tuple[int, Any]] = []
+        for addr in sorted(self.memory.mapped):
+            size, _handle = self.memory.mapped[addr]
+            host = np.empty(size, np.uint8)
+            cuda.memcpy_dtoh(host, addr)
+            chunks.append((addr, host))
+        for addr in list(self.memory.mapped):
+            cuda.memset_d8(addr, 0, self.memory.mapped[addr][0])  # scrubbed for the next tenant
+            self._x.vmm.unmap(self.memory, addr)
+        self._done = None
+        return chunks
+
+    def restore(self, chunks: list[tuple[int, Any]]) -> None:
+        for addr, data in chunks:
+            host = np.frombuffer(data, np.uint8)
+            self.op_alloc(addr, host.nbytes)
+            cuda.memcpy_htod(addr, host)
+
+    def batch_done(self) -> None:
+        if self._done is None:
+            self._done = cuda.Event(cuda.event_flags.DISABLE_TIMING)
+        self._done.record()  # on the legacy default stream: after all blocking streams' work
+
+    def busy(self) -> bool:
+        return self._done is not None and not self._done.query()
 
     def close(self) -> None:
         self.kernels.clear()

@@ -271,7 +271,10 @@ class AgentServer:
                                 "sessions": int(nbytes > 0), "bytes": nbytes})
 
     def _on_status(self, routing_id: bytes, header: dict, frames: list[Any]) -> None:
-        self._send(routing_id, self.status())
+        reply = self.status()
+        if header.get("rid") is not None:
+            reply["rid"] = header["rid"]
+        self._send(routing_id, reply)
 
     def _forget_routes(self) -> None:
         self.routes = {r: sid for r, sid in self.routes.items() if sid in self.sessions}

@@ -101,6 +101,19 @@ class SessionError(GPULostError):
     """The agent no longer knows this session."""
 
 
+class LeaseLostError(Error):
+    """The lease ended (idle release, revoke, expiry) while calls were on their way: they did not
+    run. The session's device memory is parked; the next GPU call leases again and restores it."""
+
+
+class StateLostError(GPULostError):
+    """The parked GPU state of this kernel was dropped (TTL, capacity) or cannot be found."""
+
+
+class GPUUnavailableError(GPULostError):
+    """No GPU could be leased (no agents configured or reachable, or the wait timed out)."""
+
+
 ERROR_CLASSES: dict[str, type[Error]] = {
     "Error": Error,
     "LogicError": LogicError,
@@ -115,6 +128,8 @@ ERROR_CLASSES: dict[str, type[Error]] = {
     "HandleError": HandleError,
     "ContextLost": ContextLostError,
     "SessionError": SessionError,
+    "LeaseError": LeaseLostError,
+    "StateLost": StateLostError,
 }
 
 # Tracebacks show pycuda's familiar names for pycuda's classes.

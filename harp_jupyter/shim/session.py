@@ -43,8 +43,11 @@ from harp_jupyter.shim.errors import (
     LogicError,
     MemoryError,
     ProtocolError,
+    StateLostError,
     error_from_agent,
 )
+from harp_jupyter.shim.lease import LeaseSource, get_lease_source
+from harp_jupyter.shim.notice import WaitNotice
 from harp_jupyter.shim.transport import AgentConnection
 
 #: host<->device copies larger than this travel in chunks of this size, one message each, so
@@ -73,8 +76,16 @@ class RemoteSession:
     """One session with one agent; see the module docstring."""
 
     def __init__(self, endpoint: str | None = None, *, token: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, lease_source: LeaseSource | None = None) -> None:
         self._endpoint = endpoint
+        self._lease_source = lease_source
+        #: {session, resume_token, agent} once the agent welcomed us; kept while parked
+        self._resume: dict[str, Any] | None = None
+        #: writers and connections of earlier leases, closed at the next connect
+        self._stale: list[tuple[BatchWriter, AgentConnection]] = []
+        #: times this session was parked and restored, for tests and %harp status
+        self.parks = 0
+        self.restores = 0
         self._token = token
         self._timeout = timeout
         self.lock = threading.RLock()
@@ -97,9 +108,24 @@ class RemoteSession:
 
     @property
     def endpoint(self) -> str:
+        """The agent this session talks to now (or last did)."""
+        if self._resume is not None:
+            return str(self._resume["agent"])
         if self._endpoint is None:
             self._endpoint = configured_endpoint()
         return self._endpoint
+
+    @property
+    def lease_source(self) -> LeaseSource:
+        if self._lease_source is None:
+            self._lease_source = get_lease_source(self._endpoint)
+            self._lease_source.park_handler = self.park
+        return self._lease_source
+
+    @property
+    def parked(self) -> bool:
+        """Connected before, and now without a GPU until the next GPU call restores it."""
+        return self._writer is None and self._resume is not None
 
     def _ensure_connected(self) -> BatchWriter:
         writer = self._writer
@@ -113,26 +139,96 @@ class RemoteSession:
             return self._writer
 
     def _connect(self) -> None:
-        connection = AgentConnection(self.endpoint, token=self._token, timeout=self._timeout)
+        """Lease a GPU and open (or restore) the session on its agent."""
+        self._close_stale()
+        source = self.lease_source
+        notice = WaitNotice()
+        grant = source.acquire(self._resume, notice)
+        resume = None
+        if self._resume is not None:
+            resume = {"session": self._resume["session"],
+                      "resume_token": self._resume["resume_token"]}
+            origin = grant.moved_from or self._resume["agent"]
+            if origin != grant.agent:
+                resume["from"] = origin
+                notice.update("restoring", agent=grant.agent)
+        connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
         try:
-            welcome = connection.hello()
+            welcome = connection.hello(lease=grant.lease, resume=resume)
             base, size = welcome["range"]
             device = welcome.get("device") or {}
         except Error as e:
             connection.close()
-            self._lost_error = e if isinstance(e, GPULostError) else None
+            if isinstance(e, StateLostError):
+                # the parked state is gone: say so now; the next GPU call starts afresh
+                self._lost_error = e
+            elif isinstance(e, GPULostError):
+                self._lost_error = e
             raise
         except (KeyError, TypeError, ValueError) as e:
             connection.close()
-            raise ProtocolError(f"malformed welcome from {self.endpoint}: {e!r}") from None
+            raise ProtocolError(f"malformed welcome from {grant.agent}: {e!r}") from None
+        if self._allocator is None:
+            self._allocator = AddressAllocator(base, size)
+        elif (base, size) != (self._allocator.base, self._allocator.size):
+            connection.close()
+            raise ProtocolError(f"the agent restored this session at {base:#x}, not at "
+                                f"{self._allocator.base:#x}: device pointers would be wrong")
+        else:
+            self.restores += 1
         self._connection = connection
         self._welcome = welcome
-        self._allocator = AddressAllocator(base, size)
+        self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
+                        "agent": grant.agent}
         self._free_estimate = device.get("total_memory")
         self._writer = BatchWriter(connection, self._on_call_error, lock=self.lock)
         # learn the real free memory with the first reply, at no extra round trip
         self._writer.add("mem_get_info", [], None, self._note_mem_info)
         atexit.register(self.close)
+
+    def park(self, reason: str = "release") -> dict[str, Any] | None:
+        """Give the GPU back, keeping the device state: what is queued is sent, every reply is
+        awaited (work in flight finishes), then the agent moves this session's device memory to
+        its host memory. None (nothing done) when a user thread is using the session now."""
+        if not self.lock.acquire(blocking=reason == "release"):
+            return None
+        try:
+            writer, connection = self._writer, self._connection
+            if writer is None or connection is None or self._resume is None:
+                return {"session": None, "agent": None, "bytes": 0}
+            try:
+                writer.drain()
+                writer.close()
+                connection.send({"t": protocol.PARK, "rid": 1})
+                while True:
+                    reply, _ = connection.recv()
+                    if reply.get("t") in (protocol.PARKED, protocol.ERROR):
+                        break
+            except GPULostError as e:
+                self._lost_error = e
+                raise
+            if reply.get("t") == protocol.ERROR:
+                error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
+                raise error_from_agent(error, op="park")
+            self._writer = self._connection = None
+            connection.close()
+            self.parks += 1
+            return {"session": self._resume["session"], "agent": self._resume["agent"],
+                    "bytes": int(reply.get("bytes") or 0)}
+        finally:
+            self.lock.release()
+
+    def release(self) -> dict[str, Any]:
+        """``%harp release``: park now and give the lease back."""
+        info = self.park("release") or {"session": None, "agent": None, "bytes": 0}
+        self.lease_source.parked(info)
+        return info
+
+    def _close_stale(self) -> None:
+        stale, self._stale = self._stale, []
+        for writer, connection in stale:
+            writer.close()
+            connection.close()
 
     @property
     def welcome(self) -> dict[str, Any]:
@@ -168,6 +264,15 @@ class RemoteSession:
             return True
         writer = self._writer
         return writer is not None and (writer.fatal is not None or writer.connection.lost)
+
+    @property
+    def lost_reason(self) -> str:
+        if self._lost_error is not None:
+            return str(self._lost_error)
+        writer = self._writer
+        if writer is not None and writer.fatal is not None:
+            return str(writer.fatal)
+        return "lost"
 
     @property
     def closed(self) -> bool:
@@ -257,6 +362,12 @@ class RemoteSession:
             raise error
 
     def _on_call_error(self, meta: CallMeta | None, error: dict[str, Any]) -> None:
+        if error.get("kind") == "LeaseError" and self._writer is not None:
+            # the agent parked us (lease expired or revoked) before these calls arrived: the
+            # next call leases again and resumes; this connection is done
+            assert self._connection is not None
+            self._stale.append((self._writer, self._connection))
+            self._writer = self._connection = None
         if self._first_error is None:
             op, site = (meta[0], meta[1]) if meta is not None else (None, None)
             self._first_error = error_from_agent(error, op, site)
@@ -426,6 +537,7 @@ class RemoteSession:
             writer.close()
         if connection is not None:
             connection.close(bye=True)
+        self._close_stale()
         atexit.unregister(self.close)
 
 
@@ -481,6 +593,8 @@ def _new_session() -> RemoteSession:
         session = _session
         if session is None or session.closed or session.lost:
             if session is not None and not session.closed:
+                if session.lost and session._lease_source is not None:
+                    session.lease_source.lost(session.lost_reason)
                 session.close()
             session = _session = RemoteSession()
         return session
@@ -503,6 +617,9 @@ def reset_session() -> None:
         session, _session = _session, None
     if session is not None:
         session.close()
+    from harp_jupyter.shim.lease import reset_lease_source
+
+    reset_lease_source()
 
 
 # }}}

@@ -96,10 +96,17 @@ class AgentConnection:
 
     # {{{ handshake
 
-    def hello(self, address_range: tuple[int, int] | None = None) -> dict[str, Any]:
-        """Send hello and wait for welcome; returns the welcome header."""
+    def hello(self, *, lease: tuple[str, str] | None = None,
+              resume: dict[str, Any] | None = None,
+              address_range: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Send hello (with the held lease, and the parked session to resume) and wait for
+        welcome; returns the welcome header."""
         header: dict[str, Any] = {"t": protocol.HELLO, "v": protocol.PROTOCOL_VERSION,
                                   "token": self.token, "client": client_description()}
+        if lease is not None:
+            header["lease"] = list(lease)
+        if resume is not None:
+            header["resume"] = resume
         if address_range is not None:
             header["range"] = list(address_range)
         self.send(header)

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class RawClient:
-    """A DEALER speaking the protocol by hand (no shim), to send what the shim never would."""
+    """A DEALER speaking the protocol by hand (no shim), to send what the shim never would.
+    It is its own kernel: ``hello`` first takes a lease, ``close`` gives it back."""
 
     def __init__(self, endpoint: str) -> None:
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -22,6 +23,22 @@ class RawClient:
         self.socket.setsockopt(zmq.RCVTIMEO, 10_000)
         self.socket.connect(endpoint)
         self.seq = 0
+        self.kernel_id = f"raw-{id(self)}"
+        self.lease: dict | None = None
+
+    def take_lease(self, **extra: Any) -> dict:
+        reply, _ = self.request({"t": P.LEASE_REQUEST, "rid": 1, "kernel_id": self.kernel_id,
+                                 "kernel_secret": "secret", "user": "test", **extra})
+        assert reply["t"] == P.LEASE, reply
+        self.lease = reply["lease"]
+        return self.lease
+
+    def release(self) -> dict:
+        assert self.lease is not None
+        reply, _ = self.request({"t": P.LEASE_RELEASE, "rid": 2, "lease_id": self.lease["id"],
+                                 "token": self.lease["token"]})
+        self.lease = None
+        return reply
 
     def send_raw(self, *frames: bytes) -> dict:
         self.socket.send_multipart(list(frames))
@@ -33,13 +50,19 @@ class RawClient:
         return P.decode(self.socket.recv_multipart())
 
     def hello(self, **extra: Any) -> dict:
-        return self.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {}, **extra})[0]
+        if self.lease is None:
+            lease = self.take_lease(token=extra.get("token"))
+            assert lease["state"] == "held", "another client of this test holds the GPU"
+        return self.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {},
+                             "lease": [self.lease["id"], self.lease["token"]], **extra})[0]
 
     def batch(self, *calls: list[Any], frames: tuple[bytes, ...] = ()) -> tuple[dict, list[Any]]:
         self.seq += 1
         return self.request({"t": P.BATCH, "q": self.seq, "c": list(calls)}, *frames)
 
     def close(self) -> None:
+        if self.lease is not None:
+            self.release()
         self.socket.close(0)
 
 
@@ -106,6 +129,7 @@ def test_bad_calls_get_clear_errors(clients: tuple[RawClient, RawClient], call: 
     assert reply["e"]["kind"] == kind, reply["e"]
     assert reply["e"]["i"] == 1
     assert [index for index, _ in reply["r"]] == [0, 2]  # the rest of the batch still ran
+    bad.release()
     good_client_still_served(good)
 
 
@@ -113,15 +137,18 @@ def test_freed_memory_is_refused_and_sessions_cannot_see_each_other(
         clients: tuple[RawClient, RawClient]) -> None:
     bad, good = clients
     base = bad.hello()["range"][0]
-    other_base = good.hello()["range"][0]
-    assert other_base != base
     reply, _ = bad.batch(["alloc", base, P.GRANULARITY], ["free", base],
                          ["dtoh", base, 4, None])
     assert reply["e"]["kind"] == "HandleError" and "not inside memory" in reply["e"]["msg"]
-    reply, _ = good.batch(["alloc", other_base, P.GRANULARITY])
+    reply, _ = bad.batch(["alloc", base, P.GRANULARITY], ["htod", base, b"mine", None])
     assert reply["e"] is None
-    reply, _ = bad.batch(["dtoh", other_base, 4, None])
-    assert reply["e"]["kind"] == "HandleError"
+    bad.release()  # parks bad's session: its memory leaves the GPU
+    other_base = good.hello()["range"][0]
+    assert other_base != base
+    reply, _ = good.batch(["alloc", other_base, P.GRANULARITY], ["dtoh", base, 4, None])
+    assert reply["e"]["kind"] == "HandleError"  # bad's parked memory is not good's to read
+    reply, _ = good.batch(["dtoh", other_base, 4, None])
+    assert bytes(reply["r"] and _[0]) == b"\0\0\0\0"  # scrubbed, never another tenant's
 
 
 def test_out_of_memory_is_a_memory_error(clients: tuple[RawClient, RawClient]) -> None:
@@ -129,6 +156,7 @@ def test_out_of_memory_is_a_memory_error(clients: tuple[RawClient, RawClient]) -
     base = bad.hello()["range"][0]
     reply, _ = bad.batch(["alloc", base, 64 << 30])  # the emulated device has 16 GiB
     assert reply["e"]["kind"] == "MemoryError" and "out of memory" in reply["e"]["msg"]
+    bad.release()
     good_client_still_served(good)
 
 
@@ -136,7 +164,49 @@ def test_wrong_token_is_refused(agent_starter: Any) -> None:
     agent = agent_starter("--token", "s3cret")
     client = RawClient(agent.endpoint)
     try:
-        assert client.hello(token="wrong")["e"]["kind"] == "AuthError"
+        reply, _ = client.request({"t": P.LEASE_REQUEST, "rid": 1, "kernel_id": "k",
+                                   "kernel_secret": "s", "token": "wrong"})
+        assert reply["e"]["kind"] == "AuthError" and reply["rid"] == 1
         assert client.hello(token="s3cret")["t"] == P.WELCOME
+        assert client.hello(token="wrong")["e"]["kind"] == "AuthError"  # with a held lease too
     finally:
         client.close()
+
+
+def test_sessions_need_a_held_lease_and_a_valid_token(
+        clients: tuple[RawClient, RawClient]) -> None:
+    bad, good = clients
+    reply, _ = bad.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {}})
+    assert reply["e"]["kind"] == "LeaseError" and "lease" in reply["e"]["msg"]
+    good.hello()
+    assert bad.take_lease()["state"] == "queued"  # good holds the GPU
+    reply = bad.hello()
+    assert reply["e"]["kind"] == "LeaseError" and "queued" in reply["e"]["msg"]
+    reply, _ = bad.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {},
+                            "lease": [good.lease["id"], "forged"]})
+    assert reply["e"]["kind"] == "LeaseError"
+    reply, _ = bad.request({"t": P.LEASE_RENEW, "rid": 3, "lease_id": good.lease["id"],
+                            "token": "forged"})
+    assert reply["e"]["kind"] == "LeaseError"
+    reply, _ = bad.request({"t": P.LEASE_REQUEST, "rid": 4, "kernel_id": good.kernel_id,
+                            "kernel_secret": "not-good's"})
+    assert reply["e"]["kind"] == "LeaseError"  # nobody may pose as another kernel
+    reply, _ = bad.request({"t": P.DROP_PARKED, "rid": 5, "kernel_id": good.kernel_id,
+                            "kernel_secret": "not-good's"})
+    assert reply["e"]["kind"] == "LeaseError"
+    reply, _ = bad.request({"t": P.PARKED_FETCH, "rid": 6, "session": "nope",
+                            "resume_token": "nope"})
+    assert reply["e"]["kind"] == "StateLost"
+    good_client_still_served(good)
+
+
+def test_calls_after_the_lease_ended_do_not_run(clients: tuple[RawClient, RawClient]) -> None:
+    bad, good = clients
+    base = bad.hello()["range"][0]
+    reply, _ = bad.batch(["alloc", base, P.GRANULARITY], ["htod", base, b"kept", None])
+    assert reply["e"] is None
+    bad.release()  # the agent parks the session under the connection
+    reply, _ = bad.batch(["htod", base, b"lost", None])
+    assert reply["e"]["kind"] == "LeaseError" and "did not run" in reply["e"]["msg"]
+    assert reply["r"] == []
+    good_client_still_served(good)

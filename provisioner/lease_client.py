@@ -1,0 +1,233 @@
+"""LeaseClient: asks GPU agents for leases (docs/leases-design.md, "Messages to the agent").
+
+The async core keeps one DEALER per agent and a reader task per socket that matches replies to
+requests by ``rid`` and queues the ``lease`` messages an agent pushes (grant, queue moves,
+revoke, expiry) per lease. ``BlockingLeaseClient`` is the thin synchronous wrapper for callers
+without an event loop (the shim when no provisioner holds its lease): it runs the same core on
+its own loop in a daemon thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from gpu_agent import protocol as P
+
+DEFAULT_TIMEOUT_S = 5.0
+T = TypeVar("T")
+
+#: on_push(endpoint, lease_info) for every lease change an agent pushes
+PushCallback = Callable[[str, dict[str, Any]], None]
+
+
+class AgentUnreachable(Exception):
+    """An agent did not answer in time (dead, or not listening there)."""
+
+
+class LeaseRefused(Exception):
+    """An agent answered a lease message with an error."""
+
+    def __init__(self, kind: str, msg: str) -> None:
+        super().__init__(f"{kind}: {msg}")
+        self.kind, self.msg = kind, msg
+
+
+class _AgentLink:
+    """One DEALER to one agent, with its reader task."""
+
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context,
+                 on_message: Callable[[str, dict[str, Any]], None]) -> None:
+        self.endpoint = endpoint
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self._on_message = on_message
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            parts = await self.socket.recv_multipart()
+            try:
+                header, _frames = P.decode(parts)
+            except P.ProtocolError:
+                continue
+            self._on_message(self.endpoint, header)
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.socket.close(0)
+
+
+class LeaseClient:
+    """Lease requests to any number of agents; see the module docstring."""
+
+    def __init__(self, *, token: str | None = None, on_push: PushCallback | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.token = token
+        self.timeout = timeout
+        self.on_push = on_push
+        self._context = zmq.asyncio.Context()
+        self._links: dict[str, _AgentLink] = {}
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pushes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._rids = itertools.count(1)
+
+    def _link(self, endpoint: str) -> _AgentLink:
+        link = self._links.get(endpoint)
+        if link is None:
+            link = self._links[endpoint] = _AgentLink(endpoint, self._context, self._on_message)
+        return link
+
+    def _on_message(self, endpoint: str, header: dict[str, Any]) -> None:
+        future = self._waiting.pop(header.get("rid"), None)  # type: ignore[arg-type]
+        if future is not None:
+            if not future.done():
+                future.set_result(header)
+            return
+        if header.get("t") == P.LEASE and isinstance(header.get("lease"), dict):
+            lease = header["lease"]
+            self._pushes.setdefault(str(lease.get("id")), asyncio.Queue()).put_nowait(lease)
+            if self.on_push is not None:
+                self.on_push(endpoint, lease)
+
+    async def _request(self, endpoint: str, header: dict[str, Any],
+                       timeout: float | None = None) -> dict[str, Any]:
+        rid = next(self._rids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        link = self._link(endpoint)
+        try:
+            await link.socket.send(P.pack_header({**header, "rid": rid}))
+            reply = await asyncio.wait_for(future, timeout or self.timeout)
+        except TimeoutError:
+            # a dead agent's queued messages would be delivered late to a new one: start over
+            self._links.pop(endpoint, None)
+            link.close()
+            raise AgentUnreachable(
+                f"the GPU agent at {endpoint} did not answer within "
+                f"{timeout or self.timeout:g} s: is harp-agent running there?") from None
+        finally:
+            self._waiting.pop(rid, None)
+        if reply.get("t") == P.ERROR:
+            error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
+            raise LeaseRefused(str(error.get("kind")), str(error.get("msg")))
+        return reply
+
+    # {{{ the messages
+
+    async def status(self, endpoint: str, timeout: float | None = None) -> dict[str, Any]:
+        return await self._request(endpoint, {"t": P.STATUS}, timeout)
+
+    async def statuses(self, endpoints: list[str],
+                       timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        """The status of every agent that answers, in ``endpoints`` order."""
+        results = await asyncio.gather(*(self.status(e, timeout) for e in endpoints),
+                                       return_exceptions=True)
+        return {e: r for e, r in zip(endpoints, results, strict=True) if isinstance(r, dict)}
+
+    async def request(self, endpoint: str, kernel_id: str, kernel_secret: str, user: str = "",
+                      *, ttl: float | None = None, info: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+        reply = await self._request(endpoint, {
+            "t": P.LEASE_REQUEST, "kernel_id": kernel_id, "kernel_secret": kernel_secret,
+            "user": user, "ttl": ttl, "info": info or {}, "token": self.token})
+        return reply["lease"]
+
+    async def renew(self, endpoint: str, lease_id: str, token: str) -> dict[str, Any]:
+        reply = await self._request(endpoint, {"t": P.LEASE_RENEW, "lease_id": lease_id,
+                                               "token": token})
+        return reply["lease"]
+
+    async def release(self, endpoint: str, lease_id: str, token: str) -> dict[str, Any]:
+        reply = await self._request(endpoint, {"t": P.LEASE_RELEASE, "lease_id": lease_id,
+                                               "token": token})
+        self._pushes.pop(lease_id, None)
+        return reply["lease"]
+
+    async def drop_parked(self, endpoint: str, kernel_id: str,
+                          kernel_secret: str) -> dict[str, Any]:
+        return await self._request(endpoint, {"t": P.DROP_PARKED, "kernel_id": kernel_id,
+                                              "kernel_secret": kernel_secret,
+                                              "token": self.token})
+
+    async def wait_change(self, endpoint: str, lease: dict[str, Any],
+                          timeout: float | None = None) -> dict[str, Any]:
+        """The next state the agent pushes for ``lease`` (a queued one moves or is granted).
+        Without a push within ``timeout`` (default: a third of its ttl) it renews, which also
+        keeps a queued lease alive, and returns the renewed state."""
+        queue = self._pushes.setdefault(str(lease["id"]), asyncio.Queue())
+        try:
+            return await asyncio.wait_for(queue.get(), timeout or (lease.get("ttl") or 30) / 3)
+        except TimeoutError:
+            renewed = await self.renew(endpoint, lease["id"], lease["token"])
+            return {**renewed, "token": lease["token"]}
+
+    # }}}
+
+    async def close(self) -> None:
+        for link in self._links.values():
+            link.close()
+        self._links.clear()
+        self._context.term()
+
+
+class BlockingLeaseClient:
+    """LeaseClient's methods, synchronous; see the module docstring."""
+
+    def __init__(self, *, token: str | None = None, on_push: PushCallback | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="harp-lease-client",
+                                        daemon=True)
+        self._thread.start()
+        self._client: LeaseClient = self._run(_make(token, on_push, timeout))
+        self._closed = False
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def status(self, endpoint: str, timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.status(endpoint, timeout))
+
+    def statuses(self, endpoints: list[str],
+                 timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        return self._run(self._client.statuses(endpoints, timeout))
+
+    def request(self, endpoint: str, kernel_id: str, kernel_secret: str, user: str = "", *,
+                ttl: float | None = None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._run(self._client.request(endpoint, kernel_id, kernel_secret, user,
+                                              ttl=ttl, info=info))
+
+    def renew(self, endpoint: str, lease_id: str, token: str) -> dict[str, Any]:
+        return self._run(self._client.renew(endpoint, lease_id, token))
+
+    def release(self, endpoint: str, lease_id: str, token: str) -> dict[str, Any]:
+        return self._run(self._client.release(endpoint, lease_id, token))
+
+    def drop_parked(self, endpoint: str, kernel_id: str, kernel_secret: str) -> dict[str, Any]:
+        return self._run(self._client.drop_parked(endpoint, kernel_id, kernel_secret))
+
+    def wait_change(self, endpoint: str, lease: dict[str, Any],
+                    timeout: float | None = None) -> dict[str, Any]:
+        return self._run(self._client.wait_change(endpoint, lease, timeout))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._run(self._client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(2)
+
+
+async def _make(token: str | None, on_push: PushCallback | None, timeout: float) -> LeaseClient:
+    return LeaseClient(token=token, on_push=on_push, timeout=timeout)

@@ -331,8 +331,8 @@ class DirectLeaseSource(LeaseSource):
 
     def lost(self, reason: str) -> None:
         with self._lock:
-            self._lease, self._state = None, "lost"
-            self._stop.set()
+            self._release()  # best effort: the agent may be alive (its parked state was dropped)
+            self._state = "lost"
 
     def status(self) -> dict[str, Any]:
         held = self._state == "held" and self._granted_at is not None

@@ -95,7 +95,7 @@ class ParkStore:
                 self.drop(old.session_id, "the agent needed the room for other parked sessions "
                           "(--park-limit)")
                 evicted.append(old.session_id)
-        parked = ParkedMemory(session_id, [])
+        parked = ParkedMemory(session_id, [], parked_at=self._clock())
         room = self.memory_cap - self.host_bytes
         for addr, data in chunks:
             array = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data

@@ -106,8 +106,8 @@ def agent_starter() -> Iterator[Callable[..., AgentProcess]]:
     """``start(*cli_args)`` starts an emulated agent with extra options; all killed after."""
     started: list[AgentProcess] = []
 
-    def start(*extra: str) -> AgentProcess:
-        started.append(start_agent(*extra))
+    def start(*extra: str, **options: Any) -> AgentProcess:
+        started.append(start_agent(*extra, **options))
         return started[-1]
 
     try:

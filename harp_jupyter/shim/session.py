@@ -138,6 +138,10 @@ class RemoteSession:
             assert self._writer is not None
             return self._writer
 
+    def connect(self) -> None:
+        """Lease a GPU and open or restore the session now (``%harp lease``)."""
+        self._ensure_connected()
+
     def _connect(self) -> None:
         """Lease a GPU and open (or restore) the session on its agent."""
         self._close_stale()

@@ -1,0 +1,122 @@
+"""``%harp``: see and steer this kernel's GPU lease from the notebook.
+
+    %harp status          the lease state, agent, GPU, memory, time held, idle countdown (a dict)
+    %harp lease           lease a GPU now (and restore parked state), instead of at the next call
+    %harp release         park the device state and give the GPU back now
+    %harp idle SECONDS    this kernel's idle timeout (the provisioner releases after it)
+
+Loaded in Elastic GPU kernels by the kernelspec (``--ext harp_jupyter.magics``); elsewhere with
+``%load_ext harp_jupyter.magics``.
+"""
+
+from __future__ import annotations
+
+import html
+import shlex
+import time
+from typing import Any
+
+from IPython.core.magic import Magics, line_magic, magics_class
+
+STATES = ("none", "acquiring", "queued", "held", "parking", "parked", "lost")
+
+
+class LeaseStatus(dict):
+    """The lease state as a dict, shown as a small table in the notebook."""
+
+    _ROWS = (("state", "state"), ("agent", "agent"), ("gpu", "GPU"), ("memory", "memory"),
+             ("held", "held for"), ("idle", "idle release in"), ("position", "queue position"),
+             ("message", ""))
+
+    def _cells(self) -> list[tuple[str, str]]:
+        shown: dict[str, str] = {"state": str(self.get("state"))}
+        if self.get("agent"):
+            shown["agent"] = str(self["agent"])
+        if self.get("gpu"):
+            shown["gpu"] = str(self["gpu"]) + (" (EMULATED)" if self.get("emulated") else "")
+        if self.get("memory_used") is not None:
+            total = self.get("memory_total")
+            shown["memory"] = _bytes(self["memory_used"]) + (
+                f" of {_bytes(total)}" if total else "")
+        if self.get("held_s") is not None:
+            shown["held"] = f"{self['held_s']:.0f} s"
+        if self.get("idle_left_s") is not None:
+            shown["idle"] = f"{self['idle_left_s']:.0f} s (idle timeout {self['idle_timeout']:g} s)"
+        if self.get("position"):
+            shown["position"] = str(self["position"])
+        if self.get("message"):
+            shown["message"] = str(self["message"])
+        return [(label, shown[key]) for key, label in self._ROWS if key in shown]
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text("\n".join(f"{label + ':' if label else ''} {value}".strip()
+                               for label, value in self._cells()))
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{html.escape(label)}</th>"
+                       f"<td style='text-align:left'>{html.escape(value)}</td></tr>"
+                       for label, value in self._cells())
+        return f"<table class='harp-lease-status'>{rows}</table>"
+
+
+def lease_status() -> LeaseStatus:
+    """This kernel's lease state: the lease source's view plus the session's device facts."""
+    from harp_jupyter.shim.session import get_session
+
+    session = get_session()
+    status = dict(session.lease_source.status())
+    if session.connected:
+        device = session.device
+        status.setdefault("gpu", device.get("name"))
+        status.setdefault("emulated", session.emulated)
+        status.setdefault("memory_total", device.get("total_memory"))
+    status["session_restores"] = session.restores
+    status["session_parks"] = session.parks
+    return LeaseStatus(status)
+
+
+@magics_class
+class HarpMagics(Magics):
+    @line_magic
+    def harp(self, line: str) -> Any:
+        """%harp status | lease | release | idle SECONDS (see harp_jupyter.magics)."""
+        from harp_jupyter.shim.session import get_session
+
+        words = shlex.split(line)
+        command = words[0] if words else "status"
+        if command == "status":
+            return lease_status()
+        if command == "lease":
+            started = time.monotonic()
+            get_session().connect()
+            status = lease_status()
+            status["acquire_s"] = round(time.monotonic() - started, 3)
+            return status
+        if command == "release":
+            info = get_session().release()
+            print(f"Released the GPU; {_bytes(info.get('bytes') or 0)} of device memory parked "
+                  "on the agent. The next GPU call leases again and restores it.")
+            return None
+        if command == "idle":
+            if len(words) != 2:
+                raise ValueError("usage: %harp idle SECONDS")
+            seconds = float(words[1])
+            if seconds <= 0:
+                raise ValueError("the idle timeout must be a positive number of seconds")
+            get_session().lease_source.set_idle(seconds)
+            print(f"This kernel now releases its GPU after {seconds:g} s without GPU work.")
+            return None
+        raise ValueError(f"unknown %harp command {command!r}: use status, lease, release or "
+                         "idle SECONDS")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(HarpMagics)

@@ -138,12 +138,23 @@ class AgentServer:
             if handler is None:
                 raise _CallError("ProtocolError", f"unknown message type {kind!r}")
             handler(self, routing_id, header, frames)
-        except (_CallError, TenancyError, MigrationError) as e:
-            reply: dict[str, Any] = {"t": P.ERROR, "e": P.error(e.kind, str(e),
-                                                                 code=getattr(e, "code", None))}
-            if rid is not None:
-                reply["rid"] = rid
-            self._send(routing_id, reply)
+        except (_CallError, TenancyError, MigrationError, ExecutorError) as e:
+            self._send_error(routing_id, rid, e.kind, str(e), getattr(e, "code", None))
+        except Exception as e:  # a bug in a handler must not take the agent down
+            log.exception("handling %s failed", kind)
+            self._send_error(routing_id, rid, "RuntimeError",
+                             f"internal agent error in {kind}: {type(e).__name__}: {e}")
+        if self.executor.restart_required and not self.restart:
+            log.error("the device is unusable in this process: restarting the agent")
+            self.restart = True
+            self.stop()
+
+    def _send_error(self, routing_id: bytes, rid: Any, kind: str, msg: str,
+                    code: str | None = None) -> None:
+        reply: dict[str, Any] = {"t": P.ERROR, "e": P.error(kind, msg, code=code)}
+        if rid is not None:
+            reply["rid"] = rid
+        self._send(routing_id, reply)
 
     def _check_token(self, header: dict) -> None:
         if self.token is not None:
@@ -351,10 +362,6 @@ class AgentServer:
                 log.exception("batch_done")
         self._send(routing_id, {"t": P.REPLY, "q": seq, "r": results, "e": first_error},
                    out_frames)
-        if self.executor.restart_required:
-            log.error("the device is unusable in this process: restarting the agent")
-            self.restart = True
-            self.stop()
 
     @staticmethod
     def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:

@@ -199,11 +199,13 @@ class Tenancy:
             if parked is None:
                 raise TenancyError("StateLost", _lost("its parked memory is gone"))
             try:
-                session.device.restore([(c.addr, c.read()) for c in parked.chunks])
+                self.executor.run(session.device.restore,
+                                  [(c.addr, c.read()) for c in parked.chunks])
             except ExecutorError as e:
                 # give the memory back to the store: the state is not lost, only not restorable now
                 self.parking.put(session_id, [(c.addr, c.read()) for c in parked.chunks])
-                session.device.park()
+                if not self.executor.restart_required:
+                    self.executor.run(session.device.park)
                 raise TenancyError(e.kind, f"cannot restore this session's {parked.nbytes} bytes "
                                    f"of device memory on this GPU now: {e}", e.code) from None
             ParkStore.discard(parked)
@@ -234,7 +236,7 @@ class Tenancy:
                 self.executor.run(session.ops[name], *args)
                 session.record(name, args)
             chunks = [(addr, frames[i]) for i, (addr, _size) in enumerate(manifest["chunks"])]
-            session.device.restore(chunks)
+            self.executor.run(session.device.restore, chunks)
         except (ExecutorError, P.ProtocolError, KeyError, IndexError, TypeError) as e:
             self.end(session)
             raise TenancyError("StateLost",
@@ -265,7 +267,7 @@ class Tenancy:
         if session.state != ACTIVE:
             return 0
         try:
-            chunks = session.device.park()
+            chunks = self.executor.run(session.device.park)
             parked, evicted = self.parking.put(session.session_id, chunks)
         except (ExecutorError, MemoryError, OSError) as e:
             log.error("could not park session %s: %s", session.session_id, e)

@@ -287,6 +287,8 @@ class PycudaSession(ExecutorSession):
             chunks.append((addr, host))
         for addr in list(self.memory.mapped):
             cuda.memset_d8(addr, 0, self.memory.mapped[addr][0])  # scrubbed for the next tenant
+        cuda.Context.synchronize()  # memsets are asynchronous: unmapping under them is illegal
+        for addr in list(self.memory.mapped):
             self._x.vmm.unmap(self.memory, addr)
         self._done = None
         return chunks

@@ -24,6 +24,7 @@ from gpu_agent.sessions import ACTIVE, PARKED, ClientSession
 log = logging.getLogger("harp.agent.tenancy")
 
 MAX_SESSIONS = 256
+MOVED = "it moved to another agent"
 #: ended leases are remembered this long, so a late renew gets "released" rather than "unknown"
 FORGET_ENDED_S = 600.0
 
@@ -188,9 +189,9 @@ class Tenancy:
         session = self.sessions.get(session_id)
         if session is None:
             reason = self.parking.dropped.get(session_id)
-            if reason is not None:
+            if reason is not None and reason != MOVED:
                 raise TenancyError("StateLost", _lost(reason))
-            return None
+            return None  # never here, or moved away: the caller fetches it from ``from``
         if session.kernel_id != lease.kernel_id or not secrets.compare_digest(
                 session.resume_token, resume_token):
             raise TenancyError("LeaseError", f"session {session_id} belongs to another kernel")
@@ -317,7 +318,7 @@ class Tenancy:
         parked = self.parking.get(session_id)
         nbytes = parked.nbytes if parked else 0
         self.end(session)
-        self.parking.dropped[session_id] = "it moved to another agent"
+        self.parking.dropped[session_id] = MOVED
         return nbytes
 
     def _forget(self, session_id: str) -> None:

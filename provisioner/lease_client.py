@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ from gpu_agent import protocol as P
 
 DEFAULT_TIMEOUT_S = 5.0
 T = TypeVar("T")
+log = logging.getLogger("harp.provisioner.lease_client")
 
 #: on_push(endpoint, lease_info) for every lease change an agent pushes
 PushCallback = Callable[[str, dict[str, Any]], None]
@@ -58,7 +61,10 @@ class _AgentLink:
                 header, _frames = P.decode(parts)
             except P.ProtocolError:
                 continue
-            self._on_message(self.endpoint, header)
+            try:
+                self._on_message(self.endpoint, header)
+            except Exception:  # a failing callback must not stop the replies of everyone else
+                log.exception("handling %s from %s failed", header.get("t"), self.endpoint)
 
     def close(self) -> None:
         self.reader.cancel()
@@ -69,13 +75,20 @@ class LeaseClient:
     """Lease requests to any number of agents; see the module docstring."""
 
     def __init__(self, *, token: str | None = None, on_push: PushCallback | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        """``context``: a shared zmq.asyncio context (many provisioners in one server need not
+        start an I/O thread each); without one the client owns a context of its own."""
         self.token = token
         self.timeout = timeout
         self.on_push = on_push
-        self._context = zmq.asyncio.Context()
+        self._own_context = context is None
+        self._context = zmq.asyncio.Context() if context is None else context
         self._links: dict[str, _AgentLink] = {}
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: rids of status requests per endpoint, oldest first: an agent that does not echo
+        #: ``rid`` in its ``status`` reply still answers them in order (ZeroMQ keeps order)
+        self._status_rids: dict[str, deque[int]] = {}
         self._pushes: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._rids = itertools.count(1)
 
@@ -86,7 +99,10 @@ class LeaseClient:
         return link
 
     def _on_message(self, endpoint: str, header: dict[str, Any]) -> None:
-        future = self._waiting.pop(header.get("rid"), None)  # type: ignore[arg-type]
+        rid = header.get("rid")
+        if rid is None and header.get("t") == P.STATUS:
+            rid = self._oldest_status_rid(endpoint)
+        future = self._waiting.pop(rid, None)  # type: ignore[arg-type]
         if future is not None:
             if not future.done():
                 future.set_result(header)
@@ -97,32 +113,55 @@ class LeaseClient:
             if self.on_push is not None:
                 self.on_push(endpoint, lease)
 
+    def _oldest_status_rid(self, endpoint: str) -> int | None:
+        rids = self._status_rids.get(endpoint)
+        while rids:
+            rid = rids.popleft()
+            if rid in self._waiting:
+                return rid
+        return None
+
     async def _request(self, endpoint: str, header: dict[str, Any],
                        timeout: float | None = None) -> dict[str, Any]:
         rid = next(self._rids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
+        if header["t"] == P.STATUS:
+            self._status_rids.setdefault(endpoint, deque()).append(rid)
         link = self._link(endpoint)
+        limit = timeout or self.timeout
         try:
-            await link.socket.send(P.pack_header({**header, "rid": rid}))
-            reply = await asyncio.wait_for(future, timeout or self.timeout)
-        except TimeoutError:
+            # the send is inside the time limit too: a DEALER may block where it has no peer
+            reply = await asyncio.wait_for(
+                self._send_and_wait(link, {**header, "rid": rid}, future), limit)
+        except (TimeoutError, zmq.ZMQError):
             # a dead agent's queued messages would be delivered late to a new one: start over
-            self._links.pop(endpoint, None)
-            link.close()
+            if self._links.get(endpoint) is link:
+                del self._links[endpoint]
+                link.close()
             raise AgentUnreachable(
-                f"the GPU agent at {endpoint} did not answer within "
-                f"{timeout or self.timeout:g} s: is harp-agent running there?") from None
+                f"the GPU agent at {endpoint} did not answer within {limit:g} s: is harp-agent "
+                "running there?") from None
         finally:
             self._waiting.pop(rid, None)
+            rids = self._status_rids.get(endpoint)
+            if rids and rid in rids:
+                rids.remove(rid)
         if reply.get("t") == P.ERROR:
             error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
             raise LeaseRefused(str(error.get("kind")), str(error.get("msg")))
         return reply
 
+    @staticmethod
+    async def _send_and_wait(link: _AgentLink, header: dict[str, Any],
+                             future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        await link.socket.send(P.pack_header(header))
+        return await future
+
     # {{{ the messages
 
     async def status(self, endpoint: str, timeout: float | None = None) -> dict[str, Any]:
+        """The agent's ``status`` (device, memory, ``leases``: holder, queue, parked)."""
         return await self._request(endpoint, {"t": P.STATUS}, timeout)
 
     async def statuses(self, endpoints: list[str],
@@ -175,7 +214,11 @@ class LeaseClient:
         for link in self._links.values():
             link.close()
         self._links.clear()
-        self._context.term()
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        if self._own_context:
+            self._context.term()
 
 
 class BlockingLeaseClient:

@@ -194,6 +194,7 @@ class ControlLeaseSource(LeaseSource):
         lease = reply.get("lease")
         if reply.get("t") != "grant" or not (isinstance(lease, list) and len(lease) == 2):
             raise GPUUnavailableError(f"unexpected answer to acquire: {reply.get('t')!r}")
+        notice.done(str(reply["agent"]))
         return Grant(str(reply["agent"]), (str(lease[0]), str(lease[1])), reply.get("from"))
 
     def parked(self, info: dict[str, Any]) -> None:

@@ -1,0 +1,137 @@
+"""KernelLease: what one kernel launch runs on the provisioners' background loop.
+
+It wires the kernel's control socket to its LeaseKeeper (handlers stay thin: the keeper holds the
+logic), owns the lease client the keeper talks to agents with, and watches the kernel process:
+when the process dies, its lease is released and its parked state dropped at once (the GPU is
+not held until the lease expires, and nobody will ever restore that state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq.asyncio
+
+from provisioner.control import ControlError, ControlRequest, ControlServer
+from provisioner.keeper import AgentsSource, HeldLease, KeeperConfig, LeaseKeeper
+from provisioner.lease_client import LeaseClient
+
+log = logging.getLogger("harp.provisioner.kernel_lease")
+
+WATCH_EVERY_S = 0.2
+AGENT_TIMEOUT_S = 5.0
+
+
+class KernelLease:
+    def __init__(self, config: KeeperConfig, agents: AgentsSource, token: str | None) -> None:
+        self.config = config
+        self.client = LeaseClient(token=token, timeout=AGENT_TIMEOUT_S,
+                                  on_push=self._on_push,
+                                  context=zmq.asyncio.Context.instance())
+        self.keeper = LeaseKeeper(config, self.client, agents, self._ask_park)
+        self.control = ControlServer({
+            "acquire": self._on_acquire, "parked": self._on_parked, "lost": self._on_lost,
+            "status": self._on_status, "set_idle": self._on_set_idle, "bye": self._on_bye,
+        })
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    async def start(self, *, control_port: int | None = None, control_key: str | None = None,
+                    lease: HeldLease | None = None, parked_at: str | None = None,
+                    agents_seen: list[str] | None = None) -> None:
+        """Serve the control socket (on a given port and key: a kernel that already knows
+        them) and take over ``lease`` if a previous server held one."""
+        await self.control.start(control_port, control_key)
+        if lease is not None or parked_at is not None or agents_seen:
+            self.keeper.adopt(lease, parked_at, agents_seen)
+
+    def watch(self, is_alive: Callable[[], bool]) -> None:
+        """Stop everything (release, drop parked state) when ``is_alive()`` turns False."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch(is_alive))
+
+    async def _watch(self, is_alive: Callable[[], bool]) -> None:
+        while is_alive():
+            await asyncio.sleep(WATCH_EVERY_S)
+        log.info("kernel %s exited: releasing its GPU lease", self.config.kernel_id)
+        self._watchdog = None  # stop() must not cancel the task running it
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Release the lease, drop parked state everywhere, close the sockets; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
+        try:
+            await self.keeper.shutdown()
+        finally:
+            await self.control.close()
+            await self.client.close()
+
+    async def detach(self) -> None:
+        """Stop serving this kernel without ending its lease (a handover to another server,
+        which takes it with load_provisioner_info); idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
+        self.keeper.detach()
+        await self.control.close()
+        await self.client.close()
+
+    def lease_state(self) -> dict[str, Any]:
+        return self.keeper.lease_state()
+
+    # {{{ to the kernel
+
+    async def _ask_park(self, reason: str) -> dict[str, Any]:
+        return await self.control.ask({"t": "park", "reason": reason},
+                                      self.config.park_timeout)
+
+    def _on_push(self, endpoint: str, lease: dict[str, Any]) -> None:
+        self.keeper.on_push(endpoint, lease)
+
+    # }}}
+
+    # {{{ control handlers (thin: the keeper decides)
+
+    async def _on_acquire(self, request: ControlRequest) -> dict[str, Any]:
+        resume = request.header.get("resume")
+
+        async def progress(message: dict[str, Any]) -> None:
+            await request.send({"t": "acquire_progress", **message})
+
+        return await self.keeper.acquire(resume if isinstance(resume, dict) else None, progress)
+
+    async def _on_parked(self, request: ControlRequest) -> dict[str, Any]:
+        await self.keeper.parked(request.header)
+        return {"t": "ok"}
+
+    async def _on_lost(self, request: ControlRequest) -> dict[str, Any]:
+        await self.keeper.lost(str(request.header.get("reason") or "the agent is unreachable"))
+        return {"t": "ok"}
+
+    async def _on_status(self, request: ControlRequest) -> dict[str, Any]:
+        return {"t": "status", **self.keeper.lease_state()}
+
+    async def _on_set_idle(self, request: ControlRequest) -> dict[str, Any]:
+        seconds = request.header.get("seconds")
+        if type(seconds) not in (int, float) or seconds <= 0:
+            raise ControlError("ProtocolError", "set_idle needs a positive number of seconds")
+        self.keeper.set_idle(float(seconds))
+        return {"t": "ok"}
+
+    async def _on_bye(self, request: ControlRequest) -> None:
+        # the kernel is exiting; the watchdog sees the process end and releases
+        log.debug("kernel %s said bye", self.config.kernel_id)
+        return None
+
+    # }}}

@@ -1,0 +1,74 @@
+"""Which agent an acquire goes to (provisioner.selection), from agents' status replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from provisioner.selection import choose_agent, is_free, parked_bytes, queue_length
+
+A, B, C = "tcp://a:1", "tcp://b:1", "tcp://c:1"
+
+
+def status(holder: str | None = None, queue: int = 0,
+           parked: list[tuple[str, int]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    return {"t": "status", "leases": {
+        "ttl": 30,
+        "holder": None if holder is None else {"lease_id": "h", "kernel_id": holder},
+        "queue": [{"lease_id": f"q{i}", "kernel_id": f"w{i}", "position": i + 1}
+                  for i in range(queue)],
+        "parked": [{"session": f"s{i}", "kernel_id": k, "bytes": n}
+                   for i, (k, n) in enumerate(parked)]}}
+
+
+def test_parked_agent_is_preferred_when_free() -> None:
+    statuses = {A: status(), B: status(parked=[("me", 1 << 20)])}
+    assert choose_agent(statuses, parked_at=B) == B
+
+
+def test_busy_parked_agent_gives_way_to_a_free_one() -> None:
+    statuses = {A: status(), B: status(holder="other", parked=[("me", 10)])}
+    assert choose_agent(statuses, parked_at=B) == A
+
+
+def test_among_free_agents_fewest_parked_bytes_then_order() -> None:
+    statuses = {A: status(parked=[("x", 500)]), B: status(parked=[("y", 100)]), C: status()}
+    assert choose_agent(statuses) == C
+    statuses = {A: status(parked=[("x", 500)]), B: status(parked=[("y", 100)])}
+    assert choose_agent(statuses) == B
+    assert choose_agent({A: status(), B: status()}) == A
+
+
+def test_all_busy_queue_at_the_shortest_queue() -> None:
+    statuses = {A: status("k1", queue=2), B: status("k2", queue=0), C: status("k3", queue=1)}
+    assert choose_agent(statuses) == B
+
+
+def test_all_busy_ties_go_to_our_parked_agent_then_endpoint_order() -> None:
+    statuses = {A: status("k1", queue=1), B: status("k2", queue=1), C: status("k3", queue=3)}
+    assert choose_agent(statuses, parked_at=B) == B
+    assert choose_agent(statuses) == A
+    # a parked agent with a longer queue does not win
+    assert choose_agent(statuses, parked_at=C) == A
+
+
+def test_parked_agent_that_did_not_answer_is_ignored() -> None:
+    assert choose_agent({A: status("k1"), B: status()}, parked_at=C) == B
+
+
+def test_agent_with_a_queue_but_no_holder_is_not_free() -> None:
+    # between a release and the next grant an agent can report a queue and no holder
+    s = status(queue=1)
+    assert not is_free(s)
+    assert queue_length(s) == 1
+    assert choose_agent({A: s, B: status("k", queue=0)}) == A  # both have one ahead
+
+
+def test_no_agent_answered() -> None:
+    with pytest.raises(ValueError):
+        choose_agent({})
+
+
+def test_malformed_status_counts_as_free_and_empty() -> None:
+    assert is_free({"t": "status"}) and parked_bytes({"leases": None}) == 0

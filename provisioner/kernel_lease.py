@@ -65,9 +65,7 @@ class KernelLease:
         if self._stopped:
             return
         self._stopped = True
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None and watchdog is not asyncio.current_task():
-            watchdog.cancel()
+        self._stop_watchdog()
         try:
             await self.keeper.shutdown()
         finally:
@@ -80,12 +78,15 @@ class KernelLease:
         if self._stopped:
             return
         self._stopped = True
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None and watchdog is not asyncio.current_task():
-            watchdog.cancel()
+        self._stop_watchdog()
         self.keeper.detach()
         await self.control.close()
         await self.client.close()
+
+    def _stop_watchdog(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
 
     def lease_state(self) -> dict[str, Any]:
         return self.keeper.lease_state()

@@ -143,3 +143,16 @@ def shim_cuda(emulated_agent: AgentProcess) -> Iterator[ModuleType]:
 def gpu_shim_cuda(gpu_agent: AgentProcess) -> Iterator[ModuleType]:
     with shim_driver(gpu_agent.endpoint) as cuda:
         yield cuda
+
+
+@pytest.fixture
+def lease_client() -> Iterator[Any]:
+    """A real lease client (provisioner.lease_client) to read agents' status and hold leases
+    as another kernel would."""
+    from provisioner.lease_client import BlockingLeaseClient
+
+    client = BlockingLeaseClient()
+    try:
+        yield client
+    finally:
+        client.close()

@@ -29,15 +29,6 @@ __global__ void gather(float *out, float **ptrs, int n)
 
 
 @pytest.fixture
-def lease_client() -> Iterator[BlockingLeaseClient]:
-    client = BlockingLeaseClient()
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def pycuda_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     import importlib
 

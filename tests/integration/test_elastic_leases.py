@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,15 +42,6 @@ def elastic_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HARP_LEASE_TTL", "30")
     monkeypatch.delenv("HARP_AGENT", raising=False)
     monkeypatch.delenv("HARP_TOKEN", raising=False)
-
-
-@pytest.fixture
-def status_client() -> Iterator[BlockingLeaseClient]:
-    client = BlockingLeaseClient()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @dataclass
@@ -145,7 +136,7 @@ async def eventually(check: Any, timeout: float = 20, every: float = 0.1) -> Any
 
 def test_three_kernels_contend_for_two_agents(agent_starter: Any,
                                              monkeypatch: pytest.MonkeyPatch,
-                                             status_client: BlockingLeaseClient) -> None:
+                                             lease_client: BlockingLeaseClient) -> None:
     first, second = agent_starter(), agent_starter()
     monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
 
@@ -153,11 +144,11 @@ def test_three_kernels_contend_for_two_agents(agent_starter: Any,
         async with elastic_kernels(3) as (k1, k2, k3):
             await k1.ok("a = ga.to_gpu(np.arange(1000.0))")
             await k2.ok("b = ga.to_gpu(np.arange(10.0))")
-            assert sorted(holders(status_client, first, second)) == sorted(
+            assert sorted(holders(lease_client, first, second)) == sorted(
                 [k1.manager.kernel_id, k2.manager.kernel_id])
             waiting = asyncio.ensure_future(k3.ok("c = ga.to_gpu(np.ones(5)); print(c.get())"))
             await eventually(lambda: any(
-                status_client.status(x.endpoint)["leases"]["queue"] for x in (first, second)))
+                lease_client.status(x.endpoint)["leases"]["queue"] for x in (first, second)))
             await k1.ok("%harp release")
             cell = await waiting
             assert cell.displays[0].startswith("Waiting for a GPU: position 1 in the queue")
@@ -171,7 +162,7 @@ def test_three_kernels_contend_for_two_agents(agent_starter: Any,
 
 def test_idle_release_parks_and_a_later_cell_finds_its_arrays(
         emulated_agent: Any, monkeypatch: pytest.MonkeyPatch,
-        status_client: BlockingLeaseClient) -> None:
+        lease_client: BlockingLeaseClient) -> None:
     monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
     monkeypatch.setenv("HARP_IDLE_TIMEOUT", "1")
     monkeypatch.setenv("HARP_LEASE_TTL", "3")
@@ -182,7 +173,7 @@ def test_idle_release_parks_and_a_later_cell_finds_its_arrays(
                             "a = ga.to_gpu(host); p = int(a.gpudata)")
             state = await kernel.lease_state()
             assert state["state"] == "held" and state["idle_timeout"] == 1
-            await eventually(lambda: status_client.status(
+            await eventually(lambda: lease_client.status(
                 emulated_agent.endpoint)["leases"]["holder"] is None)
             assert (await kernel.lease_state())["state"] == "parked"
             cell = await kernel.ok("print(bool((a.get() == host).all()), int(a.gpudata) == p)")
@@ -193,7 +184,7 @@ def test_idle_release_parks_and_a_later_cell_finds_its_arrays(
 
 def test_restore_lands_on_the_other_agent_when_the_first_is_busy(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
-        status_client: BlockingLeaseClient) -> None:
+        lease_client: BlockingLeaseClient) -> None:
     first, second = agent_starter(), agent_starter()
     monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
 
@@ -202,30 +193,30 @@ def test_restore_lands_on_the_other_agent_when_the_first_is_busy(
             await k1.ok("a = ga.to_gpu(np.arange(100_000.0)); p = int(a.gpudata)\n%harp release")
             await k2.ok("%harp lease")  # the free agent with nothing parked
             await k3.ok("%harp lease")  # the other one: where k1's state is parked
-            assert holders(status_client, first, second) == [k3.manager.kernel_id,
+            assert holders(lease_client, first, second) == [k3.manager.kernel_id,
                                                              k2.manager.kernel_id]
             await k2.ok("%harp release")
             cell = await k1.ok("print((a.get() == np.arange(100_000.0)).all(), "
                                "int(a.gpudata) == p)")
             assert cell.out.split() == ["True", "True"]
             assert (await k1.lease_state())["agent"] == second.endpoint
-            assert status_client.status(first.endpoint)["leases"]["parked"] == []
+            assert lease_client.status(first.endpoint)["leases"]["parked"] == []
 
     asyncio.run(scenario())
 
 
 def test_killed_kernel_frees_its_lease(emulated_agent: Any, monkeypatch: pytest.MonkeyPatch,
-                                       status_client: BlockingLeaseClient) -> None:
+                                       lease_client: BlockingLeaseClient) -> None:
     monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
     monkeypatch.setenv("HARP_LEASE_TTL", "600")  # so only the provisioner can free it
 
     async def scenario() -> None:
         async with elastic_kernels(1) as (kernel,):
             await kernel.ok("a = ga.to_gpu(np.ones(10))")
-            assert holders(status_client, emulated_agent) == [kernel.manager.kernel_id]
+            assert holders(lease_client, emulated_agent) == [kernel.manager.kernel_id]
             os.kill(kernel.pid, signal.SIGKILL)
-            await eventually(lambda: holders(status_client, emulated_agent) == [None])
-            status = status_client.status(emulated_agent.endpoint)["leases"]
+            await eventually(lambda: holders(lease_client, emulated_agent) == [None])
+            status = lease_client.status(emulated_agent.endpoint)["leases"]
             assert status["parked"] == []  # its parked state is dropped with it
 
     asyncio.run(scenario())
@@ -256,7 +247,7 @@ def test_agent_killed_mid_cell_the_kernel_lives_and_leases_again(
 
 def test_wrong_token_is_refused_and_touches_nobody_else(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
-        status_client: BlockingLeaseClient) -> None:
+        lease_client: BlockingLeaseClient) -> None:
     agent = agent_starter("--token", "right")
     monkeypatch.setenv("HARP_AGENTS", agent.endpoint)
 
@@ -275,7 +266,7 @@ def test_wrong_token_is_refused_and_touches_nobody_else(
 
 
 def test_server_killed_lease_expires_after_its_ttl(emulated_agent: Any, tmp_path: Path,
-                                                   status_client: BlockingLeaseClient) -> None:
+                                                   lease_client: BlockingLeaseClient) -> None:
     """jupyter_server's process (here: a script holding the kernel manager) is SIGKILLed: nobody
     renews the lease, the agent expires it after its TTL and grants the GPU to the next."""
     script = tmp_path / "server.py"
@@ -304,16 +295,16 @@ def test_server_killed_lease_expires_after_its_ttl(emulated_agent: Any, tmp_path
         words = server.stdout.readline().split()
         assert words[0] == "ready" and words[2] == "ok", words
         kernel_pid = int(words[1])
-        assert holders(status_client, emulated_agent) != [None]
+        assert holders(lease_client, emulated_agent) != [None]
         server.kill()
         server.wait(10)
         deadline = time.monotonic() + 20
-        while holders(status_client, emulated_agent) != [None]:
+        while holders(lease_client, emulated_agent) != [None]:
             assert time.monotonic() < deadline, "the lease did not expire"
             time.sleep(0.2)
-        lease = status_client.request(emulated_agent.endpoint, "next-kernel", "s")
+        lease = lease_client.request(emulated_agent.endpoint, "next-kernel", "s")
         assert lease["state"] == "held"
-        status_client.release(emulated_agent.endpoint, lease["id"], lease["token"])
+        lease_client.release(emulated_agent.endpoint, lease["id"], lease["token"])
     finally:
         server.kill()
         if kernel_pid is not None:
@@ -325,7 +316,7 @@ def test_server_killed_lease_expires_after_its_ttl(emulated_agent: Any, tmp_path
 
 def test_randomized_contention_never_two_holders_and_nobody_starves(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
-        status_client: BlockingLeaseClient) -> None:
+        lease_client: BlockingLeaseClient) -> None:
     agents = [agent_starter(), agent_starter()]
     monkeypatch.setenv("HARP_AGENTS", ",".join(a.endpoint for a in agents))
     rng = random.Random(int(os.environ.get("HARP_TEST_SEED", "3")))
@@ -349,7 +340,7 @@ def test_randomized_contention_never_two_holders_and_nobody_starves(
             workers = asyncio.gather(*(worker(k, i, done) for i, k in enumerate(kernels)))
             while not workers.done():
                 # one holder field per agent; also no kernel may hold two GPUs at once
-                current = holders(status_client, *agents)
+                current = holders(lease_client, *agents)
                 held = [h for h in current if h is not None]
                 assert len(held) == len(set(held)), current
                 seen_holders.append(current)

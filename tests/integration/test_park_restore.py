@@ -9,7 +9,6 @@ a clear error, never wrong data.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -21,15 +20,6 @@ from harp_jupyter.shim.session import get_session, reset_session
 from provisioner.lease_client import BlockingLeaseClient
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def lease_client() -> Iterator[BlockingLeaseClient]:
-    client = BlockingLeaseClient()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

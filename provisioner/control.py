@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -68,6 +69,10 @@ class ControlServer:
         self._ask_ids = itertools.count(1)
         #: the kernel's DEALER: where pushes go (the last sender with the right key)
         self._kernel: bytes | None = None
+        #: (sender, rid) of recent requests -> final reply, or None while it is being handled.
+        #: The kernel resends a request it heard nothing about (a message sent while a restarted
+        #: server was reconnecting is lost by ZeroMQ); this makes each request run once.
+        self._answers: OrderedDict[tuple[bytes, Any], dict[str, Any] | None] = OrderedDict()
         self.endpoint: str | None = None
         self.key: str = ""
 
@@ -111,6 +116,7 @@ class ControlServer:
         for future in self._asks.values():
             future.cancel()
         self._asks.clear()
+        self._answers.clear()
         socket, self._socket = self._socket, None
         if socket is not None:
             socket.close(0)
@@ -173,6 +179,16 @@ class ControlServer:
                 if not future.done():
                     future.set_result(header)
                 continue
+            if rid is not None:
+                seen = (routing_id, rid)
+                if seen in self._answers:
+                    answer = self._answers[seen]
+                    if answer is not None:
+                        await self._send(routing_id, answer)
+                    continue
+                self._answers[seen] = None
+                while len(self._answers) > _REMEMBERED_ANSWERS:
+                    self._answers.popitem(last=False)
             task = asyncio.ensure_future(self._dispatch(routing_id, header))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -193,7 +209,13 @@ class ControlServer:
             reply = _error(request.rid, "RuntimeError",
                            f"the provisioner failed on {header['t']}: {type(e).__name__}: {e}")
         if reply is not None:
-            await self._send(routing_id, {**reply, "rid": request.rid})
+            reply = {**reply, "rid": request.rid}
+            if (routing_id, request.rid) in self._answers:
+                self._answers[(routing_id, request.rid)] = reply
+            await self._send(routing_id, reply)
+
+
+_REMEMBERED_ANSWERS = 256
 
 
 def _error(rid: Any, kind: str, msg: str) -> dict[str, Any]:

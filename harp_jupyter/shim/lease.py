@@ -36,6 +36,9 @@ from harp_jupyter.shim.notice import WaitNotice
 #: park_handler(reason) -> {"session", "agent", "bytes"} once parked, or None when busy
 ParkHandler = Callable[[str], dict[str, Any] | None]
 
+#: seconds without any word from the provisioner after which a control request is sent again
+_RESEND_AFTER = 1.0
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -163,17 +166,28 @@ class ControlLeaseSource(LeaseSource):
         rid = next(self._rids)
         waiter: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._waiters[rid] = waiter
+        message = {**header, "rid": rid}
         try:
-            self._send({**header, "rid": rid})
+            self._send(message)
             limit = self._timeout if timeout is None else timeout
+            deadline = time.monotonic() + limit
+            heard = False
             while True:
+                left = max(0.0, deadline - time.monotonic())
                 try:
-                    reply = waiter.get(timeout=limit)
+                    # Until the provisioner has said anything about this request, resend it now
+                    # and then: ZeroMQ drops a message sent while a restarted server is being
+                    # reconnected to. The server answers each (sender, rid) once.
+                    reply = waiter.get(timeout=left if heard else min(left, _RESEND_AFTER))
                 except queue.Empty:
+                    if time.monotonic() < deadline:
+                        self._send(message)
+                        continue
                     raise GPUUnavailableError(
                         f"the Jupyter server that manages this kernel did not answer within "
                         f"{limit:g} s ({self.endpoint}); if it was restarted or stopped, restart "
                         "this kernel from JupyterLab to get a GPU again") from None
+                heard = True
                 if reply.get("t") == "acquire_progress" and on_progress is not None:
                     on_progress(reply)
                     continue

@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from gpu_agent import protocol as P
+from harp_jupyter.shim.lease import ControlLeaseSource
 from provisioner.control import ControlServer, KernelNotConnected
 from provisioner.keeper import KeeperConfig
 from provisioner.kernel_lease import KernelLease
@@ -267,22 +268,62 @@ def test_control_server_asks_the_kernel_and_matches_the_answer_by_rid() -> None:
 
 
 def test_a_second_server_takes_over_the_same_port_and_key() -> None:
+    """A restarted server re-creates the socket the kernel knows; the kernel's own client
+    (ControlLeaseSource) gets its answers from it, though ZeroMQ may drop a message sent while
+    it reconnects: the client resends until it hears back."""
     async def scenario() -> None:
-        async def ok(request: Any) -> dict[str, Any]:
-            return {"t": "ok"}
+        calls: list[int] = []
 
-        first = ControlServer({"status": ok})
-        endpoint = await first.start()
-        kernel = FakeKernelSocket(endpoint, first.key)
+        async def status(request: Any) -> dict[str, Any]:
+            calls.append(request.rid)
+            return {"t": "ok", "server": len(servers)}
+
+        servers = [ControlServer({"status": status})]
+        endpoint = await servers[0].start()
+        kernel = ControlLeaseSource(endpoint, servers[0].key, timeout=20)
         try:
-            assert (await kernel.request({"t": "status", "rid": 1}))["t"] == "ok"
-            await first.close()
-            second = ControlServer({"status": ok})
-            assert await second.start(first.port, first.key) == endpoint
-            assert (await kernel.request({"t": "status", "rid": 2}))["t"] == "ok"
-            await second.close()
+            assert (await asyncio.to_thread(kernel.status))["server"] == 1
+            await servers[0].close()
+            servers.append(ControlServer({"status": status}))
+            assert await servers[1].start(servers[0].port, servers[0].key) == endpoint
+            for _ in range(5):
+                assert (await asyncio.to_thread(kernel.status))["server"] == 2
+            assert len(calls) == len(set(calls)) == 6, calls
+        finally:
+            await asyncio.to_thread(kernel.close)
+            await servers[-1].close()
+
+    asyncio.run(scenario())
+
+
+def test_a_resent_request_runs_once_and_gets_the_same_answer() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        runs: list[Any] = []
+
+        async def slow(request: Any) -> dict[str, Any]:
+            runs.append(request.rid)
+            await release.wait()
+            return {"t": "ok", "run": len(runs)}
+
+        server = ControlServer({"status": slow})
+        endpoint = await server.start()
+        kernel = FakeKernelSocket(endpoint, server.key)
+        try:
+            await kernel.send({"t": "status", "rid": 7})
+            await kernel.send({"t": "status", "rid": 7})  # while the first is being handled
+            with pytest.raises(TimeoutError):
+                await kernel.recv(timeout=0.3)
+            release.set()
+            assert await kernel.recv() == {"t": "ok", "run": 1, "rid": 7}
+            await kernel.send({"t": "status", "rid": 7})  # after it was answered
+            assert await kernel.recv() == {"t": "ok", "run": 1, "rid": 7}
+            with pytest.raises(TimeoutError):
+                await kernel.recv(timeout=0.3)
+            assert runs == [7]
         finally:
             kernel.close()
+            await server.close()
 
     asyncio.run(scenario())
 

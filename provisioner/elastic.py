@@ -39,7 +39,7 @@ from provisioner import background, local_agents
 from provisioner.control import ControlError
 from provisioner.keeper import HeldLease, KeeperConfig
 from provisioner.kernel_lease import KernelLease
-from provisioner.pool import expand_endpoints, parse_endpoints
+from provisioner.pool import configured_endpoints, resolve_agents
 
 #: live provisioners by kernel id (the server extension lists them)
 _registry: dict[str, ElasticGPUProvisioner] = {}
@@ -140,21 +140,15 @@ class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
 
     def agent_endpoints(self) -> list[str]:
         """The configured agents, names expanded; ``["auto"]`` for local agents."""
-        endpoints = parse_endpoints(self.agents)
-        if endpoints == ["auto"]:
-            return endpoints
-        if "auto" in endpoints:
-            raise TraitError("agents: 'auto' cannot be mixed with agent endpoints")
-        return expand_endpoints(endpoints)
+        try:
+            return configured_endpoints(self.agents)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
 
     async def _resolve_agents(self) -> list[str]:
-        """The agents for one acquire. Names are resolved again each time (a headless Service
-        grows and shrinks), in a thread: a slow DNS must not stall every other kernel's lease."""
-        endpoints = await asyncio.to_thread(self.agent_endpoints)
-        if endpoints != ["auto"]:
-            return endpoints
+        """The agents for one acquire."""
         try:
-            return await local_agents.shared(self.token).endpoints_async()
+            return await resolve_agents(self.agents, self.token)
         except local_agents.NoLocalGPU as e:
             raise ControlError("GPUUnavailable", str(e)) from None
 
@@ -245,6 +239,22 @@ class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
             return {"state": "none", "kernel_id": self.kernel_id, "agent": None,
                     "message": "the kernel is not running"}
         return launch.lease_state()
+
+    async def current_lease_state(self, max_age: float = 1.0) -> dict[str, Any]:
+        """lease_state() with the session's figures (memory, idleness) at most ``max_age`` s
+        old: asks the agent when they are older."""
+        launch = self._launch
+        if launch is not None:
+            await background.run(launch.keeper.refresh(max_age))
+        return self.lease_state()
+
+    async def lease_gpu(self) -> dict[str, Any]:
+        """Lease a GPU now, before the kernel's next GPU cell; the lease state once granted or
+        queued. ControlError (GPUUnavailable, ...) when no GPU can be leased."""
+        launch = self._launch
+        if launch is None:
+            raise ControlError("NoSuchKernel", "the kernel is not running")
+        return await background.run(launch.lease_now())
 
     async def release_gpu(self) -> bool:
         """Park the kernel's GPU state and release its lease now; False if the kernel is busy."""

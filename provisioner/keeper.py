@@ -43,6 +43,9 @@ AskPark = Callable[[str], Awaitable[dict[str, Any]]]
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 #: the agent endpoints to choose from, resolved at each acquire (local agents start lazily)
 AgentsSource = Callable[[], Awaitable[list[str]]]
+#: on_change(lease_state() plus "previous": the state before) at each state or queue-position
+#: change, on the keeper's loop; must not block (the sidebar's events)
+OnChange = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -94,8 +97,10 @@ def idle_left(idle_timeout: float, session: dict[str, Any] | None, seconds_since
 
 class LeaseKeeper:
     def __init__(self, config: KeeperConfig, client: LeaseClient, agents: AgentsSource,
-                 ask_park: AskPark, *, clock: Callable[[], float] = time.time) -> None:
+                 ask_park: AskPark, *, clock: Callable[[], float] = time.time,
+                 on_change: OnChange | None = None) -> None:
         self.config = config
+        self.on_change = on_change
         self.client = client
         self._agents = agents
         self._ask_park = ask_park
@@ -117,6 +122,10 @@ class LeaseKeeper:
         self._acquiring: asyncio.Task[Any] | None = None
         self.agents_seen: set[str] = set()
         self.closed = False
+        #: GPU time of leases that ended, and when the current one started being held
+        self._gpu_seconds = 0.0
+        self._held_from: float | None = None
+        self._told: tuple[str, int | None] = ("none", None)
 
     # {{{ what the kernel asks
 
@@ -315,6 +324,22 @@ class LeaseKeeper:
         except Exception:  # never let the keeper die silently: the lease would just expire
             log.exception("lease keeper of kernel %s failed", self.config.kernel_id)
 
+    async def refresh(self, max_age: float) -> None:
+        """Renew now if the last session report is older than ``max_age`` s, so lease_state()
+        shows current memory and idleness (the sidebar asks); failures are left to the keeper
+        loop, which renews again soon and handles them."""
+        lease = self.lease
+        if lease is None or self.state != "held":
+            return
+        if self.session is not None and time.monotonic() - self._reported_at < max_age:
+            return
+        try:
+            info = await self.client.renew(lease.agent, lease.lease_id, lease.token)
+        except (AgentUnreachable, LeaseRefused):
+            return
+        if self.lease is lease:
+            self._note_session(info.get("session"))
+
     def _next_tick(self) -> float:
         lease = self.lease
         every = (lease.ttl if lease else self.config.lease_ttl) / 3
@@ -454,13 +479,37 @@ class LeaseKeeper:
 
     def _set(self, state: str, message: str) -> None:
         assert state in STATES, state
-        if state != self.state:
-            log.debug("kernel %s: %s -> %s %s", self.config.kernel_id, self.state, state, message)
+        previous = self.state
+        if state != previous:
+            log.debug("kernel %s: %s -> %s %s", self.config.kernel_id, previous, state, message)
         self.state, self.message = state, message
         if state != "queued":
             self.position = None
         if state not in ("held", "parking"):
             self.session = None
+        holding = state in ("held", "parking")
+        if holding and self._held_from is None:
+            self._held_from = self._clock()
+        elif not holding and self._held_from is not None:
+            self._gpu_seconds += self._clock() - self._held_from
+            self._held_from = None
+        self._tell(previous)
+
+    def _tell(self, previous: str) -> None:
+        told = (self.state, self.position)
+        if told == self._told or self.on_change is None:
+            self._told = told
+            return
+        self._told = told
+        try:
+            self.on_change({**self.lease_state(), "previous": previous})
+        except Exception:  # a listener's bug must not break the lease
+            log.exception("lease change listener of kernel %s failed", self.config.kernel_id)
+
+    def gpu_seconds(self) -> float:
+        """Seconds this kernel has held a GPU, over all its leases."""
+        current = self._clock() - self._held_from if self._held_from is not None else 0.0
+        return self._gpu_seconds + current
 
     def _note_session(self, session: Any) -> None:
         self.session = session if isinstance(session, dict) else None
@@ -499,6 +548,8 @@ class LeaseKeeper:
             "idle_timeout": self.config.idle_timeout,
             "idle_left_s": round(left, 1) if left is not None else None,
             "position": self.position,
+            "gpu_seconds": round(self.gpu_seconds(), 3),
+            "parked_bytes": self.parked_bytes if self.parked_at and not held else 0,
             "kernel_id": self.config.kernel_id,
             "message": self.message,
         }

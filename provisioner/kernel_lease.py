@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq.asyncio
 
+from provisioner import changes
 from provisioner.control import ControlError, ControlRequest, ControlServer
 from provisioner.keeper import AgentsSource, HeldLease, KeeperConfig, LeaseKeeper
 from provisioner.lease_client import LeaseClient
@@ -23,6 +24,7 @@ log = logging.getLogger("harp.provisioner.kernel_lease")
 
 WATCH_EVERY_S = 0.2
 AGENT_TIMEOUT_S = 5.0
+LEASE_NOW_SETTLE_S = 5.0
 
 
 class KernelLease:
@@ -31,12 +33,14 @@ class KernelLease:
         self.client = LeaseClient(token=token, timeout=AGENT_TIMEOUT_S,
                                   on_push=self._on_push,
                                   context=zmq.asyncio.Context.instance())
-        self.keeper = LeaseKeeper(config, self.client, agents, self._ask_park)
+        self.keeper = LeaseKeeper(config, self.client, agents, self._ask_park,
+                                  on_change=changes.publish)
         self.control = ControlServer({
             "acquire": self._on_acquire, "parked": self._on_parked, "lost": self._on_lost,
             "status": self._on_status, "set_idle": self._on_set_idle, "bye": self._on_bye,
         })
         self._watchdog: asyncio.Task[None] | None = None
+        self._leasing: asyncio.Task[Any] | None = None  # lease_now's acquire, kept alive
         self._stopped = False
 
     async def start(self, *, control_port: int | None = None, control_key: str | None = None,
@@ -91,6 +95,25 @@ class KernelLease:
     def lease_state(self) -> dict[str, Any]:
         return self.keeper.lease_state()
 
+    async def lease_now(self, settle_s: float = LEASE_NOW_SETTLE_S) -> dict[str, Any]:
+        """Lease a GPU before the kernel asks (the sidebar's Lease button); returns the lease
+        state once granted or queued, or after ``settle_s``. A queued lease keeps waiting in
+        the background; the kernel's next GPU call gets it without waiting again. Raises
+        ControlError when no GPU can be leased."""
+        if self.keeper.state in ("held", "parking", "acquiring", "queued"):
+            return self.keeper.lease_state()
+        task = asyncio.ensure_future(self.keeper.acquire())
+        self._leasing = task
+        task.add_done_callback(_log_lease_failure)
+        deadline = asyncio.get_running_loop().time() + settle_s
+        while not task.done() and self.keeper.state not in ("held", "queued"):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        if task.done() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+        return self.keeper.lease_state()
+
     # {{{ to the kernel
 
     async def _ask_park(self, reason: str) -> dict[str, Any]:
@@ -136,3 +159,8 @@ class KernelLease:
         return None
 
     # }}}
+
+
+def _log_lease_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("lease requested from the sidebar failed: %s", task.exception())

@@ -7,9 +7,12 @@ GPU side needs no change on the notebook side.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
+
+from provisioner import local_agents
 
 Resolver = Callable[[str], list[str]]
 
@@ -62,3 +65,24 @@ def expand_endpoints(endpoints: Iterable[str], resolver: Resolver = resolve_all)
             shown = f"[{address}]" if ":" in address else address
             expanded.setdefault(f"tcp://{shown}:{port}", None)
     return list(expanded)
+
+
+def configured_endpoints(spec: str | Iterable[str]) -> list[str]:
+    """The agents of a setting (``HARP_AGENTS``), names expanded; ``["auto"]`` for local agents.
+    ValueError for a malformed setting."""
+    endpoints = parse_endpoints(spec)
+    if endpoints == ["auto"]:
+        return endpoints
+    if "auto" in endpoints:
+        raise ValueError("agents: 'auto' cannot be mixed with agent endpoints")
+    return expand_endpoints(endpoints)
+
+
+async def resolve_agents(spec: str | Iterable[str], token: str | None) -> list[str]:
+    """The agent endpoints to use now: names resolved again each time (a headless Service grows
+    and shrinks), in a thread so a slow DNS stalls nobody; ``auto`` starts the local agents.
+    ValueError for a malformed setting, local_agents.NoLocalGPU for auto without a GPU."""
+    endpoints = await asyncio.to_thread(configured_endpoints, spec)
+    if endpoints != ["auto"]:
+        return endpoints
+    return await local_agents.shared(token).endpoints_async()

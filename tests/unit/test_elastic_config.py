@@ -58,7 +58,7 @@ def test_bad_settings_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HARP_IDLE_TIMEOUT", "soon")
     with pytest.raises(TraitError, match="HARP_IDLE_TIMEOUT"):
         _ = make().idle_timeout
-    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+    with pytest.raises(TraitError, match="tcp://HOST:PORT"):
         make(agents="localhost:5555").agent_endpoints()
     with pytest.raises(TraitError, match="auto"):
         make(agents="auto,tcp://127.0.0.1:1").agent_endpoints()

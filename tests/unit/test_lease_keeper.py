@@ -75,9 +75,47 @@ def test_lease_state_has_every_documented_key() -> None:
     state = keeper().lease_state()
     assert set(state) == {"state", "agent", "gpu", "emulated", "memory_used", "memory_total",
                           "held_since", "held_s", "idle_timeout", "idle_left_s", "position",
-                          "kernel_id", "message"}
+                          "gpu_seconds", "parked_bytes", "kernel_id", "message"}
     assert state["state"] == "none" and state["kernel_id"] == "kernel-1"
     assert state["state"] in STATES
+
+
+def test_gpu_seconds_add_up_over_leases_and_each_change_is_told_once() -> None:
+    clock = Clock(1000.0)
+    told: list[tuple[str, str, int | None, float]] = []
+    k = keeper(clock)
+    k.on_change = lambda c: told.append((c["previous"], c["state"], c["position"],
+                                         c["gpu_seconds"]))
+    k._set("acquiring", "")
+    k.position = 2
+    k._set("queued", "position 2")
+    k._set("queued", "position 2")  # nothing changed: not told again
+    k.position = 1
+    k._set("queued", "position 1")
+    k._set("held", "")
+    clock.now += 30
+    k._set("parking", "")
+    k._set("parked", "")
+    clock.now += 100  # parked time is not GPU time
+    k._set("acquiring", "")
+    k._set("held", "")
+    clock.now += 5
+    assert k.lease_state()["gpu_seconds"] == 35
+    assert told == [("none", "acquiring", None, 0), ("acquiring", "queued", 2, 0),
+                    ("queued", "queued", 1, 0), ("queued", "held", None, 0),
+                    ("held", "parking", None, 30), ("parking", "parked", None, 30),
+                    ("parked", "acquiring", None, 30), ("acquiring", "held", None, 30)]
+
+
+def test_a_failing_listener_does_not_break_the_keeper() -> None:
+    k = keeper()
+
+    def broken(change: dict[str, Any]) -> None:
+        raise RuntimeError("listener bug")
+
+    k.on_change = broken
+    k._set("acquiring", "")
+    assert k.state == "acquiring"
 
 
 def test_lease_state_while_held() -> None:

@@ -313,6 +313,11 @@ OPS: dict[str, Op] = {
     "synchronize": Op((), True, "cuCtxSynchronize; result None"),
     "mem_get_info": Op((), True, "-> [free, total]"),
     "ping": Op((), True, "-> agent monotonic time in ns (clock offset, liveness)"),
+    # profiling (gpu_agent/profiling.py)
+    "profile_gpu": Op((), True, "-> GPU timings since the last call: [[op, stream, start_ns, "
+                                "end_ns, batch seq, call index], ...], agent clock"),
+    "nvtx_push": Op((STR,), False, "open an NVTX range in the agent process (Nsight)"),
+    "nvtx_pop": Op((), False, "close the innermost NVTX range the session opened"),
     # memory: addr and size multiples of GRANULARITY, inside the session's range
     "alloc": Op((UINT, UINT), False, "alloc(addr, size): map device memory exactly there"),
     "free": Op((UINT,), False, "free(addr): unmap what alloc(addr, ...) mapped"),

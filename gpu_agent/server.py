@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zmq
 
+from gpu_agent import profiling
 from gpu_agent import protocol as P
 from gpu_agent.executors.base import ContextLost, Executor, ExecutorError
 from gpu_agent.leases import Lease
@@ -314,6 +315,8 @@ class AgentServer:
                              f"{P.MAX_CALLS_PER_BATCH} per batch")
         session.last_seen = time.monotonic()
         session.batches += 1
+        level = header.get("p")
+        timer = profiling.BatchTimer(level) if type(level) is int and level > 0 else None
         results: list[list[Any]] = []
         out_frames: list[Any] = []
         first_error: dict | None = None
@@ -326,7 +329,10 @@ class AgentServer:
                 name, args = P.validate_call(call)
                 args = self._resolve_frames(args, frames)
                 self._check_addresses(session, name, args)
-                value = self.executor.run(session.ops[name], *args)
+                if timer is not None:
+                    value = self._run_timed(session, timer, seq, index, name, args)
+                else:
+                    value = self.executor.run(session.ops[name], *args)
                 self._after(session, name, args, value)
                 session.record(name, args)
                 session.calls += 1
@@ -360,8 +366,22 @@ class AgentServer:
                 session.device.batch_done()
             except Exception:
                 log.exception("batch_done")
-        self._send(routing_id, {"t": P.REPLY, "q": seq, "r": results, "e": first_error},
-                   out_frames)
+        reply = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
+        if timer is not None:
+            reply["p"] = timer.reply()
+        self._send(routing_id, reply, out_frames)
+
+    def _run_timed(self, session: ClientSession, timer: profiling.BatchTimer, seq: int,
+                   index: int, name: str, args: list[Any]) -> Any:
+        token = None
+        if timer.gpu and name in profiling.GPU_WORK:
+            token = session.device.gpu_timer_start(name, profiling.stream_of(name, args))
+        started = profiling.now_ns()
+        value = self.executor.run(session.ops[name], *args)
+        timer.calls.append([index, started, profiling.now_ns()])
+        if token is not None:
+            session.device.gpu_timer_end(token, seq, index)
+        return value
 
     @staticmethod
     def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:

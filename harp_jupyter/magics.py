@@ -4,6 +4,10 @@
     %harp lease           lease a GPU now (and restore parked state), instead of at the next call
     %harp release         park the device state and give the GPU back now
     %harp idle SECONDS    this kernel's idle timeout (the provisioner releases after it)
+    %%harp profile [--export PATH.json] [--no-gpu-timing]
+                          run the cell and show one timeline of the notebook and the agent,
+                          a summary and the sync-point advisor (harp_jupyter.profiler)
+    %harp profile [options] STATEMENT      the same for one statement
 
 Loaded in Elastic GPU kernels by the kernelspec (``--ext harp_jupyter.magics``); elsewhere with
 ``%load_ext harp_jupyter.magics``.
@@ -16,7 +20,9 @@ import shlex
 import time
 from typing import Any
 
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+
+from harp_jupyter.profiler.display import format_bytes as _bytes
 
 STATES = ("none", "acquiring", "queued", "held", "parking", "parked", "lost")
 
@@ -77,13 +83,17 @@ def lease_status() -> LeaseStatus:
 
 @magics_class
 class HarpMagics(Magics):
-    @line_magic
-    def harp(self, line: str) -> Any:
-        """%harp status | lease | release | idle SECONDS (see harp_jupyter.magics)."""
+    @line_cell_magic
+    def harp(self, line: str, cell: str | None = None) -> Any:
+        """%harp status | lease | release | idle SECONDS | profile (see harp_jupyter.magics)."""
         from harp_jupyter.shim.session import get_session
 
         words = shlex.split(line)
         command = words[0] if words else "status"
+        if command == "profile":
+            return self._profile(line.split(None, 1)[1] if len(words) > 1 else "", cell)
+        if cell is not None:
+            raise ValueError("the cell form is %%harp profile; other commands are %harp lines")
         if command == "status":
             return lease_status()
         if command == "lease":
@@ -106,16 +116,42 @@ class HarpMagics(Magics):
             get_session().lease_source.set_idle(seconds)
             print(f"This kernel now releases its GPU after {seconds:g} s without GPU work.")
             return None
-        raise ValueError(f"unknown %harp command {command!r}: use status, lease, release or "
-                         "idle SECONDS")
+        raise ValueError(f"unknown %harp command {command!r}: use status, lease, release, "
+                         "idle SECONDS or profile")
 
+    def _profile(self, rest: str, cell: str | None) -> None:
+        from IPython.display import display
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+        from harp_jupyter.profiler.display import ProfileResult
+        from harp_jupyter.profiler.profile import run_profiled
+
+        export, gpu_timing = None, True
+        words = rest.split()
+        while words and words[0].startswith("--"):
+            option = words.pop(0)
+            if option == "--no-gpu-timing":
+                gpu_timing = False
+            elif option == "--export" and words:
+                export = words.pop(0)
+            else:
+                raise ValueError(f"%harp profile: unknown option {option!r} (use --export "
+                                 "PATH.json, --no-gpu-timing)")
+        code = cell if cell is not None else " ".join(words)
+        if not code.strip():
+            raise ValueError("usage: %%harp profile [--export PATH.json] [--no-gpu-timing] "
+                             "(cell), or %harp profile [options] STATEMENT")
+        with run_profiled(gpu_timing, label=code.strip().splitlines()[0][:80]) as box:
+            outcome = self.shell.run_cell(code, store_history=False)
+        assert box.profile is not None
+        result = ProfileResult(box.profile)
+        if export:
+            result.export(export)
+            print(f"Chrome trace written to {export}: open it in https://ui.perfetto.dev or "
+                  "chrome://tracing")
+        display(result)
+        self.shell.user_ns["_harp_profile"] = result
+        if not outcome.success and outcome.error_in_exec is not None:
+            print("(the cell raised an error: the profile covers it up to the error)")
 
 
 def load_ipython_extension(ipython: Any) -> None:

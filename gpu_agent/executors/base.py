@@ -24,6 +24,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+from gpu_agent import profiling
+
 
 class ExecutorError(Exception):
     """A failed call: ``kind`` is one of protocol.ERROR_KINDS, ``code`` a CUDA error name if any."""
@@ -70,6 +72,27 @@ class ExecutorSession(ABC):
 
     def batch_done(self) -> None:  # noqa: B027 - optional hook
         """Called after each batch ran (executors that track ``busy`` mark it here)."""
+
+    # {{{ profiling (gpu_agent/profiling.py)
+
+    def gpu_timer_start(self, op: str, stream: int | None) -> Any:
+        """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None."""
+        return None
+
+    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:  # noqa: B027
+        """The op of ``token`` (call ``index`` of batch ``seq``) has been issued."""
+
+    def op_profile_gpu(self) -> list[list[Any]]:
+        """GPU timings recorded since the last call (see protocol.OPS)."""
+        return []
+
+    def op_nvtx_push(self, message: str) -> None:
+        profiling.nvtx_push(message)
+
+    def op_nvtx_pop(self) -> None:
+        profiling.nvtx_pop()
+
+    # }}}
 
 
 class Executor(ABC):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gpu_agent import profiling
 from gpu_agent.executors.base import Executor, ExecutorError, ExecutorSession
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, apply
 
@@ -35,6 +36,7 @@ class EmulatedSession(ExecutorSession):
         self._memory: dict[int, np.ndarray] = {}
         self._streams: set[int] = set()
         self._events: dict[int, float | None] = {}
+        self._gpu_timings: list[list[Any]] = []
 
     # {{{ memory
 
@@ -95,7 +97,20 @@ class EmulatedSession(ExecutorSession):
         return None
 
     def op_ping(self) -> int:
-        return time.monotonic_ns()
+        return profiling.now_ns()
+
+    # the emulated device runs each op on the host before the next: its "GPU time" is the
+    # NumPy time of the op (the timeline names the track as emulated)
+    def gpu_timer_start(self, op: str, stream: int | None) -> Any:
+        return op, stream, profiling.now_ns()
+
+    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:
+        op, stream, start = token
+        self._gpu_timings.append([op, stream, start, profiling.now_ns(), seq, index])
+
+    def op_profile_gpu(self) -> list[list[Any]]:
+        timings, self._gpu_timings = self._gpu_timings, []
+        return timings
 
     # }}}
 

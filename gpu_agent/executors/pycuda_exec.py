@@ -8,7 +8,6 @@ buffer the client packed, so a launch costs the agent no argument parsing.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool
 
-from gpu_agent import nvml
+from gpu_agent import nvml, profiling
 from gpu_agent.executors import pycuda_arrays
 from gpu_agent.executors.base import ContextLost, Executor, ExecutorError, ExecutorSession
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
@@ -58,6 +57,9 @@ class PycudaSession(ExecutorSession):
         self.events: dict[int, cuda.Event] = {}
         self.kernels: dict[int, Any] = {}
         self._done: cuda.Event | None = None
+        #: profiling: a reference event and its host time, and the timed ops not yet collected
+        self._reference: tuple[cuda.Event, int] | None = None
+        self._timed: list[tuple[str, int | None, cuda.Event, cuda.Event, int, int]] = []
 
     # {{{ helpers
 
@@ -146,7 +148,39 @@ class PycudaSession(ExecutorSession):
         cuda.Context.synchronize()
 
     def op_ping(self) -> int:
-        return time.monotonic_ns()
+        return profiling.now_ns()
+
+    def gpu_timer_start(self, op: str, stream: int | None) -> Any:
+        if self._reference is None:
+            # GPU times are placed on the agent's clock relative to an event whose host time
+            # is known: recorded on an idle device and waited for
+            self._x.context.synchronize()
+            reference = cuda.Event()
+            reference.record()
+            reference.synchronize()
+            self._reference = (reference, profiling.now_ns())
+        start = cuda.Event()
+        start.record(self._stream(stream))
+        return op, stream, start
+
+    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:
+        op, stream, start = token
+        end = cuda.Event()
+        end.record(self._stream(stream))
+        self._timed.append((op, stream, start, end, seq, index))
+
+    def op_profile_gpu(self) -> list[list[Any]]:
+        timed, self._timed = self._timed, []
+        if self._reference is None:
+            return []
+        reference, at = self._reference
+        self._reference = None
+        timings = []
+        for op, stream, start, end, seq, index in timed:
+            end.synchronize()
+            timings.append([op, stream, at + int(reference.time_till(start) * 1e6),
+                            at + int(reference.time_till(end) * 1e6), seq, index])
+        return timings
 
     # }}}
 

@@ -29,7 +29,8 @@ from typing import Any
 import zmq
 
 from gpu_agent import protocol
-from harp_jupyter.shim.callsite import CallSite
+from harp_jupyter.profiler import recorder as profiling
+from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError, error_from_agent
 from harp_jupyter.shim.transport import AgentConnection
 
@@ -67,6 +68,8 @@ class PendingBatch:
 
     seq: int
     metas: list[CallMeta]
+    sent: int = 0  # monotonic ns, when profiled
+    details: list[str] | None = None  # kernel names, when profiled
 
 
 class BatchWriter:
@@ -120,6 +123,8 @@ class BatchWriter:
             if positions:
                 for i in positions:
                     call[i + 1] = self._buffer_argument(call[i + 1])
+            if profiling.active is not None:
+                profiling.active.note_call(op, call[1:], site, self._bytes_of(call, positions))
             self._calls.append(call)
             self._metas.append((op, site, on_result, on_error))
             if (track or end_batch or len(self._calls) >= self.max_calls
@@ -138,6 +143,14 @@ class BatchWriter:
         self._frames.append(view)
         self._frame_bytes += view.nbytes
         return protocol.FrameRef(len(self._frames))
+
+    def _bytes_of(self, call: list[Any], positions: tuple[int, ...] | None) -> int:
+        total = 0
+        for i in positions or ():
+            value = call[i + 1]
+            total += (self._frames[value.index - 1].nbytes
+                      if isinstance(value, protocol.FrameRef) else len(value))
+        return total
 
     @property
     def queued_calls(self) -> int:
@@ -162,20 +175,30 @@ class BatchWriter:
     def _flush_locked(self, track: bool) -> zmq.MessageTracker | None:
         if not self._calls:
             return None
-        while len(self._inflight) >= self.max_inflight:
-            self._receive_one_locked()
+        recorder = profiling.active
+        if len(self._inflight) >= self.max_inflight:
+            waited = recorder.now() if recorder is not None else 0
+            while len(self._inflight) >= self.max_inflight:
+                self._receive_one_locked()
+            if recorder is not None:
+                recorder.note_blocked(waited, recorder.now(), self._metas[-1][0],
+                                      user_call_site(), "window")
         seq = self._next_seq
         calls, metas, frames = self._calls, self._metas, self._frames
         self.peak_queued_calls = max(self.peak_queued_calls, len(calls))
         self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
+        header: dict[str, Any] = {"t": protocol.BATCH, "q": seq, "c": calls}
+        if recorder is not None:
+            header["p"] = recorder.level
         try:
-            tracker = self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls}, frames,
-                                           track=track and bool(frames))
+            tracker = self.connection.send(header, frames, track=track and bool(frames))
         except GPULostError as e:
             self._fatal = e
             raise
         self._next_seq += 1
-        self._inflight.append(PendingBatch(seq, metas))
+        self._inflight.append(PendingBatch(seq, metas, recorder.now() if recorder else 0,
+                                           [recorder.detail_of(c[0], c[1:]) for c in calls]
+                                           if recorder is not None else None))
         self.batches_sent += 1
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         return tracker
@@ -183,8 +206,16 @@ class BatchWriter:
     def wait_for(self, seq: int) -> None:
         """Receive replies until batch ``seq`` (and all before it) is acknowledged."""
         with self.lock:
+            if not (self._inflight and self._inflight[0].seq <= seq):
+                return
+            recorder = profiling.active
+            waited = recorder.now() if recorder is not None else 0
+            last = next((b for b in self._inflight if b.seq == seq), self._inflight[-1])
             while self._inflight and self._inflight[0].seq <= seq:
                 self._receive_one_locked()
+            if recorder is not None:
+                recorder.note_blocked(waited, recorder.now(), last.metas[-1][0],
+                                      user_call_site(), "sync")
 
     def drain(self) -> None:
         """Send everything and wait for every reply."""
@@ -221,6 +252,12 @@ class BatchWriter:
                     f"{header.get('q')!r}, expected {expected!r}")
                 raise self._fatal
             self._inflight.popleft()
+            if pending.details is not None and profiling.active is not None:
+                profiling.active.note_batch(profiling.BatchTiming(
+                    pending.seq, self.connection.endpoint, pending.sent, profiling.active.now(),
+                    [m[0] for m in pending.metas], [m[1] for m in pending.metas],
+                    pending.details,
+                    header.get("p") if isinstance(header.get("p"), dict) else None))
             self._deliver(pending, header, frames)
         elif kind == protocol.ERROR:
             # An error message, not a reply: the agent could not take a batch as one, so the
@@ -259,6 +296,13 @@ class BatchWriter:
     def wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
         """Wait until ZeroMQ is done with the frames of ``trackers``; GPULostError if the agent
         dies meanwhile. The lock is not held while waiting."""
+        recorder = profiling.active
+        waited = recorder.now() if recorder is not None else 0
+        self._wait_sent(trackers)
+        if recorder is not None:
+            recorder.note_blocked(waited, recorder.now(), "htod", user_call_site(), "upload")
+
+    def _wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
         for tracker in trackers:
             while not tracker.done:
                 try:

@@ -27,11 +27,13 @@ import atexit
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from gpu_agent import protocol
+from harp_jupyter.profiler import recorder as profiling
 from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
 from harp_jupyter.shim.callsite import user_call_site
@@ -147,7 +149,9 @@ class RemoteSession:
         self._close_stale()
         source = self.lease_source
         notice = WaitNotice()
+        asked = time.monotonic_ns()
         grant = source.acquire(self._resume, notice)
+        granted = time.monotonic_ns()
         resume = None
         if self._resume is not None:
             resume = {"session": self._resume["session"],
@@ -180,6 +184,12 @@ class RemoteSession:
                                 f"{self._allocator.base:#x}: device pointers would be wrong")
         else:
             self.restores += 1
+        recorder = profiling.active
+        if recorder is not None:
+            recorder.note_span("lease", "acquire", asked, granted, agent=grant.agent)
+            recorder.note_span("lease", "restore" if resume else "hello", granted,
+                               time.monotonic_ns(), agent=grant.agent,
+                               moved_from=(resume or {}).get("from"))
         self._connection = connection
         self._welcome = welcome
         self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
@@ -200,6 +210,7 @@ class RemoteSession:
             writer, connection = self._writer, self._connection
             if writer is None or connection is None or self._resume is None:
                 return {"session": None, "agent": None, "bytes": 0}
+            parking = time.monotonic_ns()
             try:
                 writer.drain()
                 writer.close()
@@ -217,6 +228,10 @@ class RemoteSession:
             self._writer = self._connection = None
             connection.close()
             self.parks += 1
+            if profiling.active is not None:
+                profiling.active.note_span("lease", f"park ({reason})", parking,
+                                           time.monotonic_ns(), agent=self._resume["agent"],
+                                           bytes=int(reply.get("bytes") or 0))
             return {"session": self._resume["session"], "agent": self._resume["agent"],
                     "bytes": int(reply.get("bytes") or 0)}
         finally:

@@ -1,0 +1,132 @@
+"""What a profile records, on the notebook side, while ``%%harp profile`` runs.
+
+The shim calls the ``note_*`` hooks of the ``active`` recorder (None when not profiling, so the
+cost outside a profile is one attribute test per call). Times are ``time.monotonic_ns()`` of
+this process; the agent's times arrive in its own clock with each profiled batch's reply and are
+placed on ours with ``ClockOffset``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from harp_jupyter.shim.callsite import CallSite
+
+#: the recorder of the profile now running, if any
+active: Recorder | None = None
+
+#: batch header flag: 1 = agent timings, 2 = agent timings and GPU (CUDA event) timings
+AGENT_TIMING, GPU_TIMING = 1, 2
+
+
+@dataclass(slots=True)
+class ApiCall:
+    at: int
+    op: str
+    site: CallSite | None
+    bytes_up: int
+    bytes_down: int
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Blocked:
+    """The notebook waited for the agent: at a sync point, for a full send window, for an
+    upload to leave."""
+
+    start: int
+    end: int
+    op: str
+    site: CallSite | None
+    why: str
+
+
+@dataclass(slots=True)
+class BatchTiming:
+    seq: int
+    agent: str
+    sent: int
+    received: int
+    ops: list[str]
+    sites: list[CallSite | None]
+    details: list[str]
+    #: from the agent, its clock: {"recv", "end", "calls": [[index, start, end], ...]}
+    agent_times: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Span:
+    """A named interval on one track (NVTX ranges, lease events)."""
+
+    track: str
+    name: str
+    start: int
+    end: int
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class Recorder:
+    def __init__(self, *, gpu_timing: bool = True) -> None:
+        self.level = GPU_TIMING if gpu_timing else AGENT_TIMING
+        self.started = time.monotonic_ns()
+        self.ended: int | None = None
+        self.calls: list[ApiCall] = []
+        self.blocked: list[Blocked] = []
+        self.batches: list[BatchTiming] = []
+        self.spans: list[Span] = []
+        #: GPU timings per agent, its clock: [op, stream, start, end, seq, index]
+        self.gpu: dict[str, list[list[Any]]] = {}
+        self.gpu_timing_note = ""
+        #: names of kernels by function handle (get_function, elementwise_new, reduction_new)
+        self.kernel_names: dict[int, str] = {}
+        self._nvtx_open: list[tuple[str, int, CallSite | None]] = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def now() -> int:
+        return time.monotonic_ns()
+
+    def note_call(self, op: str, args: list[Any], site: CallSite | None, bytes_up: int) -> None:
+        bytes_down = int(args[1]) if op == "dtoh" and len(args) > 1 else 0
+        if op == "get_function" and len(args) > 2:
+            self.kernel_names[args[0]] = str(args[2])
+        elif op in ("elementwise_new", "reduction_new") and len(args) > 1:
+            self.kernel_names[args[0]] = str(args[1])
+        self.calls.append(ApiCall(self.now(), op, site, bytes_up, bytes_down,
+                                  self.detail_of(op, args)))
+
+    def detail_of(self, op: str, args: list[Any]) -> str:
+        """The kernel a call runs, where there is one (its function or operation name)."""
+        if op in ("launch", "elementwise_call", "reduction_call") and args:
+            return self.kernel_names.get(args[0], "")
+        if op == "array" and args:
+            return str(args[0])
+        return ""
+
+    def note_blocked(self, start: int, end: int, op: str, site: CallSite | None,
+                     why: str) -> None:
+        self.blocked.append(Blocked(start, end, op, site, why))
+
+    def note_batch(self, timing: BatchTiming) -> None:
+        self.batches.append(timing)
+
+    def note_span(self, track: str, name: str, start: int, end: int, **args: Any) -> None:
+        with self._lock:
+            self.spans.append(Span(track, name, start, end, args))
+
+    def nvtx_push(self, name: str, site: CallSite | None) -> None:
+        self._nvtx_open.append((name, self.now(), site))
+
+    def nvtx_pop(self) -> None:
+        if self._nvtx_open:
+            name, start, site = self._nvtx_open.pop()
+            where = f"{site[0]}:{site[1]}" if site else ""
+            self.note_span("nvtx", name, start, self.now(), site=where)
+
+    def finish(self) -> None:
+        self.ended = self.now()
+        while self._nvtx_open:  # ranges the cell left open end with it
+            self.nvtx_pop()

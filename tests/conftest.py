@@ -156,3 +156,9 @@ def lease_client() -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def shim_at() -> Callable[[str], Any]:
+    """``with shim_at(endpoint) as cuda:``: the shim on a fresh session with that agent."""
+    return shim_driver

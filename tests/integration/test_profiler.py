@@ -1,0 +1,214 @@
+"""``%%harp profile`` against a real emulated agent: the timeline's tracks, the sync-point
+advisor, the exported Chrome trace's format, spans that line up under a skewed agent clock, and
+the magic in an IPython shell."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from harp_jupyter.profiler.display import MIME_TYPE, ProfileResult
+from harp_jupyter.profiler.profile import profiled
+
+nvtx = pytest.importorskip("nvtx")
+
+WORKLOAD = '''
+import numpy as np
+import nvtx
+import pycuda.driver as cuda
+import pycuda.gpuarray as ga
+
+
+def two_streams():
+    s1, s2 = cuda.Stream(), cuda.Stream()
+    device = cuda.mem_alloc(1 << 16)
+    host = np.ones(1 << 14, np.float32)
+    with nvtx.annotate("copies"):
+        cuda.memcpy_htod_async(device, host, s1)
+        s1.synchronize()
+        cuda.memcpy_dtoh_async(host, device, s2)
+        s2.synchronize()
+    return float(host.sum())
+
+
+def get_in_a_loop(a, n):
+    total = 0.0
+    nvtx.push_range("loop")
+    for _ in range(n):
+        total += float((a * 2).get().sum())  # the line the advisor must name
+    nvtx.pop_range()
+    return total
+'''
+
+
+@pytest.fixture
+def load_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                  ) -> Iterator[Callable[[], ModuleType]]:
+    """The user's code, in a real file, so call sites and source lines are real; imported
+    (with the shim's pycuda) when the test calls the loader."""
+    (tmp_path / "harp_profile_workload.py").write_text(WORKLOAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield lambda: importlib.import_module("harp_profile_workload")
+    sys.modules.pop("harp_profile_workload", None)
+
+
+def loop_line() -> int:
+    return next(i for i, line in enumerate(WORKLOAD.splitlines(), start=1)
+                if "the line the advisor must name" in line)
+
+
+def validate_trace(trace: dict[str, Any]) -> None:
+    """The trace-event format as chrome://tracing and Perfetto read it."""
+    json.dumps(trace)  # serialisable as is
+    events = trace["traceEvents"]
+    assert isinstance(events, list) and events
+    named_processes = {e["pid"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    named_threads = {(e["pid"], e["tid"]) for e in events
+                     if e["ph"] == "M" and e["name"] == "thread_name"}
+    stack: dict[tuple[int, int], int] = {}
+    for e in events:
+        assert {"name", "ph", "pid"} <= set(e), e
+        assert isinstance(e["name"], str) and isinstance(e["pid"], int)
+        if e["ph"] == "M":
+            assert e["name"] in ("process_name", "thread_name") and e["args"]["name"]
+            continue
+        assert e["ph"] in ("X", "i", "B", "E"), e
+        assert isinstance(e["ts"], int | float) and isinstance(e["tid"], int)
+        assert e["pid"] in named_processes and (e["pid"], e["tid"]) in named_threads, e
+        if e["ph"] == "X":
+            assert e["dur"] >= 0, e
+        elif e["ph"] == "i":
+            assert e["s"] in ("t", "p", "g")
+        elif e["ph"] == "B":
+            stack[(e["pid"], e["tid"])] = stack.get((e["pid"], e["tid"]), 0) + 1
+        else:
+            stack[(e["pid"], e["tid"])] -= 1
+    assert all(depth == 0 for depth in stack.values()), "unmatched B/E events"
+
+
+def tracks(trace: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Thread name -> its span and instant events."""
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in names.values()}
+    for e in trace["traceEvents"]:
+        if e["ph"] != "M":
+            found[names[(e["pid"], e["tid"])]].append(e)
+    return found
+
+
+def test_a_cell_with_nvtx_two_streams_and_a_sync_point_gives_every_track(
+        shim_cuda: ModuleType, load_workload: Callable[[], ModuleType],
+        tmp_path: Path) -> None:
+    import numpy as np
+    import pycuda.gpuarray as ga
+
+    workload = load_workload()
+    a = ga.to_gpu(np.arange(1000, dtype=np.float32))
+
+    def cell() -> float:
+        return workload.two_streams() + workload.get_in_a_loop(a, 12)
+
+    value, profile = profiled(cell)
+    assert value == (1 << 14) + 12 * 999000.0
+    result = ProfileResult(profile)
+    validate_trace(result.trace)
+    found = tracks(result.trace)
+    for track in ("API calls", "blocked at sync points", "NVTX ranges", "wire + agent queue",
+                  "agent execution"):
+        assert found.get(track), f"no {track!r} track: {sorted(found)}"
+    gpu_tracks = [t for t in found if t.startswith("emulated device")]
+    assert {"emulated device (host NumPy time), stream 1",
+            "emulated device (host NumPy time), stream 2"} <= set(gpu_tracks), gpu_tracks
+    assert {e["name"] for e in found["NVTX ranges"]} == {"copies", "loop"}
+    assert any(e["name"] == "multiply" for t in gpu_tracks for e in found[t])
+
+    top = next(a for a in result.advice if a["op"] == "dtoh")
+    assert top["site"].endswith(f"harp_profile_workload.py:{loop_line()}")
+    assert top["op"] == "dtoh" and top["count"] == 12
+    assert "(a * 2).get().sum()" in top["code"] and ".get() once" in top["advice"]
+    syncs = {a["code"] for a in result.advice if a["op"] == "stream_synchronize"}
+    assert syncs == {"s1.synchronize()", "s2.synchronize()"}
+
+    summary = result.summary
+    assert summary["emulated"] is True and summary["sync_points"] >= 14
+    assert summary["bytes_down"] == 12 * 4000 + (1 << 16)
+    assert summary["bytes_up"] >= 1 << 16
+    assert 0 < summary["gpu_busy_s"] <= summary["wall_s"]
+    assert summary["top_kernels"][0]["name"] == "multiply"
+    assert summary["top_kernels"][0]["count"] == 12
+
+    bundle = result._repr_mimebundle_()
+    assert set(bundle) == {MIME_TYPE, "text/html", "text/plain"}
+    assert "harp_profile_workload.py" in bundle["text/plain"]
+    assert "<svg" in bundle["text/html"] and "<table>" in bundle["text/html"]
+    json.dumps(bundle[MIME_TYPE])
+
+    exported = tmp_path / "trace.json"
+    result.export(str(exported))
+    validate_trace(json.loads(exported.read_text()))
+
+
+def test_agent_spans_line_up_when_the_agent_clock_is_skewed(
+        agent_starter: Any, shim_at: Any, monkeypatch: pytest.MonkeyPatch,
+        load_workload: Callable[[], ModuleType]) -> None:
+    monkeypatch.setenv("HARP_AGENT_CLOCK_SKEW_S", "-3600.5")
+    agent = agent_starter()
+    with shim_at(agent.endpoint):
+        import numpy as np
+        import pycuda.gpuarray as ga
+
+        workload = load_workload()
+        a = ga.to_gpu(np.arange(1000, dtype=np.float32))
+        _, profile = profiled(lambda: workload.get_in_a_loop(a, 20))
+    offset = profile.agents[agent.endpoint].offset
+    assert offset is not None and offset.samples >= 20
+    assert abs(offset.offset_ns / 1e9 - -3600.5) < 0.5, offset  # the skew, found
+    # every agent span of a batch lies between that batch's send and its reply, on our clock
+    for batch in profile.recorder.batches:
+        times = batch.agent_times
+        assert times is not None
+        for _, start, end in times["calls"]:
+            placed_start, placed_end = (offset.to_notebook(start), offset.to_notebook(end))
+            slack = offset.error_ns
+            assert batch.sent - slack <= placed_start <= placed_end <= batch.received + slack
+
+
+def test_the_magic_shows_the_profile_and_exports_it(
+        shim_cuda: ModuleType, tmp_path: Path) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shown: list[Any] = []
+    shell.display_pub.publish = lambda data, **kw: shown.append(data)  # type: ignore[method-assign]
+    shell.run_line_magic("load_ext", "harp_jupyter.magics")
+    exported = tmp_path / "cell.json"
+    outcome = shell.run_cell(textwrap.dedent(f"""\
+        %%harp profile --export {exported}
+        import numpy as np, pycuda.gpuarray as ga
+        b = ga.to_gpu(np.arange(10, dtype=np.float64))
+        for _ in range(3):
+            s = b.get().sum()
+        """))
+    assert outcome.success, outcome.error_in_exec
+    assert shell.user_ns["s"] == 45.0  # the cell really ran, in the user's namespace
+    result = shell.user_ns["_harp_profile"]
+    assert any(MIME_TYPE in data for data in shown)
+    validate_trace(json.loads(exported.read_text()))
+    loop = [a for a in result.advice if a["op"] == "dtoh"]
+    assert loop and loop[0]["count"] == 3 and loop[0]["code"] == "s = b.get().sum()"
+    assert loop[0]["site"] == "cell:4"
+
+    outcome = shell.run_cell("%harp profile --no-gpu-timing s2 = b.get().sum()")
+    assert outcome.success and shell.user_ns["s2"] == 45.0
+    assert shell.user_ns["_harp_profile"].profile.recorder.gpu == {}
+    with pytest.raises(ValueError, match="unknown option"):
+        shell.run_line_magic("harp", "profile --bogus x = 1")

@@ -150,8 +150,19 @@ class HarpMagics(Magics):
                   "chrome://tracing")
         display(result)
         self.shell.user_ns["_harp_profile"] = result
+        _share(result)
         if not outcome.success and outcome.error_in_exec is not None:
             print("(the cell raised an error: the profile covers it up to the error)")
+
+
+def _share(result: Any) -> None:
+    """Send the profile to the sidebar's timeline view (through the provisioner), if any."""
+    from harp_jupyter.shim.session import get_session
+
+    try:
+        get_session().lease_source.share_profile(result.for_sidebar())
+    except Exception:  # the notebook already shows it; the sidebar copy is a nicety
+        pass
 
 
 def load_ipython_extension(ipython: Any) -> None:

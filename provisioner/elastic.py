@@ -248,6 +248,11 @@ class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
             await background.run(launch.keeper.refresh(max_age))
         return self.lease_state()
 
+    def latest_profile(self) -> dict[str, Any] | None:
+        """The kernel's latest ``%%harp profile`` (display JSON plus ``at``), if any."""
+        launch = self._launch
+        return launch.latest_profile if launch is not None else None
+
     async def lease_gpu(self) -> dict[str, Any]:
         """Lease a GPU now, before the kernel's next GPU cell; the lease state once granted or
         queued. ControlError (GPUUnavailable, ...) when no GPU can be leased."""

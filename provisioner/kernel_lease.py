@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,9 +39,12 @@ class KernelLease:
         self.control = ControlServer({
             "acquire": self._on_acquire, "parked": self._on_parked, "lost": self._on_lost,
             "status": self._on_status, "set_idle": self._on_set_idle, "bye": self._on_bye,
+            "profile": self._on_profile,
         })
         self._watchdog: asyncio.Task[None] | None = None
         self._leasing: asyncio.Task[Any] | None = None  # lease_now's acquire, kept alive
+        #: the kernel's latest %%harp profile (its display JSON), for the sidebar
+        self.latest_profile: dict[str, Any] | None = None
         self._stopped = False
 
     async def start(self, *, control_port: int | None = None, control_key: str | None = None,
@@ -151,6 +155,16 @@ class KernelLease:
         if type(seconds) not in (int, float) or seconds <= 0:
             raise ControlError("ProtocolError", "set_idle needs a positive number of seconds")
         self.keeper.set_idle(float(seconds))
+        return {"t": "ok"}
+
+    async def _on_profile(self, request: ControlRequest) -> dict[str, Any]:
+        profile = request.header.get("profile")
+        if not isinstance(profile, dict):
+            raise ControlError("ProtocolError", "profile needs a 'profile' object")
+        at = time.time()
+        self.latest_profile = {**profile, "at": at}
+        changes.publish({**self.keeper.lease_state(), "previous": self.keeper.state,
+                         "profile_at": at})
         return {"t": "ok"}
 
     async def _on_bye(self, request: ControlRequest) -> None:

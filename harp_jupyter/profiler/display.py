@@ -31,6 +31,16 @@ class ProfileResult:
         return {"version": 1, "label": self.profile.label, "summary": self.summary,
                 "advice": self.advice, "trace": self.trace}
 
+    def for_sidebar(self, max_events: int = 20000) -> dict[str, Any]:
+        """``to_json()`` with at most ``max_events`` trace events (the control socket carries
+        it to the server; the notebook output keeps the whole trace)."""
+        data = self.to_json()
+        events = self.trace["traceEvents"]
+        if len(events) > max_events:
+            data["trace"] = {**self.trace, "traceEvents": events[:max_events]}
+            data["truncated"] = len(events) - max_events
+        return data
+
     def export(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.trace, f)

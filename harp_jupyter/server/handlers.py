@@ -80,6 +80,16 @@ class KernelReleaseHandler(HarpHandler):
         await self.answer(release())
 
 
+class KernelProfileHandler(HarpHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str) -> None:
+        async def profile() -> dict[str, Any]:
+            return {"profile": self.kernels.profile(kernel_id)}
+
+        await self.answer(profile())
+
+
 class PoolHandler(HarpHandler):
     @web.authenticated
     @authorized
@@ -96,5 +106,6 @@ def routes(base_url: str) -> list[tuple[str, type[HarpHandler]]]:
         (url_path_join(api, "kernels"), KernelsHandler),
         (url_path_join(api, "kernels", KERNEL_ID, "lease"), KernelLeaseHandler),
         (url_path_join(api, "kernels", KERNEL_ID, "release"), KernelReleaseHandler),
+        (url_path_join(api, "kernels", KERNEL_ID, "profile"), KernelProfileHandler),
         (url_path_join(api, "pool"), PoolHandler),
     ]

@@ -68,6 +68,13 @@ class ElasticKernels:
             raise gpu_unavailable(e.msg) from None
         return await self.describe(kernel_id, await self.notebook_paths())
 
+    def profile(self, kernel_id: str) -> dict[str, Any]:
+        found = self.provisioner(kernel_id).latest_profile()
+        if found is None:
+            raise HarpAPIError(404, "NoProfile", "this kernel has not been profiled yet",
+                               "run a cell with %%harp profile in its notebook")
+        return found
+
     async def release(self, kernel_id: str) -> dict[str, Any]:
         """Park and release; a kernel holding nothing is left as it is (nothing to do)."""
         provisioner = self.provisioner(kernel_id)

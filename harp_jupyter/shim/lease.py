@@ -72,6 +72,11 @@ class LeaseSource(ABC):
         raise GPUUnavailableError("the idle timeout is applied by the Elastic GPU kernel's "
                                   "provisioner; this process has none (no HARP_CONTROL)")
 
+    def share_profile(self, profile: dict[str, Any]) -> bool:
+        """Hand the latest ``%%harp profile`` to whoever shows it (the lab's sidebar, through
+        the provisioner); False when there is nobody."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -226,6 +231,13 @@ class ControlLeaseSource(LeaseSource):
 
     def set_idle(self, seconds: float) -> None:
         self._request({"t": "set_idle", "seconds": float(seconds)})
+
+    def share_profile(self, profile: dict[str, Any]) -> bool:
+        try:
+            self._request({"t": "profile", "profile": profile})
+        except GPUUnavailableError:
+            return False
+        return True
 
     def close(self) -> None:
         if self._closed:

@@ -255,3 +255,18 @@ async def test_no_agents_and_no_gpu_is_a_problem_with_what_to_do(
     for endpoint in ("kernels", "pool"):
         problem = (await get(jp_fetch, "harp", "api", endpoint))["problem"]
         assert problem["kind"] == "NoAgents" and "HARP_AGENTS" in problem["hint"]
+
+
+async def test_a_kernels_latest_profile_reaches_the_sidebar(
+        jp_fetch: Callable[..., Any], jp_serverapp: Any, events: list[dict[str, Any]]) -> None:
+    kernel_id = await start_notebook(jp_fetch, "p.ipynb")
+    code, body = await failing(jp_fetch, "harp", "api", "kernels", kernel_id, "profile")
+    assert code == 404 and body["error"]["kind"] == "NoProfile"
+    await run_cell(jp_serverapp, kernel_id, "%%harp profile\n" + GPU_CELL + "\n"
+                   "for _ in range(5):\n    x = a.get()\n")
+    profile = (await get(jp_fetch, "harp", "api", "kernels", kernel_id, "profile"))["profile"]
+    assert profile["version"] == 1 and profile["at"] > 0
+    assert any(a["op"] == "dtoh" and a["count"] == 5 for a in profile["advice"])
+    assert any(e.get("name") == "thread_name" for e in profile["trace"]["traceEvents"])
+    assert any(e.get("profile_at") == profile["at"] for e in events
+               if e["kernel_id"] == kernel_id)

@@ -188,15 +188,17 @@ class BatchWriter:
         self.peak_queued_calls = max(self.peak_queued_calls, len(calls))
         self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
         header: dict[str, Any] = {"t": protocol.BATCH, "q": seq, "c": calls}
+        sent = 0
         if recorder is not None:
             header["p"] = recorder.level
+            sent = recorder.now()  # before the send: the agent may read it at once
         try:
             tracker = self.connection.send(header, frames, track=track and bool(frames))
         except GPULostError as e:
             self._fatal = e
             raise
         self._next_seq += 1
-        self._inflight.append(PendingBatch(seq, metas, recorder.now() if recorder else 0,
+        self._inflight.append(PendingBatch(seq, metas, sent,
                                            [recorder.detail_of(c[0], c[1:]) for c in calls]
                                            if recorder is not None else None))
         self.batches_sent += 1

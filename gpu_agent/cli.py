@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+from gpu_agent.datastore import DataStore
 from gpu_agent.executors import gpu_available, make_executor
 from gpu_agent.parking import ParkStore
 from gpu_agent.server import AgentServer
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "is dropped and its kernel told so (default: 4x --park-memory)")
     parser.add_argument("--park-ttl", type=float, default=86400.0, metavar="SECONDS",
                         help="parked state older than this is dropped (86400)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="the only directory tree notebooks may load files from "
+                             "(harp_jupyter.remote); none by default")
+    parser.add_argument("--data-writable", action="store_true",
+                        help="also let notebooks save device arrays into --data-root")
+    parser.add_argument("--data-reader", choices=["auto", "kvikio", "pipeline"], default="auto",
+                        help="how files reach device memory: auto (GPUDirect Storage through "
+                             "kvikio where it works, else pipelined pinned reads), or force one")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
     return parser
 
@@ -74,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         executor = make_executor(executor_name, args.device,
                                  emulated_memory=args.emulated_memory)
+        if args.data_root is not None:
+            executor.data_store = DataStore(args.data_root, writable=args.data_writable)
+            executor.data_reader_choice = args.data_reader
+            data = executor.data_status()
         park_memory = args.park_memory if args.park_memory is not None else _half_of_memory()
         parking = ParkStore(memory_cap=park_memory,
                             limit=args.park_limit if args.park_limit is not None
@@ -86,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
     device = executor.device_info()["name"]
     note = " [EMULATED: host memory, no GPU]" if executor.emulated else ""
+    if args.data_root is not None:
+        access = "read-write" if data["writable"] else "read-only"
+        print(f"harp-agent: data root {data['root']} ({access}), reader={data['reader']}: "
+              f"{data['detail']}", flush=True)
     print(f"harp-agent: serving {server.endpoint} executor={executor.name} device={device}{note}",
           flush=True)
     server.serve_forever()

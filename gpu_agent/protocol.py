@@ -127,6 +127,8 @@ ERROR_KINDS = (
     "SessionError",  # no session, or session closed
     "LeaseError",  # no held lease, wrong lease token, or the lease ended (calls did not run)
     "StateLost",  # parked GPU state that was dropped (TTL, capacity) or cannot be found
+    "DataError",  # the agent's data tree refused a path, or a file is missing or malformed;
+                  # ``code`` says which (docs/remote-data.md)
 )
 
 
@@ -356,6 +358,21 @@ OPS: dict[str, Op] = {
     # array operations (gpuarray / cumath), executed as array operations on the agent
     "array": Op((STR, _optional(DESC), OPERANDS, MAP, STREAM), False,
                 "array(function, out, operands, kwargs, stream): see ARRAY_FUNCTIONS"),
+    # the agent's data tree (docs/remote-data.md): files read straight into device memory
+    "data_info": Op((), True, "-> {root, writable, reader, detail}: the tree and the read path"),
+    "data_list": Op((STR,), True, "data_list(path) -> [{name, path, type: file|dir, size?,"
+                                  " format?, dtype?, shape?, order?}, ...]"),
+    "data_open": Op((STR, MAP), True,
+                    "data_open(path, spec {format: auto|npy|npz|raw, key?, dtype?, shape?,"
+                    " offset?, order?}) -> {format, dtype, shape, strides, order, nbytes,"
+                    " offset, file} | {format: npz, members: [...]}"),
+    "data_read": Op((UINT, STR, UINT, UINT, STR), True,
+                    "data_read(dst, path, offset, nbytes, file): fill [dst, dst + nbytes) from"
+                    " the file's bytes at offset (file: the identity data_open gave) -> nbytes;"
+                    " complete when the reply is sent"),
+    "data_write": Op((DESC, STR, MAP), True,
+                     "data_write(array, path, options {format: npy|raw, overwrite}) -> bytes"
+                     " written (needs --data-writable)"),
     # user ElementwiseKernel / ReductionKernel (CUDA C: pycuda executor only)
     "elementwise_new": Op((HANDLE, STR, STR, STR, MAP), False,
                           "elementwise_new(kernel, arguments, operation, name, options:"

@@ -412,6 +412,10 @@ class AgentServer:
             ranges.check(args[1], args[1] + args[2])
         elif name == "memset":
             ranges.check(args[0], args[0] + args[2] * args[3])
+        elif name == "data_read":
+            ranges.check(args[0], args[0] + args[3])
+        elif name == "data_write":
+            ranges.check(*_extent(args[0]))
         elif name in ("array", "elementwise_call", "reduction_call"):
             descriptors = [x for x in args if P.is_descriptor(x)]
             for operands in (a for a in args if type(a) is list and not P.is_descriptor(a)):
@@ -456,6 +460,7 @@ class AgentServer:
             "device": self.executor.device_info(),
             "memory": {"free": free, "total": total, "used": total - free},
             "metrics": self.executor.metrics(),
+            "data": self.executor.data_status(),
             "sessions": [s.summary() for s in self.sessions.values()],
             "agent": {"version": AGENT_VERSION, "pid": os.getpid(), "endpoint": self.endpoint,
                       "uptime": time.time() - self.started},

@@ -21,10 +21,23 @@ executors may trust them. Kernel arguments are opaque bytes and cannot be checke
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from gpu_agent import profiling
+from gpu_agent.datastore import (
+    DataError,
+    DataStore,
+    OpenedFile,
+    check_array_dtype,
+    data_error_from_os,
+    npy_header,
+    write_all,
+)
 
 
 class ExecutorError(Exception):
@@ -43,8 +56,29 @@ class ContextLost(ExecutorError):
         super().__init__("ContextLost", message, code)
 
 
+@contextlib.contextmanager
+def _data_errors(path: str) -> Iterator[None]:
+    """DataErrors (and OS errors of file I/O) as the ExecutorError the server reports."""
+    try:
+        yield
+    except DataError as e:
+        raise ExecutorError(e.kind, str(e), e.code) from None
+    except OSError as e:
+        error = data_error_from_os(path, e)
+        raise ExecutorError(error.kind, str(error), error.code) from None
+
+
+def _unsupported_data_reader() -> dict[str, Any]:
+    return {"reader": "none", "detail": "this executor cannot load files"}
+
+
 class ExecutorSession(ABC):
     """One client session's objects on the device (allocations, modules, streams, ...)."""
+
+    #: the agent's data tree and a description of its read path; the executor sets both when
+    #: it opens the session (the defaults serve nothing)
+    data_store: DataStore = DataStore()
+    data_reader: Callable[[], dict[str, Any]] = staticmethod(_unsupported_data_reader)
 
     @abstractmethod
     def close(self) -> None:
@@ -73,6 +107,56 @@ class ExecutorSession(ABC):
     def batch_done(self) -> None:  # noqa: B027 - optional hook
         """Called after each batch ran (executors that track ``busy`` mark it here)."""
 
+    # {{{ the agent's data tree (gpu_agent/datastore.py, docs/remote-data.md)
+
+    def fill_from_file(self, dst: int, opened: OpenedFile, offset: int, nbytes: int) -> None:
+        """Copy ``nbytes`` bytes of ``opened`` from ``offset`` to device address ``dst`` (mapped
+        by this session; the server checked it), complete on return."""
+        raise ExecutorError("NotSupported", "this executor cannot load files into device memory")
+
+    def write_to_file(self, src: int, nbytes: int, fd: int, file_offset: int) -> None:
+        """Write ``nbytes`` bytes of device memory at ``src`` to ``fd`` at ``file_offset``."""
+        raise ExecutorError("NotSupported", "this executor cannot save device memory to files")
+
+    def op_data_info(self) -> dict[str, Any]:
+        return {**self.data_store.info(), **self.data_reader()}
+
+    def op_data_list(self, path: str) -> list[dict[str, Any]]:
+        with _data_errors(path):
+            return self.data_store.listing(path)
+
+    def op_data_open(self, path: str, spec: dict[str, Any]) -> dict[str, Any]:
+        with _data_errors(path):
+            return self.data_store.open_request(path, spec)
+
+    def op_data_read(self, dst: int, path: str, offset: int, nbytes: int, identity: str) -> int:
+        with _data_errors(path), self.data_store.open_for_read(path, identity) as opened:
+            opened.check_range(offset, nbytes)
+            if nbytes:
+                self.fill_from_file(dst, opened, offset, nbytes)
+        return nbytes
+
+    def op_data_write(self, array: list[Any], path: str, options: dict[str, Any]) -> int:
+        src, dtype_text, shape, strides = array
+        fmt = options.get("format", "npy")
+        overwrite = options.get("overwrite", True)
+        with _data_errors(path):
+            if fmt not in ("npy", "raw") or type(overwrite) is not bool:
+                raise DataError("BAD_FORMAT", f"save options {options!r}: format is npy or raw, "
+                                "overwrite a bool")
+            dtype = np.dtype(dtype_text)
+            check_array_dtype(dtype, path)
+            fortran_order = _memory_order(dtype.itemsize, shape, strides) == "F"
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header = npy_header(dtype, tuple(shape), fortran_order) if fmt == "npy" else b""
+            with self.data_store.create(path, overwrite=overwrite) as fd:
+                write_all(fd, memoryview(header), 0, path)
+                if nbytes:
+                    self.write_to_file(src, nbytes, fd, len(header))
+        return len(header) + nbytes
+
+    # }}}
+
     # {{{ profiling (gpu_agent/profiling.py)
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
@@ -95,9 +179,30 @@ class ExecutorSession(ABC):
     # }}}
 
 
+def _memory_order(itemsize: int, shape: list[int], strides: list[int]) -> str:
+    """"C" or "F" for a contiguous array's strides; DataError for any other."""
+    if int(np.prod(shape, dtype=np.int64)) <= 1:
+        return "C"
+    for order in ("C", "F"):
+        step, expected = itemsize, []
+        for n in (reversed(shape) if order == "C" else shape):
+            expected.append(step)
+            step *= max(n, 1)
+        if order == "C":
+            expected.reverse()
+        if all(s == e for n, s, e in zip(shape, strides, expected, strict=True) if n > 1):
+            return order
+    raise DataError("BAD_FORMAT", "only contiguous arrays are saved (the shim copies others "
+                    "first)")
+
+
 class Executor(ABC):
     #: "pycuda" or "emulated"
     name: str
+    #: the tree ``harp-agent --data-root`` serves (the default serves none)
+    data_store: DataStore = DataStore()
+    #: ``harp-agent --data-reader``: auto, kvikio or pipeline (executors with a choice)
+    data_reader_choice: str = "auto"
     #: True when this executor is not a GPU (host memory, NumPy)
     emulated: bool
     #: set after an error that leaves the device unusable in this process (CUDA's sticky errors):
@@ -129,6 +234,20 @@ class Executor(ABC):
     def metrics(self) -> dict[str, Any]:
         """Live figures for status replies (utilisation etc.); empty when unknown."""
         return {}
+
+    def data_reader(self) -> dict[str, Any]:
+        """How this executor reads files into device memory: ``{reader, detail}``."""
+        return _unsupported_data_reader()
+
+    def data_status(self) -> dict[str, Any]:
+        """The data tree and read path, for status replies."""
+        return {**self.data_store.info(), **self.data_reader()}
+
+    def attach_data(self, session: ExecutorSession) -> ExecutorSession:
+        """Give a new session this executor's data tree and read path."""
+        session.data_store = self.data_store
+        session.data_reader = self.data_reader
+        return session
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device. Idempotent."""

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gpu_agent import profiling
+from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import Executor, ExecutorError, ExecutorSession
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, apply
 
@@ -216,6 +217,16 @@ class EmulatedSession(ExecutorSession):
 
     # }}}
 
+    # {{{ the data tree: files are read straight into the emulated device's host memory
+
+    def fill_from_file(self, dst: int, opened: OpenedFile, offset: int, nbytes: int) -> None:
+        read_exactly(opened.fd, memoryview(self._bytes(dst, nbytes)), offset, opened.path)
+
+    def write_to_file(self, src: int, nbytes: int, fd: int, file_offset: int) -> None:
+        write_all(fd, memoryview(self._bytes(src, nbytes)), file_offset, "the saved file")
+
+    # }}}
+
     def device_bytes(self) -> int:
         return sum(m.size for m in self._memory.values())
 
@@ -283,5 +294,11 @@ class EmulatedExecutor(Executor):
     def mem_info(self) -> tuple[int, int]:
         return self.total - self.used, self.total
 
+    def data_reader(self) -> dict[str, Any]:
+        return {"reader": "host", "detail": "emulated device: files are read with pread "
+                "straight into its host memory"}
+
     def open_session(self, base: int, size: int) -> EmulatedSession:
-        return EmulatedSession(self)
+        session = EmulatedSession(self)
+        self.attach_data(session)
+        return session

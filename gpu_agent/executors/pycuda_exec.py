@@ -19,8 +19,10 @@ from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool
 
 from gpu_agent import nvml, profiling
+from gpu_agent.datastore import OpenedFile
 from gpu_agent.executors import pycuda_arrays
 from gpu_agent.executors.base import ContextLost, Executor, ExecutorError, ExecutorSession
+from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
 
 log = logging.getLogger("harp.agent.pycuda")
@@ -308,6 +310,16 @@ class PycudaSession(ExecutorSession):
 
     # }}}
 
+    # {{{ the data tree (pycuda_files: GDS through kvikio, or pipelined pinned reads)
+
+    def fill_from_file(self, dst: int, opened: OpenedFile, offset: int, nbytes: int) -> None:
+        self._x.file_transfers().read(dst, opened, offset, nbytes)
+
+    def write_to_file(self, src: int, nbytes: int, fd: int, file_offset: int) -> None:
+        self._x.file_transfers().write(src, nbytes, fd, file_offset)
+
+    # }}}
+
     def device_bytes(self) -> int:
         return sum(size for size, _ in self.memory.mapped.values())
 
@@ -370,6 +382,7 @@ class PycudaExecutor(Executor):
         self.sessions: set[PycudaSession] = set()
         self.restart_required = False
         self._info = self._read_info()
+        self._file_transfers: FileTransfers | None = None
 
     def _read_info(self) -> dict[str, Any]:
         attributes = {}
@@ -401,6 +414,16 @@ class PycudaExecutor(Executor):
     def metrics(self) -> dict[str, Any]:
         return nvml.read(self.device.pci_bus_id())
 
+    def file_transfers(self) -> FileTransfers:
+        if self._file_transfers is None:
+            self._file_transfers = FileTransfers(choose_reader(self.data_reader_choice))
+        return self._file_transfers
+
+    def data_reader(self) -> dict[str, Any]:
+        if self.data_store.root is None:
+            return {"reader": "none", "detail": "no --data-root: this agent serves no files"}
+        return self.file_transfers().choice.to_status()
+
     def open_session(self, base: int, size: int) -> PycudaSession:
         try:
             memory = self.vmm.reserve(base, size)
@@ -409,6 +432,7 @@ class PycudaExecutor(Executor):
                                 f"{base:#x}+{size:#x}: {e}") from None
         session = PycudaSession(self, memory)
         self.sessions.add(session)
+        self.attach_data(session)
         return session
 
     def run(self, method: Any, *args: Any) -> Any:
@@ -432,6 +456,8 @@ class PycudaExecutor(Executor):
             return  # the context is unusable; the process is about to be replaced
         for session in list(self.sessions):
             session.close()
+        if self._file_transfers is not None:
+            self._file_transfers.close()
         try:
             self.context.pop()
         except cuda.Error:

@@ -119,29 +119,37 @@ def main() -> None:
         agent_rss = peak_rss_mib(agent.pid)
     finally:
         agent.kill()
-    device = shim["device"]
-    lines = [
-        f"# Forwarding benchmark on {device}",
+    report("forwarding", shim["device"],
+           f"python bench/forwarding.py{' --emulated' if args.emulated else ''}",
+           "Local pycuda, the shim (over TCP loopback to a local harp-agent) and raw pyzmq "
+           "were measured in this one run.",
+           table(local, shim, raw, agent_rss), {"local": local, "shim": shim, "raw_zmq": raw},
+           args.out)
+
+
+def report(name: str, device: str, command: str, intro: str, table_lines: list[str],
+           raw: dict[str, Any], out: str | None) -> None:
+    """Print the benchmark's Markdown and write it to ``out`` (default
+    bench/results/NAME-<device>.md): title, when and where, the table, the raw JSON."""
+    text = "\n".join([
+        f"# {name.capitalize()} benchmark on {device}",
         "",
         f"Run {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}, "
-        f"Python {platform.python_version()}: `python bench/forwarding.py"
-        f"{' --emulated' if args.emulated else ''}`. Local pycuda, the shim (over TCP loopback "
-        "to a local harp-agent) and raw pyzmq were measured in this one run.",
+        f"Python {platform.python_version()}: `{command}`. {intro}",
         "",
-        *table(local, shim, raw, agent_rss),
+        *table_lines,
         "",
         "Raw figures (JSON):",
         "",
         "```",
-        json.dumps({"local": local, "shim": shim, "raw_zmq": raw}, indent=1),
+        json.dumps(raw, indent=1),
         "```",
-    ]
-    text = "\n".join(lines) + "\n"
+    ]) + "\n"
     print(text)
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = Path(args.out) if args.out else HERE / "results" / f"forwarding-{slug}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    path = Path(out) if out else HERE / "results" / f"{name}-{slug}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def run_json_raw() -> dict[str, Any]:

@@ -10,17 +10,13 @@ as the baselines, printed as a Markdown table against the targets of ARCHITECTUR
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import re
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from forwarding import row, run_json, run_json_raw, start_agent  # noqa: E402
+from forwarding import report, row, run_json, run_json_raw, start_agent  # noqa: E402
 
 
 def table(local: dict, shim: dict, raw: dict) -> list[str]:
@@ -57,32 +53,15 @@ def main() -> None:
         shim = run_json([str(HERE / "lease_workloads.py"), "shim", endpoint])
     finally:
         agent.kill()
-    device = shim["device"]
-    text = "\n".join([
-        f"# Lease benchmark on {device}",
-        "",
-        f"Run {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()}, "
-        f"Python {platform.python_version()}: `python bench/leases.py"
-        f"{' --emulated' if args.emulated else ''}`. The agent, local pycuda and raw pyzmq were "
-        "measured in this one run; the shim talks to the agent over TCP loopback. Acquire is the "
-        "time from a parked session's next GPU call to its restored session (lease request, "
-        "grant, hello, restore of 4 KiB of state); park and restore move the whole 1 GiB "
-        "between device and the agent's host memory.",
-        "",
-        *table(local, shim, raw),
-        "",
-        "Raw figures (JSON):",
-        "",
-        "```",
-        json.dumps({"local": local, "shim": shim, "raw_zmq_rtt_p50_us": raw["rtt_p50_us"]},
-                   indent=1),
-        "```",
-    ]) + "\n"
-    print(text)
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = Path(args.out) if args.out else HERE / "results" / f"leases-{slug}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    report("leases", shim["device"],
+           f"python bench/leases.py{' --emulated' if args.emulated else ''}",
+           "The agent, local pycuda and raw pyzmq were measured in this one run; the shim talks "
+           "to the agent over TCP loopback. Acquire is the time from a parked session's next "
+           "GPU call to its restored session (lease request, grant, hello, restore of 4 KiB of "
+           "state); park and restore move the whole 1 GiB between device and the agent's host "
+           "memory.",
+           table(local, shim, raw),
+           {"local": local, "shim": shim, "raw_zmq_rtt_p50_us": raw["rtt_p50_us"]}, args.out)
 
 
 if __name__ == "__main__":

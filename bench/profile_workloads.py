@@ -1,0 +1,113 @@
+"""Profiling-cost workloads, run in their own process: ``python bench/profile_workloads.py MODE
+OUT.json [ENDPOINT]``.
+
+Two cells, each timed end to end (issue to synchronize): launch-bound (many tiny kernel launches)
+and compute-bound (a few kernels that spin a fixed number of GPU cycles). ``local``: local pycuda.
+``shim``: through the shim against the agent at ENDPOINT, without and with ``%%harp profile``
+(the profiled time includes collecting the GPU timings and building the timeline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+KERNELS = """
+__global__ void add_one(float *x, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += 1.0f;
+}
+__global__ void spin(long long cycles, float *x)
+{
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+    x[threadIdx.x] += 1.0f;
+}
+"""
+LAUNCHES = 2000
+SPINS, SPIN_CYCLES = 5, 20_000_000
+REPEATS = 5
+
+
+def cells(cuda: Any) -> dict[str, Callable[[], None]]:
+    from pycuda.compiler import SourceModule
+
+    module = SourceModule(KERNELS)
+    add_one, spin = module.get_function("add_one"), module.get_function("spin")
+    x = cuda.mem_alloc(4 * 1024)
+    n = np.int32(1024)
+
+    def launch_bound() -> None:
+        for _ in range(LAUNCHES):
+            add_one(x, n, block=(256, 1, 1), grid=(4, 1))
+        cuda.Context.synchronize()
+
+    def compute_bound() -> None:
+        for _ in range(SPINS):
+            spin(np.int64(SPIN_CYCLES), x, block=(32, 1, 1), grid=(1, 1))
+        cuda.Context.synchronize()
+
+    return {"launch_bound": launch_bound, "compute_bound": compute_bound}
+
+
+def timed(run: Callable[[], Any]) -> float:
+    run()  # warm: module loads, first allocations
+    samples = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def local() -> dict[str, Any]:
+    import pycuda.autoinit  # noqa: F401
+    import pycuda.driver as cuda
+
+    return {name: timed(cell) for name, cell in cells(cuda).items()} | {
+        "device": cuda.Device(0).name()}
+
+
+def shim(endpoint: str) -> dict[str, Any]:
+    os.environ["HARP_AGENTS"] = endpoint
+    from harp_jupyter import shim as harp_shim
+
+    harp_shim.activate()
+    import pycuda.autoinit  # noqa: F401
+    import pycuda.driver as cuda
+
+    from harp_jupyter.profiler.display import ProfileResult
+    from harp_jupyter.profiler.profile import profiled
+
+    results: dict[str, Any] = {"device": cuda.Device(0).name()}
+    for name, cell in cells(cuda).items():
+        results[name] = timed(cell)
+
+        def with_profile(cell: Callable[[], None] = cell) -> ProfileResult:
+            _, profile = profiled(cell)
+            return ProfileResult(profile)
+
+        results[f"{name}_profiled"] = timed(with_profile)
+        result = with_profile()
+        results[f"{name}_trace_events"] = len(result.trace["traceEvents"])
+        results[f"{name}_gpu_busy_s"] = result.summary["gpu_busy_s"]
+    return results
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    result = local() if mode == "local" else shim(sys.argv[3])
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

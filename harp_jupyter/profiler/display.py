@@ -62,7 +62,7 @@ class ProfileResult:
             f" ({s['gpu_share']:.0%})",
             f"{s['calls']} GPU calls in {s['batches']} batches; {s['sync_points']} sync points "
             f"blocked the notebook {s['blocked_s'] * 1e3:.1f} ms, "
-            f"{s['network_wait_s'] * 1e3:.1f} ms of it on the network",
+            f"{s['network_wait_s'] * 1e3:.1f} ms of it on the network and in the agent's queue",
             f"bytes to the GPU {format_bytes(s['bytes_up'])}, "
             f"from the GPU {format_bytes(s['bytes_down'])}",
         ]

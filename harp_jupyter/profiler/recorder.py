@@ -21,6 +21,22 @@ active: Recorder | None = None
 #: batch header flag: 1 = agent timings, 2 = agent timings and GPU (CUDA event) timings
 AGENT_TIMING, GPU_TIMING = 1, 2
 
+#: kernel names by function handle, noted whether or not a profile runs (a kernel is usually
+#: compiled in an earlier cell than the one profiled)
+KERNEL_NAMES: dict[int, str] = {}
+NAMING_OPS = frozenset({"get_function", "elementwise_new", "reduction_new"})
+
+
+def note_kernel_name(op: str, args: list[Any]) -> None:
+    """From get_function(fn, mod, name), elementwise_new(kernel, arguments, operation, name,
+    options), reduction_new(kernel, ..., options with name)."""
+    if op == "get_function" and len(args) > 2:
+        KERNEL_NAMES[args[0]] = str(args[2])
+    elif op == "elementwise_new" and len(args) > 3:
+        KERNEL_NAMES[args[0]] = str(args[3])
+    elif op == "reduction_new" and len(args) > 6 and isinstance(args[6], dict):
+        KERNEL_NAMES[args[0]] = str(args[6].get("name") or "reduction")
+
 
 @dataclass(slots=True)
 class ApiCall:
@@ -80,8 +96,6 @@ class Recorder:
         #: GPU timings per agent, its clock: [op, stream, start, end, seq, index]
         self.gpu: dict[str, list[list[Any]]] = {}
         self.gpu_timing_note = ""
-        #: names of kernels by function handle (get_function, elementwise_new, reduction_new)
-        self.kernel_names: dict[int, str] = {}
         self._nvtx_open: list[tuple[str, int, CallSite | None]] = []
         self._lock = threading.Lock()
 
@@ -91,17 +105,13 @@ class Recorder:
 
     def note_call(self, op: str, args: list[Any], site: CallSite | None, bytes_up: int) -> None:
         bytes_down = int(args[1]) if op == "dtoh" and len(args) > 1 else 0
-        if op == "get_function" and len(args) > 2:
-            self.kernel_names[args[0]] = str(args[2])
-        elif op in ("elementwise_new", "reduction_new") and len(args) > 1:
-            self.kernel_names[args[0]] = str(args[1])
         self.calls.append(ApiCall(self.now(), op, site, bytes_up, bytes_down,
                                   self.detail_of(op, args)))
 
     def detail_of(self, op: str, args: list[Any]) -> str:
         """The kernel a call runs, where there is one (its function or operation name)."""
         if op in ("launch", "elementwise_call", "reduction_call") and args:
-            return self.kernel_names.get(args[0], "")
+            return KERNEL_NAMES.get(args[0], "")
         if op == "array" and args:
             return str(args[0])
         return ""

@@ -123,6 +123,8 @@ class BatchWriter:
             if positions:
                 for i in positions:
                     call[i + 1] = self._buffer_argument(call[i + 1])
+            if op in profiling.NAMING_OPS:
+                profiling.note_kernel_name(op, call[1:])
             if profiling.active is not None:
                 profiling.active.note_call(op, call[1:], site, self._bytes_of(call, positions))
             self._calls.append(call)

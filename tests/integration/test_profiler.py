@@ -184,6 +184,7 @@ def test_agent_spans_line_up_when_the_agent_clock_is_skewed(
 
 def test_the_magic_shows_the_profile_and_exports_it(
         shim_cuda: ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("IPython")
     from IPython.core.interactiveshell import InteractiveShell
 
     shell = InteractiveShell.instance()

@@ -33,13 +33,13 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Float, List, TraitError, Unicode, Union, default
+from traitlets import Float, TraitError, default
 
 from provisioner import background, local_agents
 from provisioner.control import ControlError
 from provisioner.keeper import HeldLease, KeeperConfig
 from provisioner.kernel_lease import KernelLease
-from provisioner.pool import configured_endpoints, resolve_agents
+from provisioner.pool import AgentSettings, configured_endpoints, resolve_agents
 
 #: live provisioners by kernel id (the server extension lists them)
 _registry: dict[str, ElasticGPUProvisioner] = {}
@@ -59,14 +59,7 @@ def _env_float(name: str, fallback: float) -> float:
         raise TraitError(f"{name}={text!r} is not a number of seconds") from None
 
 
-class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
-    agents = Union(
-        [Unicode(), List(Unicode())],
-        help="GPU agents to lease from: tcp://HOST:PORT endpoints (a comma list or a list); a "
-             "DNS name resolving to several addresses (a Kubernetes headless Service) counts as "
-             "one agent per address; 'auto' starts one local agent per GPU of this machine. "
-             "Default: $HARP_AGENTS, else 'auto'.",
-    ).tag(config=True)
+class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[misc]
     idle_timeout = Float(
         help="Seconds without GPU work after which the kernel's GPU is released (its device "
              "state is parked on the agent and restored at the next GPU call); 0 = never. "
@@ -95,15 +88,6 @@ class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
         help="Most bytes of parked state the agent should keep for this kernel (passed in the "
              "lease request); 0 = the agent's default. Default: $HARP_PARK_LIMIT, else 0.",
     ).tag(config=True)
-    token = Unicode(
-        None, allow_none=True,
-        help="Shared secret of the GPU agents (their --token). Default: $HARP_TOKEN.",
-    ).tag(config=True)
-
-    @default("agents")
-    def _agents_default(self) -> str:
-        return os.environ.get("HARP_AGENTS", "").strip() or "auto"
-
     @default("idle_timeout")
     def _idle_timeout_default(self) -> float:
         return _env_float("HARP_IDLE_TIMEOUT", 60.0)
@@ -127,10 +111,6 @@ class ElasticGPUProvisioner(LocalProvisioner):  # type: ignore[misc]
     @default("park_limit")
     def _park_limit_default(self) -> float:
         return _env_float("HARP_PARK_LIMIT", 0.0)
-
-    @default("token")
-    def _token_default(self) -> str | None:
-        return os.environ.get("HARP_TOKEN") or None
 
     # per-launch state; the kernel secret lives as long as the kernel id (restarts keep it)
     _launch: KernelLease | None = None

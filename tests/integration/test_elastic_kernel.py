@@ -1,17 +1,18 @@
-"""The Elastic GPU kernelspec: a real ipykernel, driven by jupyter_client, runs pycuda cells on
-a real emulated agent and keeps its CPU state when a GPU call fails."""
+"""The Elastic GPU kernelspec as pip installs it (share/jupyter/kernels/elastic-gpu, with its
+provisioner): a real ipykernel, driven by jupyter_client, runs pycuda cells on a real emulated agent
+and keeps its CPU state when a GPU call fails."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from harp_jupyter.kernelspec import KERNEL_NAME, kernel_json
-
+REPO = Path(__file__).resolve().parents[2]
+KERNEL_NAME = "elastic-gpu"
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -32,12 +33,11 @@ def run_cell(client: Any, code: str) -> tuple[str, str]:
             return "".join(out), error
 
 
-def test_elastic_gpu_kernel_runs_pycuda_cells(emulated_agent: Any, tmp_path: Path,
+def test_elastic_gpu_kernel_runs_pycuda_cells(emulated_agent: Any,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    spec_dir = tmp_path / "kernels" / KERNEL_NAME
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps(kernel_json(emulated_agent.endpoint)))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_PATH", str(REPO / "share" / "jupyter"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
     manager, client = start_new_kernel(kernel_name=KERNEL_NAME)
     try:
         out, error = run_cell(client, "import numpy as np\nimport pycuda.autoinit\n"

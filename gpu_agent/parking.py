@@ -42,6 +42,8 @@ class ParkedMemory:
     session_id: str
     chunks: list[ParkedChunk]
     parked_at: float = field(default_factory=time.monotonic)
+    #: seconds it is kept: the agent's --park-ttl, or less where the kernel asked for less
+    ttl: float = float("inf")
 
     @property
     def nbytes(self) -> int:
@@ -78,15 +80,21 @@ class ParkStore:
     def get(self, session_id: str) -> ParkedMemory | None:
         return self._parked.get(session_id)
 
-    def put(self, session_id: str, chunks: list[tuple[int, Any]]) -> tuple[ParkedMemory,
-                                                                               list[str]]:
+    def put(self, session_id: str, chunks: list[tuple[int, Any]], *, ttl: float | None = None,
+            limit: int | None = None) -> tuple[ParkedMemory, list[str]]:
         """Keep a session's chunks; returns its ParkedMemory and the sessions dropped for room.
-        Raises MemoryError when the state alone is larger than ``limit``."""
+        ``ttl`` and ``limit``: what the session's kernel asked for (its provisioner's park_ttl
+        and park_limit), applied where they are below the agent's own. Raises MemoryError when
+        the state alone is larger than the limit."""
         nbytes = sum(memoryview(data).nbytes for _, data in chunks)
         if nbytes > self.limit:
             raise MemoryError(
                 f"this session's device memory ({nbytes} bytes) is larger than the agent's park "
                 f"limit ({self.limit} bytes, --park-limit)")
+        if limit is not None and nbytes > limit:
+            raise MemoryError(
+                f"this session's device memory ({nbytes} bytes) is larger than its kernel's park "
+                f"limit ({limit} bytes, park_limit / HARP_PARK_LIMIT)")
         evicted: list[str] = []
         for old in sorted(self._parked.values(), key=lambda p: p.parked_at):
             if self.total_bytes + nbytes <= self.limit:
@@ -95,7 +103,8 @@ class ParkStore:
                 self.drop(old.session_id, "the agent needed the room for other parked sessions "
                           "(--park-limit)")
                 evicted.append(old.session_id)
-        parked = ParkedMemory(session_id, [], parked_at=self._clock())
+        parked = ParkedMemory(session_id, [], parked_at=self._clock(),
+                              ttl=min(self.ttl, ttl) if ttl is not None else self.ttl)
         room = self.memory_cap - self.host_bytes
         for addr, data in chunks:
             array = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
@@ -128,11 +137,14 @@ class ParkStore:
     def expire(self) -> list[str]:
         """Drop parked states older than ``ttl``; returns their session ids."""
         now = self._clock()
-        old = [sid for sid, p in self._parked.items() if now - p.parked_at > self.ttl]
-        for session_id in old:
-            self.drop(session_id, f"it was parked longer than the agent keeps parked state "
-                                  f"({self.ttl:g} s, --park-ttl)")
-        return old
+        old = [p for p in self._parked.values() if now - p.parked_at > p.ttl]
+        for parked in old:
+            self.drop(parked.session_id, (
+                f"it was parked longer than the agent keeps parked state ({self.ttl:g} s, "
+                "--park-ttl)") if parked.ttl >= self.ttl else (
+                f"it was parked longer than its kernel asked the agent to keep it "
+                f"({parked.ttl:g} s, park_ttl / HARP_PARK_TTL)"))
+        return [p.session_id for p in old]
 
     @staticmethod
     def discard(parked: ParkedMemory) -> None:

@@ -40,6 +40,9 @@ class ClientSession:
     client: dict[str, Any] = field(default_factory=dict)
     kernel_id: str = ""
     lease_id: str | None = None
+    #: what its kernel asked the agent for its parked state (lease info park_ttl, park_limit)
+    park_ttl: float | None = None
+    park_limit: int | None = None
     resume_token: str = ""
     state: str = ACTIVE
     started: float = field(default_factory=time.time)

@@ -179,6 +179,7 @@ class Tenancy:
             session_id or secrets.token_hex(8), routing_id, slot, base, size, device, client,
             kernel_id=lease.kernel_id, lease_id=lease.lease_id,
             resume_token=resume_token or secrets.token_urlsafe(18))
+        _take_park_policy(session, lease)
         self.sessions[session.session_id] = session
         log.info("session %s opened for kernel %s", session.session_id, lease.kernel_id)
         return session
@@ -204,7 +205,8 @@ class Tenancy:
                                   [(c.addr, c.read()) for c in parked.chunks])
             except ExecutorError as e:
                 # give the memory back to the store: the state is not lost, only not restorable now
-                self.parking.put(session_id, [(c.addr, c.read()) for c in parked.chunks])
+                self.parking.put(session_id, [(c.addr, c.read()) for c in parked.chunks],
+                                 ttl=session.park_ttl)
                 if not self.executor.restart_required:
                     self.executor.run(session.device.park)
                 raise TenancyError(e.kind, f"cannot restore this session's {parked.nbytes} bytes "
@@ -213,6 +215,7 @@ class Tenancy:
             session.state = ACTIVE
             log.info("session %s restored (%d bytes)", session_id, parked.nbytes)
         session.lease_id = lease.lease_id
+        _take_park_policy(session, lease)
         session.routing_id = routing_id
         session.last_active = time.monotonic()
         return session
@@ -269,7 +272,8 @@ class Tenancy:
             return 0
         try:
             chunks = self.executor.run(session.device.park)
-            parked, evicted = self.parking.put(session.session_id, chunks)
+            parked, evicted = self.parking.put(session.session_id, chunks,
+                                               ttl=session.park_ttl, limit=session.park_limit)
         except (ExecutorError, MemoryError, OSError) as e:
             log.error("could not park session %s: %s", session.session_id, e)
             self.parking.dropped[session.session_id] = f"parking it failed: {e}"
@@ -373,6 +377,14 @@ class Tenancy:
         for session in list(self.sessions.values()):
             self._forget(session.session_id)
         self.parking.close()
+
+
+def _take_park_policy(session: ClientSession, lease: Lease) -> None:
+    """The kernel's park_ttl and park_limit from its lease info (positive numbers, else none)."""
+    info = lease.info if isinstance(lease.info, dict) else {}
+    ttl, limit = info.get("park_ttl"), info.get("park_limit")
+    session.park_ttl = float(ttl) if type(ttl) in (int, float) and ttl > 0 else None
+    session.park_limit = int(limit) if type(limit) in (int, float) and limit > 0 else None
 
 
 def _wall(monotonic_at: float | None, clock: Callable[[], float] = time.monotonic) -> float | None:

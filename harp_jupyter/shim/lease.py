@@ -303,9 +303,8 @@ class DirectLeaseSource(LeaseSource):
                     "there? (HARP_AGENTS / HARP_AGENT name the agents)")
             parked_at = resume.get("agent") if resume else None
             agent = choose_agent(statuses, parked_at)
-            lease = self._client.request(
-                agent, self.kernel_id, self._secret, self._user,
-                info={"host": pysocket.gethostname(), "pid": os.getpid()})
+            lease = self._client.request(agent, self.kernel_id, self._secret, self._user,
+                                         info=_lease_info())
             while lease["state"] == "queued":
                 self._state = "queued"
                 notice.update("queued", lease.get("position"), agent)
@@ -409,6 +408,21 @@ def _replace(source: LeaseSource) -> None:
     old, _source = _source, source
     if old is not None:
         old.close()
+
+
+def _lease_info() -> dict[str, Any]:
+    """Who asks, and how long the agent should keep its parked state (HARP_PARK_TTL seconds,
+    HARP_PARK_LIMIT bytes; the agent's own limits cap them)."""
+    info: dict[str, Any] = {"host": pysocket.gethostname(), "pid": os.getpid()}
+    for key, variable in (("park_ttl", "HARP_PARK_TTL"), ("park_limit", "HARP_PARK_LIMIT")):
+        try:
+            value = float(os.environ.get(variable) or 0)
+        except ValueError:
+            raise GPUUnavailableError(
+                f"{variable}={os.environ[variable]!r} is not a number") from None
+        if value > 0:
+            info[key] = value
+    return info
 
 
 def configured_agents() -> list[str]:

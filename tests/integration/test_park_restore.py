@@ -93,6 +93,19 @@ def test_parked_state_dropped_after_its_ttl_is_a_clear_error(
         assert np.array_equal(gpuarray.to_gpu(np.arange(5)).get(), np.arange(5))  # afresh
 
 
+def test_a_kernel_asks_the_agent_to_keep_its_parked_state_for_less(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = agent_starter()  # the agent keeps parked state for its default hour
+    monkeypatch.setenv("HARP_AGENTS", agent.endpoint)
+    monkeypatch.setenv("HARP_PARK_TTL", "0.3")
+    with pycuda_modules() as (cuda, gpuarray):
+        a = gpuarray.to_gpu(np.ones(1000))
+        get_session().release()
+        time.sleep(1.0)
+        with pytest.raises(cuda.GPULostError, match="its kernel asked the agent to keep it"):
+            a.get()
+
+
 def test_parked_state_spills_to_disk_past_the_memory_cap(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
         lease_client: BlockingLeaseClient) -> None:

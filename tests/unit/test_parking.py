@@ -58,3 +58,21 @@ def test_ttl_expires_parked_state() -> None:
     clock.now = 12
     assert store.expire() == ["a"]
     assert "park-ttl" in store.dropped["a"] and store.get("b") is not None
+
+
+def test_a_kernel_may_ask_for_less_than_the_agent_keeps_never_more() -> None:
+    clock = Clock()
+    store = ParkStore(memory_cap=1000, limit=1000, ttl=10, clock=clock)
+    store.put("short", chunks(10), ttl=3)
+    store.put("greedy", chunks(10), ttl=3600)  # capped by the agent's 10 s
+    store.put("plain", chunks(10))
+    clock.now = 4
+    assert store.expire() == ["short"]
+    assert "its kernel asked" in store.dropped["short"]
+    assert "HARP_PARK_TTL" in store.dropped["short"]
+    clock.now = 11
+    assert sorted(store.expire()) == ["greedy", "plain"]
+    assert "--park-ttl" in store.dropped["greedy"]
+    with pytest.raises(MemoryError, match="kernel's park limit"):
+        store.put("big", chunks(200), limit=100)
+    assert store.get("big") is None

@@ -28,11 +28,13 @@ from typing import Any
 
 from provisioner.control import ControlError
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
-from provisioner.selection import choose_agent
+from provisioner.selection import choose_agent, is_free
 
 log = logging.getLogger("harp.provisioner.keeper")
 
 STATES = ("none", "acquiring", "queued", "held", "parking", "parked", "lost")
+#: while queued in a pool of several agents, how often the others are asked whether one is free
+QUEUE_RECHECK_S = 2.0
 #: lease states after which the agent no longer knows the lease as ours
 ENDED = ("released", "revoked", "expired")
 
@@ -218,7 +220,8 @@ class LeaseKeeper:
                                            f"{e.msg}") from None
             self.lease = HeldLease(agent, reply["id"], reply["token"],
                                    float(reply.get("ttl") or c.lease_ttl))
-            lease = await self._wait_in_queue(reply, progress)
+            lease = await self._wait_in_queue(reply, progress, [a for a in agents if a != agent],
+                                              parked_at)
             if lease.get("state") != "held":
                 self.lease = None
                 raise ControlError("LeaseError", f"the lease on {agent} was "
@@ -242,8 +245,11 @@ class LeaseKeeper:
         self._start_keeping()
         return self._grant(parked_at)
 
-    async def _wait_in_queue(self, lease: dict[str, Any], progress: Progress | None
+    async def _wait_in_queue(self, lease: dict[str, Any], progress: Progress | None,
+                             others: list[str] | None = None, parked_at: str | None = None
                              ) -> dict[str, Any]:
+        """Wait until the queued lease is granted. With other agents in the pool, look every
+        QUEUE_RECHECK_S for one that has become free and move there (the state follows)."""
         assert self.lease is not None
         held = self.lease
         deadline = (time.monotonic() + self.config.acquire_timeout
@@ -256,7 +262,7 @@ class LeaseKeeper:
             if progress is not None and position != told:
                 told = position
                 await progress({"state": "queued", "position": position, "agent": held.agent})
-            wait = held.ttl / 3
+            wait = held.ttl / 3 if not others else min(held.ttl / 3, QUEUE_RECHECK_S)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -272,8 +278,47 @@ class LeaseKeeper:
                 raise ControlError(e.kind, f"the queued lease at {held.agent} ended: "
                                            f"{e.msg}") from None
             lease = changed
+            if lease.get("state") == "queued" and others:
+                moved = await self._move_to_a_free_agent(others, parked_at)
+                if moved is not None:
+                    held, lease = moved
         self.position = None
         return lease
+
+    async def _move_to_a_free_agent(self, others: list[str], parked_at: str | None
+                                    ) -> tuple[HeldLease, dict[str, Any]] | None:
+        """If another agent is free now, lease there and give up the queued lease; the new
+        lease and its state, or None (nothing free, or it was taken first)."""
+        statuses = await self.client.statuses(others, self.config.status_timeout)
+        free = {e: s for e, s in statuses.items() if is_free(s)}
+        if not free:
+            return None
+        agent = choose_agent(free, parked_at)
+        c = self.config
+        try:
+            reply = await self.client.request(agent, c.kernel_id, c.kernel_secret, c.user,
+                                              ttl=c.lease_ttl, info=c.info)
+        except (AgentUnreachable, LeaseRefused) as e:
+            log.debug("moving to %s: %s", agent, e)
+            return None
+        new = HeldLease(agent, reply["id"], reply["token"], float(reply.get("ttl") or c.lease_ttl))
+        if reply.get("state") != "held":  # someone else got there first: stay where we were
+            await self._release_quietly(new)
+            return None
+        old, self.lease = self.lease, new
+        if old is not None:
+            await self._release_quietly(old)
+        self._note_device(statuses[agent])
+        self.agents_seen.add(agent)
+        log.info("kernel %s: moved from the queue at %s to the free agent %s",
+                 c.kernel_id, old.agent if old else "?", agent)
+        return new, reply
+
+    async def _release_quietly(self, lease: HeldLease) -> None:
+        try:
+            await self.client.release(lease.agent, lease.lease_id, lease.token)
+        except (AgentUnreachable, LeaseRefused) as e:
+            log.debug("release of %s at %s: %s", lease.lease_id, lease.agent, e)
 
     def _grant(self, parked_at: str | None) -> dict[str, Any]:
         assert self.lease is not None

@@ -392,6 +392,35 @@ def test_acquire_queues_with_progress_and_is_granted_when_the_holder_parks(
     asyncio.run(scenario())
 
 
+def test_a_queued_kernel_moves_to_another_agent_that_became_free(agent_starter: Any) -> None:
+    first, second = agent_starter(), agent_starter()
+    pool = [first.endpoint, second.endpoint]
+
+    async def scenario() -> None:
+        client = LeaseClient()
+        async with kernel_lease(pool, "k1") as (_, k1), kernel_lease(pool, "k2") as (_, k2), \
+                kernel_lease(pool, "k3") as (l3, k3):
+            held = {(await k.request({"t": "acquire", "rid": 1}))["agent"] for k in (k1, k2)}
+            assert held == set(pool)
+            await k3.send({"t": "acquire", "rid": 1})
+            progress = await k3.recv()
+            assert progress["state"] == "queued" and progress["position"] == 1
+            queued_at = progress["agent"]
+            agents = {k: (await k.request({"t": "status", "rid": 2}))["agent"] for k in (k1, k2)}
+            other = next(k for k, agent in agents.items() if agent != queued_at)
+            # the holder of the *other* agent parks: k3 leaves its queue and leases there
+            await other.request({"t": "parked", "rid": 3, "session": None, "agent": None,
+                                 "bytes": 0})
+            granted = await k3.recv(timeout=30)
+            assert granted["t"] == "grant" and granted["agent"] != queued_at
+            assert (await client.status(queued_at))["leases"]["queue"] == []  # left the queue
+            assert await holder(client, granted["agent"]) == "k3"
+            assert l3.lease_state()["state"] == "held"
+        await client.close()
+
+    asyncio.run(scenario())
+
+
 def test_idle_policy_asks_the_kernel_to_park_busy_keeps_it_parked_releases(
         agent_starter: Any) -> None:
     agent = agent_starter()

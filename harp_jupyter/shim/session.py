@@ -390,6 +390,11 @@ class RemoteSession:
         if self._first_error is None:
             op, site = (meta[0], meta[1]) if meta is not None else (None, None)
             self._first_error = error_from_agent(error, op, site)
+            if error.get("kind") == "HandleError" and _lost_sessions:
+                self._first_error.args = (
+                    f"{self._first_error.args[0]}\n  This kernel lost an earlier GPU session "
+                    f"({_lost_sessions[-1]}); device arrays and pointers made before that are "
+                    "gone: re-run the cells that create them.",)
         else:
             self._later_errors += 1
 
@@ -598,6 +603,10 @@ _session: RemoteSession | None = None
 _session_lock = threading.Lock()
 
 
+#: why earlier sessions of this process were lost (their arrays are gone), newest last
+_lost_sessions: list[str] = []
+
+
 def get_session() -> RemoteSession:
     """The process's session (a new one after the previous was lost or closed)."""
     session = _session
@@ -612,6 +621,8 @@ def _new_session() -> RemoteSession:
         session = _session
         if session is None or session.closed or session.lost:
             if session is not None and not session.closed:
+                if session.lost and session._allocator is not None:
+                    _lost_sessions.append(session.lost_reason.splitlines()[0])
                 if session.lost and session._lease_source is not None:
                     session.lease_source.lost(session.lost_reason)
                 session.close()

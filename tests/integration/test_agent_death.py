@@ -95,3 +95,34 @@ def test_harp_run_script_survives_a_killed_agent(emulated_agent: Any, tmp_path: 
     assert "cpu state intact 12345" in out
     assert job.returncode == 1
     assert "GPUUnavailableError" in err and emulated_agent.endpoint in err
+
+
+def test_arrays_of_a_lost_session_say_so_on_the_next_agent(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from harp_jupyter import shim
+    from harp_jupyter.shim.session import reset_session
+
+    first, second = agent_starter(), agent_starter()
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    monkeypatch.setenv("HARP_AGENT_TIMEOUT", "2")
+    reset_session()
+    shim.activate()
+    try:
+        importlib.import_module("pycuda.autoinit")
+        cuda = importlib.import_module("pycuda.driver")
+        gpuarray = importlib.import_module("pycuda.gpuarray")
+        old = gpuarray.to_gpu(np.arange(10.0))
+        assert get_session().endpoint == first.endpoint
+        first.kill()
+        with pytest.raises(cuda.GPULostError):
+            old.get()
+        fresh = gpuarray.to_gpu(np.ones(3))  # the next GPU call works, on the other agent
+        assert fresh.get().sum() == 3 and get_session().endpoint == second.endpoint
+        with pytest.raises(cuda.Error, match="lost an earlier GPU session") as stale:
+            old.get()
+        assert "re-run the cells that create them" in str(stale.value)
+    finally:
+        reset_session()
+        shim.deactivate()

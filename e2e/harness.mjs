@@ -1,0 +1,253 @@
+// Processes for the browser test: emulated GPU agents and a real `jupyter lab` (token auth on,
+// fresh settings/workspaces/config dirs), each started by this file and stopped by its pid.
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+export const PYTHON = process.env.HARP_E2E_PYTHON ?? join(REPO, '.venv', 'bin', 'python');
+export const CHROMIUM = process.env.HARP_E2E_CHROMIUM ?? '/usr/bin/chromium';
+
+export function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.unref();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+export function sleep(ms) {
+  return new Promise(r => setTimeout(r, ms));
+}
+
+/** Poll `probe` until it returns a truthy value; throw with `what` and the last value seen. */
+export async function until(probe, what, timeoutMs = 60_000, everyMs = 200) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) {
+        return last;
+      }
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out waiting for ${what}; last seen: ${describe(last)}`);
+    }
+    await sleep(everyMs);
+  }
+}
+
+function describe(value) {
+  if (value instanceof Error) {
+    return value.message;
+  }
+  try {
+    return JSON.stringify(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/** A child process in its own process group, with its output kept in a log file and memory. */
+class Child {
+  constructor(name, argv, env, logDir) {
+    this.name = name;
+    this.output = '';
+    this.logPath = join(logDir, `${name}.log`);
+    this.process = spawn(argv[0], argv.slice(1), {
+      cwd: REPO,
+      env,
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe']
+    });
+    const keep = chunk => {
+      this.output += chunk.toString();
+    };
+    this.process.stdout.on('data', keep);
+    this.process.stderr.on('data', keep);
+    this.exited = new Promise(r => this.process.on('exit', (code, signal) => r({ code, signal })));
+  }
+
+  get alive() {
+    return this.process.exitCode === null && this.process.signalCode === null;
+  }
+
+  async waitForOutput(pattern, timeoutMs = 30_000) {
+    await until(
+      () => {
+        if (!this.alive) {
+          throw new Error(`${this.name} exited:\n${this.output.slice(-3000)}`);
+        }
+        return pattern.test(this.output);
+      },
+      `${this.name} to print ${pattern}`,
+      timeoutMs
+    );
+  }
+
+  /** SIGTERM, then SIGKILL to its process group (its kernels) if it does not exit in time. */
+  async stop(graceMs = 15_000) {
+    if (this.alive) {
+      this.process.kill('SIGTERM');
+      const done = await Promise.race([this.exited, sleep(graceMs).then(() => null)]);
+      if (done === null && this.alive) {
+        process.kill(-this.process.pid, 'SIGKILL');
+        await this.exited;
+      }
+    }
+    try {
+      // whatever it started and left behind (kernels of a killed server)
+      process.kill(-this.process.pid, 'SIGKILL');
+    } catch {
+      // the group is gone
+    }
+    writeFileSync(this.logPath, this.output);
+  }
+}
+
+export async function startAgent(logDir, extraArgs = []) {
+  const port = await freePort();
+  const endpoint = `tcp://127.0.0.1:${port}`;
+  const agent = new Child(
+    `agent-${port}`,
+    [PYTHON, '-m', 'gpu_agent.cli', '--listen', endpoint, '--executor', 'emulated', ...extraArgs],
+    { ...process.env, PYTHONUNBUFFERED: '1' },
+    logDir
+  );
+  await agent.waitForOutput(/serving/);
+  agent.endpoint = endpoint;
+  return agent;
+}
+
+const NOTIFICATION_SETTINGS = JSON.stringify({ fetchNews: 'false', checkForUpdates: false });
+
+/** A notebook whose kernelspec is the Elastic GPU one (or another), with the given code cells. */
+export function writeNotebook(dir, name, cells, kernel = 'elastic-gpu', displayName = 'Elastic GPU') {
+  const notebook = {
+    cells: cells.map((source, index) => ({
+      id: `cell-${index}`,
+      cell_type: 'code',
+      execution_count: null,
+      metadata: {},
+      outputs: [],
+      source
+    })),
+    metadata: {
+      kernelspec: { name: kernel, display_name: displayName, language: 'python' },
+      language_info: { name: 'python' }
+    },
+    nbformat: 4,
+    nbformat_minor: 5
+  };
+  writeFileSync(join(dir, name), JSON.stringify(notebook, null, 1));
+}
+
+/**
+ * `jupyter lab` as a user would run it, with HARP_AGENTS set (or unset when `agents` is null), in
+ * fresh directories. Returns {url, token, root, request(path, init), stop()}.
+ */
+export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
+  const port = await freePort();
+  const token = randomBytes(16).toString('hex');
+  const base = mkdtempSync(join(tmpdir(), 'harp-e2e-'));
+  const dirs = Object.fromEntries(
+    ['root', 'settings', 'workspaces', 'config', 'data', 'runtime'].map(d => [d, join(base, d)])
+  );
+  for (const dir of Object.values(dirs)) {
+    mkdirSync(dir, { recursive: true });
+  }
+  const notificationDir = join(dirs.settings, '@jupyterlab', 'apputils-extension');
+  mkdirSync(notificationDir, { recursive: true });
+  writeFileSync(join(notificationDir, 'notification.jupyterlab-settings'), NOTIFICATION_SETTINGS);
+
+  const childEnv = {
+    ...process.env,
+    JUPYTER_CONFIG_DIR: dirs.config,
+    JUPYTER_DATA_DIR: dirs.data,
+    JUPYTER_RUNTIME_DIR: dirs.runtime,
+    HARP_IDLE_TIMEOUT: '3600',
+    PYTHONUNBUFFERED: '1',
+    ...env
+  };
+  delete childEnv.HARP_AGENT;
+  delete childEnv.HARP_TOKEN;
+  if (agents === null) {
+    delete childEnv.HARP_AGENTS;
+  } else {
+    childEnv.HARP_AGENTS = agents;
+  }
+  const lab = new Child(
+    `${name}-${port}`,
+    [
+      PYTHON,
+      '-m',
+      'jupyter',
+      'lab',
+      '--no-browser',
+      '--allow-root',
+      '--ip=127.0.0.1',
+      `--port=${port}`,
+      `--IdentityProvider.token=${token}`,
+      `--ServerApp.root_dir=${dirs.root}`,
+      `--LabApp.user_settings_dir=${dirs.settings}`,
+      `--LabApp.workspaces_dir=${dirs.workspaces}`,
+      '--LabApp.news_url=None',
+      '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate',
+      '--LabApp.extension_manager=readonly',
+      // window.jupyterapp, so the test can open notebooks and run cells by command id
+      '--LabApp.expose_app_in_browser=True'
+    ],
+    childEnv,
+    logDir
+  );
+  const url = `http://127.0.0.1:${port}`;
+  const request = async (path, init = {}) => {
+    const response = await fetch(`${url}${path}`, {
+      ...init,
+      headers: { Authorization: `token ${token}`, ...(init.headers ?? {}) }
+    });
+    const text = await response.text();
+    let body = null;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      body = text;
+    }
+    return { status: response.status, body };
+  };
+  await until(
+    async () => {
+      if (!lab.alive) {
+        throw new Error(`jupyter lab exited:\n${lab.output.slice(-3000)}`);
+      }
+      return (await request('/api/status')).status === 200;
+    },
+    'jupyter lab to answer /api/status',
+    60_000,
+    250
+  );
+  return { url, token, root: dirs.root, request, lab, stop: () => lab.stop() };
+}
+
+/** Where screenshots and logs go; the default folder is emptied first, so it shows one run. */
+export function screenshotDir() {
+  const dir = process.env.HARP_E2E_SCREENSHOTS ?? join(REPO, 'e2e', 'screenshots');
+  if (!process.env.HARP_E2E_SCREENSHOTS) {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  if (!existsSync(dir)) {
+    mkdirSync(dir, { recursive: true });
+  }
+  return dir;
+}

@@ -1,0 +1,189 @@
+import * as React from 'react';
+
+import {
+  STATE_LABELS,
+  describeState,
+  formatBytes,
+  formatDuration,
+  formatMemory,
+  kernelTitle
+} from '../format';
+import type { IActionView } from '../model';
+import type { IKernelLease, IUserError, LeaseState } from '../tokens';
+
+export function StateBadge(props: { state: LeaseState }): JSX.Element {
+  return (
+    <span
+      className={`harp-StateBadge harp-mod-${props.state}`}
+      data-state={props.state}
+      title={`Lease state: ${props.state}`}
+    >
+      {STATE_LABELS[props.state]}
+    </span>
+  );
+}
+
+export function EmulatedTag(): JSX.Element {
+  return (
+    <span
+      className="harp-EmulatedTag"
+      title="This agent has no real GPU: it runs array code in host memory with NumPy"
+    >
+      EMULATED
+    </span>
+  );
+}
+
+export function ErrorBox(props: { error: IUserError; onDismiss?: () => void }): JSX.Element {
+  return (
+    <div className="harp-ErrorBox" role="alert" data-kind={props.error.kind}>
+      <div className="harp-ErrorBox-message">
+        <strong>{props.error.kind}</strong>: {props.error.message}
+      </div>
+      {props.error.hint && <div className="harp-ErrorBox-hint">{props.error.hint}</div>}
+      {props.onDismiss && (
+        <button
+          className="harp-ErrorBox-dismiss"
+          title="Dismiss"
+          aria-label="Dismiss"
+          onClick={props.onDismiss}
+        >
+          ×
+        </button>
+      )}
+    </div>
+  );
+}
+
+export interface IKernelCardProps {
+  kernel: IKernelLease;
+  action: IActionView;
+  heldSeconds: number | null;
+  gpuSeconds: number;
+  idleLeftSeconds: number | null;
+  queueWaitingSeconds: number | null;
+  error: IUserError | null;
+  isCurrent: boolean;
+  onAction: (kernel: IKernelLease, action: IActionView['action']) => void;
+  onDismissError: (kernel: IKernelLease) => void;
+  onOpen: (kernel: IKernelLease) => void;
+}
+
+function Row(props: {
+  label: string;
+  name: string;
+  wide?: boolean;
+  children: React.ReactNode;
+}): JSX.Element {
+  return (
+    <div className={`harp-Field${props.wide ? ' harp-mod-wide' : ''}`}>
+      <dt>{props.label}</dt>
+      <dd data-field={props.name}>{props.children}</dd>
+    </div>
+  );
+}
+
+export function KernelCard(props: IKernelCardProps): JSX.Element {
+  const { kernel, action } = props;
+  const held = kernel.state === 'held';
+  const buttonLabel = action.pending
+    ? action.action === 'release'
+      ? 'Releasing…'
+      : 'Leasing…'
+    : action.action === 'release'
+      ? 'Release'
+      : 'Lease';
+  const showAgent = kernel.agent !== null && kernel.state !== 'none';
+  return (
+    <li
+      className={`harp-KernelCard harp-mod-${kernel.state}${props.isCurrent ? ' harp-mod-current' : ''}`}
+      data-kernel-id={kernel.kernel_id}
+      data-state={kernel.state}
+      aria-label={`${kernelTitle(kernel)}: ${kernel.state}`}
+    >
+      <div className="harp-KernelCard-header">
+        <StateBadge state={kernel.state} />
+        <button
+          className="harp-KernelCard-title"
+          title={kernel.path ? `Open ${kernel.path}` : kernel.kernel_id}
+          onClick={() => props.onOpen(kernel)}
+          disabled={!kernel.path}
+        >
+          {kernelTitle(kernel)}
+        </button>
+        <button
+          className={`jp-Button harp-KernelCard-action ${
+            action.action === 'release' ? 'jp-mod-warn' : 'jp-mod-accept'
+          }`}
+          data-action={action.action}
+          disabled={!action.enabled}
+          title={
+            action.reason ||
+            (action.action === 'release'
+              ? 'Park this kernel’s device memory and give the GPU back'
+              : 'Lease a GPU now, so the next GPU cell does not wait')
+          }
+          onClick={() => props.onAction(kernel, action.action)}
+        >
+          {buttonLabel}
+        </button>
+      </div>
+      <dl className="harp-KernelCard-fields">
+        {showAgent && (
+          <Row label="Agent" name="agent" wide>
+            <span className="harp-Endpoint">{kernel.agent}</span>
+            {kernel.emulated && <EmulatedTag />}
+          </Row>
+        )}
+        {showAgent && kernel.gpu && (
+          <Row label="GPU" name="gpu" wide>
+            {kernel.gpu}
+          </Row>
+        )}
+        {held && (
+          <Row label="Memory" name="memory">
+            {formatMemory(kernel.memory_used, kernel.memory_total)}
+          </Row>
+        )}
+        {kernel.state === 'parked' && kernel.parked_bytes > 0 && (
+          <Row label="Parked" name="parked">
+            {formatBytes(kernel.parked_bytes)}
+          </Row>
+        )}
+        {held && (
+          <Row label="Time held" name="held">
+            {formatDuration(props.heldSeconds)}
+          </Row>
+        )}
+        {held && (
+          <Row label="Idle release" name="idle">
+            {props.idleLeftSeconds === null
+              ? 'off'
+              : props.idleLeftSeconds > 0
+                ? `in ${formatDuration(props.idleLeftSeconds)}`
+                : 'due now'}
+          </Row>
+        )}
+        {kernel.state === 'queued' && (
+          <Row label="Queue" name="position" wide>
+            {`position ${kernel.position ?? '?'}`}
+            {props.queueWaitingSeconds !== null &&
+              ` (waiting ${formatDuration(props.queueWaitingSeconds)})`}
+          </Row>
+        )}
+        <Row label="GPU-seconds" name="gpu-seconds">
+          {props.gpuSeconds.toFixed(1)}
+        </Row>
+      </dl>
+      <p className="harp-KernelCard-note">{describeState(kernel)}</p>
+      {kernel.message && kernel.state !== 'held' && (
+        <p className="harp-KernelCard-message" data-field="message">
+          {kernel.message}
+        </p>
+      )}
+      {props.error && (
+        <ErrorBox error={props.error} onDismiss={() => props.onDismissError(kernel)} />
+      )}
+    </li>
+  );
+}

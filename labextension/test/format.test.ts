@@ -1,0 +1,48 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import {
+  describeState,
+  formatBytes,
+  formatDuration,
+  formatMemory,
+  kernelTitle,
+  statusText
+} from '../format';
+import { HELD, lease } from './fixtures';
+
+test('durations read as seconds, minutes, hours', () => {
+  assert.equal(formatDuration(0), '0s');
+  assert.equal(formatDuration(42.9), '42s');
+  assert.equal(formatDuration(187), '3m 07s');
+  assert.equal(formatDuration(3723), '1h 02m 03s');
+  assert.equal(formatDuration(null), '–');
+  assert.equal(formatDuration(-1), '–');
+});
+
+test('bytes use binary units', () => {
+  assert.equal(formatBytes(512), '512 B');
+  assert.equal(formatBytes(1536), '1.5 KiB');
+  assert.equal(formatBytes(80 * 2 ** 30), '80.0 GiB');
+  assert.equal(formatMemory(12 * 2 ** 20, 8 * 2 ** 30), '12.0 MiB / 8.0 GiB');
+  assert.equal(formatMemory(null, null), '–');
+});
+
+test('a card is titled by the notebook file, else the kernel name, else its id', () => {
+  assert.equal(kernelTitle(lease({ path: 'dir/sub/x.ipynb' })), 'x.ipynb');
+  assert.equal(kernelTitle(lease({ path: null, name: 'Elastic GPU' })), 'Elastic GPU');
+  assert.equal(kernelTitle(lease({ path: null, name: null, kernel_id: 'abcdef0123' })), 'kernel abcdef01');
+});
+
+test('status text shows time held and queue position', () => {
+  assert.equal(statusText(HELD, 65), 'GPU held 1m 05s');
+  assert.equal(statusText(lease({ state: 'queued', position: 2 }), null), 'GPU queued #2');
+  assert.equal(statusText(lease({ state: 'parked' }), null), 'GPU parked');
+});
+
+test('every state says what it means for the next cell', () => {
+  assert.match(describeState(lease({ state: 'queued', position: 3 })), /position 3/);
+  assert.match(describeState(lease({ state: 'lost' })), /Lease/);
+  assert.match(describeState(lease({ state: 'parked', parked_bytes: 2048 })), /2\.0 KiB/);
+  assert.match(describeState({ ...HELD, idle_timeout: 0 }), /idle release is off/);
+});

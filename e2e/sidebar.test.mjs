@@ -21,6 +21,16 @@ const GPU_CELL =
   'import pycuda.autoinit, pycuda.gpuarray as ga, numpy as np\n' +
   'a = ga.to_gpu(np.arange(10.0))\n' +
   'print(a.get().sum())';
+// the advisor must name the .get() line; the notebook shows the timeline inline
+const PROFILE_CELL = [
+  '%%harp profile',
+  'import numpy as np, pycuda.autoinit, pycuda.gpuarray as ga',
+  'x = ga.to_gpu(np.arange(1000, dtype=np.float32))',
+  't = 0.0',
+  'for _ in range(10):',
+  '    t += float((x * 2).get().sum())',
+  'print(t)'
+].join('\n');
 const PANEL_ID = 'harp-elastic-gpu-panel';
 // a step that waits longer than this is stuck: fail it (and stop its processes) rather than hang
 const STEP = { timeout: 180_000 };
@@ -196,6 +206,7 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
     });
     writeNotebook(lab.root, 'alpha.ipynb', [GPU_CELL]);
     writeNotebook(lab.root, 'beta.ipynb', [GPU_CELL]);
+    writeNotebook(lab.root, 'delta.ipynb', [PROFILE_CELL]);
     writeNotebook(lab.root, 'plain.ipynb', ['print(1 + 1)'], 'python3', 'Python 3 (ipykernel)');
     const kernels = await lab.request('/harp/api/kernels');
     assert.equal(kernels.status, 200, `GET /harp/api/kernels: ${JSON.stringify(kernels.body)}`);
@@ -324,6 +335,74 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
     await card(page, 'beta.ipynb').locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
     await waitForState(page, 'alpha.ipynb', 'held');
     await waitForState(page, 'beta.ipynb', 'parked');
+  });
+
+  test('%%harp profile draws its timeline inline, and the sidebar opens the latest one', STEP, async () => {
+    await card(page, 'alpha.ipynb').locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
+    await waitForState(page, 'alpha.ipynb', 'parked');
+    await runNotebook(page, 'delta.ipynb');
+    const output = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .harp-TimelineOutput');
+    try {
+      await output.waitFor({ state: 'visible', timeout: 60_000 });
+    } catch (error) {
+      await shot(page, 'timeline-failure');
+      console.log('delta outputs:', await outputText(page, 'delta.ipynb'));
+      console.log('console errors:', page.consoleErrors);
+      throw error;
+    }
+    // a track label's own text (its <title> child, the hover text, names the process too)
+    const labels = await output
+      .locator('.harp-Timeline-label')
+      .evaluateAll(els => els.map(el => el.firstChild.textContent));
+    for (const track of ['API calls', 'blocked at sync points', 'wire + agent queue', 'agent execution']) {
+      assert.ok(labels.includes(track), `track ${track} in ${labels}`);
+    }
+    assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+    assert.ok((await output.locator('rect.harp-Timeline-span').count()) > 10, 'spans drawn');
+    const advice = await output.locator('.harp-Timeline-advice').textContent();
+    assert.match(advice, /\(x \* 2\)\.get\(\)\.sum\(\)/);
+    assert.match(advice, /10× dtoh/);
+    await output.scrollIntoViewIfNeeded();
+    await shot(page, 'timeline');
+    // hover shows a span's details; the wheel zooms in
+    const span = output.locator('rect.harp-cat-sync').first();
+    await span.hover();
+    await until(async () => await output.locator('.harp-Timeline-tip').isVisible(), 'hover tip');
+    assert.match(await output.locator('.harp-Timeline-tip').textContent(), /wait: dtoh/);
+    const axisBefore = await output.locator('.harp-Timeline-axis').textContent();
+    await output.locator('.harp-Timeline-canvas').hover({ position: { x: 400, y: 20 } });
+    await page.mouse.wheel(0, -400);
+    await until(
+      async () => (await output.locator('.harp-Timeline-axis').textContent()) !== axisBefore,
+      'the view to zoom'
+    );
+    await shot(page, 'timeline-zoomed');
+
+    // the notebook keeps fallbacks for other front ends
+    const saved = await page.evaluate(() => {
+      for (const widget of window.jupyterapp.shell.widgets('main')) {
+        if (widget.context?.path === 'delta.ipynb') {
+          return widget.content.model.cells.get(0).outputs.toJSON().map(o => Object.keys(o.data ?? {}));
+        }
+      }
+      return [];
+    });
+    assert.ok(
+      saved.some(keys => ['application/vnd.harp.timeline+json', 'text/html', 'text/plain'].every(k => keys.includes(k))),
+      `outputs: ${JSON.stringify(saved)}`
+    );
+
+    const delta = card(page, 'delta.ipynb');
+    await delta.locator('.harp-KernelCard-timeline').click();
+    const view = page.locator('.harp-TimelineView:not(.lm-mod-hidden) .harp-Timeline');
+    await view.waitFor({ state: 'visible' });
+    assert.ok((await view.locator('rect.harp-Timeline-span').count()) > 10, 'spans in the view');
+    assert.match(await view.locator('.harp-Timeline-advice').textContent(), /10× dtoh/);
+    await shot(page, 'timeline-view');
+    await card(page, 'delta.ipynb').locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
+    await waitForState(page, 'delta.ipynb', 'parked');
+    await card(page, 'alpha.ipynb').locator('.harp-KernelCard-action', { hasText: /^Lease$/ }).click();
+    await waitForState(page, 'alpha.ipynb', 'held'); // as the next steps expect
   });
 
   test('settings: the Settings Editor lists them, and "confirm before release" asks first', STEP, async () => {

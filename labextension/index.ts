@@ -23,6 +23,7 @@ import { formatBytes, kernelTitle } from './format';
 import { gpuIcon } from './icons';
 import { ElasticGPUModel } from './model';
 import { ServerLeaseAPI } from './requests';
+import { openTimeline } from './timeline/view';
 import {
   CommandIDs,
   IElasticGPUModel,
@@ -95,6 +96,11 @@ const modelPlugin: JupyterFrontEndPlugin<IElasticGPUModel> = {
           void app.commands.execute('docmanager:open', { path: kernel.path });
         }
       },
+      openTimeline: kernel =>
+        void app.commands.execute(CommandIDs.openTimeline, {
+          kernelId: kernel.kernel_id,
+          title: kernelTitle(kernel)
+        }),
       currentKernelId: () => currentKernelId(app)
     });
     panel.id = PANEL_ID;
@@ -119,6 +125,11 @@ const modelPlugin: JupyterFrontEndPlugin<IElasticGPUModel> = {
       label: 'Show the Elastic GPU Sidebar',
       icon: gpuIcon,
       execute: () => app.shell.activateById(PANEL_ID)
+    });
+    app.commands.addCommand(CommandIDs.openTimeline, {
+      label: 'Open the latest %%harp profile of a kernel',
+      execute: args =>
+        openTimeline(app, String(args.kernelId ?? ''), String(args.title ?? 'kernel'))
     });
     app.commands.addCommand(CommandIDs.refresh, {
       label: 'Refresh the Elastic GPU Sidebar',

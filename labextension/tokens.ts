@@ -52,6 +52,8 @@ export interface IKernelLease {
   idle_left_s: number | null;
   position: number | null;
   message: string;
+  /** when the kernel's latest %%harp profile was taken (epoch s); absent before the first */
+  profile_at?: number | null;
 }
 
 export interface IKernelsReply {
@@ -173,4 +175,5 @@ export namespace CommandIDs {
   export const refresh = 'harp:refresh';
   export const leaseKernel = 'harp:lease-kernel';
   export const releaseKernel = 'harp:release-kernel';
+  export const openTimeline = 'harp:open-timeline';
 }

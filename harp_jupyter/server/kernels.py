@@ -56,6 +56,7 @@ class ElasticKernels:
             "path": path,
             "name": os.path.basename(path) if path else getattr(spec, "display_name", None),
             "execution_state": getattr(kernel, "execution_state", "unknown"),
+            "profile_at": (provisioner.latest_profile() or {}).get("at"),
         }
 
     async def lease(self, kernel_id: str) -> dict[str, Any]:

@@ -26,6 +26,8 @@ export interface IElasticGPUPanelOptions {
   confirmRelease: (kernel: IKernelLease) => Promise<boolean>;
   /** opens the kernel's notebook */
   openKernel: (kernel: IKernelLease) => void;
+  /** opens the kernel's latest %%harp profile */
+  openTimeline: (kernel: IKernelLease) => void;
   /** the kernel of the lab's current notebook or console */
   currentKernelId: () => string | null;
 }
@@ -134,6 +136,7 @@ export class ElasticGPUPanel extends ReactWidget {
                 onAction={this._onAction}
                 onDismissError={k => model.dismissError(k.kernel_id)}
                 onOpen={this._options.openKernel}
+                onTimeline={this._options.openTimeline}
               />
             ))}
           </ul>

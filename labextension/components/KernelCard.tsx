@@ -67,6 +67,8 @@ export interface IKernelCardProps {
   onAction: (kernel: IKernelLease, action: IActionView['action']) => void;
   onDismissError: (kernel: IKernelLease) => void;
   onOpen: (kernel: IKernelLease) => void;
+  /** opens the kernel's latest %%harp profile (shown when it has one) */
+  onTimeline?: (kernel: IKernelLease) => void;
 }
 
 function Row(props: {
@@ -176,6 +178,15 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
         </Row>
       </dl>
       <p className="harp-KernelCard-note">{describeState(kernel)}</p>
+      {kernel.profile_at && props.onTimeline && (
+        <button
+          className="jp-Button jp-mod-minimal harp-KernelCard-timeline"
+          title="Open the timeline of this kernel's latest %%harp profile"
+          onClick={() => props.onTimeline?.(kernel)}
+        >
+          Latest profile
+        </button>
+      )}
       {kernel.message && kernel.state !== 'held' && (
         <p className="harp-KernelCard-message" data-field="message">
           {kernel.message}

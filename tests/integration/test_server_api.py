@@ -160,6 +160,7 @@ async def test_a_notebook_leases_releases_and_gets_its_arrays_back(
     assert listing["agents"] == [agents[0].endpoint] and listing["problem"] is None
     first = card(listing, kernel_id)
     assert first["path"] == "work/a.ipynb" and first["name"] == "a.ipynb"
+    assert first["profile_at"] is None
     assert first["state"] == "none" and first["gpu_seconds"] == 0
 
     assert await run_cell(jp_serverapp, kernel_id, GPU_CELL) == "499500.0\n"
@@ -270,3 +271,5 @@ async def test_a_kernels_latest_profile_reaches_the_sidebar(
     assert any(e.get("name") == "thread_name" for e in profile["trace"]["traceEvents"])
     assert any(e.get("profile_at") == profile["at"] for e in events
                if e["kernel_id"] == kernel_id)
+    listing = card(await get(jp_fetch, "harp", "api", "kernels"), kernel_id)
+    assert listing["profile_at"] == profile["at"]  # the card offers "Latest profile"

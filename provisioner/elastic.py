@@ -39,7 +39,8 @@ from provisioner import background, local_agents
 from provisioner.control import ControlError
 from provisioner.keeper import HeldLease, KeeperConfig
 from provisioner.kernel_lease import KernelLease
-from provisioner.pool import AgentSettings, configured_endpoints, resolve_agents
+from provisioner.pool import configured_endpoints, resolve_agents
+from provisioner.settings import AgentSettings
 
 #: live provisioners by kernel id (the server extension lists them)
 _registry: dict[str, ElasticGPUProvisioner] = {}

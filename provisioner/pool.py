@@ -8,12 +8,9 @@ GPU side needs no change on the notebook side.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
-
-from traitlets import HasTraits, List, Unicode, Union, default
 
 from provisioner import local_agents
 
@@ -89,28 +86,3 @@ async def resolve_agents(spec: str | Iterable[str], token: str | None) -> list[s
     if endpoints != ["auto"]:
         return endpoints
     return await local_agents.shared(token).endpoints_async()
-
-
-class AgentSettings(HasTraits):  # type: ignore[misc]
-    """Which agents, and their secret: the settings every user of the pool shares (the
-    provisioner's kernels and the server extension's pool view)."""
-
-    agents = Union(
-        [Unicode(), List(Unicode())],
-        help="GPU agents to lease from: tcp://HOST:PORT endpoints (a comma list or a list); a "
-             "DNS name resolving to several addresses (a Kubernetes headless Service) counts as "
-             "one agent per address; 'auto' starts one local agent per GPU of this machine. "
-             "Default: $HARP_AGENTS, else 'auto'.",
-    ).tag(config=True)
-    token = Unicode(
-        None, allow_none=True,
-        help="Shared secret of the GPU agents (their --token). Default: $HARP_TOKEN.",
-    ).tag(config=True)
-
-    @default("agents")
-    def _agents_default(self) -> str:
-        return os.environ.get("HARP_AGENTS", "").strip() or "auto"
-
-    @default("token")
-    def _token_default(self) -> str | None:
-        return os.environ.get("HARP_TOKEN") or None

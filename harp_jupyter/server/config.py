@@ -5,7 +5,7 @@ from __future__ import annotations
 from traitlets import Float
 from traitlets.config import Configurable
 
-from provisioner.pool import AgentSettings
+from provisioner.settings import AgentSettings
 
 
 class HarpServer(Configurable, AgentSettings):  # type: ignore[misc]

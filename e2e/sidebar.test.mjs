@@ -130,19 +130,12 @@ async function waitForState(page, name, state, timeoutMs = 60_000) {
 
 /** Open (or bring to front) a notebook and run all its cells, as Shift+Enter on each would. */
 async function runNotebook(page, path) {
-  await page.evaluate(async p => {
-    const app = window.jupyterapp;
-    await app.commands.execute('docmanager:open', { path: p });
-    for (const widget of app.shell.widgets('main')) {
-      if (widget.context?.path === p) {
-        app.shell.activateById(widget.id);
-        await widget.context.sessionContext.ready;
-      }
-    }
+  await openNotebook(page, path);
+  await page.evaluate(() => {
     // not awaited: the command resolves only when the cells finish, and a queued cell waits
-    void app.commands.execute('notebook:run-all-cells');
+    void window.jupyterapp.commands.execute('notebook:run-all-cells');
     return true;
-  }, path);
+  });
 }
 
 async function openNotebook(page, path) {

@@ -104,9 +104,11 @@ class ProfileResult:
         tracks = sorted({(e["pid"], e["tid"]) for e in spans})
         if not tracks:
             return ""
-        end = max(e["ts"] + e["dur"] for e in spans) or 1.0
+        # from the first span, not the cell's start (imports and CPU work come before)
+        start = min(e["ts"] for e in spans)
+        end = max(e["ts"] + e["dur"] for e in spans)
         width, row, label = 900, 18, 220
-        scale = (width - label) / end
+        scale = (width - label) / max(end - start, 1.0)
         rows = []
         for i, key in enumerate(tracks):
             y = i * row
@@ -115,7 +117,7 @@ class ProfileResult:
         index = {key: i for i, key in enumerate(tracks)}
         for e in spans:
             y = index[(e["pid"], e["tid"])] * row + 2
-            x = label + e["ts"] * scale
+            x = label + (e["ts"] - start) * scale
             w = max(e["dur"] * scale, 0.5)
             rows.append(f"<rect x='{x:.1f}' y='{y}' width='{w:.1f}' height='{row - 4}' "
                         f"fill='{_COLORS.get(e.get('cat', ''), '#999')}'>"

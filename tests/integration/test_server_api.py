@@ -187,6 +187,8 @@ async def test_a_notebook_leases_releases_and_gets_its_arrays_back(
     states = [e["state"] for e in events if e["kernel_id"] == kernel_id]
     assert states == ["acquiring", "held", "parking", "parked", "acquiring", "held"], states
     assert all(e["previous"] != e["state"] for e in events)
+    held_event = next(e for e in events if e["state"] == "held")
+    assert held_event["emulated"] is True and "emulated" in held_event["gpu"]
 
 
 async def test_a_second_notebook_queues_with_its_position_and_gets_the_gpu(

@@ -129,6 +129,9 @@ def test_a_cell_with_nvtx_two_streams_and_a_sync_point_gives_every_track(
     assert {"emulated device (host NumPy time), stream 1",
             "emulated device (host NumPy time), stream 2"} <= set(gpu_tracks), gpu_tracks
     assert {e["name"] for e in found["NVTX ranges"]} == {"copies", "loop"}
+    # ...and were opened in the agent's process too, in order with the GPU work
+    sent = [op for b in profile.recorder.batches for op in b.ops if op.startswith("nvtx_")]
+    assert sent == ["nvtx_push", "nvtx_pop", "nvtx_push", "nvtx_pop"]
     assert any(e["name"] == "multiply" for t in gpu_tracks for e in found[t])
 
     top = next(a for a in result.advice if a["op"] == "dtoh")

@@ -28,7 +28,7 @@ from typing import Any
 
 from provisioner.control import ControlError
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
-from provisioner.selection import choose_agent, is_free
+from provisioner.selection import choose_agent, is_free, likely_agent
 
 log = logging.getLogger("harp.provisioner.keeper")
 
@@ -164,6 +164,20 @@ class LeaseKeeper:
             await self._drop_lease(quietly=True)
             self.parked_at = None
             self._set("lost", f"GPU lost: {reason}")
+
+    async def device_facts(self, parked_at: str | None) -> dict[str, Any] | None:
+        """The device_info of the agent this kernel's next acquire would most likely get (its
+        own lease's, else the pool's choice), from the agents' status: no lease is taken."""
+        preferred = self.lease.agent if self.lease is not None else (parked_at or self.parked_at)
+        try:
+            agents = await self._agents()
+        except ControlError:
+            return None
+        statuses = await self.client.statuses(agents, self.config.status_timeout)
+        if not statuses:
+            return None
+        device = statuses[likely_agent(statuses, preferred)].get("device")
+        return device if isinstance(device, dict) else None
 
     def set_idle(self, seconds: float) -> None:
         self.config.idle_timeout = float(seconds)

@@ -39,7 +39,7 @@ class KernelLease:
         self.control = ControlServer({
             "acquire": self._on_acquire, "parked": self._on_parked, "lost": self._on_lost,
             "status": self._on_status, "set_idle": self._on_set_idle, "bye": self._on_bye,
-            "profile": self._on_profile,
+            "profile": self._on_profile, "device": self._on_device,
         })
         self._watchdog: asyncio.Task[None] | None = None
         self._leasing: asyncio.Task[Any] | None = None  # lease_now's acquire, kept alive
@@ -166,6 +166,11 @@ class KernelLease:
         changes.publish({**self.keeper.lease_state(), "previous": self.keeper.state,
                          "profile_at": at})
         return {"t": "ok"}
+
+    async def _on_device(self, request: ControlRequest) -> dict[str, Any]:
+        resume = request.header.get("resume")
+        agent = resume.get("agent") if isinstance(resume, dict) else None
+        return {"t": "device", "device": await self.keeper.device_facts(agent)}
 
     async def _on_bye(self, request: ControlRequest) -> None:
         # the kernel is exiting; the watchdog sees the process end and releases

@@ -42,3 +42,11 @@ def choose_agent(statuses: dict[str, dict[str, Any]], parked_at: str | None = No
     if free:
         return min(free, key=lambda e: (parked_bytes(statuses[e]), order.index(e)))
     return min(order, key=lambda e: (queue_length(statuses[e]), e != parked_at, order.index(e)))
+
+
+def likely_agent(statuses: dict[str, dict[str, Any]], parked_at: str | None = None) -> str:
+    """The agent a lease would most likely be served by (device queries before any lease ask
+    it): the held lease's or parked state's agent if it answered, else ``choose_agent``'s."""
+    if parked_at in statuses:
+        return parked_at  # type: ignore[return-value]
+    return choose_agent(statuses, parked_at)

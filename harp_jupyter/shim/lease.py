@@ -72,6 +72,12 @@ class LeaseSource(ABC):
         raise GPUUnavailableError("the idle timeout is applied by the Elastic GPU kernel's "
                                   "provisioner; this process has none (no HARP_CONTROL)")
 
+    def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The device_info of the agent the next acquire would most likely get, from the
+        agents' status, without leasing (``Device(0).name()`` must not wait in a queue); None
+        when no agent answers (the caller then leases, which says what is wrong)."""
+        return None
+
     def share_profile(self, profile: dict[str, Any]) -> bool:
         """Hand the latest ``%%harp profile`` to whoever shows it (the lab's sidebar, through
         the provisioner); False when there is nobody."""
@@ -232,6 +238,14 @@ class ControlLeaseSource(LeaseSource):
     def set_idle(self, seconds: float) -> None:
         self._request({"t": "set_idle", "seconds": float(seconds)})
 
+    def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:
+            reply = self._request({"t": "device", "resume": resume})
+        except GPUUnavailableError:
+            return None
+        device = reply.get("device")
+        return device if isinstance(device, dict) else None
+
     def share_profile(self, profile: dict[str, Any]) -> bool:
         try:
             self._request({"t": "profile", "profile": profile})
@@ -349,6 +363,15 @@ class DirectLeaseSource(LeaseSource):
                 self._client.release(agent, lease["id"], lease["token"])
             except Exception:
                 pass  # the agent expires it
+
+    def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
+        from provisioner.selection import likely_agent
+
+        statuses = self._client.statuses(self.endpoints)
+        if not statuses:
+            return None
+        device = statuses[likely_agent(statuses, (resume or {}).get("agent"))].get("device")
+        return device if isinstance(device, dict) else None
 
     def parked(self, info: dict[str, Any]) -> None:
         with self._lock:

@@ -95,6 +95,8 @@ class RemoteSession:
         self._writer: BatchWriter | None = None
         self._allocator: AddressAllocator | None = None
         self._welcome: dict[str, Any] = {}
+        #: device_info read from the agents' status before the first lease
+        self._device_facts: dict[str, Any] | None = None
         self._handles = itertools.count(1)
         self._first_error: Error | None = None
         self._later_errors = 0
@@ -256,7 +258,16 @@ class RemoteSession:
 
     @property
     def device(self) -> dict[str, Any]:
-        """device_info from the agent's welcome (name, compute_capability, attributes, ...)."""
+        """device_info (name, compute_capability, attributes, ...): from the agent's welcome
+        when connected; before that from the agents' status, so that a device query does not
+        lease a GPU (nor wait in a queue for one). Leases when no agent answers the question."""
+        if self._writer is None:
+            if self._welcome:  # parked: the GPU it last had
+                return self._welcome.get("device") or {}
+            if self._device_facts is None:
+                self._device_facts = self.lease_source.device_facts(self._resume)
+            if self._device_facts is not None:
+                return self._device_facts
         return self.welcome.get("device") or {}
 
     @property
@@ -265,7 +276,7 @@ class RemoteSession:
         device = self.device
         if "emulated" in device:
             return bool(device["emulated"])
-        return self.welcome.get("executor") == "emulated"
+        return self._welcome.get("executor") == "emulated"
 
     @property
     def address_range(self) -> tuple[int, int]:

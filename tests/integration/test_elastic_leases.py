@@ -160,6 +160,26 @@ def test_three_kernels_contend_for_two_agents(agent_starter: Any,
     asyncio.run(scenario())
 
 
+def test_device_queries_do_not_lease_nor_wait_in_the_queue(
+        emulated_agent: Any, monkeypatch: pytest.MonkeyPatch,
+        lease_client: BlockingLeaseClient) -> None:
+    monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
+
+    async def scenario() -> None:
+        async with elastic_kernels(2) as (holder, asker):
+            await holder.ok("a = ga.to_gpu(np.arange(10.0))")
+            # the only GPU is held: a device query is answered from the agent's status at once
+            cell = await asker.ok("d = cuda.Device(0)\n"
+                                  "print(d.name(), d.compute_capability(), cuda.Device.count())")
+            assert "emulated" in cell.out and "(0, 0) 1" in cell.out
+            assert not cell.displays  # no "Waiting for a GPU"
+            assert (await asker.lease_state())["state"] == "none"
+            assert holders(lease_client, emulated_agent) == [holder.manager.kernel_id]
+            assert lease_client.status(emulated_agent.endpoint)["leases"]["queue"] == []
+
+    asyncio.run(scenario())
+
+
 def test_idle_release_parks_and_a_later_cell_finds_its_arrays(
         emulated_agent: Any, monkeypatch: pytest.MonkeyPatch,
         lease_client: BlockingLeaseClient) -> None:

@@ -106,6 +106,20 @@ def test_a_kernel_asks_the_agent_to_keep_its_parked_state_for_less(
             a.get()
 
 
+def test_device_queries_without_a_provisioner_do_not_lease(
+        emulated_agent: Any, monkeypatch: pytest.MonkeyPatch,
+        lease_client: BlockingLeaseClient) -> None:
+    monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
+    other = lease_client.request(emulated_agent.endpoint, "another-kernel", "s")
+    assert other["state"] == "held"
+    with pycuda_modules() as (cuda, _):
+        assert "emulated" in cuda.Device(0).name()  # answered though the GPU is held
+        assert cuda.Device(0).compute_capability() == (0, 0)
+        assert not get_session().connected
+        assert lease_client.status(emulated_agent.endpoint)["leases"]["queue"] == []
+    lease_client.release(emulated_agent.endpoint, other["id"], other["token"])
+
+
 def test_parked_state_spills_to_disk_past_the_memory_cap(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
         lease_client: BlockingLeaseClient) -> None:

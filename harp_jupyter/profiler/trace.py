@@ -66,7 +66,7 @@ def build(profile: Profile) -> dict[str, Any]:
              "sync", at=where(blocked.site), why=blocked.why)
     for s in rec.spans:
         tid = NVTX_TID if s.track == "nvtx" else LEASE_TID
-        span(NOTEBOOK_PID, tid, s.name, s.start, min(s.end, max(s.end, s.start)), s.track,
+        span(NOTEBOOK_PID, tid, s.name, s.start, s.end, s.track,
              **{k: v for k, v in s.args.items() if v is not None})
 
     for n, (endpoint, info) in enumerate(sorted(profile.agents.items()), start=2):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from harp_jupyter.shim.callsite import CallSite
-from harp_jupyter.shim.errors import Error, MemoryError, describe_site
+from harp_jupyter.shim.errors import DataError, Error, MemoryError, describe_site
 from harp_jupyter.shim.pycuda import driver as drv
 from harp_jupyter.shim.pycuda.gpuarray import GPUArray
 from harp_jupyter.shim.session import RemoteSession, get_session
@@ -42,7 +42,7 @@ _THIS_FILE = os.path.abspath(__file__)
 _SHIM_DIR = os.path.join(os.path.dirname(_THIS_FILE), "shim") + os.sep
 
 
-class RemoteDataError(Error):
+class RemoteDataError(DataError):
     """The agent's data tree refused a request, or a file is missing or malformed.
     ``code`` says which (docs/remote-data.md)."""
 

@@ -101,6 +101,11 @@ class SessionError(GPULostError):
     """The agent no longer knows this session."""
 
 
+class DataError(Error):
+    """The agent's data tree (``--data-root``) refused a request or a file is malformed;
+    ``harp_jupyter.remote`` raises it as a subclass that is also the matching builtin."""
+
+
 class LeaseLostError(Error):
     """The lease ended (idle release, revoke, expiry) while calls were on their way: they did not
     run. The session's device memory is parked; the next GPU call leases again and restores it."""
@@ -130,6 +135,7 @@ ERROR_CLASSES: dict[str, type[Error]] = {
     "SessionError": SessionError,
     "LeaseError": LeaseLostError,
     "StateLost": StateLostError,
+    "DataError": DataError,
 }
 
 # Tracebacks show pycuda's familiar names for pycuda's classes.
@@ -175,6 +181,7 @@ __all__ = [
     "AuthError",
     "CompileError",
     "ContextLostError",
+    "DataError",
     "Error",
     "GPULostError",
     "HandleError",

@@ -38,6 +38,8 @@ ParkHandler = Callable[[str], dict[str, Any] | None]
 
 #: seconds without any word from the provisioner after which a control request is sent again
 _RESEND_AFTER = 1.0
+#: how long a finished profile may take to reach the sidebar before it is given up
+SHARE_PROFILE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ class ControlLeaseSource(LeaseSource):
 
     def share_profile(self, profile: dict[str, Any]) -> bool:
         try:
-            self._request({"t": "profile", "profile": profile})
+            # a nicety after the cell has shown its profile: never keep the user waiting long
+            self._request({"t": "profile", "profile": profile}, timeout=SHARE_PROFILE_TIMEOUT_S)
         except GPUUnavailableError:
             return False
         return True

@@ -317,22 +317,24 @@ class LeaseKeeper:
             return None
         new = HeldLease(agent, reply["id"], reply["token"], float(reply.get("ttl") or c.lease_ttl))
         if reply.get("state") != "held":  # someone else got there first: stay where we were
-            await self._release_quietly(new)
+            await self._release_at_agent(new)
             return None
         old, self.lease = self.lease, new
         if old is not None:
-            await self._release_quietly(old)
+            await self._release_at_agent(old)
         self._note_device(statuses[agent])
         self.agents_seen.add(agent)
         log.info("kernel %s: moved from the queue at %s to the free agent %s",
                  c.kernel_id, old.agent if old else "?", agent)
         return new, reply
 
-    async def _release_quietly(self, lease: HeldLease) -> None:
+    async def _release_at_agent(self, lease: HeldLease, *, quietly: bool = True) -> None:
         try:
             await self.client.release(lease.agent, lease.lease_id, lease.token)
         except (AgentUnreachable, LeaseRefused) as e:
-            log.debug("release of %s at %s: %s", lease.lease_id, lease.agent, e)
+            # dead agent: nothing to release; ended lease: nothing either
+            (log.debug if quietly else log.info)("release of %s at %s: %s", lease.lease_id,
+                                                 lease.agent, e)
 
     def _grant(self, parked_at: str | None) -> dict[str, Any]:
         assert self.lease is not None
@@ -484,14 +486,8 @@ class LeaseKeeper:
         keeper, self._keeper = self._keeper, None
         if keeper is not None and keeper is not asyncio.current_task():
             keeper.cancel()
-        if lease is None:
-            return
-        try:
-            await self.client.release(lease.agent, lease.lease_id, lease.token)
-        except (AgentUnreachable, LeaseRefused) as e:
-            # dead agent: nothing to release; ended lease: nothing either
-            (log.debug if quietly else log.info)("release of %s at %s: %s", lease.lease_id,
-                                                 lease.agent, e)
+        if lease is not None:
+            await self._release_at_agent(lease, quietly=quietly)
 
     def detach(self) -> None:
         """Stop renewing without releasing: another server takes the lease over (it has the

@@ -67,15 +67,19 @@ def expand_endpoints(endpoints: Iterable[str], resolver: Resolver = resolve_all)
     return list(expanded)
 
 
-def configured_endpoints(spec: str | Iterable[str]) -> list[str]:
-    """The agents of a setting (``HARP_AGENTS``), names expanded; ``["auto"]`` for local agents.
-    ValueError for a malformed setting."""
+def checked_endpoints(spec: str | Iterable[str]) -> list[str]:
+    """The agents of a setting (``HARP_AGENTS``) as written, checked but not resolved (no DNS);
+    ``["auto"]`` for local agents. ValueError for a malformed setting."""
     endpoints = parse_endpoints(spec)
-    if endpoints == ["auto"]:
-        return endpoints
-    if "auto" in endpoints:
+    if "auto" in endpoints and endpoints != ["auto"]:
         raise ValueError("agents: 'auto' cannot be mixed with agent endpoints")
-    return expand_endpoints(endpoints)
+    return endpoints
+
+
+def configured_endpoints(spec: str | Iterable[str]) -> list[str]:
+    """``checked_endpoints``, with names resolving to several addresses expanded (DNS)."""
+    endpoints = checked_endpoints(spec)
+    return endpoints if endpoints == ["auto"] else expand_endpoints(endpoints)
 
 
 async def resolve_agents(spec: str | Iterable[str], token: str | None) -> list[str]:

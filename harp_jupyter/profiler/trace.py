@@ -47,6 +47,7 @@ def build(profile: Profile) -> dict[str, Any]:
     for tid, name in _NOTEBOOK_TRACKS.items():
         meta(NOTEBOOK_PID, tid, "thread_name", name)
     kernel_names = _kernel_names_by_call(profile)
+    sites = {(b.agent, b.seq): b.sites for b in rec.batches}
     for call in rec.calls:
         if call.at > t_end:
             continue  # the profiler's own clock samples
@@ -100,7 +101,7 @@ def build(profile: Profile) -> dict[str, Any]:
                      f"{label}")
             name = kernel_names.get((endpoint, seq, index)) or op
             span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
-                 at=_site_of(profile, endpoint, seq, index))
+                 at=_site(sites.get((endpoint, seq)), index))
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
@@ -116,8 +117,5 @@ def _kernel_names_by_call(profile: Profile) -> dict[tuple[str, int, int], str]:
             for index, detail in enumerate(batch.details) if detail}
 
 
-def _site_of(profile: Profile, endpoint: str, seq: int, index: int) -> str:
-    for batch in profile.recorder.batches:
-        if batch.agent == endpoint and batch.seq == seq and index < len(batch.sites):
-            return where(batch.sites[index])
-    return ""
+def _site(sites: list[Any] | None, index: int) -> str:
+    return where(sites[index]) if sites is not None and 0 <= index < len(sites) else ""

@@ -10,7 +10,7 @@ import zmq.asyncio
 from harp_jupyter.server.config import HarpServer
 from provisioner import background, local_agents
 from provisioner.lease_client import LeaseClient
-from provisioner.pool import configured_endpoints, resolve_agents
+from provisioner.pool import checked_endpoints, resolve_agents
 
 
 class PoolView:
@@ -20,15 +20,16 @@ class PoolView:
         self._gpus: int | None = None
 
     def configured(self) -> list[str]:
+        """The agents as configured (no DNS here: this runs on the server's event loop)."""
         try:
-            return configured_endpoints(self.config.agents)
+            return checked_endpoints(self.config.agents)
         except ValueError:
             return []
 
     def problem(self) -> dict[str, str] | None:
         """Why no GPU can be leased at all, with what to do; None when agents are configured."""
         try:
-            endpoints = configured_endpoints(self.config.agents)
+            endpoints = checked_endpoints(self.config.agents)
         except ValueError as e:
             return {"kind": "BadSetting", "message": f"HARP_AGENTS: {e}",
                     "hint": "set HARP_AGENTS=tcp://HOST:PORT,... and restart JupyterLab"}
@@ -73,11 +74,6 @@ class PoolView:
         client = self._client
         return await asyncio.gather(*(client.status(e, self.config.status_timeout)
                                       for e in endpoints), return_exceptions=True)
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await background.run(client.close())
 
 
 def _agent(endpoint: str, answer: dict[str, Any] | BaseException,

@@ -213,8 +213,9 @@ class BatchWriter:
             if not (self._inflight and self._inflight[0].seq <= seq):
                 return
             recorder = profiling.active
-            waited = recorder.now() if recorder is not None else 0
-            last = next((b for b in self._inflight if b.seq == seq), self._inflight[-1])
+            if recorder is not None:
+                waited = recorder.now()
+                last = next((b for b in self._inflight if b.seq == seq), self._inflight[-1])
             while self._inflight and self._inflight[0].seq <= seq:
                 self._receive_one_locked()
             if recorder is not None:

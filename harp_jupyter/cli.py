@@ -1,8 +1,9 @@
-"""The ``harp`` command: run pycuda scripts on a remote GPU agent.
+"""The ``harp`` command: run pycuda scripts on remote GPU agents.
 
-``harp run [--agent tcp://HOST:PORT] script.py [args...]`` runs the script as ``python script.py
-args...`` would (``sys.argv``, ``sys.path[0]``, ``__main__``, its exit code), with ``pycuda.*``
-imports resolved to the forwarding shim. ``harp run -m module [args...]`` runs a module instead.
+``harp run [--agents tcp://HOST:PORT[,...]] script.py [args...]`` runs the script as
+``python script.py args...`` would (``sys.argv``, ``sys.path[0]``, ``__main__``, its exit code),
+with ``pycuda.*`` imports resolved to the forwarding shim. ``harp run -m module [args...]`` runs a
+module instead.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from types import TracebackType
 _DESCRIPTION = "HARP for Jupyter: pycuda code on CPU machines, run on remote GPU agents."
 
 _RUN_EPILOG = """\
-The agent comes from --agent or else HARP_AGENT. HARP_AGENT_TIMEOUT (seconds, default 10) bounds
-how long a sync point waits for an agent that stopped answering; HARP_TOKEN is sent to the agent.
+The agents come from --agents or else HARP_AGENTS (the deprecated HARP_AGENT is still read, with a
+warning). HARP_AGENT_TIMEOUT (seconds, default 10) bounds how long a sync point waits for an
+agent that stopped answering; HARP_TOKEN is sent to the agents.
 """
 
 
@@ -29,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run a pycuda script on a GPU agent",
         description="Run a Python script (or -m module) with pycuda forwarded to a GPU agent.",
         epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--agent", metavar="tcp://HOST:PORT",
-                     help="the GPU agent's endpoint (default: $HARP_AGENT)")
+    run.add_argument("--agents", "--agent", dest="agents", metavar="tcp://HOST:PORT[,...]",
+                     help="the GPU agents to lease from, a comma list (default: $HARP_AGENTS; "
+                          "--agent is the same option)")
     run.add_argument("-m", dest="module", metavar="MODULE",
                      help="run a library module as a script, like python -m")
     run.add_argument("script", nargs="?", help="the script to run")
@@ -46,17 +49,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if options.module is None and options.script is None:
         parser.error("run: a script (or -m MODULE) is required")
-    return run(options.script, options.args, agent=options.agent, module=options.module)
+    return run(options.script, options.args, agents=options.agents, module=options.module)
 
 
-def run(script: str | None, args: list[str], *, agent: str | None = None,
+def configured_agents(agents: str | None) -> str | None:
+    """The agents to use: ``agents`` (the option), else $HARP_AGENTS, else the deprecated
+    $HARP_AGENT with one warning line; None when none is set (the first GPU call then says
+    how to set one)."""
+    if agents and agents.strip():
+        return agents.strip()
+    if os.environ.get("HARP_AGENTS", "").strip():
+        return os.environ["HARP_AGENTS"].strip()
+    deprecated = os.environ.get("HARP_AGENT", "").strip()
+    if deprecated:
+        print(f"harp run: HARP_AGENT is deprecated: set HARP_AGENTS={deprecated} instead",
+              file=sys.stderr)
+        return deprecated
+    return None
+
+
+def run(script: str | None, args: list[str], *, agents: str | None = None,
         module: str | None = None) -> int:
     """Run ``script`` (or ``module``) with the shim active; its exit status."""
     from harp_jupyter.shim import activate
 
-    if agent:
-        os.environ["HARP_AGENT"] = agent  # child Python processes find the same agent
-    activate(agent=agent)
+    chosen = configured_agents(agents)
+    if chosen:
+        os.environ["HARP_AGENTS"] = chosen  # child Python processes lease from the same pool
+        endpoints = [e.strip() for e in chosen.split(",") if e.strip()]
+        # one agent: the session talks to it directly; several: it picks from HARP_AGENTS
+        activate(agent=endpoints[0] if len(endpoints) == 1 else None)
+    else:
+        activate()
     if module is not None:
         if script is not None:
             args = [script, *args]

@@ -33,8 +33,9 @@ class WaitNotice:
     def update(self, state: str, position: int | None = None, agent: str | None = None) -> None:
         if state == "queued":
             where = f" at {agent}" if agent else ""
-            text = (f"Waiting for a GPU: position {position} in the queue{where}. The cell goes on "
-                    "as soon as it is granted (%harp status shows the lease).")
+            goes_on = ("The cell goes on as soon as it is granted (%harp status shows the lease)."
+                       if _in_kernel() else "The script goes on as soon as it is granted.")
+            text = f"Waiting for a GPU: position {position} in the queue{where}. {goes_on}"
         elif state == "restoring":
             text = f"Restoring this kernel's GPU state on {agent}..."
         else:

@@ -143,6 +143,9 @@ class HarpMagics(Magics):
         with run_profiled(gpu_timing, label=code.strip().splitlines()[0][:80]) as box:
             outcome = self.shell.run_cell(code, store_history=False)
         assert box.profile is not None
+        if cell is not None:
+            # the body runs without the %%harp line, which the editor numbers 1
+            box.profile.line_offsets[self._compiled_name(code)] = 1
         result = ProfileResult(box.profile)
         if export:
             result.export(export)
@@ -153,6 +156,13 @@ class HarpMagics(Magics):
         _share(result)
         if not outcome.success and outcome.error_in_exec is not None:
             print("(the cell raised an error: the profile covers it up to the error)")
+
+
+    def _compiled_name(self, code: str) -> str:
+        """The file name IPython (or ipykernel) gave ``code`` when run_cell compiled it, as it
+        names it: from the raw code, or the transformed code and the execution count."""
+        return str(self.shell.compile.get_code_name(code, self.shell.transform_cell(code),
+                                                    self.shell.execution_count))
 
 
 def _share(result: Any) -> None:

@@ -87,7 +87,8 @@ def advise(profile: Profile) -> list[Advice]:
     for (filename, line, op, why), waits in groups.items():
         total = sum(w.end - w.start for w in waits) / 1e9
         code = linecache.getline(filename, line).strip() if line else ""
-        advice.append(Advice(f"{_short(filename)}:{line}", code, op, why, len(waits), total,
+        shown = profile.shown_line(filename, line)
+        advice.append(Advice(f"{_short(filename)}:{shown}", code, op, why, len(waits), total,
                              _what_to_do(op, why, len(waits))))
     advice.sort(key=lambda a: -a.total_s)
     return advice[:TOP]

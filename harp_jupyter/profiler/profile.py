@@ -36,6 +36,9 @@ class Profile:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     label: str = ""
+    #: lines to add to a file's line numbers so they read as the editor numbers them (the
+    #: body of a %%harp profile cell is compiled without the magic's own line)
+    line_offsets: dict[str, int] = field(default_factory=dict)
 
     @property
     def started(self) -> int:
@@ -44,6 +47,10 @@ class Profile:
     @property
     def ended(self) -> int:
         return self.recorder.ended or self.recorder.started
+
+    def shown_line(self, filename: str, line: int) -> int:
+        """``line`` of ``filename`` as the user's editor numbers it."""
+        return line + self.line_offsets.get(filename, 0) if line else line
 
     def to_notebook(self, agent: str, agent_ns: int) -> int | None:
         info = self.agents.get(agent)

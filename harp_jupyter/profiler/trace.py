@@ -19,8 +19,12 @@ _NOTEBOOK_TRACKS = {API_TID: "API calls", BLOCKED_TID: "blocked at sync points",
                     NVTX_TID: "NVTX ranges", LEASE_TID: "GPU lease"}
 
 
-def where(site: Any) -> str:
-    return f"{site[0]}:{site[1]}" if site else ""
+def where(site: Any, profile: Profile | None = None) -> str:
+    """``file:line`` of a call site, the line as the user's editor numbers it."""
+    if not site:
+        return ""
+    line = profile.shown_line(site[0], site[1]) if profile is not None else site[1]
+    return f"{site[0]}:{line}"
 
 
 def build(profile: Profile) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def build(profile: Profile) -> dict[str, Any]:
     for call in rec.calls:
         if call.at > t_end:
             continue  # the profiler's own clock samples
-        args: dict[str, Any] = {"at": where(call.site)}
+        args: dict[str, Any] = {"at": where(call.site, profile)}
         if call.bytes_up:
             args["bytes_up"] = call.bytes_up
         if call.bytes_down:
@@ -64,7 +68,7 @@ def build(profile: Profile) -> dict[str, Any]:
         if blocked.start > t_end:
             continue
         span(NOTEBOOK_PID, BLOCKED_TID, f"wait: {blocked.op}", blocked.start, blocked.end,
-             "sync", at=where(blocked.site), why=blocked.why)
+             "sync", at=where(blocked.site, profile), why=blocked.why)
     for s in rec.spans:
         tid = NVTX_TID if s.track == "nvtx" else LEASE_TID
         span(NOTEBOOK_PID, tid, s.name, s.start, s.end, s.track,
@@ -90,7 +94,7 @@ def build(profile: Profile) -> dict[str, Any]:
             for index, start, end in times.get("calls") or ():
                 if 0 <= index < len(batch.ops):
                     span(n, EXEC_TID, batch.ops[index], to_nb(start), to_nb(end), "agent",
-                         at=where(batch.sites[index]), batch=batch.seq)
+                         at=where(batch.sites[index], profile), batch=batch.seq)
         streams: dict[Any, int] = {}
         for op, stream, start, end, seq, index in rec.gpu.get(endpoint, ()):
             if stream not in streams:
@@ -101,7 +105,7 @@ def build(profile: Profile) -> dict[str, Any]:
                      f"{label}")
             name = kernel_names.get((endpoint, seq, index)) or op
             span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
-                 at=_site(sites.get((endpoint, seq)), index))
+                 at=_site(sites.get((endpoint, seq)), index, profile))
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
@@ -117,5 +121,5 @@ def _kernel_names_by_call(profile: Profile) -> dict[tuple[str, int, int], str]:
             for index, detail in enumerate(batch.details) if detail}
 
 
-def _site(sites: list[Any] | None, index: int) -> str:
-    return where(sites[index]) if sites is not None and 0 <= index < len(sites) else ""
+def _site(sites: list[Any] | None, index: int, profile: Profile) -> str:
+    return where(sites[index], profile) if sites is not None and 0 <= index < len(sites) else ""

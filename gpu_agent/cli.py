@@ -1,19 +1,26 @@
-"""``harp-agent``: serve one GPU (or an emulated one) to HARP clients over ZeroMQ."""
+"""``harp-agent``: serve one GPU (or an emulated one) to HARP clients over ZeroMQ.
+
+The process that runs this is the supervisor (gpu_agent/supervisor.py); it starts one worker
+process per session (gpu_agent/worker.py). Every bound of gpu_agent/limits.py is a flag here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import sys
+from typing import Any
+from urllib.parse import urlsplit
 
-from gpu_agent.datastore import DataStore
-from gpu_agent.executors import gpu_available, make_executor
-from gpu_agent.parking import ParkStore
-from gpu_agent.server import AgentServer
+from gpu_agent.executors import gpu_available
+from gpu_agent.limits import AgentLimits
+from gpu_agent.supervisor import Supervisor
+from gpu_agent.workers import WorkerConfig
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: device memory a worker's CUDA context and pycuda's modules take (seen on an H200: ~0.5 GiB)
+CONTEXT_BYTES = 768 << 20
 
 
 def parse_bytes(text: str) -> int:
@@ -24,39 +31,67 @@ def parse_bytes(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2].lower()])
 
 
-def _half_of_memory() -> int:
+def parse_bytes_or_fraction(text: str) -> float:
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError):
-        return 8 << 30
+        value = float(text)
+    except ValueError:
+        return float(parse_bytes(text))
+    if not 0 < value:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def _bound_type(name: str, unit: str) -> Any:
+    if name == "slot_memory":
+        return parse_bytes_or_fraction
+    if unit == "bytes":
+        return parse_bytes
+    if unit == "seconds":
+        return positive_seconds
+    if name in ("park_memory_dir", "park_dir"):
+        return str
+    return int
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="harp-agent", description="Serve one GPU to HARP for Jupyter kernels.")
     parser.add_argument("--listen", required=True, metavar="tcp://HOST:PORT",
-                        help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555")
+                        help="ZeroMQ endpoint to bind, e.g. tcp://0.0.0.0:5555 (port 0: any "
+                             "free port, printed at start)")
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
     parser.add_argument("--executor", choices=["pycuda", "emulated"], default=None,
                         help="pycuda (a real GPU; the default when one is usable) or emulated "
                              "(host memory and NumPy, for machines without a GPU)")
     parser.add_argument("--token", default=None,
-                        help="shared secret clients must present (HARP_TOKEN on their side)")
-    parser.add_argument("--emulated-memory", type=parse_bytes, default=16 << 30,
-                        help="device memory the emulated executor pretends to have (16GiB)")
-    parser.add_argument("--lease-ttl", type=float, default=30.0, metavar="SECONDS",
-                        help="a lease not renewed for this long expires; also the most a "
-                             "lease request may ask for (30)")
-    parser.add_argument("--park-memory", type=parse_bytes, default=None, metavar="BYTES",
-                        help="host memory for parked sessions' device memory before spilling to "
-                             "--park-dir (default: half of this machine's memory)")
-    parser.add_argument("--park-dir", default=None, metavar="DIR",
-                        help="where parked state spills past --park-memory (a temporary dir)")
-    parser.add_argument("--park-limit", type=parse_bytes, default=None, metavar="BYTES",
-                        help="all parked state, memory and disk; past it the oldest parked state "
-                             "is dropped and its kernel told so (default: 4x --park-memory)")
-    parser.add_argument("--park-ttl", type=float, default=86400.0, metavar="SECONDS",
-                        help="parked state older than this is dropped (86400)")
+                        help="shared secret clients must present (HARP_TOKEN on their side); "
+                             "without it only a liveness probe is answered")
+    parser.add_argument("--emulated-memory", type=parse_bytes, default=4 << 30,
+                        help="device memory the emulated executor pretends to have (4GiB)")
+    parser.add_argument("--worker-host", default=None, metavar="HOST",
+                        help="address workers bind for their sessions' data connections "
+                             "(default: the --listen host)")
+    parser.add_argument("--worker-ports", default=None, metavar="A-B",
+                        help="port range workers bind in (for firewalls and NetworkPolicies; "
+                             "default: any free port)")
+    parser.add_argument("--spares", type=int, default=1,
+                        help="workers kept ready (CUDA context created) for the next session")
+    group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
+    defaults = AgentLimits()
+    for name, spec in AgentLimits.flags():
+        meta = spec.metadata
+        default = getattr(defaults, name)
+        shown = "derived from this machine" if default is None else default
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
+                           type=_bound_type(name, meta["unit"]), metavar=meta["metavar"],
+                           help=f"{meta['help']} (default: {shown})")
     parser.add_argument("--data-root", default=None, metavar="DIR",
                         help="the only directory tree notebooks may load files from "
                              "(harp_jupyter.remote); none by default")
@@ -69,48 +104,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_facts(executor: str, device: int, emulated_memory: int) -> dict[str, Any]:
+    """The device's name and memory, read without a CUDA context (the supervisor makes none)."""
+    if executor == "emulated":
+        from gpu_agent.executors.emulated import DEVICE_NAME
+
+        return {"name": DEVICE_NAME, "total_memory": emulated_memory, "emulated": True}
+    import pycuda.driver as cuda
+
+    cuda.init()
+    gpu = cuda.Device(device)
+    return {"name": gpu.name(), "total_memory": int(gpu.total_memory()), "emulated": False,
+            "pci_bus_id": gpu.pci_bus_id()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s harp-agent %(levelname)s %(message)s")
-    executor_name = args.executor
-    if executor_name is None:
+    executor = args.executor
+    if executor is None:
         reason = gpu_available(args.device)
         if reason is not None:
             print(f"harp-agent: no usable GPU ({reason}): using the EMULATED executor",
                   flush=True)
-            executor_name = "emulated"
+            executor = "emulated"
+        else:
+            executor = "pycuda"
+    limits = AgentLimits(**{name: getattr(args, name) for name, _ in AgentLimits.flags()})
     try:
-        executor = make_executor(executor_name, args.device,
-                                 emulated_memory=args.emulated_memory)
-        if args.data_root is not None:
-            executor.data_store = DataStore(args.data_root, writable=args.data_writable)
-            executor.data_reader_choice = args.data_reader
-            data = executor.data_status()
-        park_memory = args.park_memory if args.park_memory is not None else _half_of_memory()
-        parking = ParkStore(memory_cap=park_memory,
-                            limit=args.park_limit if args.park_limit is not None
-                            else 4 * park_memory,
-                            ttl=args.park_ttl, spill_dir=args.park_dir)
-        server = AgentServer(executor, args.listen, token=args.token, lease_ttl=args.lease_ttl,
-                             parking=parking)
+        facts = _device_facts(executor, args.device, args.emulated_memory)
+        context_bytes = 0 if executor == "emulated" else CONTEXT_BYTES
+        memory_cap = limits.slot_bytes(facts["total_memory"], context_bytes)
+        host = args.worker_host or urlsplit(args.listen.replace("*", "0.0.0.0")).hostname
+        config = WorkerConfig(
+            executor=executor, device=args.device, bind_host=host or "127.0.0.1",
+            memory_cap=memory_cap, max_frame=limits.max_frame,
+            unread_replies=limits.unread_replies, fetch_timeout=limits.fetch_timeout,
+            ports=args.worker_ports, data_root=args.data_root,
+            data_writable=args.data_writable, data_reader=args.data_reader,
+            log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
+        supervisor = Supervisor(args.listen, config, limits, token=args.token)
     except Exception as e:
         print(f"harp-agent: cannot start: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    device = executor.device_info()["name"]
-    note = " [EMULATED: host memory, no GPU]" if executor.emulated else ""
+    note = " [EMULATED: host memory, no GPU]" if executor == "emulated" else ""
     if args.data_root is not None:
-        access = "read-write" if data["writable"] else "read-only"
-        print(f"harp-agent: data root {data['root']} ({access}), reader={data['reader']}: "
-              f"{data['detail']}", flush=True)
-    print(f"harp-agent: serving {server.endpoint} executor={executor.name} device={device}{note}",
-          flush=True)
-    server.serve_forever()
-    if server.restart:
-        # a fresh process is the only way back to a usable GPU after CUDA's sticky errors
-        print("harp-agent: restarting after a fatal GPU error", flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "gpu_agent.cli",
-                                  *(sys.argv[1:] if argv is None else argv)])
+        access = "read-write" if args.data_writable else "read-only"
+        print(f"harp-agent: data root {args.data_root} ({access})", flush=True)
+    memory, limit = limits.park_budget()
+    if args.token is None and not _loopback(args.listen):
+        print("harp-agent: WARNING: no --token and listening beyond loopback: anyone who can "
+              "reach this port can use the GPU", flush=True)
+    print(f"harp-agent: {limits.slots} slot(s) of {memory_cap} bytes; parked state up to "
+          f"{memory} bytes in memory, {limit} in all", flush=True)
+    print(f"harp-agent: serving {supervisor.endpoint} executor={executor} "
+          f"device={facts['name']}{note}", flush=True)
+    supervisor.serve_forever()
+
+
+def _loopback(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1") or endpoint.startswith(("ipc:", "inproc:"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import ast
 import contextlib
 import errno
 import io
+import math
 import os
 import secrets
 import stat
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from gpu_agent.errors import AgentError
 
 #: the protocol error kind of every refusal of this module
 DATA_ERROR_KIND = "DataError"
@@ -52,14 +55,11 @@ ARRAY_KINDS = "biufc"
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
-class DataError(Exception):
+class DataError(AgentError):
     """A refused or failed data request; ``code`` says which (see the module docstring)."""
 
-    kind = DATA_ERROR_KIND
-
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(DATA_ERROR_KIND, message, code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class ArrayLayout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -145,6 +145,10 @@ def _check_shape(shape: Any, what: str) -> tuple[int, ...]:
             or not all(type(n) is int and n >= 0 for n in shape)):
         raise DataError("BAD_FORMAT", f"{what}: shape must be at most {MAX_DIMENSIONS} "
                         f"non-negative integers, not {shape!r}")
+    if math.prod(shape) >= 1 << 62:
+        # NumPy's int64 products would wrap round and pass the file-size check
+        raise DataError("BAD_FORMAT", f"{what}: shape {tuple(shape)} has more elements than "
+                        "any file or device could hold")
     return tuple(shape)
 
 

@@ -1,19 +1,24 @@
 """Who may use this agent's GPU: the lease table.
 
-Pure logic, no I/O: the agent's server feeds it requests and the clock, and acts on what it returns.
-An agent serves one GPU and the table grants it to one lease at a time, so two holders of one GPU
-cannot exist by construction. Everyone else waits in a FIFO queue. Every lease, held or queued, must
-be renewed within ``ttl`` seconds or it expires (a dead jupyter_server stops renewing).
+Pure logic, no I/O: the agent's supervisor feeds it requests and the clock, and acts on what it
+returns. An agent serves one GPU in ``slots`` slots (one by default) and the table grants each slot
+to one lease at a time, so two holders of one slot cannot exist by construction; a slot whose last
+tenant is still being parked (``draining``) is not granted until it is free. Everyone else waits
+in a FIFO queue of at most ``max_queue``. Every lease, held or queued, must be renewed within its
+ttl or it expires (a dead jupyter_server stops renewing); a ttl is finite and clamped.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from gpu_agent.errors import AgentError
 
 
 class LeaseState(StrEnum):
@@ -24,8 +29,11 @@ class LeaseState(StrEnum):
     REVOKED = "revoked"
 
 
-class LeaseError(Exception):
+class LeaseError(AgentError):
     """A request about a lease that does not exist, or with the wrong token."""
+
+    def __init__(self, message: str, kind: str = "LeaseError") -> None:
+        super().__init__(kind, message)
 
 
 @dataclass
@@ -48,22 +56,32 @@ class Lease:
 
 
 class LeaseTable:
-    """The leases of one GPU: at most one held, the rest queued in arrival order."""
+    """The leases of one GPU: at most ``slots`` held, the rest queued in arrival order."""
 
-    def __init__(self, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
+    def __init__(self, ttl: float = 30.0, clock: Callable[[], float] = time.monotonic, *,
+                 slots: int = 1, max_queue: int = 256, min_ttl: float = 1.0) -> None:
+        if not (math.isfinite(ttl) and ttl > 0) or slots < 1 or max_queue < 0:
+            raise ValueError("ttl must be a positive number, slots at least 1")
         self.ttl = ttl
+        self.min_ttl = min(min_ttl, ttl)
+        self.slots = slots
+        self.max_queue = max_queue
+        #: slots whose last tenant is still being parked: not granted until it is done
+        self.draining = 0
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._queue: deque[str] = deque()
-        self._holder: str | None = None
+        self._holders: dict[str, None] = {}
 
     # {{{ queries
 
     @property
-    def holder(self) -> Lease | None:
-        return self._leases[self._holder] if self._holder else None
+    def holders(self) -> list[Lease]:
+        return [self._leases[lease_id] for lease_id in self._holders]
+
+    @property
+    def free_slots(self) -> int:
+        return max(self.slots - len(self._holders) - self.draining, 0)
 
     @property
     def queue(self) -> list[Lease]:
@@ -96,8 +114,17 @@ class LeaseTable:
 
     def request(self, kernel_id: str, user: str = "", info: dict | None = None,
                 ttl: float | None = None) -> list[Lease]:
-        """A new lease: held at once if the GPU is free, queued otherwise (first of the result).
-        ``ttl`` may shorten the table's ttl for this lease, never lengthen it."""
+        """A new lease: held at once if a slot is free, queued otherwise (first of the result).
+        ``ttl`` may shorten the table's ttl for this lease (never below ``min_ttl``), never
+        lengthen it; one that is not a finite number is refused, as is a request past a full
+        queue."""
+        if ttl is not None and not (isinstance(ttl, int | float) and math.isfinite(ttl)):
+            raise LeaseError(f"lease ttl must be a finite number of seconds, not {ttl!r}",
+                             "ProtocolError")
+        if len(self._queue) >= self.max_queue and not self.free_slots:
+            raise LeaseError(f"this GPU's queue is full ({self.max_queue} waiting, "
+                             "harp-agent --max-queue): try another agent or later",
+                             "LeaseError")
         now = self._clock()
         lease = Lease(
             lease_id=secrets.token_hex(8),
@@ -108,7 +135,7 @@ class LeaseTable:
             requested_at=now,
             renewed_at=now,
             info=dict(info or {}),
-            ttl=self.ttl if ttl is None or ttl <= 0 else min(ttl, self.ttl),
+            ttl=self.ttl if ttl is None else min(max(ttl, self.min_ttl), self.ttl),
         )
         self._leases[lease.lease_id] = lease
         self._queue.append(lease.lease_id)
@@ -136,7 +163,7 @@ class LeaseTable:
         """End every lease not renewed within ``ttl``; returns what changed."""
         now = self._clock()
         changed: list[Lease] = []
-        for lease_id in [*self._queue, *([self._holder] if self._holder else [])]:
+        for lease_id in [*self._queue, *self._holders]:
             lease = self._leases[lease_id]
             if lease.active and now - lease.renewed_at > lease.ttl:
                 changed += self._end(lease_id, LeaseState.EXPIRED, now)
@@ -162,20 +189,25 @@ class LeaseTable:
         now = self._clock() if now is None else now
         lease = self._leases[lease_id]
         if lease.state is LeaseState.HELD:
-            self._holder = None
+            del self._holders[lease_id]
         else:
             self._queue.remove(lease_id)
         lease.state = state
         lease.ended_at = now
         return [lease, *self._promote(now)]
 
+    def promote(self) -> list[Lease]:
+        """Grant free slots to the queue's head (after a draining slot came free)."""
+        return self._promote(self._clock())
+
     def _promote(self, now: float) -> list[Lease]:
-        if self._holder is not None or not self._queue:
-            return []
-        lease_id = self._queue.popleft()
-        lease = self._leases[lease_id]
-        lease.state = LeaseState.HELD
-        lease.granted_at = now
-        lease.renewed_at = now
-        self._holder = lease_id
-        return [lease]
+        granted: list[Lease] = []
+        while self._queue and self.free_slots:
+            lease_id = self._queue.popleft()
+            lease = self._leases[lease_id]
+            lease.state = LeaseState.HELD
+            lease.granted_at = now
+            lease.renewed_at = now
+            self._holders[lease_id] = None
+            granted.append(lease)
+        return granted

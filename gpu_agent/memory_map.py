@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import bisect
 
+from gpu_agent.errors import AgentError
 from gpu_agent.protocol import GRANULARITY
 
 
-class AddressError(Exception):
+class AddressError(AgentError):
     """An address or range the session has not mapped (or may not map)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("HandleError", message)
 
 
 class MappedRanges:

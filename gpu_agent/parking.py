@@ -1,173 +1,193 @@
-"""Parked device memory: where a session's bytes live while it holds no GPU.
+"""Parked state: where a session lives while it holds no GPU, and what it may cost.
 
-A parked session's chunks (``(address, bytes)``) stay in host memory up to ``memory_cap`` bytes in
-all; past that they are written to files under ``spill_dir``. ``limit`` bounds everything parked
-(memory and disk): a park that would pass it drops the oldest parked states first. Whatever is
-dropped, by capacity or by ``ttl``, is remembered with the reason, so that the owner's next resume
-gets a clear ``StateLost`` instead of a silent fresh start.
+A parked session is a manifest (the calls that recreate its objects, its address range) plus its
+device memory in files: first in a memory-backed directory (tmpfs: host memory) up to
+``memory_cap`` bytes in all, then in ``spill_dir`` on disk, everything bounded by ``limit``.
+The worker that parks a session writes the files itself, piece by piece, and the worker that
+restores it reads them; the supervisor only keeps the books, so it never holds a session's bytes
+and never waits on a disk.
+
+A park is planned before it starts (``plan``): one that can't fit even after the oldest parked
+states are dropped is refused, and its owner loses that state with a clear ``StateLost``, never
+an agent killed for memory. Whatever is dropped (capacity, ``ttl``) is remembered with the reason
+(the most recent ``REMEMBERED_DROPS``), so the owner's next resume says why.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+from gpu_agent.errors import AgentError
 
 log = logging.getLogger("harp.agent.parking")
 
-
-@dataclass
-class ParkedChunk:
-    addr: int
-    size: int
-    data: np.ndarray | None = None  # in host memory, or
-    path: Path | None = None  # spilled to this file
-
-    def read(self) -> np.ndarray:
-        if self.data is not None:
-            return self.data
-        assert self.path is not None
-        return np.fromfile(self.path, np.uint8, self.size)
+#: why recently dropped sessions are gone, kept for their owners' next resume (bounded)
+REMEMBERED_DROPS = 4096
 
 
 @dataclass
-class ParkedMemory:
+class ParkedState:
     session_id: str
-    chunks: list[ParkedChunk]
-    parked_at: float = field(default_factory=time.monotonic)
-    #: seconds it is kept: the agent's --park-ttl, or less where the kernel asked for less
-    ttl: float = float("inf")
+    kernel_id: str
+    #: [[addr, size, path], ...] as the worker wrote them
+    chunks: list[list[Any]]
+    #: the calls that recreate the session's objects
+    log: list[Any]
+    memory_bytes: int
+    disk_bytes: int
+    parked_at: float
+    ttl: float
 
     @property
     def nbytes(self) -> int:
-        return sum(c.size for c in self.chunks)
+        return self.memory_bytes + self.disk_bytes
 
-    @property
-    def spilled_bytes(self) -> int:
-        return sum(c.size for c in self.chunks if c.path is not None)
+
+@dataclass
+class ParkPlan:
+    """Where a park about to start may put its bytes, and what had to go for the room."""
+
+    memory_room: int
+    evicted: list[str] = field(default_factory=list)
 
 
 class ParkStore:
-    """The parked memory of every session of one agent; see the module docstring."""
+    """The books of every parked session of one agent; see the module docstring."""
 
-    def __init__(self, memory_cap: int, limit: int, ttl: float, spill_dir: str | None = None,
+    def __init__(self, memory_cap: int, limit: int, ttl: float, *,
+                 memory_dir: str = "/dev/shm", spill_dir: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.memory_cap = memory_cap
         self.limit = limit
         self.ttl = ttl
-        self._spill_root = spill_dir
-        self._spill_dir: Path | None = None
         self._clock = clock
-        self._parked: dict[str, ParkedMemory] = {}
-        #: session id -> why its parked state is gone
-        self.dropped: dict[str, str] = {}
+        base = memory_dir if os.path.isdir(memory_dir) else None
+        self.memory_dir = tempfile.mkdtemp(prefix="harp-parked-mem-", dir=base)
+        if spill_dir:
+            os.makedirs(spill_dir, exist_ok=True)
+        self.disk_dir = tempfile.mkdtemp(prefix="harp-parked-", dir=spill_dir or None)
+        self._parked: dict[str, ParkedState] = {}
+        #: bytes promised to parks under way (memory, total)
+        self._pending: dict[str, tuple[int, int]] = {}
+        self.dropped: OrderedDict[str, str] = OrderedDict()
+
+    # {{{ books
 
     @property
-    def host_bytes(self) -> int:
-        return sum(c.size for p in self._parked.values() for c in p.chunks if c.data is not None)
+    def memory_bytes(self) -> int:
+        return (sum(p.memory_bytes for p in self._parked.values())
+                + sum(m for m, _ in self._pending.values()))
 
     @property
     def total_bytes(self) -> int:
-        return sum(p.nbytes for p in self._parked.values())
+        return (sum(p.nbytes for p in self._parked.values())
+                + sum(t for _, t in self._pending.values()))
 
-    def get(self, session_id: str) -> ParkedMemory | None:
+    @property
+    def disk_bytes(self) -> int:
+        return sum(p.disk_bytes for p in self._parked.values())
+
+    def get(self, session_id: str) -> ParkedState | None:
         return self._parked.get(session_id)
 
-    def put(self, session_id: str, chunks: list[tuple[int, Any]], *, ttl: float | None = None,
-            limit: int | None = None) -> tuple[ParkedMemory, list[str]]:
-        """Keep a session's chunks; returns its ParkedMemory and the sessions dropped for room.
-        ``ttl`` and ``limit``: what the session's kernel asked for (its provisioner's park_ttl
-        and park_limit), applied where they are below the agent's own. Raises MemoryError when
-        the state alone is larger than the limit."""
-        nbytes = sum(memoryview(data).nbytes for _, data in chunks)
+    def sessions(self) -> list[ParkedState]:
+        return list(self._parked.values())
+
+    # }}}
+
+    # {{{ a park: plan, then put (or cancel)
+
+    def plan(self, session_id: str, nbytes: int, kernel_limit: int | None = None) -> ParkPlan:
+        """Room for a park of ``nbytes``; drops the oldest parked states when that makes room.
+        AgentError(StateLost) when it can't fit at all (nothing is dropped then)."""
+        if kernel_limit is not None and nbytes > kernel_limit:
+            raise AgentError("StateLost", (
+                f"its {nbytes} bytes of device memory are more than its kernel lets the agent "
+                f"keep ({kernel_limit} bytes, park_limit / HARP_PARK_LIMIT)"))
         if nbytes > self.limit:
-            raise MemoryError(
-                f"this session's device memory ({nbytes} bytes) is larger than the agent's park "
-                f"limit ({self.limit} bytes, --park-limit)")
-        if limit is not None and nbytes > limit:
-            raise MemoryError(
-                f"this session's device memory ({nbytes} bytes) is larger than its kernel's park "
-                f"limit ({limit} bytes, park_limit / HARP_PARK_LIMIT)")
+            raise AgentError("StateLost", (
+                f"its {nbytes} bytes of device memory are more than this agent can keep parked "
+                f"({self.limit} bytes in host memory and on disk, harp-agent --park-limit)"))
         evicted: list[str] = []
         for old in sorted(self._parked.values(), key=lambda p: p.parked_at):
             if self.total_bytes + nbytes <= self.limit:
                 break
-            if old.session_id != session_id:
-                self.drop(old.session_id, "the agent needed the room for other parked sessions "
-                          "(--park-limit)")
-                evicted.append(old.session_id)
-        parked = ParkedMemory(session_id, [], parked_at=self._clock(),
-                              ttl=min(self.ttl, ttl) if ttl is not None else self.ttl)
-        room = self.memory_cap - self.host_bytes
-        for addr, data in chunks:
-            array = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-            size = array.nbytes
-            if size <= room:
-                parked.chunks.append(ParkedChunk(addr, size, data=array))
-                room -= size
-            else:
-                path = self._spill_path(session_id, addr)
-                array.tofile(path)
-                parked.chunks.append(ParkedChunk(addr, size, path=path))
+            self.drop(old.session_id, "the agent needed the room for other parked sessions "
+                      "(harp-agent --park-limit)")
+            evicted.append(old.session_id)
+        memory_room = max(min(self.memory_cap - self.memory_bytes, nbytes), 0)
+        self._pending[session_id] = (memory_room, nbytes)
+        return ParkPlan(memory_room, evicted)
+
+    def put(self, session_id: str, kernel_id: str, chunks: list[list[Any]], calls: list[Any],
+            ttl: float | None = None) -> ParkedState:
+        """Book a finished park (the worker's ``parked`` message)."""
+        self._pending.pop(session_id, None)
+        memory = sum(c[1] for c in chunks if str(c[2]).startswith(self.memory_dir))
+        parked = ParkedState(session_id, kernel_id, chunks, calls, memory,
+                             sum(c[1] for c in chunks) - memory, self._clock(),
+                             min(self.ttl, ttl) if ttl is not None else self.ttl)
         self._parked[session_id] = parked
         self.dropped.pop(session_id, None)
-        return parked, evicted
+        return parked
 
-    def take(self, session_id: str) -> ParkedMemory | None:
-        """Remove and return a session's parked memory (its files are deleted by ``discard``)."""
+    def cancel(self, session_id: str) -> None:
+        """A park that did not happen gives its promised room back."""
+        self._pending.pop(session_id, None)
+
+    # }}}
+
+    def take(self, session_id: str) -> ParkedState | None:
+        """Hand a parked state over (to be restored); its files go with ``discard``."""
         return self._parked.pop(session_id, None)
 
     def drop(self, session_id: str, reason: str) -> int:
-        """Forget a session's parked memory, remembering why; returns the bytes freed."""
+        """Forget a session's parked state, remembering why; returns the bytes freed."""
         parked = self._parked.pop(session_id, None)
+        self.remember(session_id, reason)
         if parked is None:
             return 0
-        self.discard(parked)
-        self.dropped[session_id] = reason
+        discard(parked)
         log.info("dropped parked session %s (%d bytes): %s", session_id, parked.nbytes, reason)
         return parked.nbytes
 
+    def remember(self, session_id: str, reason: str) -> None:
+        self.dropped[session_id] = reason
+        self.dropped.move_to_end(session_id)
+        while len(self.dropped) > REMEMBERED_DROPS:
+            self.dropped.popitem(last=False)
+
     def expire(self) -> list[str]:
-        """Drop parked states older than ``ttl``; returns their session ids."""
+        """Drop parked states older than their ttl; returns their session ids."""
         now = self._clock()
         old = [p for p in self._parked.values() if now - p.parked_at > p.ttl]
         for parked in old:
             self.drop(parked.session_id, (
                 f"it was parked longer than the agent keeps parked state ({self.ttl:g} s, "
-                "--park-ttl)") if parked.ttl >= self.ttl else (
+                "harp-agent --park-ttl)") if parked.ttl >= self.ttl else (
                 f"it was parked longer than its kernel asked the agent to keep it "
                 f"({parked.ttl:g} s, park_ttl / HARP_PARK_TTL)"))
         return [p.session_id for p in old]
 
-    @staticmethod
-    def discard(parked: ParkedMemory) -> None:
-        for chunk in parked.chunks:
-            if chunk.path is not None:
-                try:
-                    chunk.path.unlink()
-                except OSError:
-                    pass
-
-    def _spill_path(self, session_id: str, addr: int) -> Path:
-        if self._spill_dir is None:
-            root = self._spill_root
-            if root:
-                os.makedirs(root, exist_ok=True)
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="harp-parked-", dir=root or None))
-        return self._spill_dir / f"{session_id}-{addr:x}.bin"
-
     def close(self) -> None:
-        for session_id in list(self._parked):
-            self.discard(self._parked.pop(session_id))
-        if self._spill_dir is not None:
-            try:
-                os.rmdir(self._spill_dir)
-            except OSError:
-                pass
+        for parked in list(self._parked.values()):
+            discard(parked)
+        self._parked.clear()
+        for directory in (self.memory_dir, self.disk_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def discard(parked: ParkedState) -> None:
+    for _addr, _size, path in parked.chunks:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -3,7 +3,10 @@
 This module is the contract. It does no I/O and knows no CUDA: it names the messages, encodes and
 decodes them, and validates every call against the table of operations below.
 
-Framing (one ZeroMQ multipart message, DEALER client -> ROUTER agent)::
+Two connections (ARCHITECTURE §2): the client's DEALER to the agent's *supervisor* carries
+leases, the session's lifecycle and status; once welcomed, a second DEALER to the session's own
+*worker* (its endpoint and a one-time ``attach`` token are in ``welcome``) carries the batches, so
+the hot path has no Python hop in between. One ZeroMQ multipart message on either::
 
     frame 0      msgpack header (a map, key "t" says the message type)
     frame 1..n   raw buffers, referenced from the header by ``FrameRef(i)`` (i >= 1)
@@ -13,28 +16,36 @@ zero-copy. Pickle is never used. Small buffers may be inlined as msgpack ``bin``
 
 Message types
 -------------
-client -> agent
+client -> supervisor
     ``hello``   {t, v, token, lease: [lease_id, lease_token], client: {pid, host, user, ...},
                  resume?: {session, resume_token, from?}}     needs a held lease (below)
-    ``batch``   {t, q: seq, c: [call, ...]}    each call is ``[op, *args]`` (see ``OPS``)
-    ``status``  {t}                             may be sent without a session
+    ``status``  {t, token?, rid?, kernel_id?, kernel_secret?}  only ``{t}`` without the token
+                                                when the agent has one: liveness, no details
     ``park``    {t, rid}                        parks this connection's session (after its batches)
     ``bye``     {t}                             ends the session, frees everything it holds
-agent -> client
+client -> worker
+    ``attach``  {t, session, attach}            first message on the worker connection
+    ``batch``   {t, q: seq, c: [call, ...]}    each call is ``[op, *args]`` (see ``OPS``)
+supervisor -> client
     ``welcome`` {t, v, session, resume_token, resumed, range: [base, size], device: {...},
-                 executor, agent: {...}}
+                 executor, agent: {...}, worker: endpoint, attach: token, slot: {...}}
     ``parked``  {t, rid, session, bytes}
-    ``reply``   {t, q: seq, r: [[call_index, value], ...], e: error | None}
+    ``lost``    {t, session, e: error}          pushed when the session's worker is gone
     ``status``  {t, ...}
-    ``error``   {t, e: error}                   for a message that is not a batch (or not valid)
+    ``error``   {t, e: error}                   for a message that is not valid
+worker -> client
+    ``attached`` {t, session}
+    ``reply``   {t, q: seq, r: [[call_index, value], ...], e: error | None, out?: str}
 
 Leases (docs/leases-design.md): ``lease_request`` {rid, kernel_id, kernel_secret, user,
 ttl?, info?}, ``lease_renew`` {rid, lease_id, token} and ``lease_release`` {rid, lease_id, token}
 are answered by ``lease`` {rid, lease: LeaseInfo}; a ``lease`` without ``rid`` is pushed to the
 holder's connection when its lease changes. ``drop_parked`` {rid, kernel_id, kernel_secret} and
 ``parked_forget`` {rid, session, resume_token} are answered by ``dropped`` {rid, sessions, bytes};
-``parked_fetch`` {rid, session, resume_token} (agent to agent) by ``parked_state`` {rid,
-manifest} plus one frame per chunk. Errors of requests with a ``rid`` echo it.
+``parked_fetch`` {rid, session, resume_token, kernel_id} (agent to agent) by ``parked_state``
+{rid, manifest}; ``parked_chunk`` {rid, session, resume_token, addr, offset, size} by
+``parked_state`` {rid} plus one frame with those bytes (pieces of at most ``MAX_PIECE_BYTES``).
+Errors of requests with a ``rid`` echo it.
 
 Every batch gets exactly one ``reply``, in order, after the agent has executed it: that is both the
 result channel and the flow-control acknowledgement (the client keeps at most a bounded number of
@@ -65,6 +76,7 @@ operation is either a descriptor or a scalar (int, float, bool, complex).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -72,6 +84,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
+
+from gpu_agent.errors import AgentError
 
 PROTOCOL_VERSION = 1
 
@@ -109,6 +124,10 @@ DROPPED = "dropped"
 PARKED_FETCH = "parked_fetch"
 PARKED_STATE = "parked_state"
 PARKED_FORGET = "parked_forget"
+PARKED_CHUNK = "parked_chunk"
+ATTACH = "attach"
+ATTACHED = "attached"
+LOST = "lost"
 
 #: Error kinds. The first six are pycuda.driver's exception names; the rest are ours.
 ERROR_KINDS = (
@@ -132,10 +151,11 @@ ERROR_KINDS = (
 )
 
 
-class ProtocolError(Exception):
+class ProtocolError(AgentError):
     """A message or call that does not follow this protocol."""
 
-    kind = "ProtocolError"
+    def __init__(self, message: str) -> None:
+        super().__init__("ProtocolError", message)
 
 
 # {{{ ext types: frame references and complex scalars
@@ -256,12 +276,43 @@ def _is_strlist(v: Any) -> bool:
     return type(v) is list and all(type(x) is str for x in v)
 
 
+#: NumPy kinds an array may have on the wire: bool, integers, floats, complex. Structured dtypes
+#: qualify when every field does. Object arrays would make NumPy read session bytes as pointers;
+#: strings, datetimes and void blobs have no GPU meaning.
+ARRAY_DTYPE_KINDS = "biufc"
+MAX_DTYPE_TEXT = 256
+
+
+@functools.lru_cache(maxsize=1024)
+def wire_dtype(text: str) -> np.dtype | None:
+    """The NumPy dtype an array descriptor's dtype text names, or None when it is not allowed
+    (see ``ARRAY_DTYPE_KINDS``) or not a dtype at all."""
+    if len(text) > MAX_DTYPE_TEXT:
+        return None
+    try:
+        dtype = np.dtype(text)
+    except (TypeError, ValueError, SyntaxError):
+        return None
+    return dtype if _numeric(dtype) else None
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    if dtype.hasobject or dtype.itemsize == 0:
+        return False
+    if dtype.subdtype is not None:
+        return _numeric(dtype.subdtype[0])
+    if dtype.names is not None:
+        return all(_numeric(dtype.fields[name][0]) for name in dtype.names)
+    return dtype.kind in ARRAY_DTYPE_KINDS
+
+
 def is_descriptor(v: Any) -> bool:
     return (
         type(v) is list
         and len(v) == 4
         and _is_uint(v[0])
         and type(v[1]) is str
+        and wire_dtype(v[1]) is not None
         and type(v[2]) is list
         and type(v[3]) is list
         and len(v[2]) == len(v[3]) <= 32
@@ -301,13 +352,29 @@ HANDLE = UINT
 STREAM = _optional(UINT)  # None = the default (legacy NULL) stream
 
 
+#: the byte ranges ``[(address, nbytes), ...]`` a call's arguments name (checked against the
+#: memory the session mapped before the executor sees the call)
+Touches = Callable[[list[Any]], list[tuple[int, int]]]
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One operation: its argument validators and whether it produces a value."""
+    """One operation: its argument validators, whether it produces a value, and what the agent
+    must know about it (every per-operation table of the agent derives from these fields)."""
 
     args: tuple[Callable[[Any], bool], ...]
     result: bool = False
     doc: str = ""
+    #: memory it reads or writes, from explicit (address, size) arguments; descriptors found in
+    #: its arguments (DESC, OPERANDS, kwargs ``out2``) are added by ``touched_ranges``
+    touches: Touches | None = None
+    #: the kind of session object whose handle (argument 0) it creates, or destroys
+    creates: str | None = None
+    destroys: str | None = None
+    #: it configures the object of kind ``configures`` at argument 0 (kept for replay)
+    configures: str | None = None
+    #: it puts work on the device (timed on the GPU while profiling, counted for idle time)
+    gpu: bool = False
 
 
 OPS: dict[str, Op] = {
@@ -323,41 +390,50 @@ OPS: dict[str, Op] = {
     # memory: addr and size multiples of GRANULARITY, inside the session's range
     "alloc": Op((UINT, UINT), False, "alloc(addr, size): map device memory exactly there"),
     "free": Op((UINT,), False, "free(addr): unmap what alloc(addr, ...) mapped"),
-    "htod": Op((UINT, BUF, STREAM), False, "htod(dst, data, stream)"),
-    "dtoh": Op((UINT, UINT, STREAM), True, "dtoh(src, nbytes, stream) -> bytes (FrameRef)"),
-    "dtod": Op((UINT, UINT, UINT, STREAM), False, "dtod(dst, src, nbytes, stream)"),
+    "htod": Op((UINT, BUF, STREAM), False, "htod(dst, data, stream)",
+               touches=lambda a: [(a[0], len(a[1]))], gpu=True),
+    "dtoh": Op((UINT, UINT, STREAM), True, "dtoh(src, nbytes, stream) -> bytes (FrameRef)",
+               touches=lambda a: [(a[0], a[1])], gpu=True),
+    "dtod": Op((UINT, UINT, UINT, STREAM), False, "dtod(dst, src, nbytes, stream)",
+               touches=lambda a: [(a[0], a[2]), (a[1], a[2])], gpu=True),
     "memset": Op((UINT, INT, INT, UINT, STREAM), False,
-                 "memset(dst, value, width in bytes 1|2|4, count, stream)"),
+                 "memset(dst, value, width in bytes 1|2|4, count, stream)",
+                 touches=lambda a: [(a[0], a[2] * a[3])], gpu=True),
     # modules and functions
     "module_source": Op((HANDLE, STR, STRS, BOOL, _optional(STR), _optional(STR), STRS), False,
                         "module_source(mod, source, options, no_extern_c, arch, code,"
-                        " include_dirs): compiled with nvcc on the agent, cached"),
-    "module_image": Op((HANDLE, BUF), False, "module_image(mod, cubin/ptx/fatbin bytes)"),
-    "module_unload": Op((HANDLE,), False, ""),
-    "get_function": Op((HANDLE, HANDLE, STR), False, "get_function(fn, mod, name)"),
+                        " include_dirs): compiled with nvcc on the agent, cached",
+                        creates="module"),
+    "module_image": Op((HANDLE, BUF), False, "module_image(mod, cubin/ptx/fatbin bytes)",
+                       creates="module"),
+    "module_unload": Op((HANDLE,), False, "", destroys="module"),
+    "get_function": Op((HANDLE, HANDLE, STR), False, "get_function(fn, mod, name)",
+                       creates="function"),
     "get_global": Op((HANDLE, STR), True, "get_global(mod, name) -> [addr, size]"),
     "function_attribute": Op((HANDLE, STR), True,
                              "function_attribute(fn, NAME) e.g. NUM_REGS -> int"),
     "function_set": Op((HANDLE, STR, _optional(INT)), False,
                        "function_set(fn, what, value): what = cache_config | shared_config |"
-                       " attribute:NAME"),
+                       " attribute:NAME", configures="function"),
     "launch": Op((HANDLE, DIM3, DIM3, UINT, STREAM, BUF), False,
-                 "launch(fn, grid, block, shared_bytes, stream, packed_args)"),
+                 "launch(fn, grid, block, shared_bytes, stream, packed_args)", gpu=True),
     # streams and events
-    "stream_create": Op((HANDLE, INT), False, "stream_create(stream, flags)"),
-    "stream_destroy": Op((HANDLE,), False, ""),
+    "stream_create": Op((HANDLE, INT), False, "stream_create(stream, flags)",
+                        creates="stream"),
+    "stream_destroy": Op((HANDLE,), False, "", destroys="stream"),
     "stream_synchronize": Op((HANDLE,), True, ""),
     "stream_query": Op((HANDLE,), True, "-> bool (all work done)"),
     "stream_wait_event": Op((HANDLE, HANDLE), False, "stream_wait_event(stream, event)"),
-    "event_create": Op((HANDLE, INT), False, "event_create(event, flags)"),
-    "event_destroy": Op((HANDLE,), False, ""),
+    "event_create": Op((HANDLE, INT), False, "event_create(event, flags)", creates="event"),
+    "event_destroy": Op((HANDLE,), False, "", destroys="event"),
     "event_record": Op((HANDLE, STREAM), False, "event_record(event, stream)"),
     "event_synchronize": Op((HANDLE,), True, ""),
     "event_query": Op((HANDLE,), True, "-> bool"),
     "event_elapsed": Op((HANDLE, HANDLE), True, "event_elapsed(start, end) -> milliseconds"),
     # array operations (gpuarray / cumath), executed as array operations on the agent
     "array": Op((STR, _optional(DESC), OPERANDS, MAP, STREAM), False,
-                "array(function, out, operands, kwargs, stream): see ARRAY_FUNCTIONS"),
+                "array(function, out, operands, kwargs, stream): see ARRAY_FUNCTIONS",
+                gpu=True),
     # the agent's data tree (docs/remote-data.md): files read straight into device memory
     "data_info": Op((), True, "-> {root, writable, reader, detail}: the tree and the read path"),
     "data_list": Op((STR,), True, "data_list(path) -> [{name, path, type: file|dir, size?,"
@@ -369,21 +445,23 @@ OPS: dict[str, Op] = {
     "data_read": Op((UINT, STR, UINT, UINT, STR), True,
                     "data_read(dst, path, offset, nbytes, file): fill [dst, dst + nbytes) from"
                     " the file's bytes at offset (file: the identity data_open gave) -> nbytes;"
-                    " complete when the reply is sent"),
+                    " complete when the reply is sent", touches=lambda a: [(a[0], a[3])],
+                    gpu=True),
     "data_write": Op((DESC, STR, MAP), True,
                      "data_write(array, path, options {format: npy|raw, overwrite}) -> bytes"
                      " written (needs --data-writable)"),
     # user ElementwiseKernel / ReductionKernel (CUDA C: pycuda executor only)
     "elementwise_new": Op((HANDLE, STR, STR, STR, MAP), False,
                           "elementwise_new(kernel, arguments, operation, name, options:"
-                          " {preamble, loop_prep, after_loop, options})"),
+                          " {preamble, loop_prep, after_loop, options})", creates="kernel"),
     "elementwise_call": Op((HANDLE, OPERANDS, _optional(RANGE), STREAM), False,
-                           "elementwise_call(kernel, operands, range [start, stop, step], stream)"),
+                           "elementwise_call(kernel, operands, range [start, stop, step], stream)",
+                           gpu=True),
     "reduction_new": Op((HANDLE, STR, STR, STR, STR, STR, MAP), False,
                         "reduction_new(kernel, dtype_out, neutral, reduce_expr, map_expr,"
-                        " arguments, options: {name, preamble, options})"),
+                        " arguments, options: {name, preamble, options})", creates="kernel"),
     "reduction_call": Op((HANDLE, DESC, OPERANDS, STREAM), False,
-                         "reduction_call(kernel, out (0-d), operands, stream)"),
+                         "reduction_call(kernel, out (0-d), operands, stream)", gpu=True),
 }
 
 #: Array functions (the first argument of ``array``). Semantics are NumPy's for the same name,
@@ -423,6 +501,12 @@ ARRAY_FUNCTIONS: dict[str, str] = {
     "concatenate": "nary", "stack": "nary",
     # out = transpose(operands[0], axes); kwargs {axes}
     "transpose": "unary",
+    # pycuda.curandom.rand's numbers (its MD5 generator) for kwargs {seed, grid, block}: the
+    # seed the client drew as pycuda does, the launch pycuda's splay chose for out's size
+    "rand_md5": "generator",
+    # pycuda.scan: out = inclusive (or exclusive) scan of operands[0]; kwargs {expression (CUDA C
+    # in a and b), neutral (C literal or None), exclusive, preamble, options}
+    "scan": "unary",
 }
 
 
@@ -452,10 +536,39 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def touched_ranges(name: str, args: list[Any]) -> list[tuple[int, int]]:
+    """Every ``(address, nbytes)`` a validated call reads or writes: its op's explicit ranges
+    plus the extent of every array descriptor among its arguments."""
+    op = OPS[name]
+    ranges = list(op.touches(args)) if op.touches is not None else []
+    for desc in descriptors_of(args):
+        lo, hi = descriptor_extent(desc)
+        ranges.append((lo, hi - lo))
+    return ranges
+
+
+def descriptors_of(args: list[Any]) -> list[list[Any]]:
+    """The array descriptors among a call's arguments (direct, in operand lists, and the
+    ``out2`` of a map)."""
+    found: list[list[Any]] = []
+    for value in args:
+        if is_descriptor(value):
+            found.append(value)
+        elif type(value) is list:
+            found += [x for x in value if is_descriptor(x)]
+        elif type(value) is dict and is_descriptor(value.get("out2")):
+            found.append(value["out2"])
+    return found
+
+
+def descriptor_elements(desc: Sequence[Any]) -> int:
+    """How many elements an operation on the descriptor works on: its shape's product, whatever
+    its strides (a stride-0 or overlapping view covers few bytes but costs every element)."""
+    return math.prod(desc[2])
+
+
 def descriptor_extent(desc: Sequence[Any]) -> tuple[int, int]:
     """Byte range ``[lo, hi)`` an array descriptor touches (``hi == lo`` for an empty array)."""
-    import numpy as np
-
     addr, dtype, shape, strides = desc
     itemsize = np.dtype(dtype).itemsize
     if any(n == 0 for n in shape):
@@ -478,5 +591,5 @@ def session_range(index: int) -> tuple[int, int]:
     return ADDRESS_SPACE_BASE + index * SESSION_RANGE_SIZE, SESSION_RANGE_SIZE
 
 
-__all__ = [name for name in dir() if not name.startswith("_") and name not in ("math",)]
-del math
+__all__ = [name for name in dir() if not name.startswith("_")
+           and name not in ("math", "functools", "np", "msgpack", "struct")]

@@ -1,10 +1,14 @@
 """Who uses this agent's GPU and what they keep on it: leases, sessions, parked state.
 
-``Tenancy`` is the agent's authority logic with no sockets: the server hands it requests and
-ticks, and sends what it returns. The GPU belongs to the holder of the one held lease; only
-sessions of that lease's kernel are active. When a lease ends (released, revoked, expired), its
-kernel's active sessions are parked before the next lease is granted, so a new tenant never finds
-another's memory mapped, and the parked owner finds its memory intact at the same addresses.
+``Tenancy`` is the supervisor's authority logic with no sockets of its own: the supervisor hands
+it requests, worker messages and ticks, and sends what it puts in ``outbox``. The GPU's slots
+belong to the holders of the held leases (``LeaseTable``); each active session runs in a worker
+of its own (``WorkerPool``). When a lease ends, its kernel's active sessions are parked before the
+slot is granted again, so a new tenant never shares memory with an old one, and the parked owner
+finds its memory intact at the same addresses, here or on another agent.
+
+Nothing here waits: opening, restoring and parking are orders to a worker, answered when the
+worker reports back; a client's ``hello`` or ``park`` is answered then.
 """
 
 from __future__ import annotations
@@ -13,95 +17,156 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
+import msgpack
+
 from gpu_agent import protocol as P
-from gpu_agent.executors.base import Executor, ExecutorError
-from gpu_agent.leases import Lease, LeaseError, LeaseState, LeaseTable
-from gpu_agent.parking import ParkStore
-from gpu_agent.sessions import ACTIVE, PARKED, ClientSession
+from gpu_agent import worker_link as W
+from gpu_agent.errors import AgentError
+from gpu_agent.leases import Lease, LeaseState, LeaseTable
+from gpu_agent.limits import AgentLimits
+from gpu_agent.parking import ParkStore, discard
+from gpu_agent.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger("harp.agent.tenancy")
 
-MAX_SESSIONS = 256
-MOVED = "it moved to another agent"
 #: ended leases are remembered this long, so a late renew gets "released" rather than "unknown"
 FORGET_ENDED_S = 600.0
+MOVED = "it moved to another agent"
+#: address ranges an agent hands out (each 256 GiB of virtual address space)
+ADDRESS_RANGES = 256
+
+Outgoing = tuple[bytes, dict[str, Any], list[Any]]
 
 
-class TenancyError(Exception):
-    def __init__(self, kind: str, msg: str, code: str | None = None) -> None:
-        super().__init__(msg)
-        self.kind, self.code = kind, code
+class SessionState(StrEnum):
+    OPENING = "opening"  # a worker is creating or restoring it
+    ACTIVE = "active"
+    PARKING = "parking"  # its worker is writing its memory to the park store
+    PARKED = "parked"
+
+
+@dataclass
+class Session:
+    session_id: str
+    kernel_id: str
+    resume_token: str
+    slot: int
+    client: dict[str, Any]
+    state: SessionState = SessionState.OPENING
+    lease_id: str | None = None
+    worker: WorkerHandle | None = None
+    #: the client's connection to the supervisor (pushes go there)
+    route: bytes | None = None
+    #: requests answered when the worker reports: (route, header)
+    waiting: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    attach: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    park_ttl: float | None = None
+    park_limit: int | None = None
+    started: float = field(default_factory=time.time)
+    resumed: bool = False
+    #: when its client's worker connection dropped (monotonic), until it comes back
+    gone_at: float | None = None
+    #: why parking started (told to the owner)
+    park_reason: str = ""
+
+    @property
+    def base(self) -> int:
+        return P.session_range(self.slot)[0]
 
 
 class Tenancy:
-    def __init__(self, executor: Executor, endpoint: str, *, lease_ttl: float,
-                 parking: ParkStore) -> None:
-        self.executor = executor
-        self.endpoint = endpoint
-        self.leases = LeaseTable(ttl=lease_ttl)
+    """See the module docstring."""
+
+    def __init__(self, workers: WorkerPool, parking: ParkStore, limits: AgentLimits, *,
+                 endpoint: str, agent_info: dict[str, Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.workers = workers
         self.parking = parking
-        self.sessions: dict[str, ClientSession] = {}
+        self.limits = limits
+        self.endpoint = endpoint
+        self.agent_info = agent_info
+        self._clock = clock
+        self.leases = LeaseTable(limits.lease_ttl, clock, slots=limits.slots,
+                                 max_queue=limits.max_queue, min_ttl=limits.min_lease_ttl)
+        self.sessions: dict[str, Session] = {}
         self._kernel_secrets: dict[str, str] = {}
-        #: last queue position told to each queued lease, to push only changes
+        #: lease id -> the connection that hears about that lease's changes
+        self.lease_routes: dict[str, bytes] = {}
+        #: last queue position told to each active lease, to push only changes
         self._told: dict[str, int] = {}
+        self.outbox: list[Outgoing] = []
+        #: refusals by kind, for status and metrics
+        self.refusals: dict[str, int] = {}
+        #: open orders for workers not ready yet, and what to do once a worker opened
+        self._pending_open: dict[str, tuple[dict[str, Any], Callable[[], None] | None]] = {}
+        self._after_open: dict[str, Callable[[], None]] = {}
+
+    def send(self, route: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
+        self.outbox.append((route, header, frames or []))
 
     # {{{ leases
 
-    def request(self, header: dict[str, Any]) -> tuple[Lease, list[Lease]]:
-        kernel_id, secret = header.get("kernel_id"), header.get("kernel_secret")
-        if not (isinstance(kernel_id, str) and kernel_id and isinstance(secret, str) and secret):
-            raise TenancyError("ProtocolError", "lease_request needs string kernel_id and "
-                               "kernel_secret")
+    def request(self, route: bytes, header: dict[str, Any]) -> None:
+        kernel_id = self._text(header, "kernel_id")
+        secret = self._text(header, "kernel_secret")
+        user = header.get("user") if isinstance(header.get("user"), str) else ""
+        if len(user) > self.limits.max_secret:
+            raise AgentError("ProtocolError", "user name too long")
+        info = header.get("info") if isinstance(header.get("info"), dict) else {}
+        if len(msgpack.packb(info, default=str)) > self.limits.max_lease_info:
+            raise AgentError("ProtocolError", f"lease info larger than "
+                             f"{self.limits.max_lease_info} bytes (harp-agent --max-lease-info)")
         known = self._kernel_secrets.get(kernel_id)
         if known is not None and not secrets.compare_digest(known, secret):
-            raise TenancyError("LeaseError", f"kernel {kernel_id} is known here with another "
-                               "kernel_secret: refused")
+            raise AgentError("LeaseError", f"kernel {kernel_id} is known here with another "
+                             "kernel_secret: refused")
+        for lease in self._active_leases():
+            if lease.kernel_id == kernel_id:  # a resent request: the same lease again
+                self._reply_lease(route, header, lease, with_token=True)
+                return
+        changed = self.leases.request(kernel_id, user, info, header.get("ttl"))
         self._kernel_secrets[kernel_id] = secret
-        ttl = header.get("ttl")
-        info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        user = header.get("user") if isinstance(header.get("user"), str) else ""
-        changed = self.leases.request(kernel_id, user, info,
-                                      ttl if isinstance(ttl, int | float) else None)
         lease = changed[0]
-        self._told[lease.lease_id] = self.leases.position(lease.lease_id)  # the reply says it
+        self._told[lease.lease_id] = self.leases.position(lease.lease_id)
         log.info("lease %s for kernel %s: %s", lease.lease_id, kernel_id, lease.state.value)
-        return lease, changed[1:]
+        self._reply_lease(route, header, lease, with_token=True)
+        self._tell(self.settle(changed[1:]))
 
-    def renew(self, header: dict[str, Any]) -> Lease:
-        lease_id, token = self._lease_ref(header)
-        try:
-            return self.leases.renew(lease_id, token)
-        except LeaseError as e:
-            raise TenancyError("LeaseError", self._ended_message(lease_id, e)) from None
+    def renew(self, route: bytes, header: dict[str, Any]) -> None:
+        lease = self.leases.renew(*self._lease_ref(header))
+        self._reply_lease(route, header, lease)
 
-    def release(self, header: dict[str, Any]) -> tuple[Lease, list[Lease]]:
-        lease_id, token = self._lease_ref(header)
-        try:
-            changed = self.leases.release(lease_id, token)
-        except LeaseError as e:
-            raise TenancyError("LeaseError", self._ended_message(lease_id, e)) from None
-        return changed[0], self.settle(changed)
+    def release(self, route: bytes, header: dict[str, Any]) -> None:
+        changed = self.leases.release(*self._lease_ref(header))
+        lease = changed[0]
+        self._reply_lease(route, header, lease)
+        self.lease_routes.pop(lease.lease_id, None)
+        self._tell([x for x in self.settle(changed) if x is not lease])
 
-    def tick(self) -> list[Lease]:
-        """Expire unrenewed leases and old parked state; the leases whose owners must hear."""
-        changed = self.settle(self.leases.expire())
-        self.leases.forget(FORGET_ENDED_S)
-        for session_id in self.parking.expire():
-            self._forget(session_id)
-        return changed
+    def _reply_lease(self, route: bytes, header: dict[str, Any], lease: Lease, *,
+                     with_token: bool = False) -> None:
+        self.lease_routes[lease.lease_id] = route
+        self.send(route, {"t": P.LEASE, "rid": header.get("rid"),
+                          "lease": self.lease_info(lease, with_token=with_token)})
 
     def settle(self, changed: list[Lease]) -> list[Lease]:
-        """Act on lease changes (park the sessions of ended leases); returns the leases to tell,
-        ended ones first, then grants and queue moves, in that order."""
+        """Act on lease changes (park the sessions of ended leases, grant free slots); returns
+        the leases to tell, ended ones first, then grants and queue moves."""
         ended = [lease for lease in changed if not lease.active]
         for lease in ended:
-            for session in self.sessions_of(lease.kernel_id, ACTIVE):
+            for session in self._sessions_of_lease(lease.lease_id):
                 self.park(session, f"its lease was {lease.state.value}")
             self._told.pop(lease.lease_id, None)
+        self.leases.draining = sum(
+            1 for s in self.sessions.values()
+            if s.worker is not None and s.state is SessionState.PARKING)
+        granted = self.leases.promote()
         told = list(ended)
-        for lease in [*changed, *self.leases.queue]:
+        for lease in [*changed, *granted, *self.leases.queue]:
             if not lease.active or lease in told:
                 continue
             position = self.leases.position(lease.lease_id)
@@ -110,289 +175,520 @@ class Tenancy:
                 told.append(lease)
         return told
 
+    def _tell(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            route = self.lease_routes.get(lease.lease_id)
+            if route is not None:
+                self.send(route, {"t": P.LEASE, "lease": self.lease_info(lease)})
+            if not lease.active:
+                self.lease_routes.pop(lease.lease_id, None)
+
     def held(self, ref: Any) -> Lease:
-        """The held lease ``ref`` = [lease_id, token] names; TenancyError otherwise."""
         if not (isinstance(ref, list) and len(ref) == 2 and all(isinstance(x, str) for x in ref)):
-            raise TenancyError("LeaseError", "this client presented no lease: a GPU session needs "
-                               "a lease held on this agent (lease_request first)")
-        try:
-            lease = self.leases.check(ref[0], ref[1])
-        except LeaseError as e:
-            raise TenancyError("LeaseError", self._ended_message(ref[0], e)) from None
+            raise AgentError("LeaseError", "this client presented no lease: a GPU session needs "
+                             "a lease held on this agent (lease_request first)")
+        lease = self.leases.check(ref[0], ref[1])
         if lease.state is not LeaseState.HELD:
-            raise TenancyError("LeaseError", f"lease {lease.lease_id} is still queued (position "
-                               f"{self.leases.position(lease.lease_id)}): wait for the grant")
+            raise AgentError("LeaseError", f"lease {lease.lease_id} is still queued (position "
+                             f"{self.leases.position(lease.lease_id)}): wait for the grant")
         return lease
 
     def _lease_ref(self, header: dict[str, Any]) -> tuple[str, str]:
-        lease_id, token = header.get("lease_id"), header.get("token")
-        if not (isinstance(lease_id, str) and isinstance(token, str)):
-            raise TenancyError("ProtocolError", "needs string lease_id and token")
-        return lease_id, token
+        return self._text(header, "lease_id"), self._text(header, "token")
 
-    def _ended_message(self, lease_id: str, error: LeaseError) -> str:
-        lease = self.leases.get(lease_id)
-        if lease is not None and not lease.active:
-            return (f"lease {lease_id} was {lease.state.value}: request a new one")
-        return f"{error} (lease {lease_id})"
+    def _text(self, header: dict[str, Any], key: str) -> str:
+        value = header.get(key)
+        if not (isinstance(value, str) and 0 < len(value) <= self.limits.max_secret):
+            raise AgentError("ProtocolError", f"{header.get('t')} needs a string {key} of at "
+                             f"most {self.limits.max_secret} characters")
+        return value
 
     def lease_info(self, lease: Lease, *, with_token: bool = False) -> dict[str, Any]:
         info: dict[str, Any] = {
             "id": lease.lease_id, "state": lease.state.value, "kernel_id": lease.kernel_id,
             "user": lease.user, "agent": self.endpoint, "ttl": lease.ttl,
             "position": self.leases.position(lease.lease_id) if lease.active else None,
-            "granted_at": _wall(lease.granted_at), "session": None,
+            "granted_at": _wall(lease.granted_at, self._clock), "session": None,
+            "slots": self.leases.slots,
         }
         if with_token:
             info["token"] = lease.token
-        sessions = self.sessions_of(lease.kernel_id, ACTIVE) or self.sessions_of(
-            lease.kernel_id, PARKED)
+        sessions = [s for s in self.sessions.values() if s.kernel_id == lease.kernel_id]
+        sessions.sort(key=lambda s: s.state is not SessionState.ACTIVE)
         if sessions:
-            s = sessions[0]
-            parked = self.parking.get(s.session_id)
-            info["session"] = {
-                "id": s.session_id, "state": s.state,
-                "device_bytes": s.device.device_bytes() if s.state == ACTIVE else 0,
-                "parked_bytes": parked.nbytes if parked else 0,
-                "idle_s": round(time.monotonic() - s.last_active, 3),
-                "busy": s.state == ACTIVE and s.device.busy(),
-            }
+            info["session"] = self._session_summary(sessions[0])
         return info
+
+    def _active_leases(self) -> list[Lease]:
+        return [*self.leases.holders, *self.leases.queue]
 
     # }}}
 
-    # {{{ sessions
+    # {{{ sessions: hello, park, bye
 
-    def sessions_of(self, kernel_id: str, state: str) -> list[ClientSession]:
-        return [s for s in self.sessions.values() if s.kernel_id == kernel_id and s.state == state]
-
-    def open(self, lease: Lease, routing_id: bytes, client: dict[str, Any],
-             wanted_base: int | None = None, *, session_id: str | None = None,
-             resume_token: str | None = None) -> ClientSession:
-        slot = self._free_slot(wanted_base)
-        base, size = P.session_range(slot)
-        try:
-            device = self.executor.open_session(base, size)
-        except ExecutorError as e:
-            raise TenancyError(e.kind, str(e), e.code) from None
-        session = ClientSession(
-            session_id or secrets.token_hex(8), routing_id, slot, base, size, device, client,
-            kernel_id=lease.kernel_id, lease_id=lease.lease_id,
-            resume_token=resume_token or secrets.token_urlsafe(18))
-        _take_park_policy(session, lease)
-        self.sessions[session.session_id] = session
-        log.info("session %s opened for kernel %s", session.session_id, lease.kernel_id)
-        return session
-
-    def resume_here(self, lease: Lease, session_id: str, resume_token: str,
-                    routing_id: bytes) -> ClientSession | None:
-        """Restore a session parked on this agent; None when it was never here."""
+    def hello(self, route: bytes, header: dict[str, Any]) -> None:
+        lease = self.held(header.get("lease"))
+        client = header.get("client") if isinstance(header.get("client"), dict) else {}
+        resume = header.get("resume") if isinstance(header.get("resume"), dict) else None
+        current = self._sessions_of_lease(lease.lease_id)
+        if resume is None:
+            if current:
+                raise AgentError("SessionError", "this lease already has a GPU session here: "
+                                 "resume it, or say bye first")
+            session = self._new_session(lease, client, None)
+            self._open(session, route, header, {})
+            return
+        session_id = self._text(resume, "session")
+        resume_token = self._text(resume, "resume_token")
         session = self.sessions.get(session_id)
-        if session is None:
-            reason = self.parking.dropped.get(session_id)
-            if reason is not None and reason != MOVED:
-                raise TenancyError("StateLost", _lost(reason))
-            return None  # never here, or moved away: the caller fetches it from ``from``
-        if session.kernel_id != lease.kernel_id or not secrets.compare_digest(
-                session.resume_token, resume_token):
-            raise TenancyError("LeaseError", f"session {session_id} belongs to another kernel")
-        if session.state == PARKED:
+        if session is not None:
+            if session.kernel_id != lease.kernel_id or not secrets.compare_digest(
+                    session.resume_token, resume_token):
+                raise AgentError("LeaseError", f"session {session_id} belongs to another kernel")
+            if session.state is SessionState.ACTIVE and session.lease_id == lease.lease_id:
+                session.route = route
+                self._welcome(session, route, header)
+                return
+            if session.state is not SessionState.PARKED:
+                raise AgentError("SessionError", f"session {session_id} is {session.state}: "
+                                 "try again when it is parked")
+            if current:
+                raise AgentError("SessionError", "this lease already has another session here")
             parked = self.parking.take(session_id)
             if parked is None:
-                raise TenancyError("StateLost", _lost("its parked memory is gone"))
-            try:
-                self.executor.run(session.device.restore,
-                                  [(c.addr, c.read()) for c in parked.chunks])
-            except ExecutorError as e:
-                # give the memory back to the store: the state is not lost, only not restorable now
-                self.parking.put(session_id, [(c.addr, c.read()) for c in parked.chunks],
-                                 ttl=session.park_ttl)
-                if not self.executor.restart_required:
-                    self.executor.run(session.device.park)
-                raise TenancyError(e.kind, f"cannot restore this session's {parked.nbytes} bytes "
-                                   f"of device memory on this GPU now: {e}", e.code) from None
-            ParkStore.discard(parked)
-            session.state = ACTIVE
-            log.info("session %s restored (%d bytes)", session_id, parked.nbytes)
-        session.lease_id = lease.lease_id
+                self._forget_session(session)
+                raise AgentError("StateLost", _lost("its parked memory is gone"))
+            session.lease_id = lease.lease_id
+            session.resumed = True
+            session.client = client or session.client
+            _take_park_policy(session, lease)
+            self._open(session, route, header, {"restore": {"log": parked.log,
+                                                            "chunks": parked.chunks}},
+                       on_done=lambda: discard(parked))
+            return
+        reason = self.parking.dropped.get(session_id)
+        if reason is not None and reason != MOVED:
+            raise AgentError("StateLost", _lost(reason))
+        origin = resume.get("from")
+        wanted = header.get("range")
+        if not (isinstance(origin, str) and origin and origin != self.endpoint
+                and isinstance(wanted, list) and wanted and type(wanted[0]) is int):
+            raise AgentError("StateLost", _lost(
+                "it is not on this agent and no other agent was named to fetch it from"))
+        if current:
+            raise AgentError("SessionError", "this lease already has another session here")
+        session = self._new_session(lease, client, wanted[0], session_id=session_id,
+                                    resume_token=resume_token)
+        if session.base != wanted[0]:
+            self._forget_session(session)
+            raise AgentError("StateLost", _lost(
+                f"its address range {wanted[0]:#x} is in use on this agent by another session, "
+                "so its pointers could not stay valid here"))
+        session.resumed = True
+        self._open(session, route, header, {"fetch": {
+            "endpoint": origin, "session": session_id, "resume_token": resume_token,
+            "kernel_id": lease.kernel_id, "token": header.get("token")}})
+
+    def _new_session(self, lease: Lease, client: dict[str, Any], wanted_base: int | None, *,
+                     session_id: str | None = None,
+                     resume_token: str | None = None) -> Session:
+        self._make_room(lease.kernel_id)
+        session = Session(session_id or secrets.token_hex(8), lease.kernel_id,
+                          resume_token or secrets.token_urlsafe(18),
+                          self._free_slot(wanted_base), client, lease_id=lease.lease_id)
         _take_park_policy(session, lease)
-        session.routing_id = routing_id
-        session.last_active = time.monotonic()
+        self.sessions[session.session_id] = session
         return session
 
-    def adopt(self, lease: Lease, manifest: dict[str, Any], frames: list[Any],
-              routing_id: bytes, resume_token: str) -> ClientSession:
-        """Recreate a session whose parked state another agent sent (``parked_state``); it keeps
-        its id, resume token and address range."""
-        if manifest.get("kernel_id") != lease.kernel_id:
-            raise TenancyError("LeaseError", "the parked session belongs to another kernel")
-        base = manifest["range"][0]
-        session = self.open(lease, routing_id, manifest.get("client") or {}, wanted_base=base,
-                            session_id=manifest["session"], resume_token=resume_token)
-        if session.base != base:
-            self.end(session)
-            raise TenancyError("StateLost", _lost(
-                f"its address range {base:#x} is in use on this agent by another session, so its "
-                "pointers could not stay valid here"))
+    def _open(self, session: Session, route: bytes, header: dict[str, Any],
+              extra: dict[str, Any], on_done: Callable[[], None] | None = None) -> None:
+        worker = self.workers.take_spare()
+        worker.session_id = session.session_id
+        session.worker, session.route, session.state = worker, route, SessionState.OPENING
+        session.waiting.append((route, header))
+        order = {"session": session.session_id, "base": session.base,
+                 "size": P.SESSION_RANGE_SIZE, "cap": self.workers.config.memory_cap,
+                 "attach": session.attach, **extra}
+        session_order = (order, on_done)
+        if worker.ready:
+            self._send_open(worker, session_order)
+        else:
+            self._pending_open[worker.worker_id] = session_order
+
+    def _send_open(self, worker: WorkerHandle,
+                   order: tuple[dict[str, Any], Callable[[], None] | None]) -> None:
+        fields, on_done = order
+        self.workers.send(worker, W.OPEN, **fields)
+        if on_done is not None:
+            self._after_open[worker.worker_id] = on_done
+
+    def _welcome(self, session: Session, route: bytes, header: dict[str, Any]) -> None:
+        worker = session.worker
+        assert worker is not None and worker.endpoint is not None
+        self.send(route, {
+            "t": P.WELCOME, "v": P.PROTOCOL_VERSION, "rid": header.get("rid"),
+            "session": session.session_id, "resume_token": session.resume_token,
+            "resumed": session.resumed, "range": [session.base, P.SESSION_RANGE_SIZE],
+            "device": {**worker.device, "total_memory": self.workers.config.memory_cap},
+            "executor": self.agent_info["executor"], "emulated": self.agent_info["emulated"],
+            "agent": self.agent_info, "worker": worker.endpoint, "attach": session.attach,
+            "slot": {"slots": self.leases.slots, "memory": self.workers.config.memory_cap},
+        })
+
+    def park_request(self, route: bytes, header: dict[str, Any]) -> None:
+        session = self._session_of_route(route)
+        if session is None:
+            raise AgentError("SessionError", "park: this connection has no active session")
+        session.waiting.append((route, header))
+        self.park(session, "its kernel asked")
+
+    def park(self, session: Session, why: str) -> None:
+        """Start parking an active session (its worker writes its memory, then ends). If it
+        can't fit the park store, its state is dropped and its owner told (StateLost)."""
+        if session.state is not SessionState.ACTIVE or session.worker is None:
+            return
+        nbytes = session.worker.figures().get("device_bytes", 0)
         try:
-            for call in manifest["log"]:
-                name, args = P.validate_call(call)
-                self.executor.run(session.ops[name], *args)
-                session.record(name, args)
-            chunks = [(addr, frames[i]) for i, (addr, _size) in enumerate(manifest["chunks"])]
-            self.executor.run(session.device.restore, chunks)
-        except (ExecutorError, P.ProtocolError, KeyError, IndexError, TypeError) as e:
-            self.end(session)
-            raise TenancyError("StateLost",
-                               _lost(f"recreating it on this agent failed: {e}")) from None
-        for addr, size in manifest["chunks"]:
-            session.ranges.add(addr, size)
-        log.info("session %s adopted from another agent", session.session_id)
-        return session
+            plan = self.parking.plan(session.session_id, nbytes, session.park_limit)
+        except AgentError as e:
+            self._end(session, f"its GPU state could not be parked: {e}", lost=True)
+            return
+        for evicted in plan.evicted:
+            self._forget_session_id(evicted)
+        session.state, session.park_reason = SessionState.PARKING, why
+        self.workers.send(session.worker, W.PARK, memory_dir=self.parking.memory_dir,
+                          memory_room=plan.memory_room, disk_dir=self.parking.disk_dir)
+        log.info("parking session %s (%d bytes): %s", session.session_id, nbytes, why)
 
-    def manifest(self, session_id: str, resume_token: str) -> tuple[dict[str, Any], list[Any]]:
-        """The parked state of a session, for another agent (``parked_fetch``)."""
-        session = self.sessions.get(session_id)
-        if session is None or not secrets.compare_digest(session.resume_token, resume_token):
-            reason = self.parking.dropped.get(session_id)
-            raise TenancyError("StateLost", _lost(reason or "this agent does not have it"))
-        parked = self.parking.get(session_id)
-        if session.state != PARKED or parked is None:
-            raise TenancyError("SessionError", f"session {session_id} is not parked")
-        manifest = {"session": session_id, "kernel_id": session.kernel_id,
-                    "range": [session.base, session.size], "client": session.client,
-                    "log": session.replay_calls(),
-                    "chunks": [[c.addr, c.size] for c in parked.chunks]}
-        return manifest, [c.read() for c in parked.chunks]
+    def bye(self, route: bytes) -> None:
+        session = self._session_of_route(route)
+        if session is not None:
+            self._end(session, "its client said bye")
+        self.send(route, {"t": P.BYE})
 
-    def park(self, session: ClientSession, why: str) -> int:
-        """Park an active session: its memory to the ParkStore, the GPU's memory freed. Returns
-        the parked bytes. If its memory cannot be kept, it is dropped (StateLost later)."""
-        if session.state != ACTIVE:
-            return 0
-        try:
-            chunks = self.executor.run(session.device.park)
-            parked, evicted = self.parking.put(session.session_id, chunks,
-                                               ttl=session.park_ttl, limit=session.park_limit)
-        except (ExecutorError, MemoryError, OSError) as e:
-            log.error("could not park session %s: %s", session.session_id, e)
-            self.parking.dropped[session.session_id] = f"parking it failed: {e}"
-            self.end(session)
-            return 0
-        for other in evicted:
-            self._forget(other)
-        session.state = PARKED
-        session.lease_id = None
-        log.info("session %s parked (%d bytes, %d spilled): %s", session.session_id,
-                 parked.nbytes, parked.spilled_bytes, why)
-        return parked.nbytes
-
-    def end(self, session: ClientSession) -> None:
+    def _end(self, session: Session, why: str, *, lost: bool = False) -> None:
+        """End a session: its worker ends (freeing its memory), its state is forgotten. With
+        ``lost`` its owner is told why, now and at its next resume."""
+        if session.worker is not None:
+            self.workers.end(session.worker, why)
+            session.worker = None
+        self.parking.cancel(session.session_id)
+        self.parking.drop(session.session_id, why)
+        if lost:
+            self.parking.remember(session.session_id, why)
+            error = P.error("StateLost", _lost(why))
+            for route, request in session.waiting:
+                self.send(route, {"t": P.ERROR, "rid": request.get("rid"), "e": error})
+            if session.route is not None:
+                self.send(session.route, {"t": P.LOST, "session": session.session_id,
+                                          "e": error})
+        else:
+            self.parking.dropped.pop(session.session_id, None)
+        session.waiting.clear()
         self.sessions.pop(session.session_id, None)
-        self.parking.drop(session.session_id, "its session ended")
-        self.parking.dropped.pop(session.session_id, None)
-        try:
-            session.device.close()
-        except Exception:
-            log.exception("closing session %s", session.session_id)
-        log.info("session %s closed", session.session_id)
+        log.info("session %s ended: %s", session.session_id, why)
+        self._tell(self.settle([]))
 
     def drop_kernel(self, header: dict[str, Any]) -> tuple[int, int]:
-        """``drop_parked``: forget every session of a kernel; (sessions, bytes)."""
-        kernel_id, secret = header.get("kernel_id"), header.get("kernel_secret")
-        known = self._kernel_secrets.get(kernel_id) if isinstance(kernel_id, str) else None
+        kernel_id = self._text(header, "kernel_id")
+        secret = self._text(header, "kernel_secret")
+        known = self._kernel_secrets.get(kernel_id)
         if known is None:
             return 0, 0
-        if not (isinstance(secret, str) and secrets.compare_digest(known, secret)):
-            raise TenancyError("LeaseError", "wrong kernel_secret: refused")
+        if not secrets.compare_digest(known, secret):
+            raise AgentError("LeaseError", "wrong kernel_secret: refused")
         count = nbytes = 0
         for session in [s for s in self.sessions.values() if s.kernel_id == kernel_id]:
             parked = self.parking.get(session.session_id)
-            nbytes += parked.nbytes if parked else session.device.device_bytes()
+            nbytes += parked.nbytes if parked else (
+                session.worker.figures().get("device_bytes", 0) if session.worker else 0)
             count += 1
-            self.end(session)
-        if not any(lease.kernel_id == kernel_id for lease in self._active_leases()):
-            self._kernel_secrets.pop(kernel_id, None)
+            self._end(session, "its kernel shut down")
+        self._forget_secret(kernel_id)
         return count, nbytes
 
-    def forget_moved(self, session_id: str, resume_token: str) -> int:
-        session = self.sessions.get(session_id)
-        if session is None or not secrets.compare_digest(session.resume_token, resume_token):
-            return 0
-        parked = self.parking.get(session_id)
-        nbytes = parked.nbytes if parked else 0
-        self.end(session)
-        self.parking.dropped[session_id] = MOVED
-        return nbytes
+    # }}}
 
-    def _forget(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is not None:
-            try:
-                session.device.close()
-            except Exception:
-                log.exception("closing session %s", session_id)
+    # {{{ worker reports
 
-    def _active_leases(self) -> list[Lease]:
-        return [*([self.leases.holder] if self.leases.holder else []), *self.leases.queue]
+    def on_worker(self, worker: WorkerHandle, header: dict[str, Any]) -> None:
+        kind = header.get("t")
+        if kind == W.READY:
+            pending = self._pending_open.pop(worker.worker_id, None)
+            if pending is not None:
+                self._send_open(worker, pending)
+            return
+        session = self.sessions.get(worker.session_id or "")
+        if session is None or session.worker is not worker:
+            return
+        if kind == W.OPENED:
+            session.state = SessionState.ACTIVE
+            done = self._after_open.pop(worker.worker_id, None)
+            if done is not None:
+                done()
+            for route, request in session.waiting:
+                self._welcome(session, route, request)
+            session.waiting.clear()
+        elif kind == W.OPEN_FAILED:
+            error = header.get("e") if isinstance(header.get("e"), dict) else {}
+            self._after_open.pop(worker.worker_id, None)
+            for route, request in session.waiting:
+                self.send(route, {"t": P.ERROR, "rid": request.get("rid"), "e": error})
+            session.waiting.clear()
+            session.worker = None
+            self.sessions.pop(session.session_id, None)
+            if error.get("kind") == "StateLost":
+                self.parking.remember(session.session_id, str(error.get("msg")))
+        elif kind == W.PARKED:
+            self._parked(session, header)
+        elif kind == W.PARK_FAILED:
+            error = header.get("e") if isinstance(header.get("e"), dict) else {}
+            self._end(session, f"parking it failed: {error.get('msg')}", lost=True)
+        elif kind == W.GONE:
+            session.gone_at = self._clock()
+        elif kind == W.BACK:
+            session.gone_at = None
+        elif kind == W.FATAL:
+            error = header.get("e") if isinstance(header.get("e"), dict) else {}
+            self._end(session, str(error.get("msg") or "a fatal GPU error"), lost=True)
+
+    def _parked(self, session: Session, header: dict[str, Any]) -> None:
+        chunks = header.get("chunks") if isinstance(header.get("chunks"), list) else []
+        parked = self.parking.put(session.session_id, session.kernel_id, chunks,
+                                  header.get("log") or [], ttl=session.park_ttl)
+        session.state, session.worker, session.lease_id = SessionState.PARKED, None, None
+        for route, request in session.waiting:
+            self.send(route, {"t": P.PARKED, "rid": request.get("rid"),
+                              "session": session.session_id, "bytes": parked.nbytes})
+        if not session.waiting and session.route is not None:
+            self.send(session.route, {"t": P.LOST, "session": session.session_id,
+                                      "parked": True, "e": P.error("LeaseError", (
+                                          f"this session was parked ({session.park_reason}) "
+                                          "before these calls ran: the next GPU call leases "
+                                          "again and restores it"))})
+        session.waiting.clear()
+        log.info("session %s parked (%d bytes, %d on disk)", session.session_id,
+                 parked.nbytes, parked.disk_bytes)
+        self._tell(self.settle([]))
+
+    def worker_exited(self, worker: WorkerHandle, code: int) -> None:
+        """A worker's process ended: if it still served a session, that session is lost."""
+        session = self.sessions.get(worker.session_id or "")
+        if session is None or session.worker is not worker:
+            return
+        why = worker.ended_by or (f"its GPU worker process died (exit code {code}"
+                                  f"{', killed by a signal' if code < 0 else ''})")
+        session.worker = None
+        self._end(session, why, lost=True)
+
+    # }}}
+
+    def tick(self) -> None:
+        now = self._clock()
+        self._tell(self.settle(self.leases.expire()))
+        self.leases.forget(FORGET_ENDED_S)
+        for session_id in self.parking.expire():
+            self._forget_session_id(session_id)
+        for session in list(self.sessions.values()):
+            worker = session.worker
+            if worker is None:
+                continue
+            if session.gone_at is not None and now - session.gone_at > self.limits.disconnect_grace:
+                self._end(session, "its client went away without saying bye")
+                self._release_with_process(session)
+                continue
+            busy_since = worker.figures().get("busy_since_ns", 0)
+            if busy_since and now - busy_since / 1e9 > self.limits.watchdog:
+                worker.ended_by = (
+                    f"a call ran longer than this agent's watchdog allows "
+                    f"({self.limits.watchdog:g} s, harp-agent --watchdog): the session was "
+                    "ended to free the GPU")
+                self.workers.end(worker, worker.ended_by, kill=True)
+        for worker, code in self.workers.reap(now, self.limits.worker_start_timeout):
+            self.worker_exited(worker, code)
+        self.workers.ensure_spares()
+
+    def _release_with_process(self, session: Session) -> None:
+        """A lease held by the vanished process itself (``harp run``) ends with it."""
+        for lease in self.leases.holders:
+            if lease.kernel_id == session.kernel_id and lease.info.get("holder") == "process":
+                self._tell(self.settle(self.leases.revoke(lease.lease_id)))
+
+    # {{{ helpers
+
+    def _sessions_of_lease(self, lease_id: str) -> list[Session]:
+        return [s for s in self.sessions.values()
+                if s.lease_id == lease_id and s.state is not SessionState.PARKED]
+
+    def _session_of_route(self, route: bytes) -> Session | None:
+        for session in self.sessions.values():
+            if session.route == route and session.state is SessionState.ACTIVE:
+                return session
+        return None
+
+    def _make_room(self, kernel_id: str) -> None:
+        """Keep the session bounds: a kernel's oldest parked states beyond its share, and the
+        agent's oldest parked states beyond its total, are dropped (their owners told)."""
+        parked = sorted((s for s in self.sessions.values() if s.state is SessionState.PARKED),
+                        key=lambda s: s.started)
+        mine = [s for s in parked if s.kernel_id == kernel_id]
+        for session in mine[:max(len(mine) - self.limits.sessions_per_kernel + 1, 0)]:
+            self.parking.drop(session.session_id, "its kernel made more sessions than an agent "
+                              "keeps for one kernel (harp-agent --sessions-per-kernel)")
+            self._forget_session(session)
+            parked.remove(session)
+        excess = len(self.sessions) - self.limits.max_sessions + 1
+        for session in parked[:max(excess, 0)]:
+            self.parking.drop(session.session_id, "the agent keeps at most "
+                              f"{self.limits.max_sessions} sessions (harp-agent --max-sessions)")
+            self._forget_session(session)
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise AgentError("SessionError", f"this agent already serves "
+                             f"{self.limits.max_sessions} sessions: try another agent")
 
     def _free_slot(self, wanted_base: int | None) -> int:
         used = {s.slot for s in self.sessions.values()}
         if wanted_base is not None:
             slot, rem = divmod(wanted_base - P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE)
-            if rem == 0 and 0 <= slot < MAX_SESSIONS and slot not in used:
+            if rem == 0 and 0 <= slot < ADDRESS_RANGES and slot not in used:
                 return slot
-        free = [slot for slot in range(MAX_SESSIONS) if slot not in used]
+        free = [slot for slot in range(ADDRESS_RANGES) if slot not in used]
         if not free:
-            raise TenancyError("SessionError", f"this agent already keeps {MAX_SESSIONS} sessions")
-        # a random slot makes it unlikely that a session moving here from another agent finds
-        # its address range taken
+            raise AgentError("SessionError", "this agent has no free address range left")
+        # a random range makes it unlikely that a session moving here finds its range taken
         return free[secrets.randbelow(len(free))]
+
+    def _forget_session_id(self, session_id: str) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._forget_session(session)
+
+    def _forget_session(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
+        self._forget_secret(session.kernel_id)
+
+    def _forget_secret(self, kernel_id: str) -> None:
+        """A kernel's secret is kept while it has leases or sessions here, not longer."""
+        if not any(s.kernel_id == kernel_id for s in self.sessions.values()) and not any(
+                lease.kernel_id == kernel_id for lease in self._active_leases()):
+            self._kernel_secrets.pop(kernel_id, None)
+
+    def forget_idle_secrets(self) -> None:
+        for kernel_id in list(self._kernel_secrets):
+            self._forget_secret(kernel_id)
+
+    def _session_summary(self, s: Session) -> dict[str, Any]:
+        parked = self.parking.get(s.session_id)
+        figures = s.worker.figures() if s.worker is not None else {}
+        last_end = figures.get("last_end_ns") or 0
+        return {
+            "id": s.session_id, "state": s.state.value,
+            "device_bytes": figures.get("device_bytes", 0),
+            "parked_bytes": parked.nbytes if parked else 0,
+            "idle_s": round(max(time.monotonic() - last_end / 1e9, 0.0), 3) if last_end else 0.0,
+            "busy": bool(figures.get("busy_since_ns")),
+        }
 
     # }}}
 
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        holder = self.leases.holder
+    # {{{ moving parked state to another agent
+
+    def parked_for(self, header: dict[str, Any]) -> tuple[Session, Any]:
+        """The parked session a ``parked_fetch``/``parked_chunk`` names, checked against its
+        resume token (only its owner has it)."""
+        session = self.sessions.get(self._text(header, "session"))
+        token = self._text(header, "resume_token")
+        if session is None or not secrets.compare_digest(session.resume_token, token):
+            reason = self.parking.dropped.get(str(header.get("session")))
+            raise AgentError("StateLost", _lost(reason or "this agent does not have it"))
+        parked = self.parking.get(session.session_id)
+        if session.state is not SessionState.PARKED or parked is None:
+            raise AgentError("SessionError", f"session {session.session_id} is not parked")
+        return session, parked
+
+    def manifest(self, header: dict[str, Any]) -> dict[str, Any]:
+        session, parked = self.parked_for(header)
+        if header.get("kernel_id") != session.kernel_id:
+            raise AgentError("LeaseError", "the parked session belongs to another kernel")
+        return {"session": session.session_id, "kernel_id": session.kernel_id,
+                "range": [session.base, P.SESSION_RANGE_SIZE], "client": session.client,
+                "log": parked.log, "chunks": [[c[0], c[1]] for c in parked.chunks]}
+
+    def forget_moved(self, header: dict[str, Any]) -> int:
+        session, parked = self.parked_for(header)
+        self.parking.drop(session.session_id, MOVED)
+        self._forget_session(session)
+        return parked.nbytes
+
+    # }}}
+
+    def status(self, *, everyone: bool, kernel: tuple[str, str] | None = None
+               ) -> dict[str, Any]:
+        """Leases and sessions: everyone's for the operator, else the pool's figures and the
+        asking kernel's own (``kernel`` = (kernel_id, kernel_secret) it proved)."""
+        now = self._clock()
+        own = None
+        if kernel is not None:
+            known = self._kernel_secrets.get(kernel[0])
+            if known is not None and secrets.compare_digest(known, kernel[1]):
+                own = kernel[0]
+
+        def visible(kernel_id: str) -> bool:
+            return everyone or kernel_id == own
+
+        def holder(lease: Lease) -> dict[str, Any]:
+            entry: dict[str, Any] = {"since": _wall(lease.granted_at, self._clock)}
+            if visible(lease.kernel_id):
+                entry.update(lease_id=lease.lease_id, kernel_id=lease.kernel_id,
+                             user=lease.user, info=lease.info)
+            return entry
+
+        holders = [holder(lease) for lease in self.leases.holders]
+        parked = [{"bytes": p.nbytes, "spilled_bytes": p.disk_bytes,
+                   "parked_s": round(now - p.parked_at, 3),
+                   **({"session": p.session_id, "kernel_id": p.kernel_id}
+                      if visible(p.kernel_id) else {})}
+                  for p in self.parking.sessions()]
         return {
-            "ttl": self.leases.ttl,
-            "holder": None if holder is None else {
-                "lease_id": holder.lease_id, "kernel_id": holder.kernel_id, "user": holder.user,
-                "since": _wall(holder.granted_at), "info": holder.info,
-                "session_bytes": sum(s.device.device_bytes()
-                                     for s in self.sessions_of(holder.kernel_id, ACTIVE)),
-            },
-            "queue": [{"lease_id": q.lease_id, "kernel_id": q.kernel_id, "user": q.user,
-                       "position": i + 1, "waiting_s": round(now - q.requested_at, 3),
-                       "info": q.info}
+            "ttl": self.leases.ttl, "slots": self.leases.slots,
+            "free_slots": self.leases.free_slots,
+            "holders": holders,
+            "holder": holders[0] if holders and self.leases.slots == 1 else None,
+            "queue": [{"position": i + 1, "waiting_s": round(now - q.requested_at, 3),
+                       **({"lease_id": q.lease_id, "kernel_id": q.kernel_id, "user": q.user,
+                           "info": q.info} if visible(q.kernel_id) else {})}
                       for i, q in enumerate(self.leases.queue)],
-            "parked": [{"session": s.session_id, "kernel_id": s.kernel_id,
-                        "bytes": p.nbytes, "spilled_bytes": p.spilled_bytes,
-                        "parked_s": round(now - p.parked_at, 3)}
-                       for s in self.sessions.values() if s.state == PARKED
-                       if (p := self.parking.get(s.session_id)) is not None],
+            "parked": parked,
+            "park_store": {"memory_bytes": self.parking.memory_bytes,
+                           "disk_bytes": self.parking.disk_bytes,
+                           "memory_cap": self.parking.memory_cap, "limit": self.parking.limit},
+            "sessions": [{"session": s.session_id, "kernel_id": s.kernel_id,
+                          "client": s.client, **self._session_summary(s)}
+                         for s in self.sessions.values() if visible(s.kernel_id)],
+            "refusals": dict(self.refusals),
+            "worker_restarts": self.workers.restarts,
         }
 
     def close(self) -> None:
-        for session in list(self.sessions.values()):
-            self._forget(session.session_id)
         self.parking.close()
 
 
-def _take_park_policy(session: ClientSession, lease: Lease) -> None:
+def _take_park_policy(session: Session, lease: Lease) -> None:
     """The kernel's park_ttl and park_limit from its lease info (positive numbers, else none)."""
     info = lease.info if isinstance(lease.info, dict) else {}
     ttl, limit = info.get("park_ttl"), info.get("park_limit")
-    session.park_ttl = float(ttl) if type(ttl) in (int, float) and ttl > 0 else None
-    session.park_limit = int(limit) if type(limit) in (int, float) and limit > 0 else None
+    session.park_ttl = float(ttl) if type(ttl) in (int, float) and 0 < ttl < 1e12 else None
+    session.park_limit = int(limit) if type(limit) in (int, float) and 0 < limit < 1 << 62 \
+        else None
 
 
-def _wall(monotonic_at: float | None, clock: Callable[[], float] = time.monotonic) -> float | None:
+def _wall(monotonic_at: float | None, clock: Callable[[], float]) -> float | None:
     if monotonic_at is None:
         return None
     return time.time() - (clock() - monotonic_at)
 
 
 def _lost(reason: str) -> str:
-    return (f"the parked GPU state of this kernel is gone: {reason}. Its device arrays, modules "
-            "and streams no longer exist: re-run the cells that create them.")
+    return (f"the GPU state of this kernel is gone: {reason}. Its device arrays, modules and "
+            "streams no longer exist; the kernel's CPU state is intact, and the next GPU call "
+            "starts a fresh session: re-run the cells that create them.")

@@ -49,13 +49,13 @@ def free_port() -> int:
 
 def start_agent(*extra: str, executor: str = "emulated", timeout: float = 20) -> AgentProcess:
     """Start ``harp-agent`` and wait for its start-up line."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpu_agent.cli", "--listen", endpoint, "--executor", executor,
+        [sys.executable, "-m", "gpu_agent.cli", "--listen", "tcp://127.0.0.1:0",
+         "--executor", executor,
          "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    agent = AgentProcess(endpoint, process)
+    agent = AgentProcess("", process)
     deadline = time.monotonic() + timeout
     assert process.stdout is not None
     while time.monotonic() < deadline:
@@ -64,6 +64,7 @@ def start_agent(*extra: str, executor: str = "emulated", timeout: float = 20) ->
             break
         agent.output.append(line)
         if line.startswith("harp-agent: serving"):
+            agent.endpoint = line.split()[2]
             # keep draining its output so a chatty agent never blocks on a full pipe
             threading.Thread(target=agent.output.extend, args=(process.stdout,),
                              daemon=True).start()

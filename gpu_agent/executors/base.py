@@ -9,12 +9,12 @@ are replaced by the frame's buffer (a memoryview, valid until the call returns).
 the call's value for ops with ``result=True`` (``bytes``/``memoryview`` values travel as frames)
 and ``None`` otherwise.
 
-Failures are raised as ``ExecutorError(kind, message)`` with a kind from
-``gpu_agent.protocol.ERROR_KINDS``. Raising ``ContextLost`` tells the server the device context is
-gone: every session of this executor loses its device state, and when the executor sets
-``restart_required`` the agent restarts its process (CUDA's sticky errors last as long as it).
+Failures are raised as ``AgentError(kind, message)`` with a kind from
+``gpu_agent.protocol.ERROR_KINDS``. An error of kind ``ContextLost`` (with ``context_lost`` set)
+tells the worker its device context is unusable for the rest of the process (CUDA's sticky
+errors): the worker answers the batch and ends, and only its own tenant loses its session.
 
-Address checks (is this pointer inside memory the session mapped?) are done by the server before
+Address checks (is this pointer inside memory the session mapped?) are done by the worker before
 the executor sees a call, for every op whose arguments are addresses or array descriptors, so
 executors may trust them. Kernel arguments are opaque bytes and cannot be checked.
 """
@@ -38,34 +38,16 @@ from gpu_agent.datastore import (
     npy_header,
     write_all,
 )
-
-
-class ExecutorError(Exception):
-    """A failed call: ``kind`` is one of protocol.ERROR_KINDS, ``code`` a CUDA error name if any."""
-
-    def __init__(self, kind: str, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.code = code
-
-
-class ContextLost(ExecutorError):
-    """The device context was destroyed and recreated; all sessions lost their device state."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__("ContextLost", message, code)
+from gpu_agent.errors import AgentError
 
 
 @contextlib.contextmanager
 def _data_errors(path: str) -> Iterator[None]:
-    """DataErrors (and OS errors of file I/O) as the ExecutorError the server reports."""
+    """OS errors of file I/O as the DataError the client reads."""
     try:
         yield
-    except DataError as e:
-        raise ExecutorError(e.kind, str(e), e.code) from None
     except OSError as e:
-        error = data_error_from_os(path, e)
-        raise ExecutorError(error.kind, str(error), error.code) from None
+        raise data_error_from_os(path, e) from None
 
 
 def _unsupported_data_reader() -> dict[str, Any]:
@@ -89,16 +71,17 @@ class ExecutorSession(ABC):
         """Device memory this session has mapped, in bytes."""
 
     @abstractmethod
-    def park(self) -> list[tuple[int, Any]]:
-        """Wait for the session's work, copy every mapped chunk to host memory, unmap it and
-        give the device memory back; returns ``[(address, host buffer), ...]``. Modules, streams
-        and events stay. The address range stays reserved, so ``restore`` maps the same
-        addresses again."""
+    def mapped_chunks(self) -> list[tuple[int, int]]:
+        """``[(address, size), ...]`` of every piece of device memory the session mapped."""
 
     @abstractmethod
-    def restore(self, chunks: list[tuple[int, Any]]) -> None:
-        """Map each chunk at its address again and copy its bytes back (after ``park``, or into
-        a fresh session on another agent whose objects were recreated from the creation log)."""
+    def read_into(self, addr: int, out: memoryview) -> None:
+        """Copy ``len(out)`` bytes of device memory at ``addr`` into ``out`` (after all the
+        session's work finished): how parked state leaves the device, piece by piece."""
+
+    @abstractmethod
+    def write_from(self, addr: int, data: memoryview) -> None:
+        """Copy ``data`` to device memory at ``addr`` (mapped): how parked state comes back."""
 
     def busy(self) -> bool:
         """Whether GPU work this session issued may still be running."""
@@ -112,11 +95,11 @@ class ExecutorSession(ABC):
     def fill_from_file(self, dst: int, opened: OpenedFile, offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` bytes of ``opened`` from ``offset`` to device address ``dst`` (mapped
         by this session; the server checked it), complete on return."""
-        raise ExecutorError("NotSupported", "this executor cannot load files into device memory")
+        raise AgentError("NotSupported", "this executor cannot load files into device memory")
 
     def write_to_file(self, src: int, nbytes: int, fd: int, file_offset: int) -> None:
         """Write ``nbytes`` bytes of device memory at ``src`` to ``fd`` at ``file_offset``."""
-        raise ExecutorError("NotSupported", "this executor cannot save device memory to files")
+        raise AgentError("NotSupported", "this executor cannot save device memory to files")
 
     def op_data_info(self) -> dict[str, Any]:
         return {**self.data_store.info(), **self.data_reader()}
@@ -206,8 +189,8 @@ class Executor(ABC):
     #: True when this executor is not a GPU (host memory, NumPy)
     emulated: bool
     #: set after an error that leaves the device unusable in this process (CUDA's sticky errors):
-    #: the agent then answers what it was doing and replaces its process
-    restart_required: bool = False
+    #: the worker then answers what it was doing and ends
+    context_lost: bool = False
 
     @abstractmethod
     def device_info(self) -> dict[str, Any]:
@@ -228,7 +211,7 @@ class Executor(ABC):
 
     def run(self, method: Any, *args: Any) -> Any:
         """Call one of a session's ``op_`` methods; executors turn their library's errors into
-        ExecutorError (and sticky ones into ContextLost) here."""
+        AgentError (sticky ones of kind ContextLost, setting ``context_lost``) here."""
         return method(*args)
 
     def metrics(self) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import numpy as np
 
 from gpu_agent import profiling
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
-from gpu_agent.executors.base import Executor, ExecutorError, ExecutorSession
-from gpu_agent.executors.numpy_arrays import ArrayFunctionError, apply
+from gpu_agent.executors.base import AgentError, Executor, ExecutorSession
+from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
 
 DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 
@@ -26,8 +26,8 @@ _NEEDS_GPU = (
     "(harp-agent --executor pycuda) and point HARP_AGENT at it.")
 
 
-def _refuse(what: str) -> ExecutorError:
-    return ExecutorError("NotSupported", _NEEDS_GPU.format(what=what))
+def _refuse(what: str) -> AgentError:
+    return AgentError("NotSupported", _NEEDS_GPU.format(what=what))
 
 
 class EmulatedSession(ExecutorSession):
@@ -44,12 +44,12 @@ class EmulatedSession(ExecutorSession):
     def _locate(self, addr: int, nbytes: int) -> tuple[np.ndarray, int]:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i < 0:
-            raise ExecutorError("HandleError", f"{addr:#x} is not in emulated device memory")
+            raise AgentError("HandleError", f"{addr:#x} is not in emulated device memory")
         start = self._starts[i]
         memory = self._memory[start]
         offset = addr - start
         if offset + nbytes > memory.size:
-            raise ExecutorError("HandleError", f"[{addr:#x}, +{nbytes}) runs past its allocation")
+            raise AgentError("HandleError", f"[{addr:#x}, +{nbytes}) runs past its allocation")
         return memory, offset
 
     def _bytes(self, addr: int, nbytes: int) -> np.ndarray:
@@ -87,7 +87,7 @@ class EmulatedSession(ExecutorSession):
                   stream: int | None) -> None:
         dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(width)
         if dtype is None:
-            raise ExecutorError("LogicError", f"memset width must be 1, 2 or 4, not {width}")
+            raise AgentError("LogicError", f"memset width must be 1, 2 or 4, not {width}")
         target = self._bytes(dst, width * count).view(dtype)
         target[:] = value & ((1 << (8 * width)) - 1)
 
@@ -125,7 +125,7 @@ class EmulatedSession(ExecutorSession):
 
     def _stream(self, stream: int) -> None:
         if stream not in self._streams:
-            raise ExecutorError("HandleError", f"unknown stream handle {stream}")
+            raise AgentError("HandleError", f"unknown stream handle {stream}")
 
     def op_stream_synchronize(self, stream: int) -> None:
         self._stream(stream)
@@ -146,7 +146,7 @@ class EmulatedSession(ExecutorSession):
 
     def _event(self, event: int) -> float | None:
         if event not in self._events:
-            raise ExecutorError("HandleError", f"unknown event handle {event}")
+            raise AgentError("HandleError", f"unknown event handle {event}")
         return self._events[event]
 
     def op_event_record(self, event: int, stream: int | None) -> None:
@@ -163,7 +163,7 @@ class EmulatedSession(ExecutorSession):
     def op_event_elapsed(self, start: int, end: int) -> float:
         t0, t1 = self._event(start), self._event(end)
         if t0 is None or t1 is None:
-            raise ExecutorError("LogicError", "event_elapsed: an event was never recorded "
+            raise AgentError("LogicError", "event_elapsed: an event was never recorded "
                                 "(cuEventElapsedTime: invalid resource handle)")
         return (t1 - t0) * 1e3
 
@@ -174,8 +174,10 @@ class EmulatedSession(ExecutorSession):
         views = [self.view(x) if isinstance(x, list) else x for x in operands]
         try:
             apply(function, None if out is None else self.view(out), views, kwargs, self.view)
+        except ArrayFunctionNeedsGPU as e:
+            raise _refuse(f"{function}: {e};") from None
         except ArrayFunctionError as e:
-            raise ExecutorError("LogicError", f"{function}: {e}") from None
+            raise AgentError("LogicError", f"{function}: {e}") from None
 
     # {{{ CUDA C: refused
 
@@ -230,17 +232,14 @@ class EmulatedSession(ExecutorSession):
     def device_bytes(self) -> int:
         return sum(m.size for m in self._memory.values())
 
-    def park(self) -> list[tuple[int, Any]]:
-        chunks = [(addr, self._memory[addr]) for addr in self._starts]
-        for addr in list(self._starts):
-            self.op_free(addr)
-        return chunks
+    def mapped_chunks(self) -> list[tuple[int, int]]:
+        return [(addr, self._memory[addr].size) for addr in self._starts]
 
-    def restore(self, chunks: list[tuple[int, Any]]) -> None:
-        for addr, data in chunks:
-            src = np.frombuffer(data, np.uint8)
-            self.op_alloc(addr, src.size)
-            self._memory[addr][:] = src
+    def read_into(self, addr: int, out: memoryview) -> None:
+        np.frombuffer(out, np.uint8)[:] = self._bytes(addr, out.nbytes)
+
+    def write_from(self, addr: int, data: memoryview) -> None:
+        self._bytes(addr, data.nbytes)[:] = np.frombuffer(data, np.uint8)
 
     def close(self) -> None:
         for addr in list(self._starts):
@@ -259,7 +258,7 @@ class EmulatedExecutor(Executor):
 
     def reserve(self, size: int) -> None:
         if self.used + size > self.total:
-            raise ExecutorError(
+            raise AgentError(
                 "MemoryError",
                 f"out of memory: {size} bytes requested, {self.total - self.used} of {self.total} "
                 "free on the emulated device (cuMemCreate: out of memory)",

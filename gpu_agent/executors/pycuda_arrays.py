@@ -8,11 +8,13 @@ simple, never a host round trip, and correct for every function pycuda offers.
 from __future__ import annotations
 
 import operator
+import types
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pycuda.cumath as cumath
+import pycuda.curandom as curandom
 import pycuda.driver as cuda
 import pycuda.gpuarray as gpuarray
 from pycuda.elementwise import ElementwiseKernel
@@ -35,6 +37,75 @@ _CUMATH = {
 
 class ArrayFunctionError(ValueError):
     pass
+
+
+class _SeededNumpy:
+    """NumPy as pycuda.curandom sees it while ``rand`` runs for a client: its one
+    ``np.random.randint`` draw returns the seed the client drew (as pycuda would have, in the
+    user's process), so the agent runs pycuda's own generator with the user's seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = types.SimpleNamespace(randint=lambda *args, **kwargs: seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+def _rand(out: GPUArray, seed: int, stream: Any) -> None:
+    saved = curandom.np
+    curandom.np = _SeededNumpy(seed)
+    try:
+        result = curandom.rand(out.shape, out.dtype, stream=stream)
+    finally:
+        curandom.np = saved
+    store(out, result, stream)
+
+
+_scan_kernels: dict[tuple[Any, ...], Any] = {}
+
+
+def _scan(out: GPUArray, source: GPUArray, kwargs: dict[str, Any], stream: Any) -> None:
+    from pycuda.scan import ExclusiveScanKernel, InclusiveScanKernel
+
+    exclusive = bool(kwargs.get("exclusive"))
+    key = (out.dtype, str(kwargs.get("expression", "a+b")), kwargs.get("neutral"), exclusive,
+           str(kwargs.get("preamble", "")), tuple(kwargs.get("options") or ()))
+    kernel = _scan_kernels.get(key)
+    if kernel is None:
+        cls = ExclusiveScanKernel if exclusive else InclusiveScanKernel
+        kernel = _scan_kernels[key] = cls(out.dtype, key[1], key[2], options=list(key[5]) or None,
+                                          preamble=key[4])
+    target = out if out.flags.c_contiguous else gpuarray.empty(out.shape, out.dtype,
+                                                              allocator=source.allocator)
+    if source.dtype != out.dtype:
+        source = source.astype(out.dtype)
+    kernel(source, target, stream=stream)
+    if target is not out:
+        store(out, target, stream)
+
+
+def _check_indices(indices: GPUArray, size: int, stream: Any) -> None:
+    """pycuda's take reads any index it is given; out of range is the user's error, said so."""
+    if indices.dtype.kind not in "iu":
+        raise ArrayFunctionError(f"take: indices must be integers, not {indices.dtype}")
+    if not indices.size:
+        return
+    low = int(gpuarray.min(indices, stream=stream).get())
+    high = int(gpuarray.max(indices, stream=stream).get())
+    if low < 0 or high >= size:
+        raise ArrayFunctionError(f"take: index {low if low < 0 else high} is out of bounds for "
+                                 f"an array of size {size} (pycuda's take reads indices as "
+                                 "given: 0 to size - 1)")
+
+
+def _stack(out: GPUArray, operands: list[GPUArray], axis: int, stream: Any) -> None:
+    """out = stack(operands, axis): each operand copied into its slice of out, whatever the
+    layouts (pycuda's own stack copies raw memory, right only when the layouts agree)."""
+    if axis < 0:
+        axis += out.ndim
+    for i, operand in enumerate(operands):
+        index = (slice(None),) * axis + (i,)
+        store(out[index], operand, stream)
 
 
 _COPY_SOURCE = """
@@ -200,6 +271,7 @@ def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict
     elif function == "take":
         # pycuda's take() binds a texture; CUDA 13 removed texture references
         source, indices = ops
+        _check_indices(indices, source.size, stream)
         target = out if out.flags.c_contiguous else gpuarray.empty(out.shape, out.dtype,
                                                                   allocator=source.allocator)
         source = source if source.dtype == out.dtype else source.astype(out.dtype)
@@ -216,8 +288,12 @@ def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict
     elif function == "concatenate":
         store(out, gpuarray.concatenate(ops, axis=kwargs.get("axis", 0)), stream)
     elif function == "stack":
-        store(out, gpuarray.stack(ops, axis=kwargs.get("axis", 0)), stream)
+        _stack(out, ops, int(kwargs.get("axis", 0)), stream)
     elif function == "transpose":
         store(out, gpuarray.transpose(ops[0], kwargs.get("axes")), stream)
+    elif function == "rand_md5":
+        _rand(out, int(kwargs["seed"]), stream)
+    elif function == "scan":
+        _scan(out, ops[0], kwargs, stream)
     else:
         raise ArrayFunctionError(f"array function {function!r} is not implemented")

@@ -20,8 +20,9 @@ from pycuda.tools import DeviceMemoryPool
 
 from gpu_agent import nvml, profiling
 from gpu_agent.datastore import OpenedFile
+from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays
-from gpu_agent.executors.base import ContextLost, Executor, ExecutorError, ExecutorSession
+from gpu_agent.executors.base import Executor, ExecutorSession
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
 
@@ -39,6 +40,14 @@ class DevicePointer(int):
 
     def free(self) -> None:  # views never own memory
         return None
+
+
+def _code(text: str) -> str | None:
+    """The CUDA error name in a pycuda error message, if it names one."""
+    for word in text.replace(":", " ").split():
+        if word.startswith("CUDA_ERROR_"):
+            return word.rstrip(".,)")
+    return None
 
 
 def _kind(error: Exception) -> str:
@@ -71,13 +80,13 @@ class PycudaSession(ExecutorSession):
         try:
             return self.streams[handle]
         except KeyError:
-            raise ExecutorError("HandleError", f"unknown stream handle {handle}") from None
+            raise AgentError("HandleError", f"unknown stream handle {handle}") from None
 
     def _get(self, table: dict[int, Any], handle: int, what: str) -> Any:
         try:
             return table[handle]
         except KeyError:
-            raise ExecutorError("HandleError", f"unknown {what} handle {handle}") from None
+            raise AgentError("HandleError", f"unknown {what} handle {handle}") from None
 
     def view(self, desc: list[Any]) -> gpuarray.GPUArray:
         addr, dtype, shape, strides = desc
@@ -97,10 +106,10 @@ class PycudaSession(ExecutorSession):
         except VmmError as e:
             if e.out_of_memory:
                 free, total = cuda.mem_get_info()
-                raise ExecutorError(
+                raise AgentError(
                     "MemoryError", f"out of memory: {size} bytes requested, {free} of {total} "
                     f"free on the GPU ({e})", "CUDA_ERROR_OUT_OF_MEMORY") from None
-            raise ExecutorError("RuntimeError", str(e), e.name) from None
+            raise AgentError("RuntimeError", str(e), e.name) from None
         cuda.memset_d8(addr, 0, size)  # a new tenant never sees an old tenant's data
 
     def op_free(self, addr: int) -> None:
@@ -135,7 +144,7 @@ class PycudaSession(ExecutorSession):
                   stream: int | None) -> None:
         name = {1: "memset_d8", 2: "memset_d16", 4: "memset_d32"}.get(width)
         if name is None:
-            raise ExecutorError("LogicError", f"memset width must be 1, 2 or 4, not {width}")
+            raise AgentError("LogicError", f"memset width must be 1, 2 or 4, not {width}")
         value &= (1 << (8 * width)) - 1
         s = self._stream(stream)
         if s is None:
@@ -220,7 +229,7 @@ class PycudaSession(ExecutorSession):
         elif what.startswith("attribute:"):
             fn.set_attribute(getattr(cuda.function_attribute, what.split(":", 1)[1]), value)
         else:
-            raise ExecutorError("LogicError", f"function_set: unknown setting {what!r}")
+            raise AgentError("LogicError", f"function_set: unknown setting {what!r}")
 
     def op_launch(self, function: int, grid: list[int], block: list[int], shared: int,
                   stream: int | None, args: Any) -> None:
@@ -277,14 +286,18 @@ class PycudaSession(ExecutorSession):
                                 [self._operand(x) for x in operands], kwargs,
                                 self._stream(stream), self.view)
         except pycuda_arrays.ArrayFunctionError as e:
-            raise ExecutorError("LogicError", f"{function}: {e}") from None
+            raise AgentError("LogicError", f"{function}: {e}") from None
 
     def op_elementwise_new(self, kernel: int, arguments: str, operation: str, name: str,
                            options: dict[str, Any]) -> None:
-        self.kernels[kernel] = ElementwiseKernel(
+        elementwise = ElementwiseKernel(
             arguments, operation, name, options=options.get("options"),
             preamble=options.get("preamble", ""), loop_prep=options.get("loop_prep", ""),
             after_loop=options.get("after_loop", ""))
+        # pycuda compiles lazily; compiling now lets the shim raise a CompileError at the call
+        # that made the kernel (it waits for this op)
+        elementwise.generate_stride_kernel_and_types(False)
+        self.kernels[kernel] = elementwise
 
     def op_elementwise_call(self, kernel: int, operands: list[Any], range_: list[int] | None,
                             stream: int | None) -> None:
@@ -323,27 +336,15 @@ class PycudaSession(ExecutorSession):
     def device_bytes(self) -> int:
         return sum(size for size, _ in self.memory.mapped.values())
 
-    def park(self) -> list[tuple[int, Any]]:
-        cuda.Context.synchronize()  # work in flight finishes first, it is never interrupted
-        chunks: list[tuple[int, Any]] = []
-        for addr in sorted(self.memory.mapped):
-            size, _handle = self.memory.mapped[addr]
-            host = np.empty(size, np.uint8)
-            cuda.memcpy_dtoh(host, addr)
-            chunks.append((addr, host))
-        for addr in list(self.memory.mapped):
-            cuda.memset_d8(addr, 0, self.memory.mapped[addr][0])  # scrubbed for the next tenant
-        cuda.Context.synchronize()  # memsets are asynchronous: unmapping under them is illegal
-        for addr in list(self.memory.mapped):
-            self._x.vmm.unmap(self.memory, addr)
-        self._done = None
-        return chunks
+    def mapped_chunks(self) -> list[tuple[int, int]]:
+        return [(addr, self.memory.mapped[addr][0]) for addr in sorted(self.memory.mapped)]
 
-    def restore(self, chunks: list[tuple[int, Any]]) -> None:
-        for addr, data in chunks:
-            host = np.frombuffer(data, np.uint8)
-            self.op_alloc(addr, host.nbytes)
-            cuda.memcpy_htod(addr, host)
+    def read_into(self, addr: int, out: memoryview) -> None:
+        cuda.Context.synchronize()  # work in flight finishes first, it is never interrupted
+        cuda.memcpy_dtoh(np.frombuffer(out, np.uint8), addr)
+
+    def write_from(self, addr: int, data: memoryview) -> None:
+        cuda.memcpy_htod(addr, np.frombuffer(data, np.uint8))
 
     def batch_done(self) -> None:
         if self._done is None:
@@ -380,7 +381,6 @@ class PycudaExecutor(Executor):
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
         self.sessions: set[PycudaSession] = set()
-        self.restart_required = False
         self._info = self._read_info()
         self._file_transfers: FileTransfers | None = None
 
@@ -428,7 +428,7 @@ class PycudaExecutor(Executor):
         try:
             memory = self.vmm.reserve(base, size)
         except VmmError as e:
-            raise ExecutorError("RuntimeError", f"cannot reserve this session's address range "
+            raise AgentError("RuntimeError", f"cannot reserve this session's address range "
                                 f"{base:#x}+{size:#x}: {e}") from None
         session = PycudaSession(self, memory)
         self.sessions.add(session)
@@ -436,23 +436,23 @@ class PycudaExecutor(Executor):
         return session
 
     def run(self, method: Any, *args: Any) -> Any:
-        """Call a session op, turning pycuda errors into ExecutorErrors (sticky ones reset)."""
+        """Call a session op, turning pycuda errors into AgentErrors (sticky ones reset)."""
         try:
             return method(*args)
-        except ExecutorError:
+        except AgentError:
             raise
         except cuda.Error as e:
             text = str(e)
             if any(marker in text for marker in _STICKY):
                 # CUDA keeps such errors for the life of the process: only a new process has a
-                # usable GPU again, so the agent restarts itself (see AgentServer).
-                log.error("sticky CUDA error, the agent will restart: %s", text)
-                self.restart_required = True
-                raise ContextLost(text) from None
-            raise ExecutorError(_kind(e), text) from None
+                # usable GPU again. This worker ends; its tenant alone loses its session.
+                log.error("sticky CUDA error, this session's worker ends: %s", text)
+                self.context_lost = True
+                raise AgentError("ContextLost", text, _code(text)) from None
+            raise AgentError(_kind(e), text) from None
 
     def close(self) -> None:
-        if self.restart_required:
+        if self.context_lost:
             return  # the context is unusable; the process is about to be replaced
         for session in list(self.sessions):
             session.close()

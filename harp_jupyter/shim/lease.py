@@ -321,7 +321,7 @@ class DirectLeaseSource(LeaseSource):
             parked_at = resume.get("agent") if resume else None
             agent = choose_agent(statuses, parked_at)
             lease = self._client.request(agent, self.kernel_id, self._secret, self._user,
-                                         info=_lease_info())
+                                         info={**_lease_info(), "holder": "process"})
             while lease["state"] == "queued":
                 self._state = "queued"
                 notice.update("queued", lease.get("position"), agent)

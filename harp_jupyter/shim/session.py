@@ -163,25 +163,34 @@ class RemoteSession:
                 resume["from"] = origin
                 notice.update("restoring", agent=grant.agent)
         connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
+        data: AgentConnection | None = None
         try:
-            welcome = connection.hello(lease=grant.lease, resume=resume)
+            welcome = connection.hello(
+                lease=grant.lease, resume=resume, address_range=None if self._allocator is None
+                else (self._allocator.base, self._allocator.size))
             base, size = welcome["range"]
             device = welcome.get("device") or {}
+            data = AgentConnection(worker_endpoint(str(welcome["worker"]), grant.agent),
+                                   token=self._token, timeout=self._timeout)
+            data.attach(welcome["session"], str(welcome["attach"]))
         except Error as e:
             connection.close()
-            if isinstance(e, StateLostError):
-                # the parked state is gone: say so now; the next GPU call starts afresh
-                self._lost_error = e
-            elif isinstance(e, GPULostError):
+            if data is not None:
+                data.close()
+            if isinstance(e, StateLostError | GPULostError):
+                # the state is gone: say so now; the next GPU call starts afresh
                 self._lost_error = e
             raise
         except (KeyError, TypeError, ValueError) as e:
             connection.close()
+            if data is not None:
+                data.close()
             raise ProtocolError(f"malformed welcome from {grant.agent}: {e!r}") from None
         if self._allocator is None:
             self._allocator = AddressAllocator(base, size)
         elif (base, size) != (self._allocator.base, self._allocator.size):
             connection.close()
+            data.close()
             raise ProtocolError(f"the agent restored this session at {base:#x}, not at "
                                 f"{self._allocator.base:#x}: device pointers would be wrong")
         else:
@@ -197,7 +206,7 @@ class RemoteSession:
         self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
                         "agent": grant.agent}
         self._free_estimate = device.get("total_memory")
-        self._writer = BatchWriter(connection, self._on_call_error, lock=self.lock)
+        self._writer = BatchWriter(data, self._on_call_error, lock=self.lock)
         # learn the real free memory with the first reply, at no extra round trip
         self._writer.add("mem_get_info", [], None, self._note_mem_info)
         atexit.register(self.close)
@@ -216,6 +225,7 @@ class RemoteSession:
             try:
                 writer.drain()
                 writer.close()
+                writer.connection.close()
                 connection.send({"t": protocol.PARK, "rid": 1})
                 while True:
                     reply, _ = connection.recv()
@@ -249,7 +259,33 @@ class RemoteSession:
         stale, self._stale = self._stale, []
         for writer, connection in stale:
             writer.close()
+            writer.connection.close()
             connection.close()
+
+    def _explain_loss(self, error: GPULostError) -> Error:
+        """Why the worker connection dropped, as the agent told this session's control
+        connection: parked (the next call resumes), or lost with its reason."""
+        connection = self._connection
+        notice = None
+        if connection is not None and not connection.lost:
+            deadline = time.monotonic() + min(connection.timeout, 3.0)
+            while notice is None and time.monotonic() < deadline:
+                pushed = connection.pushed(deadline - time.monotonic())
+                if pushed is None:
+                    break
+                if pushed.get("t") == protocol.LOST:
+                    notice = pushed
+        if notice is None:
+            self._lost_error = error
+            return error
+        agent_error = notice.get("e") if isinstance(notice.get("e"), dict) else {}
+        if notice.get("parked") and self._writer is not None and self._connection is not None:
+            self._stale.append((self._writer, self._connection))
+            self._writer = self._connection = None
+            return error_from_agent(agent_error, None, None)
+        lost = GPULostError(str(agent_error.get("msg") or error))
+        self._lost_error = lost
+        return lost
 
     @property
     def welcome(self) -> dict[str, Any]:
@@ -376,8 +412,7 @@ class RemoteSession:
         try:
             writer.wait_for(writer.flush())
         except GPULostError as e:
-            self._lost_error = e
-            raise
+            raise self._explain_loss(e) from None
         self.raise_deferred_error()
 
     def raise_deferred_error(self) -> None:
@@ -452,8 +487,7 @@ class RemoteSession:
         try:
             writer.wait_for(writer.flush())
         except GPULostError as e:
-            self._lost_error = e
-            raise
+            raise self._explain_loss(e) from None
         if self._first_error is not None:
             if not failed:  # this allocation worked; an earlier call's error is raised
                 self.free(addr)
@@ -570,10 +604,22 @@ class RemoteSession:
             writer, connection = self._writer, self._connection
         if writer is not None:
             writer.close()
+            writer.connection.close()
         if connection is not None:
             connection.close(bye=True)
         self._close_stale()
         atexit.unregister(self.close)
+
+
+def worker_endpoint(advertised: str, agent: str) -> str:
+    """The worker's endpoint as this machine reaches it: a worker bound on every interface
+    (``tcp://0.0.0.0:PORT``) is at the host this client reached the agent at."""
+    scheme, _, rest = advertised.partition("://")
+    host, _, port = rest.rpartition(":")
+    if host in ("0.0.0.0", "*", "::", "[::]", ""):
+        agent_host = agent.partition("://")[2].rpartition(":")[0]
+        return f"{scheme}://{agent_host}:{port}"
+    return advertised
 
 
 def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:

@@ -125,6 +125,29 @@ class AgentConnection:
                 raise exc
             # a stray status reply or similar: keep waiting for the welcome
 
+    def attach(self, session: str, attach_token: str) -> None:
+        """Open the session on its worker (this connection's endpoint): the first message on a
+        worker connection, answered ``attached`` (or an error)."""
+        self.send({"t": protocol.ATTACH, "session": session, "attach": attach_token})
+        while True:
+            reply, _frames = self.recv(connecting=True)
+            if reply.get("t") == protocol.ATTACHED:
+                self.welcome = reply
+                return
+            if reply.get("t") == protocol.ERROR:
+                error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
+                self._lost = "refused at attach"
+                raise error_from_agent(error, op="attach")
+
+    def pushed(self, timeout: float) -> dict[str, Any] | None:
+        """The next message the agent pushed on this connection within ``timeout`` seconds (a
+        ``lost`` notice, say), or None."""
+        try:
+            header, _frames = self.recv(timeout)
+        except (TimeoutError, GPULostError):
+            return None
+        return header
+
     def _auth_hint(self, exc: Error) -> str:
         if isinstance(exc, AuthError):
             return "\n  (the token comes from HARP_TOKEN)"
@@ -267,7 +290,8 @@ class AgentConnection:
         if self._closed:
             return
         linger = 0
-        if bye and self._established and self._lost is None:
+        # a short script may end before the handshake event was read: the welcome proves it
+        if bye and (self._established or self.welcome is not None) and self._lost is None:
             try:
                 self._socket.send(protocol.pack_header({"t": protocol.BYE}), zmq.NOBLOCK)
                 linger = _BYE_LINGER_MS

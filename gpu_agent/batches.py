@@ -1,0 +1,191 @@
+"""Running one session's batches: validation, address and work checks, the executor, the reply.
+
+``BatchRunner`` lives in the session's worker process. Every call is hostile until checked: its
+arguments against ``protocol.OPS``, every address it names against the memory this session
+mapped, every array it names against the slot's memory (elements actually covered, so a stride-0
+view is costed at its full shape), its results against the largest frame. An error in one call
+does not stop the batch (later calls still run, as with CUDA's non-sticky errors); the first error
+is the batch's error. Nothing here can reach another session: it has no other.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from gpu_agent import profiling
+from gpu_agent import protocol as P
+from gpu_agent.errors import AgentError
+from gpu_agent.executors.base import Executor, ExecutorSession
+from gpu_agent.memory_map import MappedRanges
+from gpu_agent.sessions import SessionLog
+
+log = logging.getLogger("harp.agent.worker")
+
+
+class BatchRunner:
+    """One session's device objects and the checks around them; see the module docstring."""
+
+    def __init__(self, executor: Executor, device: ExecutorSession, base: int, size: int, *,
+                 memory_cap: int, max_frame: int) -> None:
+        self.executor = executor
+        self.device = device
+        self.ranges = MappedRanges(base, size)
+        self.log = SessionLog()
+        self.memory_cap = memory_cap
+        self.max_frame = max_frame
+        self.calls = 0
+        self.batches = 0
+        #: set when the device context is unusable: every later call fails with it
+        self.lost: str | None = None
+        self._ops = {name: getattr(device, f"op_{name}") for name in P.OPS}
+
+    # {{{ one batch
+
+    def run(self, header: dict[str, Any], frames: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+        """The reply header and frames for one ``batch`` message."""
+        seq, calls = header.get("q"), header.get("c")
+        if type(seq) is not int or type(calls) is not list:
+            raise P.ProtocolError("batch needs an int 'q' and a list 'c'")
+        if len(calls) > P.MAX_CALLS_PER_BATCH:
+            raise P.ProtocolError(f"batch of {len(calls)} calls: at most "
+                                  f"{P.MAX_CALLS_PER_BATCH} per batch")
+        self.batches += 1
+        level = header.get("p")
+        timer = profiling.BatchTimer(level) if type(level) is int and level > 0 else None
+        results: list[list[Any]] = []
+        out_frames: list[Any] = []
+        first_error: dict | None = None
+        for index, call in enumerate(calls):
+            if self.lost is not None:
+                first_error = first_error or P.error("ContextLost", self.lost, index=index)
+                break
+            op = call[0] if type(call) is list and call and type(call[0]) is str else None
+            try:
+                name, args = P.validate_call(call)
+                value = self.call(name, _resolve_frames(args, frames), timer, seq, index)
+                if P.OPS[name].result:
+                    if isinstance(value, bytes | bytearray | memoryview | np.ndarray):
+                        out_frames.append(value)
+                        value = P.FrameRef(len(out_frames))
+                    results.append([index, value])
+            except AgentError as e:
+                if e.kind == "ContextLost" or self.executor.context_lost:
+                    self.lost = _context_lost_message(str(e))
+                    e = AgentError("ContextLost", self.lost, e.code)
+                first_error = first_error or e.to_wire(index=index, op=op)
+            except Exception as e:  # an executor bug is reported, never a crash of the worker
+                log.exception("call %s failed", op)
+                first_error = first_error or P.error(
+                    "RuntimeError", f"the agent failed running {op}: {type(e).__name__}: {e} "
+                    "(a bug in harp-agent: please report it)", index=index, op=op)
+        if self.lost is None:
+            try:
+                self.device.batch_done()
+            except Exception:
+                log.exception("batch_done")
+        reply: dict[str, Any] = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
+        if timer is not None:
+            reply["p"] = timer.reply()
+        return reply, out_frames
+
+    def call(self, name: str, args: list[Any], timer: profiling.BatchTimer | None = None,
+             seq: int = 0, index: int = 0) -> Any:
+        """Check and run one validated call (also used to replay a parked session's log)."""
+        self._check(name, args)
+        if name == "mem_get_info":
+            value: Any = self._mem_info()
+        elif timer is not None:
+            value = self._run_timed(timer, seq, index, name, args)
+        else:
+            value = self.executor.run(self._ops[name], *args)
+        self._after(name, args, value)
+        self.log.record(name, args)
+        self.calls += 1
+        return value
+
+    def _run_timed(self, timer: profiling.BatchTimer, seq: int, index: int, name: str,
+                   args: list[Any]) -> Any:
+        token = None
+        if timer.gpu and P.OPS[name].gpu:
+            token = self.device.gpu_timer_start(name, profiling.stream_of(name, args))
+        started = profiling.now_ns()
+        value = self.executor.run(self._ops[name], *args)
+        timer.calls.append([index, started, profiling.now_ns()])
+        if token is not None:
+            self.device.gpu_timer_end(token, seq, index)
+        return value
+
+    # }}}
+
+    # {{{ checks
+
+    def _check(self, name: str, args: list[Any]) -> None:
+        ranges = self.ranges
+        if name == "alloc":
+            ranges.check_new(args[0], args[1])
+            if ranges.mapped_bytes + args[1] > self.memory_cap:
+                raise AgentError(
+                    "MemoryError", f"out of memory: {args[1]} bytes requested, "
+                    f"{self.memory_cap - ranges.mapped_bytes} of this GPU slot's "
+                    f"{self.memory_cap} bytes free (cuMemAlloc: out of memory)",
+                    "CUDA_ERROR_OUT_OF_MEMORY")
+            return
+        if name == "free":
+            if not ranges.starts_at(args[0]):
+                ranges.remove(args[0])  # raises the clear error
+            return
+        if name == "dtoh" and args[1] > self.max_frame:
+            raise AgentError("LogicError", f"dtoh of {args[1]} bytes in one call: at most "
+                             f"{self.max_frame} (harp-agent --max-frame); copy in pieces")
+        for lo, nbytes in P.touched_ranges(name, args):
+            ranges.check(lo, lo + nbytes)
+        for desc in P.descriptors_of(args):
+            logical = P.descriptor_elements(desc) * np.dtype(desc[1]).itemsize
+            if logical > self.memory_cap:
+                raise AgentError(
+                    "LogicError", f"an array of shape {tuple(desc[2])} and dtype {desc[1]} "
+                    f"({logical} bytes as laid out by its shape) is larger than this GPU slot's "
+                    f"memory ({self.memory_cap} bytes): its strides make it cover few bytes, "
+                    "but an operation on it would work on every element")
+
+    def _after(self, name: str, args: list[Any], value: Any) -> None:
+        if name == "alloc":
+            self.ranges.add(args[0], args[1])
+        elif name == "free":
+            self.ranges.remove(args[0])
+        elif name == "get_global":
+            self.ranges.add_external(value[0], value[1])
+
+    def _mem_info(self) -> list[int]:
+        free, _total = self.executor.mem_info()
+        room = self.memory_cap - self.ranges.mapped_bytes
+        return [max(min(free, room), 0), self.memory_cap]
+
+    # }}}
+
+    @property
+    def device_bytes(self) -> int:
+        return self.ranges.mapped_bytes
+
+
+def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:
+    resolved = list(args)
+    for i, value in enumerate(args):
+        if type(value) is P.FrameRef:
+            if not 1 <= value.index <= len(frames):
+                raise P.ProtocolError(f"frame {value.index} is not in this message "
+                                      f"({len(frames)} frames)")
+            frame = frames[value.index - 1]
+            resolved[i] = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    return resolved
+
+
+def _context_lost_message(error: str) -> str:
+    return (f"{error}. This error ended your GPU session: CUDA keeps such errors for the life "
+            "of the context, so your session's device memory, modules and streams are gone. "
+            "Your kernel's CPU state is intact and other notebooks were not affected; the next "
+            "GPU call starts a fresh session, so fix the kernel and re-run the cells that create "
+            "your device arrays.")

@@ -15,6 +15,11 @@ CallSite = tuple[str, int, str]
 _SHIM_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def is_shim_file(filename: str) -> bool:
+    """Whether ``filename`` is one of the shim's own source files."""
+    return filename.startswith(_SHIM_DIR)
+
+
 def user_call_site(skip: int = 1) -> CallSite | None:
     """The innermost frame whose code is not part of harp_jupyter.shim (None if there is none)."""
     try:

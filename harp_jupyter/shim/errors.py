@@ -10,9 +10,15 @@ catches ``pycuda.driver.Error`` catches everything the shim raises.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import sys
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from harp_jupyter.shim.callsite import CallSite
+from harp_jupyter.shim.callsite import CallSite, is_shim_file
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Error(Exception):
@@ -144,11 +150,29 @@ for _cls in (Error, MemoryError, LogicError, LaunchError, RuntimeError, CompileE
 del _cls
 
 
+def format_location(filename: str, lineno: int) -> str:
+    """``file:line``, or ``Cell In[8], line 2`` for code IPython compiled from a cell (as
+    IPython's own tracebacks name it, instead of the kernel's temporary file)."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    shell = get_ipython() if callable(get_ipython) else None
+    format_code_name = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    if callable(format_code_name):
+        try:
+            named = format_code_name(filename)
+        except Exception:  # a foreign shell's compiler: fall back to the plain name
+            named = None
+        if named:
+            label, name = named
+            return f"{label} {name}, line {lineno}"
+    return f"{filename}:{lineno}"
+
+
 def describe_site(op: str | None, site: CallSite | None) -> str:
     if site is None:
         return f"raised by {op}" if op else ""
     filename, lineno, function = site
-    where = f"{filename}:{lineno}"
+    where = format_location(filename, lineno)
     if function and function != "<module>":
         where += f" in {function}"
     return f"raised by {op or 'a call'} at {where}"
@@ -175,6 +199,44 @@ def error_from_agent(error: dict[str, Any], op: str | None = None,
     return exc
 
 
+# {{{ tracebacks that end at the user's line, as pycuda's do
+
+
+def without_shim_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without the entries of the shim's own frames (user callbacks below them stay)."""
+    kept: list[types.TracebackType] = []
+    while tb is not None:
+        if not is_shim_file(tb.tb_frame.f_code.co_filename):
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt: types.TracebackType | None = None
+    for entry in reversed(kept):
+        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
+
+
+def user_facing(function: F) -> F:
+    """For the shim's entry points that may raise an error of an earlier call (sync points):
+    the error propagates with a traceback that starts at the user's frame, so neither Python
+    nor IPython shows the shim's internals under the user's line."""
+
+    @functools.wraps(function)
+    def entry_point(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # IPython hides frames that set it
+        try:
+            return function(*args, **kwargs)
+        except Error as e:
+            e.__traceback__ = without_shim_frames(e.__traceback__)
+            # a bare raise re-raises with the traceback just set and adds no entry for this
+            # frame: the user's frame is the first one the error passes through
+            raise
+
+    return entry_point  # type: ignore[return-value]
+
+
+# }}}
+
+
 __all__ = [
     "ERROR_CLASSES",
     "AgentNotConfiguredError",
@@ -195,4 +257,7 @@ __all__ = [
     "VersionMismatchError",
     "describe_site",
     "error_from_agent",
+    "format_location",
+    "user_facing",
+    "without_shim_frames",
 ]

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-device_attribute = IntEnum("device_attribute", [
+
+class _CudaEnum(IntEnum):
+    """An IntEnum whose ``str()`` is the member's name, as a Boost.Python enum's is in pycuda
+    (programs key dicts by ``str(device_attribute.X)``; Python 3.11's IntEnum gives the int)."""
+
+    def __str__(self) -> str:
+        return str(self.name)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+device_attribute = _CudaEnum("device_attribute", [
     ("MAX_THREADS_PER_BLOCK", 1), ("MAX_BLOCK_DIM_X", 2), ("MAX_BLOCK_DIM_Y", 3),
     ("MAX_BLOCK_DIM_Z", 4), ("MAX_GRID_DIM_X", 5), ("MAX_GRID_DIM_Y", 6), ("MAX_GRID_DIM_Z", 7),
     ("MAX_SHARED_MEMORY_PER_BLOCK", 8), ("SHARED_MEMORY_PER_BLOCK", 8),
@@ -61,60 +72,60 @@ device_attribute = IntEnum("device_attribute", [
     ("READ_ONLY_HOST_REGISTER_SUPPORTED", 113), ("MEMORY_POOLS_SUPPORTED", 115),
 ], module=__name__)
 
-function_attribute = IntEnum("function_attribute", [
+function_attribute = _CudaEnum("function_attribute", [
     ("MAX_THREADS_PER_BLOCK", 0), ("SHARED_SIZE_BYTES", 1), ("CONST_SIZE_BYTES", 2),
     ("LOCAL_SIZE_BYTES", 3), ("NUM_REGS", 4), ("PTX_VERSION", 5), ("BINARY_VERSION", 6),
     ("CACHE_MODE_CA", 7), ("MAX_DYNAMIC_SHARED_SIZE_BYTES", 8),
     ("PREFERRED_SHARED_MEMORY_CARVEOUT", 9), ("MAX", 16),
 ], module=__name__)
 
-func_cache = IntEnum("func_cache", [
+func_cache = _CudaEnum("func_cache", [
     ("PREFER_NONE", 0), ("PREFER_SHARED", 1), ("PREFER_L1", 2), ("PREFER_EQUAL", 3),
 ], module=__name__)
 
-shared_config = IntEnum("shared_config", [
+shared_config = _CudaEnum("shared_config", [
     ("DEFAULT_BANK_SIZE", 0), ("FOUR_BYTE_BANK_SIZE", 1), ("EIGHT_BYTE_BANK_SIZE", 2),
 ], module=__name__)
 
-event_flags = IntEnum("event_flags", [
+event_flags = _CudaEnum("event_flags", [
     ("DEFAULT", 0), ("BLOCKING_SYNC", 1), ("DISABLE_TIMING", 2), ("INTERPROCESS", 4),
 ], module=__name__)
 
-ctx_flags = IntEnum("ctx_flags", [
+ctx_flags = _CudaEnum("ctx_flags", [
     ("SCHED_AUTO", 0), ("SCHED_SPIN", 1), ("SCHED_YIELD", 2), ("SCHED_MASK", 7),
     ("BLOCKING_SYNC", 4), ("SCHED_BLOCKING_SYNC", 4), ("MAP_HOST", 8), ("LMEM_RESIZE_TO_MAX", 16),
     ("FLAGS_MASK", 255),
 ], module=__name__)
 
-compute_mode = IntEnum("compute_mode", [
+compute_mode = _CudaEnum("compute_mode", [
     ("DEFAULT", 0), ("PROHIBITED", 2), ("EXCLUSIVE_PROCESS", 3),
 ], module=__name__)
 
-memory_type = IntEnum("memory_type", [
+memory_type = _CudaEnum("memory_type", [
     ("HOST", 1), ("DEVICE", 2), ("ARRAY", 3), ("UNIFIED", 4),
 ], module=__name__)
 
-limit = IntEnum("limit", [
+limit = _CudaEnum("limit", [
     ("STACK_SIZE", 0), ("PRINTF_FIFO_SIZE", 1), ("MALLOC_HEAP_SIZE", 2),
     ("DEV_RUNTIME_SYNC_DEPTH", 3), ("DEV_RUNTIME_PENDING_LAUNCH_COUNT", 4),
 ], module=__name__)
 
-mem_attach_flags = IntEnum("mem_attach_flags", [
+mem_attach_flags = _CudaEnum("mem_attach_flags", [
     ("GLOBAL", 1), ("HOST", 2), ("SINGLE", 4),
 ], module=__name__)
 
-pointer_attribute = IntEnum("pointer_attribute", [
+pointer_attribute = _CudaEnum("pointer_attribute", [
     ("CONTEXT", 1), ("MEMORY_TYPE", 2), ("DEVICE_POINTER", 3), ("HOST_POINTER", 4),
 ], module=__name__)
 
-jit_option = IntEnum("jit_option", [
+jit_option = _CudaEnum("jit_option", [
     ("MAX_REGISTERS", 0), ("THREADS_PER_BLOCK", 1), ("WALL_TIME", 2), ("INFO_LOG_BUFFER", 3),
     ("INFO_LOG_BUFFER_SIZE_BYTES", 4), ("ERROR_LOG_BUFFER", 5),
     ("ERROR_LOG_BUFFER_SIZE_BYTES", 6), ("OPTIMIZATION_LEVEL", 7), ("TARGET_FROM_CUCONTEXT", 8),
     ("TARGET", 9), ("FALLBACK_STRATEGY", 10),
 ], module=__name__)
 
-ipc_mem_flags = IntEnum("ipc_mem_flags", [
+ipc_mem_flags = _CudaEnum("ipc_mem_flags", [
     ("LAZY_ENABLE_PEER_ACCESS", 1),
 ], module=__name__)
 

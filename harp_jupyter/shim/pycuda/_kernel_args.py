@@ -22,7 +22,7 @@ _TOKEN = re.compile(r"\s*(\d*)\s*([A-Za-z?])")
 def _plan(fmt: str) -> tuple[struct.Struct, tuple[int, ...] | None]:
     """The struct for ``fmt`` and, if it has complex items, which values are complex."""
     prefix = ""
-    if fmt[:1] in "@=<>!":
+    if fmt and fmt[0] in "@=<>!":  # ("" is "in" every string: a kernel without arguments)
         prefix, fmt = fmt[0], fmt[1:]
     parts: list[str] = []
     complex_values: list[int] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 
 from harp_jupyter.shim.pycuda import driver as cuda
+from harp_jupyter.shim.pycuda.tools import make_default_context  # noqa: F401 - pycuda's name
 
 cuda.init()
 device = cuda.Device(0)

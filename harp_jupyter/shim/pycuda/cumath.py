@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from harp_jupyter.shim.pycuda.driver import Stream  # noqa: F401 - pycuda's name
 from harp_jupyter.shim.pycuda.gpuarray import GPUArray, _run
 
 

@@ -29,6 +29,8 @@ from harp_jupyter.shim.errors import (
     MemoryError,
     NotSupportedError,
     RuntimeError,
+    user_facing,
+    without_shim_frames,
 )
 from harp_jupyter.shim.pycuda import _kernel_args
 from harp_jupyter.shim.pycuda._enums import (
@@ -220,6 +222,7 @@ class Context:
         return current._device
 
     @staticmethod
+    @user_facing
     def synchronize() -> None:
         get_session().synchronize()
 
@@ -338,6 +341,7 @@ def _stream_handle(stream: Any) -> int | None:
     return int(stream)
 
 
+@user_facing
 def mem_alloc(nbytes: int) -> DeviceAllocation:
     session = get_session()
     return DeviceAllocation(session, session.alloc(int(nbytes)), int(nbytes))
@@ -352,10 +356,12 @@ def mem_alloc_pitch(width: int, height: int, access_size: int) -> tuple[DeviceAl
     return mem_alloc(pitch * int(height)), pitch
 
 
+@user_facing
 def mem_get_info() -> tuple[int, int]:
     return get_session().mem_get_info()
 
 
+@user_facing
 def memcpy_htod(dest: Any, src: Any) -> None:
     _session_of(dest).htod(int(dest), src)
 
@@ -364,6 +370,7 @@ def memcpy_htod_async(dest: Any, src: Any, stream: Any = None) -> None:
     _session_of(dest).htod(int(dest), src, _stream_handle(stream), keep=True)
 
 
+@user_facing
 def memcpy_dtoh(dest: Any, src: Any) -> None:
     _session_of(src).dtoh_into(dest, int(src))
 
@@ -410,6 +417,7 @@ def memset_d32_async(dest: Any, data: int, count: int, stream: Any = None) -> No
     _memset(dest, data, 4, count, stream)
 
 
+@user_facing
 def to_device(bf_obj: Any) -> DeviceAllocation:
     data = memoryview(bf_obj).tobytes()
     result = mem_alloc(len(data))
@@ -417,12 +425,14 @@ def to_device(bf_obj: Any) -> DeviceAllocation:
     return result
 
 
+@user_facing
 def from_device(devptr: Any, shape: Any, dtype: Any, order: str = "C") -> np.ndarray:
     result = np.empty(shape, dtype, order)
     memcpy_dtoh(result, devptr)
     return result
 
 
+@user_facing
 def from_device_like(devptr: Any, other_ary: np.ndarray) -> np.ndarray:
     result = np.empty_like(other_ary)
     memcpy_dtoh(result, devptr)
@@ -543,9 +553,11 @@ class Stream:
                                            self.handle)
         self._finalizer.atexit = False
 
+    @user_facing
     def synchronize(self) -> None:
         self._session.call_sync("stream_synchronize", self.handle)
 
+    @user_facing
     def is_done(self) -> bool:
         return bool(self._session.call_sync("stream_query", self.handle))
 
@@ -569,17 +581,21 @@ class Event:
         self._session.call("event_record", self.handle, _stream_handle(stream))
         return self
 
+    @user_facing
     def synchronize(self) -> Event:
         self._session.call_sync("event_synchronize", self.handle)
         return self
 
+    @user_facing
     def query(self) -> bool:
         return bool(self._session.call_sync("event_query", self.handle))
 
+    @user_facing
     def time_since(self, event: Event) -> float:
         """Milliseconds from ``event`` to this event."""
         return float(self._session.call_sync("event_elapsed", event.handle, self.handle))
 
+    @user_facing
     def time_till(self, event: Event) -> float:
         """Milliseconds from this event to ``event``."""
         return float(self._session.call_sync("event_elapsed", self.handle, event.handle))
@@ -604,6 +620,7 @@ class Module:
         self._session.call("get_function", handle, self.handle, str(name))
         return Function(self, handle, str(name))
 
+    @user_facing
     def get_global(self, name: str) -> tuple[int, int]:
         address, size = self._session.call_sync("get_global", self.handle, str(name))
         return int(address), int(size)
@@ -663,6 +680,15 @@ class Function:
                            int(shared or 0), _stream_handle(stream), bytes(arg_buf))
 
     def __call__(self, *args: Any, **kwargs: Any) -> float | None:
+        __tracebackhide__ = True  # IPython hides frames that set it
+        # not @user_facing: a launch is the hot path, and try costs nothing until it raises
+        try:
+            return self._call(args, kwargs)
+        except Error as e:
+            e.__traceback__ = without_shim_frames(e.__traceback__)
+            raise
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
         grid = kwargs.pop("grid", (1, 1))
         stream = kwargs.pop("stream", None)
         block = kwargs.pop("block", None)
@@ -738,6 +764,7 @@ class Function:
         arg_buf = _kernel_args.pack(self.arg_format, *args)
         self._launch_kernel(grid, block, arg_buf, shared_size, stream)
 
+    @user_facing
     def get_attribute(self, attr: function_attribute | int) -> int:
         name = function_attribute(int(attr)).name
         return int(self._session.call_sync("function_attribute", self.handle, name))

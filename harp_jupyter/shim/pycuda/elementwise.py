@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harp_jupyter.shim.errors import Error, without_shim_frames
 from harp_jupyter.shim.pycuda.gpuarray import GPUArray, _operand, _stream_handle
 from harp_jupyter.shim.session import RemoteSession, get_session
 
@@ -22,23 +23,36 @@ class ElementwiseKernel:
     def _handle(self, session: RemoteSession) -> int:
         handle = self._handles.get(id(session))
         if handle is None:
-            handle = self._handles[id(session)] = session.new_handle()
-            session.call("elementwise_new", handle, self.arguments, self.operation, self.name,
-                         self._options)
+            handle = session.new_handle()
+            # pycuda compiles at the first call: a compile error is raised there, not later
+            session.call_sync("elementwise_new", handle, self.arguments, self.operation,
+                              self.name, self._options)
+            self._handles[id(session)] = handle
         return handle
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        __tracebackhide__ = True  # IPython hides frames that set it
+        try:
+            self._call(args, kwargs)
+        except Error as e:
+            e.__traceback__ = without_shim_frames(e.__traceback__)
+            raise
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         session = get_session()
         rng = kwargs.pop("range", None)
         slice_ = kwargs.pop("slice", None)
         stream = kwargs.pop("stream", None)
         if kwargs:
             raise TypeError(f"unknown keyword arguments: {', '.join(kwargs)}")
-        span = rng if rng is not None else slice_
-        if span is not None:
-            start, stop, step = span.start or 0, span.stop, span.step or 1
-            if stop is None:
-                stop = next(a.size for a in args if isinstance(a, GPUArray))
-            span = [int(start), int(stop), int(step)]
+        span = None
+        if slice_ is not None:
+            if rng is not None:
+                raise TypeError("may not specify both range and slice keyword arguments")
+            # as pycuda: a slice is resolved against the first array's size (negative ends)
+            size = next(a.size for a in args if isinstance(a, GPUArray))
+            span = list(slice_.indices(size))
+        elif rng is not None:
+            span = [int(rng.start or 0), int(rng.stop), int(1 if rng.step is None else rng.step)]
         session.call("elementwise_call", self._handle(session), [_operand(a) for a in args],
                      span, _stream_handle(stream))

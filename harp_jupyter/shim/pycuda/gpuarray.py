@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from harp_jupyter.shim.errors import user_facing
 from harp_jupyter.shim.pycuda import driver as drv
+from harp_jupyter.shim.pycuda.characterize import has_double_support  # noqa: F401 - pycuda's
 from harp_jupyter.shim.session import RemoteSession, get_session
 
 Scalar = numbers.Number | np.generic
@@ -37,6 +39,21 @@ def _contiguous_strides(shape: tuple[int, ...], itemsize: int, order: str) -> tu
         strides.append(step)
         step *= builtins.max(n, 1)
     return tuple(strides) if order == "F" else tuple(reversed(strides))
+
+
+def _is_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int,
+                   order: str) -> bool:
+    """NumPy's rule: contiguous in ``order``, ignoring the strides of axes of length 1."""
+    if 0 in shape:
+        return True
+    expected = itemsize
+    axes = range(len(shape)) if order == "F" else reversed(range(len(shape)))
+    for axis in axes:
+        if shape[axis] != 1:
+            if strides[axis] != expected:
+                return False
+            expected *= shape[axis]
+    return True
 
 
 def _is_scalar(value: Any) -> bool:
@@ -85,12 +102,15 @@ class GPUArray:
     def __init__(self, shape: Any, dtype: Any, allocator: Callable[[int], Any] | None = None,
                  base: Any = None, gpudata: Any = None, strides: Any = None,
                  order: str = "C") -> None:
+        if isinstance(shape, np.ndarray) and shape.ndim == 0:
+            shape = shape.item()
         shape = (int(shape),) if isinstance(shape, numbers.Integral) else tuple(
             int(n) for n in shape)
         self.shape = shape
         self.dtype = np.dtype(dtype)
         self.size = int(np.prod(shape, dtype=np.int64)) if shape else 1
         self.nbytes = self.size * self.dtype.itemsize
+        self.itemsize = self.dtype.itemsize
         self.mem_size = self.size
         self.strides = (tuple(int(s) for s in strides) if strides is not None
                         else _contiguous_strides(shape, self.dtype.itemsize, order))
@@ -116,27 +136,29 @@ class GPUArray:
 
     @property
     def flags(self) -> Any:
-        c = self.strides == _contiguous_strides(self.shape, self.dtype.itemsize, "C")
-        f = self.strides == _contiguous_strides(self.shape, self.dtype.itemsize, "F")
-        if self.size <= 1:
-            c = f = True
+        c = _is_contiguous(self.shape, self.strides, self.dtype.itemsize, "C")
+        f = _is_contiguous(self.shape, self.strides, self.dtype.itemsize, "F")
         flags = type("flags", (), {})()
         flags.c_contiguous, flags.f_contiguous, flags.forc = c, f, c or f
         return flags
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False),
-                "strides": None if self.flags.c_contiguous else self.strides, "version": 3}
+        return {"shape": self.shape, "strides": self.strides, "data": (self.ptr, False),
+                "typestr": self.dtype.str, "stream": None, "version": 3}
 
     def __len__(self) -> int:
         if not self.shape:
             raise TypeError("len() of unsized object")
         return self.shape[0]
 
-    def _new_like_me(self, dtype: Any = None, shape: Any = None) -> GPUArray:
-        return GPUArray(self.shape if shape is None else shape,
-                        self.dtype if dtype is None else dtype, allocator=self.allocator)
+    def _new_like_me(self, dtype: Any = None, shape: Any = None, order: str = "C") -> GPUArray:
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if shape is None and dtype == self.dtype and self.flags.forc:
+            # as pycuda: a result of the same dtype keeps the layout (an F array stays F)
+            return GPUArray(self.shape, dtype, allocator=self.allocator, strides=self.strides)
+        return GPUArray(self.shape if shape is None else shape, dtype, allocator=self.allocator,
+                        order=order)
 
     def _contiguous(self) -> GPUArray:
         return self if self.flags.forc else self.copy()
@@ -145,6 +167,7 @@ class GPUArray:
 
     # {{{ host transfers
 
+    @user_facing
     def set(self, ary: Any, async_: bool = False, stream: Any = None) -> None:
         ary = np.asarray(ary)
         if ary.size != self.size:
@@ -162,6 +185,7 @@ class GPUArray:
     def set_async(self, ary: Any, stream: Any = None) -> None:
         self.set(ary, async_=True, stream=stream)
 
+    @user_facing
     def get(self, ary: np.ndarray | None = None, pagelocked: bool = False,
             async_: bool = False, stream: Any = None) -> np.ndarray:
         source = self._contiguous()
@@ -184,27 +208,33 @@ class GPUArray:
     def copy(self) -> GPUArray:
         return _run("copy", self._new_like_me(), [self])
 
+    @user_facing
     def __str__(self) -> str:
         return str(self.get())
 
+    @user_facing
     def __repr__(self) -> str:
         return repr(self.get())
 
     def __hash__(self) -> int:
         raise TypeError("GPUArrays are not hashable.")
 
+    @user_facing
     def __bool__(self) -> bool:
         if self.size == 1:
             return bool(self.get())
         raise ValueError("The truth value of an array with more than one element is "
                          "ambiguous. Use a.any() or a.all()")
 
+    @user_facing
     def __float__(self) -> float:
         return float(self.get())
 
+    @user_facing
     def __int__(self) -> int:
         return int(self.get())
 
+    @user_facing
     def __complex__(self) -> complex:
         return complex(self.get())
 
@@ -308,8 +338,9 @@ class GPUArray:
         return self._binary("greater_equal", other)
 
     def mul_add(self, selffac: Any, other: GPUArray, otherfac: Any, add_timer: Any = None,
-                stream: Any = None) -> GPUArray:
-        out = self._new_like_me(_common_dtype(self, other))
+                stream: Any = None, out: GPUArray | None = None) -> GPUArray:
+        if out is None:
+            out = self._new_like_me(_common_dtype(self, other))
         return _run("axpbyz", out, [self, other], stream, a=_scalar(selffac),
                     b=_scalar(otherfac))
 
@@ -322,8 +353,13 @@ class GPUArray:
     def reverse(self, stream: Any = None) -> GPUArray:
         return _run("reverse", self._new_like_me(), [self], stream)
 
-    def conj(self) -> GPUArray:
-        return _run("conj", self._new_like_me(), [self]) if self.dtype.kind == "c" else self
+    def conj(self, out: GPUArray | None = None) -> GPUArray:
+        if self.dtype.kind != "c":
+            return self  # pycuda: real arrays are their own conjugate (out is not written)
+        if not self.flags.forc:
+            raise RuntimeError("only contiguous arrays may be used as arguments to this "
+                               "operation")
+        return _run("conj", self._new_like_me() if out is None else out, [self])
 
     conjugate = conj
 
@@ -359,20 +395,25 @@ class GPUArray:
                         base=self, gpudata=gpudata, strides=strides)
 
     def reshape(self, *shape: Any, order: str = "C") -> GPUArray:
+        """pycuda's reshape: a view of the same memory laid out in ``order`` (the array itself
+        when shape and layout are unchanged); only contiguous arrays."""
+        if not self.flags.forc:
+            raise RuntimeError("only contiguous arrays may be used as arguments to this "
+                               "operation")
         if len(shape) == 1 and not isinstance(shape[0], numbers.Integral):
             shape = tuple(shape[0])
         shape = tuple(int(n) for n in shape)
+        same_layout = self.flags.c_contiguous if order == "C" else self.flags.f_contiguous
+        if shape == self.shape and same_layout:
+            return self
+        if shape.count(-1) > 1:
+            raise ValueError("can only specify one unknown dimension")
         if -1 in shape:
-            known = int(np.prod([n for n in shape if n != -1]))
+            known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
             shape = tuple(self.size // known if n == -1 else n for n in shape)
         if int(np.prod(shape, dtype=np.int64)) != self.size:
-            raise ValueError(f"cannot reshape array of size {self.size} into shape {shape}")
-        if shape == self.shape:
-            return self
-        source = self if self.flags.c_contiguous or order == "F" else self.copy()
-        if order == "F" and not source.flags.f_contiguous:
-            raise RuntimeError("only F-contiguous arrays can be reshaped in F order")
-        return source._view(shape, _contiguous_strides(shape, self.dtype.itemsize, order))
+            raise ValueError("total size of new array must be unchanged")
+        return self._view(shape, _contiguous_strides(shape, self.dtype.itemsize, order))
 
     def ravel(self, order: str = "C") -> GPUArray:
         return self.reshape(self.size, order=order)
@@ -388,6 +429,8 @@ class GPUArray:
         return self._view(shape, _contiguous_strides(shape, dtype.itemsize, "C"), dtype=dtype)
 
     def squeeze(self) -> GPUArray:
+        if 1 not in self.shape:
+            return self
         keep = [i for i, n in enumerate(self.shape) if n != 1]
         return self._view(tuple(self.shape[i] for i in keep),
                           tuple(self.strides[i] for i in keep))
@@ -444,8 +487,8 @@ class GPUArray:
         if isinstance(value, GPUArray):
             if value.size != target.size:
                 raise ValueError("shapes of source and destination do not match")
-            _run("copy", target, [value.reshape(target.shape) if value.shape != target.shape
-                                  else value])
+            _run("copy", target, [value._contiguous().reshape(target.shape)
+                                  if value.shape != target.shape else value])
         elif _is_scalar(value):
             target.fill(value)
         else:
@@ -473,6 +516,7 @@ class _Offset:
 # {{{ creation
 
 
+@user_facing
 def to_gpu(ary: Any, allocator: Callable[[int], Any] | None = None) -> GPUArray:
     ary = np.asarray(ary)
     order = "F" if ary.flags.f_contiguous and not ary.flags.c_contiguous else "C"
@@ -492,7 +536,8 @@ def empty(shape: Any, dtype: Any, allocator: Any = None, order: str = "C") -> GP
     return GPUArray(shape, dtype, allocator, order=order)
 
 
-def zeros(shape: Any, dtype: Any, allocator: Any = None, order: str = "C") -> GPUArray:
+def zeros(shape: Any, dtype: Any = np.float64, allocator: Any = None,
+          order: str = "C") -> GPUArray:
     return empty(shape, dtype, allocator, order).fill(0)
 
 
@@ -501,17 +546,43 @@ def ones(shape: Any, dtype: Any = np.float64, allocator: Any = None,
     return empty(shape, dtype, allocator, order).fill(1)
 
 
+def _like(other: GPUArray, dtype: Any, order: str) -> GPUArray:
+    """An array shaped like ``other`` in ``order`` as NumPy's *_like functions choose it."""
+    dtype = other.dtype if dtype is None else np.dtype(dtype)
+    flags = other.flags
+    strides = None
+    if order == "A":
+        order = "F" if flags.f_contiguous and not flags.c_contiguous else "C"
+    elif order == "K":
+        if flags.c_contiguous or other.ndim <= 1:
+            order = "C"
+        elif flags.f_contiguous:
+            order = "F"
+        else:  # the input's axis order, compacted
+            order = "C"
+            by_stride = sorted(range(other.ndim), key=lambda axis: -builtins.abs(
+                other.strides[axis]))
+            compact = _contiguous_strides(tuple(other.shape[a] for a in by_stride),
+                                          dtype.itemsize, "C")
+            permuted = [0] * other.ndim
+            for position, axis in enumerate(by_stride):
+                permuted[axis] = compact[position]
+            strides = tuple(permuted)
+    elif order not in ("C", "F"):
+        raise ValueError(f"Unsupported order: {order!r}")
+    return GPUArray(other.shape, dtype, other.allocator, strides=strides, order=order)
+
+
 def empty_like(other: GPUArray, dtype: Any = None, order: str = "K") -> GPUArray:
-    return GPUArray(other.shape, other.dtype if dtype is None else dtype, other.allocator,
-                    order="F" if order == "F" else "C")
+    return _like(other, dtype, order)
 
 
 def zeros_like(other: GPUArray, dtype: Any = None, order: str = "K") -> GPUArray:
-    return empty_like(other, dtype, order).fill(0)
+    return _like(other, dtype, order).fill(0)
 
 
 def ones_like(other: GPUArray, dtype: Any = None, order: str = "K") -> GPUArray:
-    return empty_like(other, dtype, order).fill(1)
+    return _like(other, dtype, order).fill(1)
 
 
 def arange(*args: Any, dtype: Any = None, allocator: Any = None) -> GPUArray:
@@ -599,6 +670,14 @@ def subset_dot(subset: GPUArray, a: GPUArray, b: GPUArray, dtype: Any = None,
     return dot(take(a, subset), take(b, subset), dtype, stream, allocator)
 
 
+def subset_min(subset: GPUArray, a: GPUArray, stream: Any = None) -> GPUArray:
+    return min(take(a, subset, stream=stream), stream=stream)
+
+
+def subset_max(subset: GPUArray, a: GPUArray, stream: Any = None) -> GPUArray:
+    return max(take(a, subset, stream=stream), stream=stream)
+
+
 def subset_sum(subset: GPUArray, a: GPUArray, dtype: Any = None, stream: Any = None,
                allocator: Any = None) -> GPUArray:
     return sum(take(a, subset), dtype, stream, allocator)
@@ -637,7 +716,9 @@ def concatenate(arrays: Sequence[GPUArray], axis: int = 0, allocator: Any = None
 def stack(arrays: Sequence[GPUArray], axis: int = 0, allocator: Any = None) -> GPUArray:
     shape = np.stack([np.empty(a.shape, np.uint8) for a in arrays], axis=axis).shape
     dtype = np.result_type(*[a.dtype for a in arrays])
-    out = GPUArray(shape, dtype, allocator or arrays[0].allocator)
+    # pycuda's layout: C when stacking along the first axis, F otherwise
+    out = GPUArray(shape, dtype, allocator or arrays[0].allocator,
+                   order="C" if axis == 0 else "F")
     return _run("stack", out, list(arrays), axis=axis)
 
 
@@ -647,6 +728,83 @@ def transpose(a: GPUArray, axes: Sequence[int] | None = None) -> GPUArray:
 
 def reshape(a: GPUArray, shape: Any) -> GPUArray:
     return a.reshape(shape)
+
+
+# }}}
+
+
+# {{{ launch shapes and vector types, as pycuda has them
+
+
+def splay(n: int, dev: Any = None) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """pycuda's (grid, block) for an elementwise kernel over ``n`` items on ``dev``: one warp
+    per block up to 4 blocks per possible resident block, then wider blocks up to 128 threads.
+    Array operations here never launch with it; pycuda.curandom.rand's numbers depend on it."""
+    from harp_jupyter.shim.pycuda.tools import DeviceData
+
+    if dev is None:
+        dev = drv.Context.get_current()._device if drv.Context.get_current() else drv.Device(0)
+    data = DeviceData(dev)
+    warp, widest = data.warp_size, 128
+    most_blocks = 4 * data.thread_blocks_per_mp * dev.get_attribute(
+        drv.device_attribute.MULTIPROCESSOR_COUNT)
+    if n < warp:
+        blocks, threads = 1, warp
+    elif n < most_blocks * warp:
+        blocks, threads = (n + warp - 1) // warp, warp
+    elif n < most_blocks * widest:
+        warps = (n + warp - 1) // warp
+        blocks, threads = most_blocks, (warps + most_blocks - 1) // most_blocks * warp
+    else:
+        blocks, threads = most_blocks, widest
+    return (blocks, 1), (threads, 1, 1)
+
+
+class vec:
+    """CUDA's vector types as NumPy structured dtypes (``vec.float4``) and their constructors
+    (``vec.make_float4(x, y, z, w)``), registered under their C names."""
+
+
+def _make_vector_types() -> None:
+    from harp_jupyter.shim.pycuda.tools import get_or_register_dtype
+
+    fields = "xyzw"
+    for base, scalar, counts in (
+            ("char", np.int8, 4), ("uchar", np.uint8, 4), ("short", np.int16, 4),
+            ("ushort", np.uint16, 4), ("int", np.int32, 4), ("uint", np.uint32, 4),
+            ("long", np.int64, 4), ("ulong", np.uint64, 4), ("longlong", np.int64, 2),
+            ("ulonglong", np.uint64, 2), ("float", np.float32, 4), ("double", np.float64, 2)):
+        for count in range(1, counts + 1):
+            name = f"{base}{count}"
+            dtype = np.dtype([(fields[i], scalar) for i in range(count)])
+            get_or_register_dtype(name, dtype)
+            setattr(vec, name, dtype)
+
+            def make(*components: Any, _dtype: np.dtype = dtype) -> np.ndarray:
+                return np.array(tuple(components), dtype=_dtype)
+
+            make.__name__ = f"make_{name}"
+            setattr(vec, make.__name__, staticmethod(make))
+
+
+_make_vector_types()
+
+
+def multi_take(arrays: Sequence[GPUArray], indices: GPUArray, out: Any = None,
+               stream: Any = None) -> list[GPUArray]:
+    outs = out if out is not None else [None] * len(arrays)
+    return [take(a, indices, o, stream) for a, o in zip(arrays, outs, strict=True)]
+
+
+def multi_take_put(arrays: Sequence[GPUArray], dest_indices: GPUArray, src_indices: GPUArray,
+                   dest_shape: Any = None, out: Any = None, stream: Any = None,
+                   src_offsets: Any = None) -> list[GPUArray]:
+    raise NotImplementedError("multi_take_put is not forwarded by HARP's shim")
+
+
+def multi_put(arrays: Sequence[GPUArray], dest_indices: GPUArray, dest_shape: Any = None,
+              out: Any = None, stream: Any = None) -> list[GPUArray]:
+    raise NotImplementedError("multi_put is not forwarded by HARP's shim")
 
 
 # }}}

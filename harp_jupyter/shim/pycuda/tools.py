@@ -15,6 +15,49 @@ from harp_jupyter.shim.pycuda import driver as cuda
 
 product = itertools.product  # pycuda.tools re-exports it; pycuda's tests use it
 
+
+def bitlog2(value: int) -> int:
+    """The index of the highest set bit of ``value`` (floor of log2; 0 for 0)."""
+    return max(int(value).bit_length() - 1, 0)
+
+
+# {{{ the registry of C names for dtypes (pycuda.compyte.dtypes, which pycuda.tools re-exports)
+
+
+class TypeNameNotKnown(RuntimeError):
+    """No C name is registered for a dtype."""
+
+
+_NAME_OF_DTYPE: dict[np.dtype, str] = {}
+_DTYPE_OF_NAME: dict[str, np.dtype] = {}
+
+
+def register_dtype(dtype: Any, c_names: str | list[str], alias_ok: bool = False) -> None:
+    """Give ``dtype`` its C name(s); the first is what ``dtype_to_ctype`` answers."""
+    dtype = np.dtype(dtype)
+    names = [c_names] if isinstance(c_names, str) else list(c_names)
+    for name in names:
+        known = _DTYPE_OF_NAME.get(name)
+        if known is not None and known != dtype:
+            raise RuntimeError(f"name '{name}' already registered to different dtype")
+    if not alias_ok and dtype in _NAME_OF_DTYPE and _NAME_OF_DTYPE[dtype] != names[0]:
+        raise RuntimeError(f"dtype '{dtype}' already registered as '{_NAME_OF_DTYPE[dtype]}'")
+    _NAME_OF_DTYPE.setdefault(dtype, names[0])
+    for name in names:
+        _DTYPE_OF_NAME[name] = dtype
+
+
+def get_or_register_dtype(c_names: str | list[str], dtype: Any = None) -> np.dtype:
+    """The dtype of a C name; with ``dtype``, registers it under the name(s) first."""
+    names = [c_names] if isinstance(c_names, str) else list(c_names)
+    if dtype is None:
+        try:
+            return _DTYPE_OF_NAME[names[0]]
+        except KeyError:
+            raise TypeNameNotKnown(f"C name '{names[0]}' is not known") from None
+    register_dtype(dtype, names, alias_ok=True)
+    return np.dtype(dtype)
+
 _CTYPES = {
     np.dtype(np.bool_): "bool", np.dtype(np.int8): "signed char",
     np.dtype(np.uint8): "unsigned char", np.dtype(np.int16): "short",
@@ -27,14 +70,26 @@ _CTYPES = {
 }
 
 
-def dtype_to_ctype(dtype: Any, with_fp_tex_hack: bool = False) -> str:
+def base_dtype_to_ctype(dtype: Any) -> str:
+    """The C name of ``dtype`` (built-in types and the registered ones)."""
     dtype = np.dtype(dtype)
-    if with_fp_tex_hack and dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-        return "fp_tex_float" if dtype == np.float32 else "fp_tex_double"
+    registered = _NAME_OF_DTYPE.get(dtype)
+    if registered is not None:
+        return registered
     try:
         return _CTYPES[dtype]
     except KeyError:
         raise ValueError(f"unable to map dtype '{dtype}'") from None
+
+
+def dtype_to_ctype(dtype: Any, with_fp_tex_hack: bool = False) -> str:
+    dtype = np.dtype(dtype)
+    if with_fp_tex_hack and dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        return "fp_tex_float" if dtype == np.float32 else "fp_tex_double"
+    return base_dtype_to_ctype(dtype)
+
+
+# }}}
 
 
 @dataclass
@@ -97,8 +152,30 @@ class DeviceMemoryPool:
     def held_blocks(self) -> int:
         return sum(len(blocks) for blocks in self._held.values())
 
+    #: bits of a size kept below its leading bit: bins are 1/4 of a power of two apart
+    mantissa_bits = 2
+
+    def bin_number(self, size: int) -> int:
+        """The bin of allocations of ``size`` bytes: exponent and the next mantissa bits."""
+        size = int(size)
+        exponent = bitlog2(size)
+        shift = exponent - self.mantissa_bits
+        shifted = size >> shift if shift >= 0 else size << -shift
+        mantissa = shifted & ((1 << self.mantissa_bits) - 1)
+        return exponent << self.mantissa_bits | mantissa
+
+    def alloc_size(self, bin_number: int) -> int:
+        """The bytes a block of bin ``bin_number`` has: the largest size of that bin."""
+        exponent = bin_number >> self.mantissa_bits
+        mantissa = bin_number & ((1 << self.mantissa_bits) - 1)
+        shift = exponent - self.mantissa_bits
+        head = (1 << self.mantissa_bits | mantissa)
+        if shift < 0:
+            return head >> -shift
+        return head << shift | ((1 << shift) - 1)
+
     def allocate(self, nbytes: int) -> PooledDeviceAllocation:
-        size = 1 << max(int(nbytes) - 1, 0).bit_length()
+        size = self.alloc_size(self.bin_number(nbytes))
         blocks = self._held.get(size)
         block = blocks.pop() if blocks else self._allocator(size)
         self.active_blocks += 1
@@ -143,6 +220,25 @@ class PooledDeviceAllocation:
         self.free()
 
 
+class DebugMemoryPool(DeviceMemoryPool):
+    """pycuda's debugging pool; here a plain pool (allocations are not traced)."""
+
+    def __init__(self, interactive: bool = True, logfile: Any = None) -> None:
+        super().__init__()
+        self.interactive = interactive
+        self.logfile = logfile
+
+
+class PageLockedAllocator:
+    """Host buffers for PageLockedMemoryPool (plain memory on the client)."""
+
+    def __init__(self, flags: int = 0) -> None:
+        self.flags = flags
+
+    def __call__(self, nbytes: int) -> np.ndarray:
+        return np.empty(int(nbytes), np.uint8)
+
+
 class PageLockedMemoryPool:
     """Host buffers (the client has no pinned memory of the GPU's; plain NumPy arrays)."""
 
@@ -156,26 +252,84 @@ class PageLockedMemoryPool:
         pass
 
 
+def _ceiling(value: float, multiple_of: int = 1) -> int:
+    return int(-(-value // multiple_of) * multiple_of)
+
+
+def _floor(value: float, multiple_of: int = 1) -> int:
+    return int(value // multiple_of * multiple_of)
+
+
 class DeviceData:
+    """pycuda's table of occupancy-relevant facts about a device (by compute capability; the
+    figures pycuda uses, so that launch shapes derived from them match pycuda's)."""
+
     def __init__(self, dev: Any = None) -> None:
         dev = dev or cuda.Context.get_device()
         attr = cuda.device_attribute
+        capability = dev.compute_capability()
         self.max_threads = dev.get_attribute(attr.MAX_THREADS_PER_BLOCK)
         self.warp_size = dev.get_attribute(attr.WARP_SIZE)
-        self.warps_per_mp = dev.get_attribute(attr.MAX_THREADS_PER_MULTIPROCESSOR) // max(
-            self.warp_size, 1)
-        self.thread_blocks_per_mp = 32
+        self.warps_per_mp = (64 if capability >= (3, 0) else 48 if capability >= (2, 0)
+                             else 32 if capability >= (1, 2) else 24)
+        self.thread_blocks_per_mp = 8
         self.registers = dev.get_attribute(attr.MAX_REGISTERS_PER_BLOCK)
         self.shared_memory = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK)
-        self.smem_granularity = 128
-        self.smem_alloc_granularity = 128
+        fermi_or_later = capability >= (2, 0)
+        self.smem_alloc_granularity = 128 if fermi_or_later else 512
+        self.smem_granularity = 32 if fermi_or_later else 16
+        self.register_allocation_unit = "warp" if fermi_or_later else "block"
+
+    def align_bytes(self, word_size: int = 4) -> int:
+        if word_size not in (4, 8, 16):
+            raise ValueError(f"no alignment possible for fetches of size {word_size}")
+        return self.smem_granularity * word_size
 
     def align(self, bytes_: int, word_size: int = 4) -> int:
-        return (bytes_ + self.smem_granularity * word_size - 1) // (
-            self.smem_granularity * word_size) * self.smem_granularity * word_size
+        return _ceiling(bytes_, self.align_bytes(word_size))
 
     def align_dtype(self, elements: int, dtype_size: int) -> int:
-        return self.align(elements * dtype_size) // dtype_size
+        return _ceiling(elements, self.align_words(dtype_size))
+
+    def align_words(self, word_size: int) -> int:
+        return self.align_bytes(word_size) // word_size
+
+    @staticmethod
+    def make_valid_tex_channel_count(size: int) -> int:
+        for valid in (1, 2, 4):
+            if valid >= size:
+                return valid
+        raise ValueError("could not extend texture channel count to a valid value")
+
+
+class OccupancyRecord:
+    """How many blocks of ``threads`` threads (with ``shared_mem`` bytes and ``registers``
+    registers per thread) fit on one multiprocessor, what limits them, and the occupancy."""
+
+    def __init__(self, devdata: DeviceData, threads: int, shared_mem: int = 0,
+                 registers: int = 0) -> None:
+        if threads > devdata.max_threads:
+            raise ValueError("too many threads")
+        warps = _ceiling(threads / devdata.warp_size)
+        smem = _ceiling(shared_mem, devdata.smem_alloc_granularity)
+        if devdata.register_allocation_unit == "warp":
+            regs = warps * 32 * registers
+        else:
+            regs = _ceiling(warps * 2, 4) * 16 * registers
+        if regs > devdata.registers:
+            raise ValueError("too many registers")
+        if smem > devdata.shared_memory:
+            raise ValueError("too much smem")
+        limits = [(devdata.thread_blocks_per_mp, "device"),
+                  (_floor(devdata.warps_per_mp / warps), "warps")]
+        if registers > 0:
+            limits.append((_floor(devdata.registers / regs), "regs"))
+        if shared_mem > 0:
+            limits.append((_floor(devdata.shared_memory / smem), "smem"))
+        self.tb_per_mp_limits = limits
+        self.tb_per_mp, self.limited_by = min(limits)
+        self.warps_per_mp = self.tb_per_mp * warps
+        self.occupancy = self.warps_per_mp / devdata.warps_per_mp
 
 
 def get_default_device(default: int = 0) -> Any:

@@ -39,7 +39,7 @@ export function formatBytes(bytes: number | null): string {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${BYTE_UNITS[unit]}`;
 }
 
-/** "12.0 MiB / 80.0 GiB", or just the part that is known. */
+/** "12.0 MiB / 80.0 GiB"; an unknown part reads "–" (never "0 B", which would be a claim). */
 export function formatMemory(used: number | null, total: number | null): string {
   if (used === null && total === null) {
     return '–';
@@ -47,7 +47,32 @@ export function formatMemory(used: number | null, total: number | null): string 
   if (total === null) {
     return formatBytes(used);
   }
-  return `${formatBytes(used ?? 0)} / ${formatBytes(total)}`;
+  return `${formatBytes(used)} / ${formatBytes(total)}`;
+}
+
+/** The card's memory line: the bytes the user's allocations cover, of the GPU's total, and,
+ * apart, what the agent reserves for them (it maps device memory in 2 MiB pages). Until the
+ * kernel reports its own bytes, the agent's reserved bytes are all that is known. */
+export interface IMemoryView {
+  /** "80 B / 16.0 GiB" */
+  inUse: string;
+  /** "2.0 MiB reserved", or null when it says nothing more than inUse */
+  reserved: string | null;
+}
+
+export function memoryView(kernel: IKernelLease): IMemoryView {
+  const allocated = kernel.memory_allocated ?? null;
+  const reservedBytes = kernel.memory_used;
+  if (allocated === null) {
+    return { inUse: formatMemory(reservedBytes, kernel.memory_total), reserved: null };
+  }
+  return {
+    inUse: formatMemory(allocated, kernel.memory_total),
+    reserved:
+      reservedBytes !== null && reservedBytes !== allocated
+        ? `${formatBytes(reservedBytes)} reserved`
+        : null
+  };
 }
 
 export const STATE_LABELS: Record<LeaseState, string> = {
@@ -90,6 +115,18 @@ export function describeState(kernel: IKernelLease): string {
         'and tell your GPU operator if the agent stays unreachable.'
       );
   }
+}
+
+/**
+ * A title cut in the middle: [head, tail], where the tail (the end of the name and its
+ * extension) is never cut, so "Untitled.ipynb" and "Untitled1.ipynb" stay apart in a narrow
+ * card: the head takes the ellipsis (CSS) when space runs out.
+ */
+export function splitTitle(title: string, tailChars: number = 10): [string, string] {
+  const dot = title.lastIndexOf('.');
+  const extension = dot > 0 ? title.length - dot : 0;
+  const cut = Math.max(0, title.length - Math.max(tailChars, extension + 4));
+  return [title.slice(0, cut), title.slice(cut)];
 }
 
 /** The notebook's file name, else the kernel's name, else a short id. */

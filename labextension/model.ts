@@ -21,6 +21,9 @@ import {
 
 export type KernelAction = 'lease' | 'release';
 
+/** a held lease younger than this that shows no memory yet is fetched again (followUpMs) */
+const FRESH_LEASE_SECONDS = 5;
+
 /** What the card's button shows and whether it can be pressed. */
 export interface IActionView {
   action: KernelAction;
@@ -37,6 +40,8 @@ export interface IModelOptions {
   now?: () => number;
   /** lease events within this many ms cause one refetch */
   debounceMs?: number;
+  /** a fresh lease that shows no memory yet is fetched again after this many ms */
+  followUpMs?: number;
 }
 
 /** A kernel's lease as last known, with the client time it became known (for countdowns). */
@@ -74,6 +79,7 @@ export class ElasticGPUModel implements IElasticGPUModel {
     this._api = options.api;
     this._now = options.now ?? (() => Date.now());
     this._debounceMs = options.debounceMs ?? 200;
+    this._followUpMs = options.followUpMs ?? 1000;
   }
 
   get changed(): ISignal<this, void> {
@@ -382,6 +388,10 @@ export class ElasticGPUModel implements IElasticGPUModel {
       clearTimeout(this._debounceTimer);
       this._debounceTimer = null;
     }
+    if (this._followUpTimer !== null) {
+      clearTimeout(this._followUpTimer);
+      this._followUpTimer = null;
+    }
     Signal.clearData(this);
   }
 
@@ -434,11 +444,34 @@ export class ElasticGPUModel implements IElasticGPUModel {
     this._kernelsProblem = reply.problem;
     this._kernelsError = null;
     this._loaded = true;
+    this._followUpFreshLeases(reply.kernels);
     for (const kernelId of [...this._kernelErrors.keys()]) {
       if (!this._records.some(r => r.lease.kernel_id === kernelId)) {
         this._kernelErrors.delete(kernelId);
       }
     }
+  }
+
+  /**
+   * A lease granted seconds ago may not show its memory yet (the kernel is still restoring its
+   * parked arrays when the agent reports): fetch once more shortly, rather than show 0 B until
+   * the next poll.
+   */
+  private _followUpFreshLeases(kernels: IKernelLease[]): void {
+    const settling = kernels.some(
+      k =>
+        k.state === 'held' &&
+        !k.memory_used &&
+        k.held_s !== null &&
+        k.held_s < FRESH_LEASE_SECONDS
+    );
+    if (!settling || this._followUpTimer !== null || this._isDisposed) {
+      return;
+    }
+    this._followUpTimer = setTimeout(() => {
+      this._followUpTimer = null;
+      void this.refreshKernels();
+    }, this._followUpMs);
   }
 
   private _applyPool(reply: IPoolReply): void {
@@ -471,6 +504,7 @@ export class ElasticGPUModel implements IElasticGPUModel {
   private readonly _api: ILeaseAPI;
   private readonly _now: () => number;
   private readonly _debounceMs: number;
+  private readonly _followUpMs: number;
   private readonly _changed = new Signal<this, void>(this);
   private _isDisposed = false;
   private _loaded = false;
@@ -488,6 +522,7 @@ export class ElasticGPUModel implements IElasticGPUModel {
   private _poolFetch: Promise<void> | null = null;
   private _poolAgain = false;
   private _debounceTimer: ReturnType<typeof setTimeout> | null = null;
+  private _followUpTimer: ReturnType<typeof setTimeout> | null = null;
   private _pollTimer: ReturnType<typeof setInterval> | null = null;
   private _pollIntervalMs = 10_000;
   private _runningKernelIds = '';

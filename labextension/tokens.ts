@@ -42,8 +42,11 @@ export interface IKernelLease {
   agent: string | null;
   gpu: string | null;
   emulated: boolean | null;
+  /** device memory the agent has mapped for this kernel (2 MiB pages) */
   memory_used: number | null;
   memory_total: number | null;
+  /** bytes the kernel's own allocations cover (its arrays), when the kernel reports them */
+  memory_allocated?: number | null;
   parked_bytes: number;
   held_since: number | null;
   held_s: number | null;

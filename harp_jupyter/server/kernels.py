@@ -46,7 +46,11 @@ class ElasticKernels:
 
     async def describe(self, kernel_id: str, paths: dict[str, str]) -> dict[str, Any]:
         provisioner = self.provisioner(kernel_id)
-        state = await provisioner.current_lease_state()
+        known = provisioner.lease_state()
+        # a lease granted a moment ago reports the session as the agent had it before the
+        # kernel restored its parked memory (0 B): ask the agent again rather than show that
+        stale = known.get("state") == "held" and not known.get("memory_used")
+        state = await provisioner.current_lease_state(max_age=0.0 if stale else 1.0)
         kernel = self.kernel_manager.get_kernel(kernel_id)
         path = paths.get(kernel_id)
         spec = getattr(provisioner, "kernel_spec", None)

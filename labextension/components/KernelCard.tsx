@@ -5,8 +5,9 @@ import {
   describeState,
   formatBytes,
   formatDuration,
-  formatMemory,
-  kernelTitle
+  kernelTitle,
+  memoryView,
+  splitTitle
 } from '../format';
 import type { IActionView } from '../model';
 import type { IKernelLease, IUserError, LeaseState } from '../tokens';
@@ -96,22 +97,26 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
       ? 'Release'
       : 'Lease';
   const showAgent = kernel.agent !== null && kernel.state !== 'none';
+  const title = kernelTitle(kernel);
+  const [titleHead, titleTail] = splitTitle(title);
+  const memory = memoryView(kernel);
   return (
     <li
       className={`harp-KernelCard harp-mod-${kernel.state}${props.isCurrent ? ' harp-mod-current' : ''}`}
       data-kernel-id={kernel.kernel_id}
       data-state={kernel.state}
-      aria-label={`${kernelTitle(kernel)}: ${kernel.state}`}
+      aria-label={`${title}: ${kernel.state}`}
     >
       <div className="harp-KernelCard-header">
         <StateBadge state={kernel.state} />
         <button
           className="harp-KernelCard-title"
-          title={kernel.path ? `Open ${kernel.path}` : kernel.kernel_id}
+          title={kernel.path ? `${kernel.path} (click to open)` : kernel.kernel_id}
           onClick={() => props.onOpen(kernel)}
           disabled={!kernel.path}
         >
-          {kernelTitle(kernel)}
+          <span className="harp-KernelCard-titleHead">{titleHead}</span>
+          <span className="harp-KernelCard-titleTail">{titleTail}</span>
         </button>
         <button
           className={`jp-Button harp-KernelCard-action ${
@@ -143,8 +148,27 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
           </Row>
         )}
         {held && (
-          <Row label="Memory" name="memory">
-            {formatMemory(kernel.memory_used, kernel.memory_total)}
+          <Row label="Memory" name="memory" wide>
+            <span
+              className="harp-Nowrap"
+              data-part="in-use"
+              title={
+                memory.reserved
+                  ? 'Bytes your allocations cover, of the GPU’s memory'
+                  : 'Device memory the agent has mapped for this kernel, of the GPU’s memory'
+              }
+            >
+              {memory.inUse}
+            </span>
+            {memory.reserved && (
+              <span
+                className="harp-Nowrap harp-Field-aside"
+                data-part="reserved"
+                title="The agent maps device memory in 2 MiB pages: what it holds for them"
+              >
+                {memory.reserved}
+              </span>
+            )}
           </Row>
         )}
         {kernel.state === 'parked' && kernel.parked_bytes > 0 && (

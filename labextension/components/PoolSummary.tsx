@@ -28,7 +28,10 @@ function AgentRow(props: { agent: IPoolAgent }): JSX.Element {
       </div>
       {agent.reachable ? (
         <div className="harp-AgentRow-detail">
-          {agent.gpu ?? 'unknown GPU'} · {formatMemory(agent.memory_used, agent.memory_total)}
+          {agent.gpu ?? 'unknown GPU'} ·{' '}
+          <span className="harp-Nowrap" data-field="agent-memory">
+            {formatMemory(agent.memory_used, agent.memory_total)}
+          </span>
           {agent.utilization !== null && ` · ${agent.utilization}% busy`}
           {' · '}
           {holder ? `held by ${holder}` : 'free'}

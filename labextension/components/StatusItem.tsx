@@ -3,7 +3,7 @@ import { ReactWidget } from '@jupyterlab/ui-components';
 import { ISignal, Signal } from '@lumino/signaling';
 import * as React from 'react';
 
-import { formatDuration, formatMemory, kernelTitle, statusText } from '../format';
+import { formatDuration, kernelTitle, memoryView, statusText } from '../format';
 import { gpuIcon } from '../icons';
 import type { IElasticGPUModel } from '../tokens';
 
@@ -67,7 +67,7 @@ export class ElasticGPUStatus extends ReactWidget {
     const details = [
       `${kernelTitle(kernel)}: ${kernel.state}`,
       kernel.agent ? `agent ${kernel.agent}${kernel.emulated ? ' (EMULATED)' : ''}` : '',
-      kernel.state === 'held' ? `memory ${formatMemory(kernel.memory_used, kernel.memory_total)}` : '',
+      kernel.state === 'held' ? `memory ${memoryView(kernel).inUse}` : '',
       kernel.state === 'held' ? `held ${formatDuration(held)}` : '',
       'Click to open the Elastic GPU sidebar'
     ].filter(Boolean);

@@ -7,6 +7,8 @@ import {
   formatDuration,
   formatMemory,
   kernelTitle,
+  memoryView,
+  splitTitle,
   statusText
 } from '../format';
 import { HELD, lease } from './fixtures';
@@ -26,6 +28,30 @@ test('bytes use binary units', () => {
   assert.equal(formatBytes(80 * 2 ** 30), '80.0 GiB');
   assert.equal(formatMemory(12 * 2 ** 20, 8 * 2 ** 30), '12.0 MiB / 8.0 GiB');
   assert.equal(formatMemory(null, null), '–');
+  assert.equal(formatMemory(null, 16 * 2 ** 30), '– / 16.0 GiB', 'unknown is not 0 B');
+});
+
+test('the memory line shows what the arrays cover, and what is reserved apart', () => {
+  const total = 16 * 2 ** 30;
+  assert.deepEqual(memoryView(lease({ memory_used: 2 << 20, memory_total: total })), {
+    inUse: '2.0 MiB / 16.0 GiB',
+    reserved: null
+  });
+  assert.deepEqual(
+    memoryView(lease({ memory_allocated: 80, memory_used: 2 << 20, memory_total: total })),
+    { inUse: '80 B / 16.0 GiB', reserved: '2.0 MiB reserved' }
+  );
+  assert.deepEqual(
+    memoryView(lease({ memory_allocated: 4 << 20, memory_used: 4 << 20, memory_total: total })),
+    { inUse: '4.0 MiB / 16.0 GiB', reserved: null }
+  );
+});
+
+test('titles are cut in the middle: the end that tells notebooks apart stays', () => {
+  assert.deepEqual(splitTitle('Untitled.ipynb'), ['Unti', 'tled.ipynb']);
+  assert.deepEqual(splitTitle('Untitled1.ipynb'), ['Untit', 'led1.ipynb']);
+  assert.deepEqual(splitTitle('a.ipynb'), ['', 'a.ipynb']);
+  assert.deepEqual(splitTitle('results-2026-12-01.csv'), ['results-2026', '-12-01.csv']);
 });
 
 test('a card is titled by the notebook file, else the kernel name, else its id', () => {

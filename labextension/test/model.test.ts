@@ -308,3 +308,29 @@ test('anything thrown becomes a readable error', () => {
   assert.deepEqual(toUserError('boom'), { kind: 'Error', message: 'boom', hint: '' });
   assert.deepEqual(toUserError({ kind: 'K', message: 'm', hint: 'h' }), { kind: 'K', message: 'm', hint: 'h' });
 });
+
+test('a fresh lease that shows no memory yet is fetched again soon, and then left alone', async () => {
+  const api = new FakeAPI();
+  const restoring = { ...HELD, memory_used: 0, held_s: 0.3 };
+  api.kernelsReply = { kernels: [restoring], agents: [], problem: null };
+  const model = new ElasticGPUModel({ api, debounceMs: 5, followUpMs: 5 });
+  await model.refreshKernels();
+  assert.equal(api.calls.kernels, 1);
+  api.kernelsReply = { kernels: [{ ...restoring, memory_used: 2 << 20 }], agents: [], problem: null };
+  const deadline = Date.now() + 5000;
+  while (model.kernel('k1')?.memory_used !== 2 << 20 && Date.now() < deadline) {
+    await sleep(5);
+  }
+  assert.equal(model.kernel('k1')?.memory_used, 2 << 20);
+  assert.equal(api.calls.kernels, 2);
+  model.dispose();
+});
+
+test('a lease held for long with no memory is not refetched', async () => {
+  const api = new FakeAPI();
+  api.kernelsReply = { kernels: [{ ...HELD, memory_used: 0, held_s: 600 }], agents: [], problem: null };
+  const model = new ElasticGPUModel({ api, debounceMs: 5, followUpMs: 1 });
+  await model.refreshKernels();
+  assert.equal((model as unknown as { _followUpTimer: unknown })._followUpTimer, null);
+  model.dispose();
+});

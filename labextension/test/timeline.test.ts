@@ -4,7 +4,9 @@ import { test } from 'node:test';
 import {
   buildTracks,
   extent,
+  fitText,
   formatMicros,
+  labelColumn,
   pan,
   TraceEvent,
   visibleSpans,
@@ -38,6 +40,20 @@ test('tracks come in trace order with their names and events', () => {
   });
   assert.deepEqual(extent(tracks), [10, 540]);
   assert.deepEqual(extent([]), [0, 1]);
+  // with the wall time: all of it, from the profile's start
+  assert.deepEqual(extent(tracks, 29_000), [0, 29_000]);
+});
+
+test('the label column fits the labels, up to its share; a longer label is cut', () => {
+  const measure = (text: string): number => text.length * 6;
+  assert.equal(labelColumn([60, 80], 1000), 120, 'never narrower than its minimum');
+  assert.equal(labelColumn([300], 1000), 316, 'the widest label and a gap');
+  assert.equal(labelColumn([700], 1000), 400, 'at most 40% of the width');
+  const name = 'emulated device (host NumPy time), default stream';
+  assert.equal(fitText(name, 400, measure), name);
+  const cut = fitText(name, 120, measure);
+  assert.ok(cut.endsWith('…') && measure(cut) <= 120, cut);
+  assert.ok(name.startsWith(cut.slice(0, -1)));
 });
 
 test('zoom keeps the point under the pointer; pan and zoom stay inside the profile', () => {

@@ -128,9 +128,10 @@ export function buildTracks(events: TraceEvent[]): Track[] {
   return [...tracks.values()].sort((a, b) => a.pid - b.pid || a.tid - b.tid);
 }
 
-/** [first, last] microsecond of all events (0, 1 for an empty profile): the view starts at
- * the first GPU-related event, not at the cell's start (imports and CPU work come before). */
-export function extent(tracks: Track[]): [number, number] {
+/** [first, last] microsecond of all events (0, 1 for an empty profile); with the profile's
+ * wall time, the whole of it from its start (0): what the summary's "wall" covers is what the
+ * first view shows. */
+export function extent(tracks: Track[], wallMicros: number = 0): [number, number] {
   let lo = Infinity;
   let hi = -Infinity;
   for (const t of tracks) {
@@ -139,10 +140,44 @@ export function extent(tracks: Track[]): [number, number] {
       hi = Math.max(hi, s.end);
     }
   }
+  if (wallMicros > 0) {
+    lo = Math.min(0, isFinite(lo) ? lo : 0);
+    hi = Math.max(wallMicros, isFinite(hi) ? hi : 0);
+  }
   if (!isFinite(lo)) {
     return [0, 1];
   }
   return [lo, hi > lo ? hi : lo + 1];
+}
+
+/** Width of the track-label column: the widest label and a gap, between `min` pixels and
+ * `maxShare` of the whole width (longer labels are cut to it, see fitText). */
+export function labelColumn(
+  labelWidths: number[],
+  totalWidth: number,
+  min: number = 120,
+  maxShare: number = 0.4
+): number {
+  const widest = Math.max(0, ...labelWidths) + 16;
+  return Math.round(Math.max(min, Math.min(widest, totalWidth * maxShare)));
+}
+
+/** `text`, cut with "…" at its end so that `measure` of it is at most `maxWidth`. */
+export function fitText(text: string, maxWidth: number, measure: (s: string) => number): string {
+  if (measure(text) <= maxWidth) {
+    return text;
+  }
+  let lo = 0;
+  let hi = text.length;
+  while (lo < hi) {
+    const mid = Math.ceil((lo + hi) / 2);
+    if (measure(text.slice(0, mid) + '…') <= maxWidth) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return text.slice(0, lo).trimEnd() + '…';
 }
 
 /** The part of the time axis shown, in microseconds. */

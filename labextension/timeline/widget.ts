@@ -11,7 +11,9 @@ import { formatBytes } from '../format';
 import {
   buildTracks,
   extent,
+  fitText,
   formatMicros,
+  labelColumn,
   pan,
   Span,
   TimelineData,
@@ -23,7 +25,9 @@ import {
 
 const SVG = 'http://www.w3.org/2000/svg';
 const ROW = 20;
-const LABEL = 210;
+/** px per character of an 11 px label, for when the SVG cannot measure (not in the page) */
+const CHAR_WIDTH = 6.2;
+const LABEL_GAP = 10;
 
 export class TimelineWidget extends Widget {
   constructor(data?: TimelineData) {
@@ -53,7 +57,7 @@ export class TimelineWidget extends Widget {
   setData(data: TimelineData): void {
     this._data = data;
     this._tracks = buildTracks(data.trace.traceEvents);
-    this._limits = extent(this._tracks);
+    this._limits = extent(this._tracks, data.summary.wall_s * 1e6);
     this._view = { start: this._limits[0], end: this._limits[1] };
     this._renderHeader();
     this._renderDetails();
@@ -69,27 +73,48 @@ export class TimelineWidget extends Widget {
     const svg = this._canvas;
     svg.replaceChildren();
     this._drawnWidth = this.node.clientWidth;
-    const width = Math.max(this._drawnWidth || 0, 600);
-    const plot = width - LABEL;
+    const style = getComputedStyle(this.node);
+    const padding = (parseFloat(style.paddingLeft) || 0) + (parseFloat(style.paddingRight) || 0);
+    const width = Math.max((this._drawnWidth || 0) - padding, 600);
     svg.setAttribute('width', String(width));
     svg.setAttribute('height', String(this._tracks.length * ROW + 18));
+    const labels = this._tracks.map((track, row) => {
+      const label = document.createElementNS(SVG, 'text');
+      label.setAttribute('x', '4');
+      label.setAttribute('y', String(row * ROW + 14));
+      label.setAttribute('class', 'harp-Timeline-label');
+      label.textContent = track.name;
+      svg.append(label);
+      return label;
+    });
+    const measure = (label: SVGTextElement) => (text: string): number => {
+      label.textContent = text;
+      return label.getComputedTextLength() || text.length * CHAR_WIDTH;
+    };
+    // the label column fits the labels (up to a share of the width); a longer label is cut,
+    // never drawn under the bars
+    const column = labelColumn(
+      labels.map((label, row) => measure(label)(this._tracks[row].name)),
+      width
+    );
+    this._labelWidth = column;
+    labels.forEach((label, row) => {
+      const track = this._tracks[row];
+      label.textContent = fitText(track.name, column - LABEL_GAP, measure(label));
+      const title = document.createElementNS(SVG, 'title');
+      title.textContent = `${track.process}: ${track.name}`;
+      label.append(title);
+    });
+    const left = column;
+    const plot = width - left;
     const view = this._view;
     const scale = plot / (view.end - view.start || 1);
     this._tracks.forEach((track, row) => {
       const y = row * ROW;
-      const label = document.createElementNS(SVG, 'text');
-      label.setAttribute('x', '4');
-      label.setAttribute('y', String(y + 14));
-      label.setAttribute('class', 'harp-Timeline-label');
-      label.textContent = track.name;
-      const title = document.createElementNS(SVG, 'title');
-      title.textContent = `${track.process}: ${track.name}`;
-      label.append(title);
-      svg.append(label);
       for (const span of visibleSpans(track.spans, view, plot)) {
         const rect = document.createElementNS(SVG, 'rect');
-        const x = LABEL + Math.max(0, (span.start - view.start) * scale);
-        const right = LABEL + Math.min(plot, (span.end - view.start) * scale);
+        const x = left + Math.max(0, (span.start - view.start) * scale);
+        const right = left + Math.min(plot, (span.end - view.start) * scale);
         rect.setAttribute('x', x.toFixed(1));
         rect.setAttribute('y', String(y + 3));
         rect.setAttribute('width', Math.max(right - x, 1).toFixed(1));
@@ -100,7 +125,7 @@ export class TimelineWidget extends Widget {
       }
       for (const instant of visibleSpans(track.instants, view, plot)) {
         const tick = document.createElementNS(SVG, 'rect');
-        tick.setAttribute('x', (LABEL + (instant.start - view.start) * scale).toFixed(1));
+        tick.setAttribute('x', (left + (instant.start - view.start) * scale).toFixed(1));
         tick.setAttribute('y', String(y + 5));
         tick.setAttribute('width', '1');
         tick.setAttribute('height', String(ROW - 10));
@@ -110,7 +135,7 @@ export class TimelineWidget extends Widget {
       }
     });
     const axis = document.createElementNS(SVG, 'text');
-    axis.setAttribute('x', String(LABEL));
+    axis.setAttribute('x', String(left));
     axis.setAttribute('y', String(this._tracks.length * ROW + 14));
     axis.setAttribute('class', 'harp-Timeline-axis');
     axis.textContent =
@@ -215,8 +240,11 @@ export class TimelineWidget extends Widget {
 
   private _timeAt(clientX: number): number {
     const box = this._canvas.getBoundingClientRect();
-    const plot = box.width - LABEL;
-    const share = Math.min(1, Math.max(0, (clientX - box.left - LABEL) / (plot || 1)));
+    const plot = box.width - this._labelWidth;
+    const share = Math.min(
+      1,
+      Math.max(0, (clientX - box.left - this._labelWidth) / (plot || 1))
+    );
     return this._view.start + share * (this._view.end - this._view.start);
   }
 
@@ -231,7 +259,8 @@ export class TimelineWidget extends Widget {
     let last = event.clientX;
     const move = (e: MouseEvent) => {
       const box = this._canvas.getBoundingClientRect();
-      const perPixel = (this._view.end - this._view.start) / Math.max(box.width - LABEL, 1);
+      const perPixel =
+        (this._view.end - this._view.start) / Math.max(box.width - this._labelWidth, 1);
       this._view = pan(this._view, (last - e.clientX) * perPixel, this._limits);
       last = e.clientX;
       this.draw();
@@ -265,6 +294,7 @@ export class TimelineWidget extends Widget {
 
   private _data: TimelineData | null = null;
   private _drawnWidth = 0;
+  private _labelWidth = 120;
   private _resizeObserver: ResizeObserver | null = null;
   private _tracks: Track[] = [];
   private _limits: [number, number] = [0, 1];

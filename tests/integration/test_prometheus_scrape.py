@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +14,11 @@ import pytest
 from prometheus_server import JOB, Result, prometheus_binary, running_prometheus
 
 from gpu_agent.metrics import AgentMetrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "harp-dashboard.json"
+# what Grafana puts in place of the dashboard's variables; 5 s holds several 1 s scrapes
+GRAFANA_VARIABLES = {"$__rate_interval": "5s", "$__range": "1h", "$job": ".*",
+                     "$instance": ".*"}
 
 pytestmark = pytest.mark.skipif(
     prometheus_binary() is None,
@@ -53,3 +63,53 @@ def test_prometheus_reads_leases_and_follows_changes(
         metrics.leases(held=1, queued=0)
         prometheus.wait_for("harp_leases_held == 1")
         assert only_value(prometheus.query("harp_leases_queued")) == 0
+
+
+def record_some_of_everything(metrics: AgentMetrics) -> None:
+    metrics.info("0.1.0", "emulated", "Emulated GPU", 2)
+    metrics.leases(held=2, queued=1)
+    metrics.lease_granted(0.01)
+    metrics.gpu_seconds(held_s=30.0, idle_s=12.0)
+    metrics.reclaimed()
+    metrics.parked(1 << 20, 0.02)
+    metrics.restored(1 << 20, 0.01)
+    metrics.parked_bytes(memory=1 << 20, disk=0)
+    metrics.sessions(active=2, parked=1)
+    metrics.worker_restarted("crashed")
+    metrics.refused("queue_full")
+    metrics.gpu(0.5, used=1 << 30, total=16 << 30)
+
+
+def test_every_grafana_dashboard_query_evaluates_to_data(
+        agent_metrics: tuple[AgentMetrics, str], tmp_path: Path) -> None:
+    metrics, target = agent_metrics
+    record_some_of_everything(metrics)
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    queries = {(panel["title"], t["refId"]): t["expr"]
+               for panel in panels for t in panel.get("targets", [])}
+    assert len(queries) > 10
+
+    with running_prometheus([target], tmp_path / "prometheus") as prometheus:
+        # rate() and increase() need a few samples inside their window
+        prometheus.wait_for("count_over_time(harp_slots[1m]) >= 4")
+        empty = []
+        for (title, ref), expr in queries.items():
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{title}: a variable Grafana would fill is left: {expr}"
+            if not prometheus.query(expr):  # a PromQL error fails inside query()
+                empty.append(f"{title} [{ref}]: {expr}")
+        assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with prometheus")
+def test_the_exposition_passes_promtool(agent_metrics: tuple[AgentMetrics, str]) -> None:
+    metrics, target = agent_metrics
+    record_some_of_everything(metrics)
+    with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as reply:
+        exposition = reply.read()
+    assert re.search(rb"^harp_leases_held 2\.0$", exposition, re.MULTILINE)
+    checked = subprocess.run([str(shutil.which("promtool")), "check", "metrics"],
+                             input=exposition, capture_output=True, timeout=60)
+    assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()

@@ -220,6 +220,32 @@ def test_park_dir_and_scratch_are_on_local_volumes(overlay: str) -> None:
         if "emptyDir" in park_volume:
             assert park_volume["emptyDir"].get("sizeLimit")
         assert "emptyDir" in volumes[mounts["/tmp"]]
+        # parked state in host memory lives in a tmpfs that must hold --park-memory, inside
+        # the container's memory limit
+        memory_tier = volumes[mounts[effective_args(container)["--park-memory-dir"]]]["emptyDir"]
+        assert memory_tier["medium"] == "Memory"
+        park_memory = size(effective_args(container)["--park-memory"])
+        memory_limit = size(container["resources"]["limits"]["memory"])
+        assert park_memory <= size(memory_tier["sizeLimit"]) < memory_limit
+        assert park_memory < size(effective_args(container)["--park-limit"])
+
+
+def size(text: str) -> int:
+    """Bytes of a Kubernetes quantity (``25Gi``, ``512Mi``) or an agent size (``24GiB``)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)B?", text)
+    assert match, f"not a size: {text}"
+    return int(match[1]) * units[match[2]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_bind_the_pod_ip_in_the_admitted_range(overlay: str) -> None:
+    for daemonset in of_kind(render(f"overlays/{overlay}"), "DaemonSet"):
+        container = agent_container(daemonset)
+        # the address a worker binds is the one the kernel is handed: 0.0.0.0 would be useless
+        assert effective_args(container)["--worker-host"] == "$(POD_IP)"
+        pod_ip = env_var(container, "POD_IP")
+        assert pod_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
-        supervisor = Supervisor(args.listen, config, limits, token=args.token)
+        supervisor = Supervisor(args.listen, config, limits, token=args.token, device=facts)
+        supervisor.wait_ready(limits.worker_start_timeout)
     except Exception as e:
         print(f"harp-agent: cannot start: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -60,7 +60,7 @@ class Supervisor:
                            "endpoint": self.endpoint, "executor": workers.executor,
                            "emulated": workers.executor == "emulated"}
         self.tenancy = Tenancy(self.workers, parking, limits, endpoint=self.endpoint,
-                               agent_info=self.agent_info)
+                               agent_info=self.agent_info, device_info=self.device_info)
         self.started = time.time()
         self._running = False
         self._next_tick = 0.0
@@ -96,6 +96,28 @@ class Supervisor:
         finally:
             self.close()
 
+    def wait_ready(self, timeout: float) -> None:
+        """Block (at start-up only) until the first worker has its context: from then on the
+        agent can serve a session at once. RuntimeError when none comes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.workers.socket.poll(100):
+                for worker, header in self.workers.receive():
+                    self.tenancy.on_worker(worker, header)
+            if any(w.ready for w in self.workers.workers.values()):
+                self.device = self.device_info()
+                return
+            for _worker, code in self.workers.reap(time.monotonic(), timeout):
+                raise RuntimeError(f"its first GPU worker exited (code {code}) before it was "
+                                   "ready: see the worker's messages above")
+        raise RuntimeError(f"no GPU worker was ready within {timeout:g} s")
+
+    def device_info(self) -> dict[str, Any]:
+        """The device as a session sees it: the worker's facts, its memory the slot's."""
+        ready = [w for w in self.workers.workers.values() if w.ready and w.device]
+        device = ready[0].device if ready else self.device
+        return {**device, "total_memory": self.workers.config.memory_cap}
+
     def _guarded(self, step: Callable[[], None]) -> None:
         try:
             step()
@@ -123,6 +145,9 @@ class Supervisor:
         kind = header["t"]
         try:
             handler = self._handlers.get(kind)
+            if kind == P.BATCH:
+                raise AgentError("SessionError", "batch before hello: batches go to the "
+                                 "session's worker, whose endpoint the welcome names")
             if handler is None:
                 raise P.ProtocolError(f"the agent takes no {kind!r} message (a batch goes to "
                                       "the session's worker)")
@@ -228,8 +253,7 @@ class Supervisor:
     def status(self, *, everyone: bool = True,
                kernel: tuple[str, str] | None = None) -> dict[str, Any]:
         config = self.workers.config
-        ready = [w for w in self.workers.workers.values() if w.ready]
-        device = self.device or (ready[0].device if ready else {})
+        device = self.device_info()
         return {
             "t": P.STATUS,
             "leases": self.tenancy.status(everyone=everyone, kernel=kernel),
@@ -237,6 +261,7 @@ class Supervisor:
             "emulated": config.executor == "emulated",
             "device": device,
             "memory": {"slot": config.memory_cap, "total": device.get("total_memory"),
+                       "free": config.memory_cap * self.tenancy.leases.free_slots,
                        "used": sum(w.figures().get("device_bytes", 0)
                                    for w in self.workers.workers.values())},
             "workers": {"running": len(self.workers.workers), "restarts": self.workers.restarts},

@@ -83,12 +83,14 @@ class Tenancy:
 
     def __init__(self, workers: WorkerPool, parking: ParkStore, limits: AgentLimits, *,
                  endpoint: str, agent_info: dict[str, Any],
+                 device_info: Callable[[], dict[str, Any]],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workers = workers
         self.parking = parking
         self.limits = limits
         self.endpoint = endpoint
         self.agent_info = agent_info
+        self.device_info = device_info
         self._clock = clock
         self.leases = LeaseTable(limits.lease_ttl, clock, slots=limits.slots,
                                  max_queue=limits.max_queue, min_ttl=limits.min_lease_ttl)
@@ -329,7 +331,7 @@ class Tenancy:
             "t": P.WELCOME, "v": P.PROTOCOL_VERSION, "rid": header.get("rid"),
             "session": session.session_id, "resume_token": session.resume_token,
             "resumed": session.resumed, "range": [session.base, P.SESSION_RANGE_SIZE],
-            "device": {**worker.device, "total_memory": self.workers.config.memory_cap},
+            "device": self.device_info(),
             "executor": self.agent_info["executor"], "emulated": self.agent_info["emulated"],
             "agent": self.agent_info, "worker": worker.endpoint, "attach": session.attach,
             "slot": {"slots": self.leases.slots, "memory": self.workers.config.memory_cap},
@@ -376,7 +378,8 @@ class Tenancy:
         self.parking.drop(session.session_id, why)
         if lost:
             self.parking.remember(session.session_id, why)
-            error = P.error("StateLost", _lost(why))
+            error = P.error("StateLost", _lost(why, parked=session.state in (
+                SessionState.PARKING, SessionState.PARKED)))
             for route, request in session.waiting:
                 self.send(route, {"t": P.ERROR, "rid": request.get("rid"), "e": error})
             if session.route is not None:
@@ -688,7 +691,9 @@ def _wall(monotonic_at: float | None, clock: Callable[[], float]) -> float | Non
     return time.time() - (clock() - monotonic_at)
 
 
-def _lost(reason: str) -> str:
-    return (f"the GPU state of this kernel is gone: {reason}. Its device arrays, modules and "
-            "streams no longer exist; the kernel's CPU state is intact, and the next GPU call "
-            "starts a fresh session: re-run the cells that create them.")
+def _lost(reason: str, *, parked: bool = True) -> str:
+    what = "the parked GPU state of this kernel is gone" if parked else (
+        "this kernel's GPU session ended")
+    return (f"{what}: {reason}. Its device arrays, modules and streams no longer exist; the "
+            "kernel's CPU state is intact and other notebooks were not affected, and the next "
+            "GPU call starts a fresh session: re-run the cells that create them.")

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -386,7 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _die_with_supervisor() -> None:
+    """A worker must not outlive its supervisor (it would hold a GPU nobody can manage): on
+    Linux the kernel kills it when its parent goes."""
+    supervisor = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor:
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _die_with_supervisor()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s harp-worker {args.worker_id} %(levelname)s "

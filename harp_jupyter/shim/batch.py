@@ -253,13 +253,13 @@ class BatchWriter:
             if pending is None or header.get("q") != pending.seq:
                 expected = pending.seq if pending else None
                 self._fatal = ProtocolError(
-                    f"the agent at {self.connection.endpoint} replied to batch "
+                    f"the agent at {self.connection.label} replied to batch "
                     f"{header.get('q')!r}, expected {expected!r}")
                 raise self._fatal
             self._inflight.popleft()
             if pending.details is not None and profiling.active is not None:
                 profiling.active.note_batch(profiling.BatchTiming(
-                    pending.seq, self.connection.endpoint, pending.sent, profiling.active.now(),
+                    pending.seq, self.connection.label, pending.sent, profiling.active.now(),
                     [m[0] for m in pending.metas], [m[1] for m in pending.metas],
                     pending.details,
                     header.get("p") if isinstance(header.get("p"), dict) else None))
@@ -269,7 +269,7 @@ class BatchWriter:
             # in-order accounting is broken; nothing more can be sent on this connection.
             error = header.get("e") if isinstance(header.get("e"), dict) else {}
             self._fatal = error_from_agent(error)
-            self._fatal.args = (f"the GPU agent at {self.connection.endpoint} refused this"
+            self._fatal.args = (f"the GPU agent at {self.connection.label} refused this"
                                 f" session's messages: {self._fatal.args[0]}",)
             raise self._fatal
         # anything else (a late welcome, an unknown type) is ignored
@@ -285,7 +285,7 @@ class BatchWriter:
                     on_result(_resolve(value, frames))
         except (TypeError, ValueError, IndexError) as e:
             self._fatal = ProtocolError(
-                f"malformed reply from the agent at {self.connection.endpoint}: {e!r}")
+                f"malformed reply from the agent at {self.connection.label}: {e!r}")
             raise self._fatal from None
         error = header.get("e")
         if not error:

@@ -171,7 +171,7 @@ class RemoteSession:
             base, size = welcome["range"]
             device = welcome.get("device") or {}
             data = AgentConnection(worker_endpoint(str(welcome["worker"]), grant.agent),
-                                   token=self._token, timeout=self._timeout)
+                                   token=self._token, timeout=self._timeout, label=grant.agent)
             data.attach(welcome["session"], str(welcome["attach"]))
         except Error as e:
             connection.close()

@@ -70,8 +70,10 @@ class AgentConnection:
     """One DEALER connection to the agent at ``endpoint``; see the module docstring."""
 
     def __init__(self, endpoint: str, *, token: str | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, label: str | None = None) -> None:
         self.endpoint = endpoint
+        #: how messages name the peer: a session's worker is named by its agent's endpoint
+        self.label = label or endpoint
         self.token = token if token is not None else os.environ.get("HARP_TOKEN")
         self.timeout = timeout if timeout is not None else timeout_from_env()
         self.welcome: dict[str, Any] | None = None
@@ -92,7 +94,7 @@ class AgentConnection:
             self._socket.connect(endpoint)
         except zmq.ZMQError as e:
             self.close()
-            raise GPULostError(f"cannot connect to the GPU agent at {endpoint!r}: {e}") from None
+            raise GPULostError(f"cannot connect to the GPU agent at {self.label!r}: {e}") from None
 
     # {{{ handshake
 
@@ -119,7 +121,7 @@ class AgentConnection:
             if kind == protocol.ERROR:
                 error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
                 exc = error_from_agent(error, op="hello")
-                exc.args = (f"the GPU agent at {self.endpoint} refused this client: "
+                exc.args = (f"the GPU agent at {self.label} refused this client: "
                             f"{exc.args[0]}" + self._auth_hint(exc),)
                 self._lost = "refused at hello"
                 raise exc
@@ -183,7 +185,7 @@ class AgentConnection:
         With ``timeout`` (seconds) raise ``TimeoutError`` when nothing came; without it wait as
         long as the agent is alive (see the module docstring)."""
         if self._closed:
-            raise GPULostError(f"the connection to the GPU agent at {self.endpoint} is closed")
+            raise GPULostError(f"the connection to the GPU agent at {self.label} is closed")
         start = last_heard = time.monotonic()
         while True:
             now = time.monotonic()
@@ -201,7 +203,7 @@ class AgentConnection:
                     header, frames = protocol.decode(parts)
                 except protocol.ProtocolError as e:
                     raise ProtocolError(
-                        f"the agent at {self.endpoint} sent an undecodable message: {e}") from None
+                        f"the agent at {self.label} sent an undecodable message: {e}") from None
                 if header.get("t") == protocol.STATUS:
                     self.last_status = header
                     if not connecting:
@@ -214,7 +216,7 @@ class AgentConnection:
             if not self._established and now - start > self.timeout:
                 self._lost = "unreachable"
                 raise GPULostError(
-                    f"no answer from the GPU agent at {self.endpoint} within {self.timeout:g} s."
+                    f"no answer from the GPU agent at {self.label} within {self.timeout:g} s."
                     " Is harp-agent running there and reachable from this machine? (The endpoint"
                     " comes from HARP_AGENT or `harp run --agent`; HARP_AGENT_TIMEOUT sets the"
                     " wait.)")
@@ -265,12 +267,12 @@ class AgentConnection:
 
     def _check_usable(self) -> None:
         if self._closed:
-            raise GPULostError(f"the connection to the GPU agent at {self.endpoint} is closed")
+            raise GPULostError(f"the connection to the GPU agent at {self.label} is closed")
         if self._lost is not None:
             raise GPULostError(self.lost_message())
 
     def lost_message(self) -> str:
-        return (f"lost the GPU agent at {self.endpoint} ({self._lost}): the GPU state of this"
+        return (f"lost the GPU agent at {self.label} ({self._lost}): the GPU state of this"
                 " session (device memory, modules, streams) is gone. The process and its CPU"
                 " state are intact; the next GPU call starts a new session, so recreate device"
                 " objects. Check that harp-agent is still running there.")

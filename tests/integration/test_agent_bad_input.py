@@ -6,64 +6,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import zmq
 
 from gpu_agent import protocol as P
+from tests.agent_client import RawClient
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class RawClient:
-    """A DEALER speaking the protocol by hand (no shim), to send what the shim never would.
-    It is its own kernel: ``hello`` first takes a lease, ``close`` gives it back."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVTIMEO, 10_000)
-        self.socket.connect(endpoint)
-        self.seq = 0
-        self.kernel_id = f"raw-{id(self)}"
-        self.lease: dict | None = None
-
-    def take_lease(self, **extra: Any) -> dict:
-        reply, _ = self.request({"t": P.LEASE_REQUEST, "rid": 1, "kernel_id": self.kernel_id,
-                                 "kernel_secret": "secret", "user": "test", **extra})
-        assert reply["t"] == P.LEASE, reply
-        self.lease = reply["lease"]
-        return self.lease
-
-    def release(self) -> dict:
-        assert self.lease is not None
-        reply, _ = self.request({"t": P.LEASE_RELEASE, "rid": 2, "lease_id": self.lease["id"],
-                                 "token": self.lease["token"]})
-        self.lease = None
-        return reply
-
-    def send_raw(self, *frames: bytes) -> dict:
-        self.socket.send_multipart(list(frames))
-        header, _ = P.decode(self.socket.recv_multipart())
-        return header
-
-    def request(self, header: dict, *frames: bytes) -> tuple[dict, list[Any]]:
-        self.socket.send_multipart(P.encode(header, frames))
-        return P.decode(self.socket.recv_multipart())
-
-    def hello(self, **extra: Any) -> dict:
-        if self.lease is None:
-            lease = self.take_lease(token=extra.get("token"))
-            assert lease["state"] == "held", "another client of this test holds the GPU"
-        return self.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {},
-                             "lease": [self.lease["id"], self.lease["token"]], **extra})[0]
-
-    def batch(self, *calls: list[Any], frames: tuple[bytes, ...] = ()) -> tuple[dict, list[Any]]:
-        self.seq += 1
-        return self.request({"t": P.BATCH, "q": self.seq, "c": list(calls)}, *frames)
-
-    def close(self) -> None:
-        if self.lease is not None:
-            self.release()
-        self.socket.close(0)
 
 
 @pytest.fixture
@@ -77,7 +24,7 @@ def clients(module_emulated_agent: Any) -> Iterator[tuple[RawClient, RawClient]]
 
 
 def good_client_still_served(good: RawClient) -> None:
-    welcome = good.hello()
+    welcome = good.welcome or good.hello()
     base = welcome["range"][0]
     reply, frames = good.batch(["alloc", base, P.GRANULARITY], ["htod", base, b"harp", None],
                                ["dtoh", base, 4, None], ["free", base])
@@ -179,7 +126,7 @@ def test_sessions_need_a_held_lease_and_a_valid_token(
     reply, _ = bad.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {}})
     assert reply["e"]["kind"] == "LeaseError" and "lease" in reply["e"]["msg"]
     good.hello()
-    assert bad.take_lease()["state"] == "queued"  # good holds the GPU
+    assert bad.take_lease(wait=False)["state"] == "queued"  # good holds the GPU
     reply = bad.hello()
     assert reply["e"]["kind"] == "LeaseError" and "queued" in reply["e"]["msg"]
     reply, _ = bad.request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {},
@@ -205,8 +152,8 @@ def test_calls_after_the_lease_ended_do_not_run(clients: tuple[RawClient, RawCli
     base = bad.hello()["range"][0]
     reply, _ = bad.batch(["alloc", base, P.GRANULARITY], ["htod", base, b"kept", None])
     assert reply["e"] is None
-    bad.release()  # the agent parks the session under the connection
-    reply, _ = bad.batch(["htod", base, b"lost", None])
-    assert reply["e"]["kind"] == "LeaseError" and "did not run" in reply["e"]["msg"]
-    assert reply["r"] == []
+    bad.release()  # the agent parks the session: its worker ends under the connection
+    notice = bad.next_push(P.LOST)
+    assert notice["parked"] is True and notice["e"]["kind"] == "LeaseError"
+    assert "parked" in notice["e"]["msg"] and "restores it" in notice["e"]["msg"]
     good_client_still_served(good)

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from harp_jupyter.shim.session import get_session
@@ -46,14 +47,39 @@ def test_killed_agent_raises_gpu_lost_at_the_next_sync_point(
         cuda.mem_alloc(16)  # ...which finds no agent there, within HARP_AGENT_TIMEOUT
 
 
-def test_frozen_agent_is_detected_by_heartbeats(cuda: ModuleType, emulated_agent: Any) -> None:
+def session_worker(agent: Any) -> psutil.Process:
+    """The worker process serving the one session of ``agent`` (the spare has no client)."""
+    session = get_session()
+    port = int(session._writer.connection.endpoint.rsplit(":", 1)[1])
+    for child in psutil.Process(agent.process.pid).children():
+        if any(c.laddr.port == port for c in child.net_connections(kind="tcp")
+               if c.status == psutil.CONN_LISTEN):
+            return child
+    raise AssertionError("no worker listens on the session's port")
+
+
+def test_frozen_worker_is_detected_by_heartbeats(cuda: ModuleType, emulated_agent: Any) -> None:
     dev = cuda.mem_alloc(64)
     cuda.Context.synchronize()
-    emulated_agent.process.send_signal(signal.SIGSTOP)
+    worker = session_worker(emulated_agent)
+    worker.suspend()
     try:
         with pytest.raises(cuda.GPULostError, match=emulated_agent.endpoint):
             cuda.memset_d8(dev, 1, 64)
             cuda.Context.synchronize()  # no reply ever comes; the link times out in ~2 s
+    finally:
+        worker.resume()
+
+
+def test_a_frozen_supervisor_does_not_hold_up_the_sessions_work(
+        cuda: ModuleType, emulated_agent: Any) -> None:
+    data = np.arange(256, dtype=np.float32)
+    dev = cuda.to_device(data)
+    emulated_agent.process.send_signal(signal.SIGSTOP)
+    try:  # batches go straight to the session's worker
+        for _ in range(20):
+            cuda.memcpy_htod(dev, data * 2)
+            assert np.array_equal(cuda.from_device_like(dev, data), data * 2)
     finally:
         emulated_agent.process.send_signal(signal.SIGCONT)
 

@@ -1,13 +1,13 @@
-"""ParkStore: memory cap and spill files, the total limit, TTL, and the reasons it remembers."""
+"""ParkStore: parks planned before they start, the memory tier and the limit, TTL, reasons kept."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from gpu_agent.parking import ParkStore
+from gpu_agent.errors import AgentError
+from gpu_agent.parking import REMEMBERED_DROPS, ParkStore
 
 
 class Clock:
@@ -18,61 +18,97 @@ class Clock:
         return self.now
 
 
-def chunks(*sizes: int, fill: int = 1) -> list[tuple[int, np.ndarray]]:
-    return [(0x1000 * i, np.full(size, fill + i, np.uint8)) for i, size in enumerate(sizes)]
+def write_park(store: ParkStore, session: str, sizes: list[int], memory_room: int
+               ) -> list[list[object]]:
+    """What a worker does for a park: files in the memory dir while the room lasts."""
+    chunks: list[list[object]] = []
+    for i, size in enumerate(sizes):
+        where = store.memory_dir if size <= memory_room else store.disk_dir
+        if where == store.memory_dir:
+            memory_room -= size
+        path = Path(where) / f"{session}-{i}.bin"
+        path.write_bytes(bytes([i + 1]) * size)
+        chunks.append([0x1000 * i, size, str(path)])
+    return chunks
 
 
-def test_chunks_past_the_memory_cap_spill_to_files_and_read_back(tmp_path: Path) -> None:
-    store = ParkStore(memory_cap=150, limit=10_000, ttl=60, spill_dir=str(tmp_path))
-    parked, evicted = store.put("s1", chunks(100, 100))
-    assert evicted == []
-    assert parked.nbytes == 200 and parked.spilled_bytes == 100 and store.host_bytes == 100
-    assert [np.unique(c.read()).tolist() for c in parked.chunks] == [[1], [2]]
-    taken = store.take("s1")
-    assert taken is parked and store.get("s1") is None
-    ParkStore.discard(taken)
+def park(store: ParkStore, session: str, *sizes: int) -> list[str]:
+    plan = store.plan(session, sum(sizes))
+    store.put(session, "kernel", write_park(store, session, list(sizes), plan.memory_room), [])
+    return plan.evicted
+
+
+def test_bytes_past_the_memory_cap_go_to_disk_and_are_counted_there(tmp_path: Path) -> None:
+    store = ParkStore(memory_cap=150, limit=10_000, ttl=60, memory_dir=str(tmp_path / "m"),
+                      spill_dir=str(tmp_path / "d"))
+    (tmp_path / "m").mkdir(exist_ok=True)
+    assert park(store, "s1", 100, 100) == []
+    parked = store.get("s1")
+    assert parked is not None
+    assert (parked.nbytes, parked.memory_bytes, parked.disk_bytes) == (200, 100, 100)
+    assert store.memory_bytes == 100 and store.disk_bytes == 100
+    store.drop("s1", "test")
     assert not list(tmp_path.rglob("*.bin"))
+    store.close()
 
 
-def test_the_limit_drops_the_oldest_parked_state_and_says_why() -> None:
+def test_the_plan_drops_the_oldest_parked_state_for_room_and_says_why() -> None:
     clock = Clock()
     store = ParkStore(memory_cap=1000, limit=250, ttl=60, clock=clock)
-    store.put("old", chunks(100))
+    park(store, "old", 100)
     clock.now = 1
-    store.put("mid", chunks(100))
+    park(store, "mid", 100)
     clock.now = 2
-    _, evicted = store.put("new", chunks(100))
-    assert evicted == ["old"]
-    assert store.get("old") is None and store.get("mid") is not None
-    assert "park-limit" in store.dropped["old"]
-    with pytest.raises(MemoryError, match="park limit"):
-        store.put("huge", chunks(300))
+    assert park(store, "new", 100) == ["old"]
+    assert store.get("old") is None and "--park-limit" in store.dropped["old"]
+    assert store.total_bytes == 200
+    store.close()
 
 
-def test_ttl_expires_parked_state() -> None:
+def test_a_park_larger_than_the_limit_is_refused_before_it_starts_and_drops_nothing() -> None:
+    store = ParkStore(memory_cap=1000, limit=250, ttl=60)
+    park(store, "kept", 100)
+    with pytest.raises(AgentError) as refused:
+        store.plan("huge", 300)
+    assert refused.value.kind == "StateLost" and "--park-limit" in str(refused.value)
+    assert store.get("kept") is not None and store.total_bytes == 100
+    with pytest.raises(AgentError, match="park_limit"):
+        store.plan("kernel-bound", 200, kernel_limit=150)
+    store.close()
+
+
+def test_a_planned_park_reserves_its_room_until_it_is_put_or_cancelled() -> None:
+    store = ParkStore(memory_cap=100, limit=300, ttl=60)
+    first = store.plan("a", 80)
+    assert first.memory_room == 80 and store.memory_bytes == 80
+    second = store.plan("b", 80)
+    assert second.memory_room == 20  # the memory tier is promised to the first park
+    store.cancel("a")
+    store.cancel("b")
+    assert store.total_bytes == 0 and store.memory_bytes == 0
+    store.close()
+
+
+def test_expired_parked_state_is_dropped_with_the_reason_it_came_from() -> None:
     clock = Clock()
-    store = ParkStore(memory_cap=1000, limit=1000, ttl=10, clock=clock)
-    store.put("a", chunks(10))
-    clock.now = 5
-    store.put("b", chunks(10))
-    clock.now = 12
-    assert store.expire() == ["a"]
-    assert "park-ttl" in store.dropped["a"] and store.get("b") is not None
+    store = ParkStore(memory_cap=1000, limit=1000, ttl=60, clock=clock)
+    park(store, "agent-ttl", 10)
+    plan = store.plan("kernel-ttl", 10)
+    store.put("kernel-ttl", "k", write_park(store, "kernel-ttl", [10], plan.memory_room), [],
+              ttl=5)
+    clock.now = 10
+    assert store.expire() == ["kernel-ttl"]
+    assert "park_ttl" in store.dropped["kernel-ttl"]
+    clock.now = 61
+    assert store.expire() == ["agent-ttl"]
+    assert "--park-ttl" in store.dropped["agent-ttl"]
+    store.close()
 
 
-def test_a_kernel_may_ask_for_less_than_the_agent_keeps_never_more() -> None:
-    clock = Clock()
-    store = ParkStore(memory_cap=1000, limit=1000, ttl=10, clock=clock)
-    store.put("short", chunks(10), ttl=3)
-    store.put("greedy", chunks(10), ttl=3600)  # capped by the agent's 10 s
-    store.put("plain", chunks(10))
-    clock.now = 4
-    assert store.expire() == ["short"]
-    assert "its kernel asked" in store.dropped["short"]
-    assert "HARP_PARK_TTL" in store.dropped["short"]
-    clock.now = 11
-    assert sorted(store.expire()) == ["greedy", "plain"]
-    assert "--park-ttl" in store.dropped["greedy"]
-    with pytest.raises(MemoryError, match="kernel's park limit"):
-        store.put("big", chunks(200), limit=100)
-    assert store.get("big") is None
+def test_remembered_drop_reasons_are_bounded() -> None:
+    store = ParkStore(memory_cap=1, limit=1, ttl=60)
+    for i in range(REMEMBERED_DROPS + 10):
+        store.remember(f"s{i}", "gone")
+    assert len(store.dropped) == REMEMBERED_DROPS
+    assert "s0" not in store.dropped and f"s{REMEMBERED_DROPS + 9}" in store.dropped
+    store.close()

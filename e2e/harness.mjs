@@ -240,10 +240,13 @@ export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
   return { url, token, root: dirs.root, request, lab, stop: () => lab.stop() };
 }
 
-/** Where screenshots and logs go; the default folder is emptied first, so it shows one run. */
-export function screenshotDir() {
+/**
+ * Where screenshots and logs go; the default folder is emptied first, so it shows one run
+ * (`keep`: a later test file of the same run adds to it instead).
+ */
+export function screenshotDir({ keep = false } = {}) {
   const dir = process.env.HARP_E2E_SCREENSHOTS ?? join(REPO, 'e2e', 'screenshots');
-  if (!process.env.HARP_E2E_SCREENSHOTS) {
+  if (!process.env.HARP_E2E_SCREENSHOTS && !keep) {
     rmSync(dir, { recursive: true, force: true });
   }
   if (!existsSync(dir)) {

@@ -259,7 +259,10 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
     // the event makes the badge change at once; the fetch it triggers fills in the GPU details
     await alpha.locator('[data-field="agent"] .harp-EmulatedTag').waitFor();
     await until(
-      async () => /^\d.* \/ 16\.0 GiB$/.test(await alpha.locator('[data-field="memory"]').textContent()),
+      async () =>
+        /^\d.* \/ 16\.0 GiB$/.test(
+          await alpha.locator('[data-field="memory"] [data-part="in-use"]').textContent()
+        ),
       'memory used / total'
     );
     assert.match(await alpha.locator('[data-field="idle"]').textContent(), /^in /);

@@ -1,0 +1,231 @@
+// A newcomer's path through the Elastic GPU sidebar, checked with the DOM where the eye would
+// be fooled: two "Untitled" notebooks told apart, a memory line that stays on one line, a card
+// that never shows 0 B after a restore, and the profile opened from the sidebar with its labels
+// clear of the bars, the whole wall time in view and the advisor on the editor's line numbers.
+// Screenshots go to e2e/screenshots/ (or $HARP_E2E_SCREENSHOTS), as newcomer-*.png.
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { chromium } from 'playwright-core';
+
+import { CHROMIUM, screenshotDir, startAgent, startLab, until, writeNotebook } from './harness.mjs';
+
+// two 40-byte arrays: what the user allocated is 80 B, what the agent maps is one 2 MiB page
+const TWO_SMALL_ARRAYS =
+  'import numpy as np, pycuda.autoinit, pycuda.gpuarray as ga\n' +
+  'a = ga.to_gpu(np.arange(5.0))\n' +
+  'b = ga.to_gpu(np.arange(5.0))\n' +
+  'print((a + b).get().sum())';
+// the editor numbers the .get() line 6 (the %%harp line is 1)
+const PROFILE_CELL = [
+  '%%harp profile',
+  'import numpy as np, pycuda.autoinit, pycuda.gpuarray as ga',
+  'x = ga.to_gpu(np.arange(1000, dtype=np.float32))',
+  't = 0.0',
+  'for _ in range(10):',
+  '    t += float((x * 2).get().sum())',
+  'print(t)'
+].join('\n');
+const PANEL_ID = 'harp-elastic-gpu-panel';
+const STEP = { timeout: 180_000 };
+const SHOTS = screenshotDir({ keep: true });
+
+let browser;
+let agent;
+let lab;
+let page;
+
+const panel = () => page.locator(`#${PANEL_ID}`);
+const cardByPath = path => panel().locator('.harp-KernelCard').filter({
+  has: page.locator(`.harp-KernelCard-title[title^="${path} "]`)
+});
+const stateOf = async path => {
+  const found = cardByPath(path);
+  return (await found.count()) === 1 ? found.getAttribute('data-state') : null;
+};
+const waitForState = (path, state, timeoutMs = 60_000) =>
+  until(async () => (await stateOf(path)) === state, `${path} to be ${state}`, timeoutMs);
+
+async function shot(name) {
+  const path = join(SHOTS, `newcomer-${name}.png`);
+  await page.screenshot({ path });
+  return path;
+}
+
+async function openAndRun(path) {
+  await page.evaluate(async p => {
+    const app = window.jupyterapp;
+    await app.commands.execute('docmanager:open', { path: p });
+    for (const widget of app.shell.widgets('main')) {
+      if (widget.context?.path === p) {
+        app.shell.activateById(widget.id);
+        await widget.context.sessionContext.ready;
+      }
+    }
+    // not awaited: a queued cell waits for the GPU
+    void app.commands.execute('notebook:run-all-cells');
+    return true;
+  }, path);
+}
+
+async function outputText(path) {
+  return page.evaluate(p => {
+    for (const widget of window.jupyterapp.shell.widgets('main')) {
+      if (widget.context?.path === p) {
+        return widget.content.model.cells
+          .get(0)
+          .outputs.toJSON()
+          .map(o => (typeof o.text === 'string' ? o.text : JSON.stringify(o.data ?? {})))
+          .join('');
+      }
+    }
+    return null;
+  }, path);
+}
+
+/** Line boxes an element's text takes (1: it did not wrap). */
+const lineCount = locator =>
+  locator.evaluate(el => {
+    const tops = new Set([...el.getClientRects()].map(r => Math.round(r.top)));
+    return tops.size;
+  });
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-quic']
+  });
+  agent = await startAgent(SHOTS, ['--lease-ttl', '30']);
+  lab = await startLab({ agents: agent.endpoint, logDir: SHOTS, name: 'lab-newcomer' });
+  writeNotebook(lab.root, 'Untitled.ipynb', [TWO_SMALL_ARRAYS]);
+  writeNotebook(lab.root, 'Untitled1.ipynb', [TWO_SMALL_ARRAYS]);
+  writeNotebook(lab.root, 'Untitled2.ipynb', [PROFILE_CELL]);
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  page = await context.newPage();
+  await page.goto(`${lab.url}/lab?token=${lab.token}`);
+  await page.waitForFunction(() => window.jupyterapp?.commands?.hasCommand('harp:open-panel'), null, {
+    timeout: 60_000
+  });
+  await page.evaluate(async () => {
+    await window.jupyterapp.restored;
+    await window.jupyterapp.commands.execute('harp:open-panel');
+    return true;
+  });
+  await panel().waitFor({ state: 'visible' });
+});
+
+after(async () => {
+  await page?.context().close();
+  await browser?.close();
+  await lab?.stop();
+  await agent?.stop();
+});
+
+describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_000 }, () => {
+  test('the two cards are told apart: the ends of their names show, the path on hover', STEP, async () => {
+    await openAndRun('Untitled.ipynb');
+    await waitForState('Untitled.ipynb', 'held');
+    await openAndRun('Untitled1.ipynb');
+    await waitForState('Untitled1.ipynb', 'queued');
+    const tails = [];
+    for (const path of ['Untitled.ipynb', 'Untitled1.ipynb']) {
+      const title = cardByPath(path).locator('.harp-KernelCard-title');
+      const tail = title.locator('.harp-KernelCard-titleTail');
+      // the tail is drawn whole, inside the title's box
+      const [titleBox, tailBox] = [await title.boundingBox(), await tail.boundingBox()];
+      assert.ok(tailBox.x >= titleBox.x - 0.5 && tailBox.x + tailBox.width <= titleBox.x + titleBox.width + 0.5,
+        `${path}: the tail ${JSON.stringify(tailBox)} inside the title ${JSON.stringify(titleBox)}`);
+      assert.match(await title.getAttribute('title'), new RegExp(`^${path.replace('.', '\\.')} `));
+      tails.push(await tail.textContent());
+    }
+    assert.notEqual(tails[0], tails[1], `visible ends: ${tails}`);
+    await shot('two-cards');
+  });
+
+  test('the memory line stays on one line, inside its card', STEP, async () => {
+    const first = cardByPath('Untitled.ipynb');
+    const memory = first.locator('[data-field="memory"] [data-part="in-use"]');
+    await until(async () => /^\d[\d.]* \S+ \/ [\d.]+ GiB$/.test((await memory.textContent()) ?? ''), 'memory / total');
+    assert.equal(await lineCount(memory), 1, `one line: ${await memory.textContent()}`);
+    const memoryBox = await memory.boundingBox();
+    const cardBox = await first.boundingBox();
+    assert.ok(memoryBox.x + memoryBox.width <= cardBox.x + cardBox.width, 'inside the card');
+  });
+
+  test('after a restore the card never reads 0 B', { ...STEP, todo: 'the agent reports 0 device bytes for a restored session (asked of the lead)' }, async () => {
+    const first = cardByPath('Untitled.ipynb');
+    const memory = first.locator('[data-field="memory"] [data-part="in-use"]');
+    // Release: the queued notebook gets the GPU; Lease on the first queues it behind; Release the
+    // second: the first is restored. Every memory text shown from then on is sampled.
+    await first.locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
+    await waitForState('Untitled.ipynb', 'parked');
+    await waitForState('Untitled1.ipynb', 'held');
+    await first.locator('.harp-KernelCard-action', { hasText: /^Lease$/ }).click();
+    await waitForState('Untitled.ipynb', 'queued');
+    await cardByPath('Untitled1.ipynb').locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
+    await waitForState('Untitled.ipynb', 'held');
+    const seen = new Set();
+    const deadline = Date.now() + 4000;
+    while (Date.now() < deadline) {
+      if ((await memory.count()) === 1) {
+        seen.add(await memory.textContent());
+      }
+      await page.waitForTimeout(100);
+    }
+    assert.ok(![...seen].some(text => text.startsWith('0 B')), `memory after the restore: ${[...seen]}`);
+    assert.equal(await lineCount(memory), 1);
+    await shot('restored');
+  });
+
+  test('after Release the card does not say "released after release"', { ...STEP, todo: 'the wording is the keeper’s (provisioner/keeper.py), asked of the lead' }, async () => {
+    const second = cardByPath('Untitled1.ipynb');
+    await waitForState('Untitled1.ipynb', 'parked');
+    const text = await second.textContent();
+    assert.doesNotMatch(text, /released after release/);
+  });
+
+  test('the profile opens from the sidebar, readable', STEP, async () => {
+    await cardByPath('Untitled.ipynb').locator('.harp-KernelCard-action', { hasText: /^Release$/ }).click();
+    await waitForState('Untitled.ipynb', 'parked');
+    await openAndRun('Untitled2.ipynb');
+    await until(async () => (await outputText('Untitled2.ipynb'))?.includes('harp.timeline'), 'the profile');
+    const card = cardByPath('Untitled2.ipynb');
+    await card.locator('.harp-KernelCard-timeline').waitFor();
+    await card.locator('.harp-KernelCard-timeline').click();
+    const view = page.locator('.harp-TimelineView:not(.lm-mod-hidden) .harp-Timeline');
+    await view.waitFor({ state: 'visible' });
+    await until(async () => (await view.locator('rect.harp-Timeline-span').count()) > 10, 'spans');
+
+    // labels end before the first bar of the plot begins
+    const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
+      Math.max(...els.map(el => el.getBoundingClientRect().right)));
+    const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
+      Math.min(...els.map(el => el.getBoundingClientRect().left)));
+    assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
+    const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
+    assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+
+    // the tab has padding: the timeline does not touch its edges
+    const padding = await view.evaluate(el => parseFloat(getComputedStyle(el).paddingLeft));
+    assert.ok(padding >= 8, `padding ${padding}`);
+
+    // the first view is the whole wall time
+    const header = await view.locator('.harp-Timeline-header').textContent();
+    const axis = await view.locator('.harp-Timeline-axis').textContent();
+    const micros = text => {
+      const [, value, unit] = /([\d.]+) (µs|ms|s)/.exec(text);
+      return Number(value) * { µs: 1, ms: 1e3, s: 1e6 }[unit];
+    };
+    const wall = micros(/wall ([\d.]+ (?:µs|ms|s))/.exec(header)[1]);
+    const [from, to] = axis.split('…').map(micros);
+    assert.equal(from, 0, `the view starts at the cell's start: ${axis}`);
+    assert.ok(to >= wall * 0.99, `the view (${axis}) covers the wall time (${header})`);
+
+    // the advisor names the line as the editor numbers it
+    assert.match(await view.locator('.harp-Timeline-advice').textContent(), /cell:6/);
+    await shot('profile-tab');
+  });
+});

@@ -76,6 +76,7 @@ operation is either a descriptor or a scalar (int, float, bool, complex).
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import struct
@@ -290,8 +291,9 @@ def wire_dtype(text: str) -> np.dtype | None:
     if len(text) > MAX_DTYPE_TEXT:
         return None
     try:
-        dtype = np.dtype(text)
-    except (TypeError, ValueError, SyntaxError):
+        # a structured dtype travels as its ``descr`` (a list of (name, type[, shape]))
+        dtype = np.dtype(ast.literal_eval(text) if text.startswith("[") else text)
+    except (TypeError, ValueError, SyntaxError, MemoryError, RecursionError):
         return None
     return dtype if _numeric(dtype) else None
 
@@ -592,4 +594,4 @@ def session_range(index: int) -> tuple[int, int]:
 
 
 __all__ = [name for name in dir() if not name.startswith("_")
-           and name not in ("math", "functools", "np", "msgpack", "struct")]
+           and name not in ("ast", "math", "functools", "np", "msgpack", "struct")]

@@ -163,6 +163,7 @@ class Tenancy:
             for session in self._sessions_of_lease(lease.lease_id):
                 self.park(session, f"its lease was {lease.state.value}")
             self._told.pop(lease.lease_id, None)
+            self._forget_secret(lease.kernel_id)
         self.leases.draining = sum(
             1 for s in self.sessions.values()
             if s.worker is not None and s.state is SessionState.PARKING)

@@ -38,17 +38,20 @@ def run_json(args: list[str], timeout: float = 900) -> dict[str, Any]:
     return json.loads(Path(out).read_text())
 
 
-def start_agent(emulated: bool) -> tuple[subprocess.Popen, str]:
-    endpoint = "tcp://127.0.0.1:5790"
+def start_agent(emulated: bool, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A local harp-agent on a free port; (process, endpoint) once it says it is serving."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_agent.cli", "--listen", endpoint, "--log-level", "WARNING",
-         "--executor", "emulated" if emulated else "pycuda"],
+        [sys.executable, "-m", "gpu_agent.cli", "--listen", "tcp://127.0.0.1:0",
+         "--log-level", "WARNING", "--executor", "emulated" if emulated else "pycuda", *extra],
         env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        raise SystemExit(f"agent did not start: {line}")
-    return proc, endpoint
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("harp-agent: serving"):
+            return proc, line.split()[2]
+    proc.kill()
+    raise SystemExit("agent did not start:\n" + "".join(lines))
 
 
 def peak_rss_mib(pid: int) -> float:

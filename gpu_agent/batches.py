@@ -40,6 +40,8 @@ class BatchRunner:
         self.batches = 0
         #: set when the device context is unusable: every later call fails with it
         self.lost: str | None = None
+        #: the CUDA error that made it unusable, as CUDA said it
+        self.lost_cause: str | None = None
         self._ops = {name: getattr(device, f"op_{name}") for name in P.OPS}
 
     # {{{ one batch
@@ -73,6 +75,7 @@ class BatchRunner:
                     results.append([index, value])
             except AgentError as e:
                 if e.kind == "ContextLost" or self.executor.context_lost:
+                    self.lost_cause = str(e)
                     self.lost = _context_lost_message(str(e))
                     e = AgentError("ContextLost", self.lost, e.code)
                 first_error = first_error or e.to_wire(index=index, op=op)
@@ -102,7 +105,8 @@ class BatchRunner:
         else:
             value = self.executor.run(self._ops[name], *args)
         self._after(name, args, value)
-        self.log.record(name, args)
+        if name in P.OBJECT_OPS:
+            self.log.record(name, args)
         self.calls += 1
         return value
 
@@ -142,6 +146,8 @@ class BatchRunner:
                              f"{self.max_frame} (harp-agent --max-frame); copy in pieces")
         for lo, nbytes in P.touched_ranges(name, args):
             ranges.check(lo, lo + nbytes)
+        if name not in P.DESCRIPTOR_OPS:
+            return
         for desc in P.descriptors_of(args):
             logical = P.descriptor_elements(desc) * np.dtype(desc[1]).itemsize
             if logical > self.memory_cap:

@@ -538,11 +538,21 @@ def _short(v: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: ops whose arguments may hold array descriptors (DESC, OPERANDS or a kwargs MAP)
+DESCRIPTOR_OPS = frozenset(name for name, op in OPS.items()
+                           if any(check in (DESC, OPERANDS, MAP) for check in op.args))
+#: ops that create, configure or destroy a session object (kept for replay)
+OBJECT_OPS = frozenset(name for name, op in OPS.items()
+                       if op.creates or op.configures or op.destroys)
+
+
 def touched_ranges(name: str, args: list[Any]) -> list[tuple[int, int]]:
     """Every ``(address, nbytes)`` a validated call reads or writes: its op's explicit ranges
     plus the extent of every array descriptor among its arguments."""
     op = OPS[name]
     ranges = list(op.touches(args)) if op.touches is not None else []
+    if name not in DESCRIPTOR_OPS:
+        return ranges
     for desc in descriptors_of(args):
         lo, hi = descriptor_extent(desc)
         ranges.append((lo, hi - lo))

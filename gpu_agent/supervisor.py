@@ -263,7 +263,8 @@ class Supervisor:
             "memory": {"slot": config.memory_cap, "total": device.get("total_memory"),
                        "free": config.memory_cap * self.tenancy.leases.free_slots,
                        "used": sum(w.figures().get("device_bytes", 0)
-                                   for w in self.workers.workers.values())},
+                                   for w in self.workers.workers.values()
+                                   if w.ended_by is None)},
             "workers": {"running": len(self.workers.workers), "restarts": self.workers.restarts},
             "agent": {**self.agent_info, "uptime": time.time() - self.started},
         }

@@ -308,6 +308,7 @@ class Tenancy:
         worker = self.workers.take_spare()
         worker.session_id = session.session_id
         session.worker, session.route, session.state = worker, route, SessionState.OPENING
+        session.gone_at = None
         session.waiting.append((route, header))
         order = {"session": session.session_id, "base": session.base,
                  "size": P.SESSION_RANGE_SIZE, "cap": self.workers.config.memory_cap,
@@ -449,7 +450,8 @@ class Tenancy:
             error = header.get("e") if isinstance(header.get("e"), dict) else {}
             self._end(session, f"parking it failed: {error.get('msg')}", lost=True)
         elif kind == W.GONE:
-            session.gone_at = self._clock()
+            if session.state is SessionState.ACTIVE:  # a parking worker's client leaves too
+                session.gone_at = self._clock()
         elif kind == W.BACK:
             session.gone_at = None
         elif kind == W.FATAL:
@@ -460,6 +462,8 @@ class Tenancy:
         chunks = header.get("chunks") if isinstance(header.get("chunks"), list) else []
         parked = self.parking.put(session.session_id, session.kernel_id, chunks,
                                   header.get("log") or [], ttl=session.park_ttl)
+        if session.worker is not None:
+            session.worker.ended_by = "parked"  # it ends by itself now; its bytes are parked
         session.state, session.worker, session.lease_id = SessionState.PARKED, None, None
         for route, request in session.waiting:
             self.send(route, {"t": P.PARKED, "rid": request.get("rid"),

@@ -136,8 +136,8 @@ class Worker:
                                 runner.device_bytes)
         self._send(route, reply, out)
         if runner.lost is not None:
-            self._tell(W.FATAL, session=self.session_id,
-                       e=P.error("ContextLost", runner.lost))
+            self._tell(W.FATAL, session=self.session_id, e=P.error(
+                "ContextLost", f"a fatal GPU error in it ({runner.lost_cause})"))
             self.running = False
 
     def _read_monitor(self) -> None:

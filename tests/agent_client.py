@@ -7,6 +7,7 @@ draining), then attaches to the session's worker as the shim does; ``batch`` goe
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ class RawClient:
         self.timeout_ms = timeout_ms
         self.data: zmq.Socket | None = None
         self.seq = 0
-        self.kernel_id = kernel_id or f"raw-{id(self)}"
+        self.kernel_id = kernel_id or f"raw-{secrets.token_hex(6)}"
         self.lease: dict | None = None
         self.welcome: dict | None = None
         #: messages the supervisor pushed while a reply was awaited

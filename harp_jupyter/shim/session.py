@@ -436,6 +436,9 @@ class RemoteSession:
         if self._first_error is None:
             op, site = (meta[0], meta[1]) if meta is not None else (None, None)
             self._first_error = error_from_agent(error, op, site)
+            if error.get("kind") == "ContextLost":
+                # the worker ends with its context: the next GPU call starts a fresh session
+                self._lost_error = self._first_error
             if error.get("kind") == "HandleError" and _lost_sessions:
                 self._first_error.args = (
                     f"{self._first_error.args[0]}\n  This kernel lost an earlier GPU session "

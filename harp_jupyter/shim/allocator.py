@@ -91,7 +91,11 @@ class AddressAllocator:
         self._small: dict[int, tuple[int, int]] = {}  # addr -> (chunk addr, size)
         self._spare: _SharedChunk | None = None  # an empty shared chunk kept mapped
         self._forgotten: set[int] = set()  # allocations inside chunks whose mapping failed
+        self._requested: dict[int, int] = {}  # addr -> nbytes asked, for every live allocation
         self.mapped_bytes = 0
+        #: the sum of the sizes asked of allocate() by live allocations: the user's own bytes,
+        #: apart from the alignment and the 2 MiB pages mapped for them (%harp status)
+        self.requested_bytes = 0
 
     # {{{ public
 
@@ -103,6 +107,7 @@ class AddressAllocator:
             size = align_up(nbytes, self.granularity)
             addr = self._map(size)
             self._own[addr] = size
+            self._note_requested(addr, nbytes)
             return addr, [(addr, size)]
         size = align_up(nbytes, self.alignment)
         new_chunks: list[tuple[int, int]] = []
@@ -122,10 +127,12 @@ class AddressAllocator:
         chunk.live += 1
         addr = chunk.addr + offset
         self._small[addr] = (chunk.addr, size)
+        self._note_requested(addr, nbytes)
         return addr, new_chunks
 
     def release(self, addr: int) -> list[tuple[int, int]]:
         """Forget the allocation at ``addr``; the chunks to unmap."""
+        self.requested_bytes -= self._requested.pop(addr, 0)
         size = self._own.pop(addr, None)
         if size is not None:
             self._unmap(addr, size)
@@ -155,6 +162,7 @@ class AddressAllocator:
         size = self._own.pop(chunk_addr, None)
         if size is not None:
             self._forgotten.add(chunk_addr)
+            self.requested_bytes -= self._requested.pop(chunk_addr, 0)
         else:
             chunk = self._shared.pop(chunk_addr, None)
             if chunk is None and self._spare is not None and self._spare.addr == chunk_addr:
@@ -165,6 +173,7 @@ class AddressAllocator:
             for addr in [a for a, (c, _) in self._small.items() if c == chunk_addr]:
                 del self._small[addr]
                 self._forgotten.add(addr)
+                self.requested_bytes -= self._requested.pop(addr, 0)
         self._unmap(chunk_addr, size)
 
     def release_spare(self) -> list[tuple[int, int]]:
@@ -190,6 +199,10 @@ class AddressAllocator:
         return len(self._own) + len(self._small)
 
     # }}}
+
+    def _note_requested(self, addr: int, nbytes: int) -> None:
+        self._requested[addr] = nbytes
+        self.requested_bytes += nbytes
 
     def _map(self, size: int) -> int:
         offset = self._chunks.take(size, self.granularity)

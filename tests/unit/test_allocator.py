@@ -136,3 +136,38 @@ def test_random_workload_keeps_allocations_disjoint_and_accounted() -> None:
             chunk = alloc.chunk_of(addr)
             assert chunk in mapped and addr + size <= chunk + mapped[chunk]
     assert alloc.mapped_bytes == sum(mapped.values())
+
+
+def test_requested_bytes_count_what_live_allocations_asked_for() -> None:
+    alloc = make()
+    big, _ = alloc.allocate(GRANULARITY + 1)
+    small, chunks = alloc.allocate(40)
+    other, _ = alloc.allocate(40)
+    assert alloc.requested_bytes == GRANULARITY + 81
+    alloc.release(other)
+    assert alloc.requested_bytes == GRANULARITY + 41
+    alloc.forget_chunk(chunks[0][0])  # its alloc failed on the agent: the 40 bytes are gone
+    alloc.forget_chunk(big)
+    assert alloc.requested_bytes == 0
+    alloc.release(small)  # a forgotten allocation released later counts nothing twice
+    alloc.release(big)
+    assert alloc.requested_bytes == 0 and alloc.live_allocations == 0
+
+
+def test_requested_bytes_over_a_random_history() -> None:
+    rng = random.Random(7)
+    alloc = make()
+    live: dict[int, int] = {}
+    for _ in range(500):
+        if live and rng.random() < 0.45:
+            addr = rng.choice(list(live))
+            alloc.release(addr)
+            del live[addr]
+        else:
+            nbytes = rng.choice([1, 17, 4096, GRANULARITY - 1, GRANULARITY + 3])
+            try:
+                addr, _ = alloc.allocate(nbytes)
+            except AddressSpaceExhausted:
+                continue
+            live[addr] = nbytes
+        assert alloc.requested_bytes == sum(live.values())

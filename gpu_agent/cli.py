@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from typing import Any
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pycuda (a real GPU; the default when one is usable) or emulated "
                              "(host memory and NumPy, for machines without a GPU)")
     parser.add_argument("--token", default=None,
-                        help="shared secret clients must present (HARP_TOKEN on their side); "
+                        help="shared secret clients must present (HARP_TOKEN on their side; "
+                             "the agent also reads HARP_TOKEN, which keeps it out of ps); "
                              "without it only a liveness probe is answered")
     parser.add_argument("--emulated-memory", type=parse_bytes, default=4 << 30,
                         help="device memory the emulated executor pretends to have (4GiB)")
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-ports", default=None, metavar="A-B",
                         help="port range workers bind in (for firewalls and NetworkPolicies; "
                              "default: any free port)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus /metrics and the /healthz and /readyz probes on "
+                             "this port (0: any free port, printed at start); none by default")
+    parser.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
+                        help="address the metrics port binds (0.0.0.0)")
     parser.add_argument("--spares", type=int, default=1,
                         help="workers kept ready (CUDA context created) for the next session")
     group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
@@ -144,7 +151,13 @@ def main(argv: list[str] | None = None) -> None:
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
-        supervisor = Supervisor(args.listen, config, limits, token=args.token, device=facts)
+        supervisor = Supervisor(args.listen, config, limits, token=args.token or
+                                os.environ.get("HARP_TOKEN") or None, device=facts,
+                                spares=args.spares)
+        if args.metrics_port is not None:
+            port = supervisor.serve_metrics(args.metrics_host, args.metrics_port)
+            print(f"harp-agent: metrics on http://{args.metrics_host}:{port}/metrics "
+                  "(/healthz, /readyz)", flush=True)
         supervisor.wait_ready(limits.worker_start_timeout)
     except Exception as e:
         print(f"harp-agent: cannot start: {e}", file=sys.stderr, flush=True)

@@ -49,6 +49,8 @@ class Lease:
     granted_at: float | None = None
     ended_at: float | None = None
     info: dict = field(default_factory=dict)
+    #: why it ended, when the agent ended it early ("reclaimed": someone waited while it idled)
+    reason: str = ""
 
     @property
     def active(self) -> bool:
@@ -148,15 +150,16 @@ class LeaseTable:
         return lease
 
     def release(self, lease_id: str, token: str) -> list[Lease]:
-        """End a lease (held or queued); the next in the queue may be granted."""
+        """End a lease (held or queued); ``promote`` then grants its slot."""
         self.check(lease_id, token)
         return self._end(lease_id, LeaseState.RELEASED)
 
-    def revoke(self, lease_id: str) -> list[Lease]:
-        """End a lease on the operator's word (no token needed)."""
+    def revoke(self, lease_id: str, reason: str = "") -> list[Lease]:
+        """End a lease on the agent's or the operator's word (no token needed)."""
         lease = self._get(lease_id)
         if not lease.active:
             return []
+        lease.reason = reason
         return self._end(lease_id, LeaseState.REVOKED)
 
     def expire(self) -> list[Lease]:
@@ -194,7 +197,9 @@ class LeaseTable:
             self._queue.remove(lease_id)
         lease.state = state
         lease.ended_at = now
-        return [lease, *self._promote(now)]
+        # no promotion here: the caller first parks what the lease held (``draining``), then
+        # calls ``promote``, so a slot is never granted while its last tenant still occupies it
+        return [lease]
 
     def promote(self) -> list[Lease]:
         """Grant free slots to the queue's head (after a draining slot came free)."""

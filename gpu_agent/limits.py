@@ -94,6 +94,13 @@ class AgentLimits:
         unit="seconds",
         metavar="SECONDS",
     )
+    reclaim_after: float = _flag(
+        3.0,
+        "when a kernel waits in the queue, a holder whose session has had no GPU work for this "
+        "long is parked at once and the waiter served (a kernel may ask for less, not more)",
+        unit="seconds",
+        metavar="SECONDS",
+    )
     disconnect_grace: float = _flag(
         2.0,
         "how long a session whose client connection dropped waits for it to come back "

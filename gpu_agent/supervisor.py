@@ -21,9 +21,11 @@ from typing import Any, ClassVar
 
 import zmq
 
+from gpu_agent import nvml
 from gpu_agent import protocol as P
 from gpu_agent.errors import AgentError
 from gpu_agent.limits import AgentLimits
+from gpu_agent.metrics import AgentMetrics
 from gpu_agent.parking import ParkStore
 from gpu_agent.tenancy import Tenancy
 from gpu_agent.workers import WorkerConfig, WorkerPool
@@ -32,6 +34,13 @@ log = logging.getLogger("harp.agent")
 
 AGENT_VERSION = "0.3.0"
 TICK_S = 0.05
+GPU_SAMPLE_S = 5.0
+#: /healthz fails when the loop has not turned for this long (a wedged supervisor)
+HEALTHY_WITHIN_S = 30.0
+#: refusal kinds as the metrics count them (a bounded set of labels)
+_REFUSAL_KIND = {"AuthError": "unauthorized", "VersionMismatch": "protocol_version",
+                 "ProtocolError": "bad_message", "MemoryError": "over_memory_cap",
+                 "SessionError": "unknown_session", "StateLost": "unknown_session"}
 
 
 class Supervisor:
@@ -39,7 +48,7 @@ class Supervisor:
 
     def __init__(self, endpoint: str, workers: WorkerConfig, limits: AgentLimits, *,
                  token: str | None = None, device: dict[str, Any] | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 spares: int = 1, context: zmq.Context | None = None) -> None:
         self.token = token
         self.limits = limits
         self.context = context or zmq.Context.instance()
@@ -51,7 +60,7 @@ class Supervisor:
         self.socket.setsockopt(zmq.RCVHWM, 64)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.workers = WorkerPool(self.context, workers)
+        self.workers = WorkerPool(self.context, workers, spares=spares)
         memory, limit = limits.park_budget()
         parking = ParkStore(memory, limit, limits.park_ttl, memory_dir=limits.park_memory_dir,
                             spill_dir=limits.park_dir)
@@ -59,8 +68,14 @@ class Supervisor:
         self.agent_info = {"version": AGENT_VERSION, "pid": os.getpid(),
                            "endpoint": self.endpoint, "executor": workers.executor,
                            "emulated": workers.executor == "emulated"}
+        self.metrics = AgentMetrics(health=self._healthy, ready=self._ready)
+        self.metrics.info(AGENT_VERSION, workers.executor, str(self.device.get("name", "")),
+                          limits.slots)
         self.tenancy = Tenancy(self.workers, parking, limits, endpoint=self.endpoint,
-                               agent_info=self.agent_info, device_info=self.device_info)
+                               agent_info=self.agent_info, device_info=self.device_info,
+                               metrics=self.metrics)
+        self._last_loop = time.monotonic()
+        self._next_gpu_sample = 0.0
         self.started = time.time()
         self._running = False
         self._next_tick = 0.0
@@ -88,10 +103,13 @@ class Supervisor:
                         except zmq.Again:
                             break
                         self.handle(parts)
-                now = time.monotonic()
+                now = self._last_loop = time.monotonic()
                 if now >= self._next_tick:
                     self._next_tick = now + TICK_S
                     self._guarded(self.tenancy.tick)
+                if now >= self._next_gpu_sample:
+                    self._next_gpu_sample = now + GPU_SAMPLE_S
+                    self._guarded(self._sample_gpu)
                 self._flush()
         finally:
             self.close()
@@ -124,10 +142,31 @@ class Supervisor:
         except Exception:  # a bug must not take the supervisor down
             log.exception("supervisor step failed")
 
+    def _sample_gpu(self) -> None:
+        bus = self.device.get("pci_bus_id")
+        figures = nvml.read(bus) if bus and bus != "emulated" else {}
+        if figures:
+            self.metrics.gpu(figures["utilization_gpu"] / 100, figures["memory_used"],
+                             figures["memory_total"])
+
+    def _healthy(self) -> bool:
+        """The loop turned recently (/healthz, on the metrics port's thread)."""
+        return time.monotonic() - self._last_loop < HEALTHY_WITHIN_S
+
+    def _ready(self) -> bool:
+        """A worker is ready for the next session (/readyz)."""
+        return self._running and any(w.ready and w.ended_by is None
+                                     for w in list(self.workers.workers.values()))
+
+    def serve_metrics(self, host: str, port: int) -> int:
+        """Serve /metrics, /healthz and /readyz; the port bound."""
+        return self.metrics.serve(host, port)
+
     def stop(self) -> None:
         self._running = False
 
     def close(self) -> None:
+        self.metrics.close()
         self.workers.close()
         self.tenancy.close()
         self.socket.close(0)
@@ -166,6 +205,8 @@ class Supervisor:
     def _refuse(self, route: bytes, rid: Any, error: AgentError) -> None:
         refusals = self.tenancy.refusals
         refusals[error.kind] = refusals.get(error.kind, 0) + 1
+        self.metrics.refused(_REFUSAL_KIND.get(error.kind, "other") if "queue is full" not in
+                             str(error) else "queue_full")
         reply: dict[str, Any] = {"t": P.ERROR, "e": error.to_wire()}
         if rid is not None:
             reply["rid"] = rid

@@ -28,6 +28,7 @@ from gpu_agent import worker_link as W
 from gpu_agent.errors import AgentError
 from gpu_agent.leases import Lease, LeaseState, LeaseTable
 from gpu_agent.limits import AgentLimits
+from gpu_agent.metrics import AgentMetrics
 from gpu_agent.parking import ParkStore, discard
 from gpu_agent.workers import WorkerHandle, WorkerPool
 
@@ -72,6 +73,8 @@ class Session:
     gone_at: float | None = None
     #: why parking started (told to the owner)
     park_reason: str = ""
+    #: when the running park or restore started (monotonic), for the metrics
+    moving_since: float = 0.0
 
     @property
     def base(self) -> int:
@@ -83,7 +86,7 @@ class Tenancy:
 
     def __init__(self, workers: WorkerPool, parking: ParkStore, limits: AgentLimits, *,
                  endpoint: str, agent_info: dict[str, Any],
-                 device_info: Callable[[], dict[str, Any]],
+                 device_info: Callable[[], dict[str, Any]], metrics: AgentMetrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workers = workers
         self.parking = parking
@@ -91,6 +94,8 @@ class Tenancy:
         self.endpoint = endpoint
         self.agent_info = agent_info
         self.device_info = device_info
+        self.metrics = metrics
+        self._last_tick = clock()
         self._clock = clock
         self.leases = LeaseTable(limits.lease_ttl, clock, slots=limits.slots,
                                  max_queue=limits.max_queue, min_ttl=limits.min_lease_ttl)
@@ -134,6 +139,8 @@ class Tenancy:
         self._kernel_secrets[kernel_id] = secret
         lease = changed[0]
         self._told[lease.lease_id] = self.leases.position(lease.lease_id)
+        if lease.state is LeaseState.HELD:
+            self.metrics.lease_granted(0.0)
         log.info("lease %s for kernel %s: %s", lease.lease_id, kernel_id, lease.state.value)
         self._reply_lease(route, header, lease, with_token=True)
         self._tell(self.settle(changed[1:]))
@@ -164,10 +171,10 @@ class Tenancy:
                 self.park(session, f"its lease was {lease.state.value}")
             self._told.pop(lease.lease_id, None)
             self._forget_secret(lease.kernel_id)
-        self.leases.draining = sum(
-            1 for s in self.sessions.values()
-            if s.worker is not None and s.state is SessionState.PARKING)
+        self.leases.draining = self._draining()
         granted = self.leases.promote()
+        for lease in granted:
+            self.metrics.lease_granted(self._clock() - lease.requested_at)
         told = list(ended)
         for lease in [*changed, *granted, *self.leases.queue]:
             if not lease.active or lease in told:
@@ -177,6 +184,19 @@ class Tenancy:
                 self._told[lease.lease_id] = position
                 told.append(lease)
         return told
+
+    def _draining(self) -> int:
+        """Workers that still occupy the GPU for a lease no longer held: parking, or ending
+        (until their process is gone, their memory is not free)."""
+        held = {lease.lease_id for lease in self.leases.holders}
+        count = 0
+        for worker in self.workers.workers.values():
+            if worker.session_id is None:
+                continue  # a spare: a context, no tenant memory
+            session = self.sessions.get(worker.session_id)
+            if session is None or session.worker is not worker or session.lease_id not in held:
+                count += 1
+        return count
 
     def _tell(self, leases: list[Lease]) -> None:
         for lease in leases:
@@ -212,7 +232,7 @@ class Tenancy:
             "user": lease.user, "agent": self.endpoint, "ttl": lease.ttl,
             "position": self.leases.position(lease.lease_id) if lease.active else None,
             "granted_at": _wall(lease.granted_at, self._clock), "session": None,
-            "slots": self.leases.slots,
+            "slots": self.leases.slots, "reason": lease.reason or None,
         }
         if with_token:
             info["token"] = lease.token
@@ -310,6 +330,7 @@ class Tenancy:
         session.worker, session.route, session.state = worker, route, SessionState.OPENING
         session.gone_at = None
         session.waiting.append((route, header))
+        session.moving_since = self._clock()
         order = {"session": session.session_id, "base": session.base,
                  "size": P.SESSION_RANGE_SIZE, "cap": self.workers.config.memory_cap,
                  "attach": session.attach, **extra}
@@ -360,6 +381,7 @@ class Tenancy:
         for evicted in plan.evicted:
             self._forget_session_id(evicted)
         session.state, session.park_reason = SessionState.PARKING, why
+        session.moving_since = self._clock()
         self.workers.send(session.worker, W.PARK, memory_dir=self.parking.memory_dir,
                           memory_room=plan.memory_room, disk_dir=self.parking.disk_dir)
         log.info("parking session %s (%d bytes): %s", session.session_id, nbytes, why)
@@ -428,6 +450,9 @@ class Tenancy:
             return
         if kind == W.OPENED:
             session.state = SessionState.ACTIVE
+            if session.resumed:
+                self.metrics.restored(int(header.get("restored_bytes") or 0),
+                                      self._clock() - session.moving_since)
             done = self._after_open.pop(worker.worker_id, None)
             if done is not None:
                 done()
@@ -455,6 +480,8 @@ class Tenancy:
         elif kind == W.BACK:
             session.gone_at = None
         elif kind == W.FATAL:
+            worker.ended_by = "sticky_cuda_error"
+            self.metrics.worker_restarted("sticky_cuda_error")
             error = header.get("e") if isinstance(header.get("e"), dict) else {}
             self._end(session, str(error.get("msg") or "a fatal GPU error"), lost=True)
 
@@ -475,6 +502,7 @@ class Tenancy:
                                           "before these calls ran: the next GPU call leases "
                                           "again and restores it"))})
         session.waiting.clear()
+        self.metrics.parked(parked.nbytes, self._clock() - session.moving_since)
         log.info("session %s parked (%d bytes, %d on disk)", session.session_id,
                  parked.nbytes, parked.disk_bytes)
         self._tell(self.settle([]))
@@ -484,6 +512,8 @@ class Tenancy:
         session = self.sessions.get(worker.session_id or "")
         if session is None or session.worker is not worker:
             return
+        self.metrics.worker_restarted("hung" if worker.ended_by and "watchdog" in
+                                      worker.ended_by else "crashed")
         why = worker.ended_by or (f"its GPU worker process died (exit code {code}"
                                   f"{', killed by a signal' if code < 0 else ''})")
         session.worker = None
@@ -494,6 +524,8 @@ class Tenancy:
     def tick(self) -> None:
         now = self._clock()
         self._tell(self.settle(self.leases.expire()))
+        self._reclaim(now)
+        self._account(now)
         self.leases.forget(FORGET_ENDED_S)
         for session_id in self.parking.expire():
             self._forget_session_id(session_id)
@@ -512,9 +544,69 @@ class Tenancy:
                     f"({self.limits.watchdog:g} s, harp-agent --watchdog): the session was "
                     "ended to free the GPU")
                 self.workers.end(worker, worker.ended_by, kill=True)
-        for worker, code in self.workers.reap(now, self.limits.worker_start_timeout):
+        reaped = self.workers.reap(now, self.limits.worker_start_timeout)
+        for worker, code in reaped:
             self.worker_exited(worker, code)
+        if reaped:
+            self._tell(self.settle([]))
         self.workers.ensure_spares()
+
+    def _reclaim(self, now: float) -> None:
+        """Reclaim on demand: while kernels wait and no slot is free, a holder whose session has
+        had no GPU work for its ``reclaim_after`` is parked at once (a running batch is never
+        interrupted: a busy holder is reclaimed once it has idled that long)."""
+        waiting = len(self.leases.queue)
+        if not waiting or self.leases.free_slots:
+            return
+        idle: list[tuple[float, Lease]] = []
+        for lease in self.leases.holders:
+            idle_s = self._idle_seconds(lease, now)
+            if idle_s is not None and idle_s >= self._reclaim_after(lease):
+                idle.append((idle_s, lease))
+        parking = sum(1 for s in self.sessions.values() if s.state is SessionState.PARKING)
+        for _idle_s, lease in sorted(idle, key=lambda x: -x[0])[:max(waiting - parking, 0)]:
+            log.info("reclaiming lease %s of kernel %s: idle while %d wait", lease.lease_id,
+                     lease.kernel_id, waiting)
+            self.metrics.reclaimed()
+            self._tell(self.settle(self.leases.revoke(lease.lease_id, "reclaimed")))
+
+    def _idle_seconds(self, lease: Lease, now: float) -> float | None:
+        """How long a held lease's GPU has had no work (None while a batch runs)."""
+        sessions = self._sessions_of_lease(lease.lease_id)
+        if not sessions:
+            return now - (lease.granted_at or now)  # held, never used: idle since the grant
+        idle = float("inf")
+        for session in sessions:
+            if session.state is not SessionState.ACTIVE or session.worker is None:
+                return None
+            figures = session.worker.figures()
+            if figures.get("busy_since_ns"):
+                return None
+            last = figures.get("last_end_ns") or 0
+            idle = min(idle, now - last / 1e9 if last else now - session.moving_since)
+        return idle
+
+    def _reclaim_after(self, lease: Lease) -> float:
+        asked = lease.info.get("reclaim_after") if isinstance(lease.info, dict) else None
+        agent = self.limits.reclaim_after
+        if type(asked) in (int, float) and 0 <= asked < agent:
+            return float(asked)
+        return agent
+
+    def _account(self, now: float) -> None:
+        """The figures the metrics keep: slot-seconds held (and held idle while someone
+        waits), leases, sessions, parked bytes."""
+        elapsed, self._last_tick = now - self._last_tick, now
+        holders = self.leases.holders
+        waiting = bool(self.leases.queue)
+        idle = sum(1 for lease in holders if waiting and (
+            self._idle_seconds(lease, now) or 0) > self._reclaim_after(lease))
+        self.metrics.gpu_seconds(len(holders) * elapsed, idle * elapsed)
+        self.metrics.leases(len(holders), len(self.leases.queue))
+        states = [s.state for s in self.sessions.values()]
+        self.metrics.sessions(sum(st is not SessionState.PARKED for st in states),
+                              sum(st is SessionState.PARKED for st in states))
+        self.metrics.parked_bytes(self.parking.memory_bytes, self.parking.disk_bytes)
 
     def _release_with_process(self, session: Session) -> None:
         """A lease held by the vanished process itself (``harp run``) ends with it."""

@@ -24,12 +24,14 @@ def test_first_request_is_granted_and_later_ones_queue_in_order() -> None:
     assert table.holders == [a]
 
 
-def test_release_grants_the_next_in_queue() -> None:
+def test_release_then_promote_grants_the_next_in_queue() -> None:
     table = LeaseTable(ttl=10, clock=FakeClock())
     a = table.request("a")[0]
     b = table.request("b")[0]
     changed = table.release(a.lease_id, a.token)
-    assert [x.lease_id for x in changed] == [a.lease_id, b.lease_id]
+    assert [x.lease_id for x in changed] == [a.lease_id]
+    assert b.state is LeaseState.QUEUED  # not before its caller parked what a held
+    assert table.promote() == [b]
     assert a.state is LeaseState.RELEASED and b.state is LeaseState.HELD
     assert table.holders == [b]
 
@@ -63,8 +65,8 @@ def test_unrenewed_leases_expire_and_the_queue_moves() -> None:
     table.renew(b.lease_id, b.token)
     clock.now += 6  # a last renewed 12 s ago, b 6 s ago
     changed = table.expire()
-    assert a.state is LeaseState.EXPIRED
-    assert b.state is LeaseState.HELD and b in changed
+    assert a.state is LeaseState.EXPIRED and changed == [a]
+    assert table.promote() == [b] and b.state is LeaseState.HELD
     with pytest.raises(LeaseError):
         table.renew(a.lease_id, a.token)
 
@@ -99,11 +101,13 @@ def test_randomized_contention_never_two_holders_and_first_come_first_served(slo
         elif action < 0.7:
             lease = rng.choice(live)
             changed = table.release(lease.lease_id, lease.token)
+            changed += table.promote()
         else:
             for lease in live:
                 if rng.random() < 0.9:
                     table.renew(lease.lease_id, lease.token)
             changed = table.expire()
+            changed += table.promote()
         for lease in changed:
             if lease.state is LeaseState.HELD:
                 grants += 1
@@ -152,6 +156,7 @@ def test_a_draining_slot_is_granted_only_when_it_came_free() -> None:
     b = table.request("b")[0]
     table.draining = 1  # a's session is still being parked
     changed = table.release(a.lease_id, a.token)
+    assert table.promote() == []
     assert b.state is LeaseState.QUEUED and [x.lease_id for x in changed] == [a.lease_id]
     table.draining = 0
     assert table.promote() == [b] and b.state is LeaseState.HELD

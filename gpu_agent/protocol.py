@@ -339,6 +339,104 @@ def _is_range(v: Any) -> bool:
     return type(v) is list and len(v) == 3 and all(type(x) is int for x in v)
 
 
+# {{{ torch argument trees (docs/torch-design.md)
+
+#: torch dtypes a tensor may have on the wire, by torch's name (``torch.float32`` -> "float32")
+TORCH_DTYPES = frozenset((
+    "float32", "float64", "float16", "bfloat16", "complex64", "complex128", "bool",
+    "uint8", "int8", "int16", "int32", "int64"))
+TORCH_MEMORY_FORMATS = frozenset((
+    "contiguous_format", "preserve_format", "channels_last", "channels_last_3d"))
+TORCH_LAYOUTS = frozenset(("strided",))
+#: bounds of one torch call's argument tree (a deeper or larger one is refused whole)
+MAX_TORCH_TREE_DEPTH = 16
+MAX_TORCH_TREE_NODES = 1 << 16
+MAX_TORCH_STRING = 4096
+#: tensors one torch call may produce (a foreach op over every parameter of a model)
+MAX_TORCH_OUTPUTS = 1 << 14
+#: the tags of an argument tree: each is a map with exactly one of these keys
+TORCH_TENSOR = "t"  # {"t": handle}: a tensor of this session
+TORCH_DTYPE = "d"  # {"d": "float32"}
+TORCH_DEVICE = "v"  # {"v": index}: the agent's device (its GPU, or the CPU when emulated)
+TORCH_LAYOUT = "l"  # {"l": "strided"}
+TORCH_MEMORY_FORMAT = "m"  # {"m": "channels_last"}
+TORCH_HOST_TENSOR = "c"  # {"c": [dtype, shape, bytes]}: a small host tensor, inline
+_SCALARS = (type(None), bool, int, float, complex)
+
+
+def _torch_tag_ok(key: str, value: Any) -> bool:
+    if key == TORCH_TENSOR:
+        return _is_uint(value)
+    if key == TORCH_DTYPE:
+        return value in TORCH_DTYPES
+    if key == TORCH_DEVICE:
+        return type(value) is int and 0 <= value < 64
+    if key == TORCH_LAYOUT:
+        return value in TORCH_LAYOUTS
+    if key == TORCH_MEMORY_FORMAT:
+        return value in TORCH_MEMORY_FORMATS
+    if key == TORCH_HOST_TENSOR:
+        return (type(value) is list and len(value) == 3 and value[0] in TORCH_DTYPES
+                and type(value[1]) is list and len(value[1]) <= 32
+                and all(type(n) is int and n >= 0 for n in value[1])
+                and type(value[2]) is bytes and len(value[2]) <= MAX_INLINE_BYTES)
+    return False
+
+
+def torch_tree_problem(tree: Any) -> str | None:
+    """Why ``tree`` is not a valid torch argument tree ``[args, kwargs]``, or None.
+
+    Values are None, bool, int, float, complex, str (at most ``MAX_TORCH_STRING``), lists, and
+    one-key tagged maps (``TORCH_*`` above); the root is ``[list, {str: value}]``."""
+    if not (type(tree) is list and len(tree) == 2 and type(tree[0]) is list
+            and type(tree[1]) is dict):
+        return "a torch argument tree is [args (list), kwargs (map)]"
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(tree[0], 1), *((v, 1) for v in tree[1].values())]
+    if not all(type(k) is str for k in tree[1]):
+        return "keyword argument names must be strings"
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_TORCH_TREE_NODES:
+            return f"more than {MAX_TORCH_TREE_NODES} values in one torch call's arguments"
+        if depth > MAX_TORCH_TREE_DEPTH:
+            return f"torch call arguments nested deeper than {MAX_TORCH_TREE_DEPTH}"
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is str:
+            if len(value) > MAX_TORCH_STRING:
+                return f"a string argument longer than {MAX_TORCH_STRING} characters"
+            continue
+        if kind is list:
+            stack.extend((item, depth + 1) for item in value)
+            continue
+        if kind is dict and len(value) == 1:
+            ((key, payload),) = value.items()
+            if type(key) is str and _torch_tag_ok(key, payload):
+                continue
+            return f"a malformed tagged value {_short(value)}"
+        return f"a value of type {kind.__name__} ({_short(value)})"
+    return None
+
+
+def _is_torch_args(v: Any) -> bool:
+    return torch_tree_problem(v) is None
+
+
+def _is_handles(v: Any) -> bool:
+    return (type(v) is list and len(v) <= MAX_TORCH_OUTPUTS
+            and all(v_ is None or _is_uint(v_) for v_ in v))
+
+
+def _is_torch_dtype(v: Any) -> bool:
+    return v in TORCH_DTYPES
+
+
+# }}}
+
+
 def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     def opt(v: Any) -> bool:
         return v is None or check(v)
@@ -352,6 +450,7 @@ DIM3, STRS, DESC, OPERANDS, MAP, RANGE = (
     _is_dim3, _is_strlist, is_descriptor, _is_operands, _is_map, _is_range)
 HANDLE = UINT
 STREAM = _optional(UINT)  # None = the default (legacy NULL) stream
+TORCH_ARGS, HANDLES = _is_torch_args, _is_handles
 
 
 #: the byte ranges ``[(address, nbytes), ...]`` a call's arguments name (checked against the
@@ -464,6 +563,26 @@ OPS: dict[str, Op] = {
                         " arguments, options: {name, preamble, options})", creates="kernel"),
     "reduction_call": Op((HANDLE, DESC, OPERANDS, STREAM), False,
                          "reduction_call(kernel, out (0-d), operands, stream)", gpu=True),
+    # torch tensors (docs/torch-design.md): session objects with client-chosen handles, kept by
+    # the agent's torch (CUDA on a GPU, CPU when emulated); parked with the session
+    "torch_op": Op((HANDLES, STR, STR, TORCH_ARGS), False,
+                   "torch_op(out_handles, op, schema, [args, kwargs]): run the aten overload op"
+                   " (\"aten::add.Tensor\"; schema: the hash of its schema on the client)"
+                   " and keep its tensor outputs, in order, under out_handles (None: an output"
+                   " that is one of its arguments)", gpu=True),
+    "torch_op_sync": Op((HANDLES, STR, STR, TORCH_ARGS), True,
+                        "torch_op_sync(...) as torch_op -> its outputs, tensors as {t: [dtype,"
+                        " shape, strides, offset]} (ops whose shapes depend on data, .item())",
+                        gpu=True),
+    "torch_write": Op((HANDLE, UINT, BUF), False,
+                      "torch_write(tensor, byte offset, data): into a contiguous tensor",
+                      gpu=True),
+    "torch_download": Op((HANDLE, UINT, UINT), True,
+                         "torch_download(tensor, byte offset, nbytes) -> bytes (FrameRef) of a"
+                         " contiguous tensor", gpu=True),
+    "torch_free": Op((HANDLES,), False, "torch_free([tensor, ...]): forget these handles"),
+    "torch_seed": Op((INT,), False, "torch_seed(seed): torch.manual_seed on the agent"),
+    "torch_info": Op((), True, "-> {version, device, cuda, schema_hash, tensors, bytes}"),
 }
 
 #: Array functions (the first argument of ``array``). Semantics are NumPy's for the same name,

@@ -33,7 +33,7 @@ from gpu_agent.batches import BatchRunner
 from gpu_agent.datastore import DataStore
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import make_executor
-from gpu_agent.executors.base import Executor
+from gpu_agent.executors.base import Executor, is_object_chunk, object_chunk_address
 
 log = logging.getLogger("harp.agent.worker")
 
@@ -200,7 +200,12 @@ class Worker:
         self._replay(restore.get("log") or [])
         total = 0
         buffer = np.empty(PIECE_BYTES, np.uint8)
+        objects: list[memoryview] = []
         for addr, size, path in restore.get("chunks") or []:
+            if is_object_chunk(addr):  # session objects outside device memory (torch tensors)
+                objects.append(_read_object(path, size))
+                total += size
+                continue
             self.runner.call("alloc", [addr, size])
             with open(path, "rb", buffering=0) as f:
                 for offset in range(0, size, PIECE_BYTES):
@@ -209,6 +214,7 @@ class Worker:
                         raise AgentError("StateLost", f"parked file {path} is short")
                     self.runner.device.write_from(addr + offset, piece)
             total += size
+        self.runner.device.restore_objects(objects)
         return total
 
     def _restore_from_agent(self, fetch: dict[str, Any], base: int) -> int:
@@ -231,11 +237,25 @@ class Worker:
                                  "manifest for something else than was asked")
             self._replay(manifest.get("log") or [])
             total = 0
+            objects: list[memoryview] = []
             for chunk in manifest["chunks"]:
                 if not (type(chunk) is list and len(chunk) == 2
                         and all(type(x) is int for x in chunk)):
                     raise AgentError("StateLost", "malformed chunk list in the manifest")
                 addr, size = chunk
+                if is_object_chunk(addr):
+                    whole = bytearray(size)
+                    for offset in range(0, size, PIECE_BYTES):
+                        nbytes = min(PIECE_BYTES, size - offset)
+                        _, frames = origin.request({"t": P.PARKED_CHUNK, "addr": addr,
+                                                    "offset": offset, "size": nbytes, **ask})
+                        piece = frames[0].buffer if frames else memoryview(b"")
+                        if piece.nbytes != nbytes:
+                            raise AgentError("StateLost", "a parked object came short")
+                        whole[offset:offset + nbytes] = piece
+                    objects.append(memoryview(whole))
+                    total += size
+                    continue
                 self.runner.call("alloc", [addr, size])
                 for offset in range(0, size, PIECE_BYTES):
                     nbytes = min(PIECE_BYTES, size - offset)
@@ -246,6 +266,7 @@ class Worker:
                         raise AgentError("StateLost", "a piece of the parked state came short")
                     self.runner.device.write_from(addr + offset, piece)
                 total += size
+            self.runner.device.restore_objects(objects)
             try:
                 origin.request({"t": P.PARKED_FORGET, **ask})
             except AgentError as e:
@@ -278,6 +299,16 @@ class Worker:
                         runner.device.read_into(addr + offset, piece)
                         f.write(piece)
                 chunks.append([addr, size, str(path)])
+            for index, (name, payload) in enumerate(runner.device.park_objects()):
+                view = memoryview(payload).cast("B")
+                where = memory_dir if view.nbytes <= memory_room else disk_dir
+                if where is memory_dir:
+                    memory_room -= view.nbytes
+                path = where / f"{self.session_id}-object{index}-{name}.bin"
+                with open(path, "xb", buffering=0) as f:
+                    for offset in range(0, view.nbytes, PIECE_BYTES):
+                        f.write(view[offset:offset + PIECE_BYTES])
+                chunks.append([object_chunk_address(index), view.nbytes, str(path)])
         except (OSError, AgentError) as e:
             for _addr, _size, path in chunks:
                 _unlink(path)
@@ -357,6 +388,17 @@ def _bind(socket: zmq.Socket, bind: str, ports: str | None) -> str:
     else:
         port = socket.bind_to_random_port(bind)
     return f"{bind}:{port}"
+
+
+def _read_object(path: str, size: int) -> memoryview:
+    """A parked object's file, whole (its executor rebuilds the object from these bytes)."""
+    whole = memoryview(bytearray(size))
+    with open(path, "rb", buffering=0) as f:
+        for offset in range(0, size, PIECE_BYTES):
+            piece = whole[offset:offset + PIECE_BYTES]
+            if f.readinto(piece) != piece.nbytes:
+                raise AgentError("StateLost", f"parked file {path} is short")
+    return whole
 
 
 def _unlink(path: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,18 @@ class ExecutorSession(ABC):
     def busy(self) -> bool:
         """Whether GPU work this session issued may still be running."""
         return False
+
+    def park_objects(self) -> Iterable[tuple[str, Any]]:
+        """Session state that is not in mapped chunks (torch tensors), as ``(name, payload)``
+        pairs the worker writes to park files after the chunks, one payload at a time (a
+        generator may produce each when asked); restored by ``restore_objects``."""
+        return ()
+
+    def restore_objects(self, payloads: list[memoryview]) -> None:
+        """Recreate what ``park_objects`` gave, its payloads in the same order."""
+        if payloads:
+            raise AgentError("StateLost", "the parked state holds objects this executor cannot "
+                             "restore")
 
     def batch_done(self) -> None:  # noqa: B027 - optional hook
         """Called after each batch ran (executors that track ``busy`` mark it here)."""
@@ -160,6 +172,16 @@ class ExecutorSession(ABC):
         profiling.nvtx_pop()
 
     # }}}
+
+
+def object_chunk_address(index: int) -> int:
+    """The address a parked object's file goes under among a parked state's chunks: negative,
+    so no device address can be it and the park store keeps and moves it as any chunk."""
+    return -1 - index
+
+
+def is_object_chunk(addr: int) -> bool:
+    return addr < 0
 
 
 def _memory_order(itemsize: int, shape: list[int], strides: list[int]) -> str:

@@ -17,6 +17,7 @@ from gpu_agent import profiling
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import AgentError, Executor, ExecutorSession
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
+from gpu_agent.executors.torch_ops import TorchOps
 
 DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 
@@ -30,7 +31,10 @@ def _refuse(what: str) -> AgentError:
     return AgentError("NotSupported", _NEEDS_GPU.format(what=what))
 
 
-class EmulatedSession(ExecutorSession):
+class EmulatedSession(TorchOps, ExecutorSession):
+    #: harp tensors live in CPU torch, their bytes counted in the emulated device's memory
+    torch_device = "cpu"
+
     def __init__(self, executor: EmulatedExecutor) -> None:
         self._executor = executor
         self._starts: list[int] = []
@@ -241,7 +245,14 @@ class EmulatedSession(ExecutorSession):
     def write_from(self, addr: int, data: memoryview) -> None:
         self._bytes(addr, data.nbytes)[:] = np.frombuffer(data, np.uint8)
 
+    def torch_reserve(self, nbytes: int) -> None:
+        self._executor.reserve(nbytes)
+
+    def torch_unreserve(self, nbytes: int) -> None:
+        self._executor.unreserve(nbytes)
+
     def close(self) -> None:
+        self.torch_close()
         for addr in list(self._starts):
             self.op_free(addr)
         self._streams.clear()

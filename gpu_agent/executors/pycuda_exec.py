@@ -24,6 +24,7 @@ from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays
 from gpu_agent.executors.base import Executor, ExecutorSession
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
+from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
 
 log = logging.getLogger("harp.agent.pycuda")
@@ -58,10 +59,12 @@ def _kind(error: Exception) -> str:
     return "RuntimeError"
 
 
-class PycudaSession(ExecutorSession):
+class PycudaSession(TorchOps, ExecutorSession):
     def __init__(self, executor: PycudaExecutor, memory: SessionMemory) -> None:
         self._x = executor
         self.memory = memory
+        # CUDA torch in this process runs in the primary context this executor retained
+        self.torch_device = f"cuda:{executor.device_index}"
         self.modules: dict[int, Any] = {}
         self.functions: dict[int, Any] = {}
         self.streams: dict[int, cuda.Stream] = {}
@@ -354,7 +357,12 @@ class PycudaSession(ExecutorSession):
     def busy(self) -> bool:
         return self._done is not None and not self._done.query()
 
+    def torch_context_lost(self) -> None:
+        self._x.context_lost = True
+
     def close(self) -> None:
+        if not self._x.context_lost:
+            self.torch_close()
         self.kernels.clear()
         self.functions.clear()
         self.modules.clear()

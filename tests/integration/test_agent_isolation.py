@@ -522,10 +522,14 @@ def test_a_short_script_says_bye_and_is_never_parked(emulated_agent: Any,
 
 def test_every_executor_implements_every_operation() -> None:
     from gpu_agent.executors.emulated import EmulatedSession
+    from gpu_agent.executors.torch_ops import TorchOps
 
     pycuda_exec = (REPO / "gpu_agent/executors/pycuda_exec.py").read_text()
+    # the torch ops are one mixin both executors' sessions inherit
+    pycuda_has_torch = "class PycudaSession(TorchOps, ExecutorSession)" in pycuda_exec
     for name in P.OPS:
         assert hasattr(EmulatedSession, f"op_{name}"), name
         assert f"def op_{name}(" in pycuda_exec or name.startswith("data_") or name in (
-            "profile_gpu", "nvtx_push", "nvtx_pop"), name
+            "profile_gpu", "nvtx_push", "nvtx_pop") or (
+            pycuda_has_torch and hasattr(TorchOps, f"op_{name}")), name
     assert np.dtype(P.wire_dtype("<f4")) == np.float32

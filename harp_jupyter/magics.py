@@ -1,6 +1,7 @@
 """``%harp``: see and steer this kernel's GPU lease from the notebook.
 
-    %harp status          the lease state, agent, GPU, memory, time held, idle countdown (a dict)
+    %harp status          the lease state, agent, GPU, memory, time held, idle countdown,
+                          reclaim_after (a dict)
     %harp lease           lease a GPU now (and restore parked state), instead of at the next call
     %harp release         park the device state and give the GPU back now
     %harp idle SECONDS    this kernel's idle timeout (the provisioner releases after it)
@@ -23,15 +24,19 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from harp_jupyter.profiler.display import format_bytes as _bytes
+from harp_jupyter.shim.notice import show_pending
+from provisioner.lease_record import KeeperState
 
-STATES = ("none", "acquiring", "queued", "held", "parking", "parked", "lost")
+#: the lease states %harp status may show
+STATES = KeeperState
 
 
 class LeaseStatus(dict):
     """The lease state as a dict, shown as a small table in the notebook."""
 
     _ROWS = (("state", "state"), ("agent", "agent"), ("gpu", "GPU"), ("memory", "memory"),
-             ("held", "held for"), ("idle", "idle release in"), ("position", "queue position"),
+             ("held", "held for"), ("idle", "idle release in"),
+             ("reclaim", "given to a waiting kernel after"), ("position", "queue position"),
              ("message", ""))
 
     def _cells(self) -> list[tuple[str, str]]:
@@ -45,6 +50,8 @@ class LeaseStatus(dict):
             shown["held"] = f"{self['held_s']:.0f} s"
         if self.get("idle_left_s") is not None:
             shown["idle"] = f"{self['idle_left_s']:.0f} s (idle timeout {self['idle_timeout']:g} s)"
+        if self.get("reclaim_after") is not None:
+            shown["reclaim"] = f"{self['reclaim_after']:g} s without GPU work"
         if self.get("position"):
             shown["position"] = str(self["position"])
         if self.get("message"):
@@ -88,11 +95,7 @@ def lease_status() -> LeaseStatus:
         status.setdefault("gpu", device.get("name"))
         status.setdefault("emulated", session.emulated)
         status.setdefault("memory_total", device.get("total_memory"))
-        # RemoteSession.allocated_bytes() is the lead's accessor (the allocator's user bytes);
-        # until it exists, the status shows the agent's reserved bytes alone
-        allocated_bytes = getattr(session, "allocated_bytes", None)
-        if callable(allocated_bytes):
-            status["memory_allocated"] = allocated_bytes()
+        status["memory_allocated"] = session.allocated_bytes()
     status["session_restores"] = session.restores
     status["session_parks"] = session.parks
     return LeaseStatus(status)
@@ -192,5 +195,11 @@ def _share(result: Any) -> None:
         pass
 
 
+def _show_lease_notes(info: Any = None) -> None:
+    """pre_run_cell: what happened to the GPU since the last cell (reclaimed while idle)."""
+    show_pending()
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(HarpMagics)
+    ipython.events.register("pre_run_cell", _show_lease_notes)

@@ -25,6 +25,9 @@ export const LEASE_STATES: readonly LeaseState[] = [
   'lost'
 ];
 
+/** Why a lease ended with the kernel's state parked (docs/leases-design.md). */
+export type ParkReason = 'release' | 'idle' | 'reclaim' | 'ended';
+
 /** A problem the server reports about the whole setup (e.g. no agents configured). */
 export interface IProblem {
   kind: string;
@@ -53,6 +56,10 @@ export interface IKernelLease {
   gpu_seconds: number;
   idle_timeout: number;
   idle_left_s: number | null;
+  /** seconds without GPU work after which a waiting kernel may take this one's GPU */
+  reclaim_after?: number | null;
+  /** why the last lease ended parked: 'reclaim' = taken back for a kernel in the queue */
+  parked_reason?: ParkReason | null;
   position: number | null;
   message: string;
   /** when the kernel's latest %%harp profile was taken (epoch s); absent before the first */
@@ -123,6 +130,7 @@ export interface ILeaseEvent {
   agent?: string | null;
   position?: number | null;
   message?: string;
+  parked_reason?: ParkReason | null;
 }
 
 export const LEASE_EVENT_SCHEMA_ID = 'https://harp-jupyter.dev/events/lease';

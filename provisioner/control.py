@@ -130,6 +130,15 @@ class ControlServer:
             raise KernelNotConnected("the kernel has not connected to its control socket")
         await self._send(self._kernel, header)
 
+    def push_soon(self, header: dict[str, Any]) -> None:
+        """``push`` from synchronous code on the server's loop (a keeper's callback); a kernel
+        that is not connected is not told."""
+        if self._kernel is None:
+            return
+        task = asyncio.ensure_future(self.push(header))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def ask(self, header: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send ``header`` to the kernel and return its answer (same rid); TimeoutError when it
         does not answer within ``timeout`` s, KernelNotConnected when it never connected."""

@@ -37,8 +37,9 @@ from traitlets import Float, TraitError, default
 
 from provisioner import background, local_agents
 from provisioner.control import ControlError
-from provisioner.keeper import HeldLease, KeeperConfig
+from provisioner.keeper import KeeperConfig
 from provisioner.kernel_lease import KernelLease
+from provisioner.lease_record import HeldLease, ParkReason
 from provisioner.pool import configured_endpoints, resolve_agents
 from provisioner.settings import AgentSettings
 
@@ -75,6 +76,13 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
         help="Seconds a GPU call may wait in an agent's queue before it fails; 0 = as long as "
              "it takes. Default: $HARP_ACQUIRE_TIMEOUT, else 0.",
     ).tag(config=True)
+    reclaim_after = Float(
+        help="Seconds without GPU work after which this kernel's GPU may be taken back for a "
+             "kernel waiting in the queue (its device state is parked and restored at its next "
+             "GPU call; a running cell is never interrupted). Passed to the agent in the lease "
+             "request; the agent's own --reclaim-after caps it. Without waiters only "
+             "idle_timeout applies. Default: $HARP_RECLAIM_AFTER, else 3.",
+    ).tag(config=True)
     park_timeout = Float(
         help="Seconds the kernel has to park its session when asked (idle release); past it the "
              "lease is released at the agent anyway and the agent parks the session itself. "
@@ -100,6 +108,10 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
     @default("acquire_timeout")
     def _acquire_timeout_default(self) -> float:
         return _env_float("HARP_ACQUIRE_TIMEOUT", 0.0)
+
+    @default("reclaim_after")
+    def _reclaim_after_default(self) -> float:
+        return _env_float("HARP_RECLAIM_AFTER", 3.0)
 
     @default("park_timeout")
     def _park_timeout_default(self) -> float:
@@ -145,8 +157,8 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
         return KeeperConfig(
             kernel_id=str(self.kernel_id), kernel_secret=self._kernel_secret, user=_user(),
             lease_ttl=self.lease_ttl, idle_timeout=self.idle_timeout,
-            acquire_timeout=self.acquire_timeout or None, park_timeout=self.park_timeout,
-            info=info)
+            reclaim_after=self.reclaim_after, acquire_timeout=self.acquire_timeout or None,
+            park_timeout=self.park_timeout, info=info)
 
     # }}}
 
@@ -226,7 +238,7 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
         old: asks the agent when they are older."""
         launch = self._launch
         if launch is not None:
-            await background.run(launch.keeper.refresh(max_age))
+            await background.run(launch.refresh(max_age))
         return self.lease_state()
 
     def latest_profile(self) -> dict[str, Any] | None:
@@ -247,7 +259,7 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
         launch = self._launch
         if launch is None:
             return False
-        return await background.run(launch.keeper.release("release"))
+        return await background.run(launch.keeper.release(ParkReason.RELEASE))
 
     async def detach(self) -> None:
         """Stop serving the kernel's lease and control socket without ending the lease, so

@@ -1,9 +1,10 @@
 """KernelLease: what one kernel launch runs on the provisioners' background loop.
 
 It wires the kernel's control socket to its LeaseKeeper (handlers stay thin: the keeper holds the
-logic), owns the lease client the keeper talks to agents with, and watches the kernel process:
-when the process dies, its lease is released and its parked state dropped at once (the GPU is
-not held until the lease expires, and nobody will ever restore that state).
+logic), is the keeper's way to the kernel (``KernelLink``: asks it to park, tells it when the agent
+ended its lease), owns the lease client the keeper talks to agents with, and watches the kernel
+process: when the process dies, its lease is released and its parked state dropped at once (the
+GPU is not held until the lease expires, and nobody will ever restore that state).
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from typing import Any
 import zmq.asyncio
 
 from provisioner import changes
-from provisioner.control import ControlError, ControlRequest, ControlServer
-from provisioner.keeper import AgentsSource, HeldLease, KeeperConfig, LeaseKeeper
+from provisioner.control import ControlError, ControlRequest, ControlServer, KernelNotConnected
+from provisioner.keeper import AgentsSource, KeeperConfig, LeaseKeeper
 from provisioner.lease_client import LeaseClient
+from provisioner.lease_record import HOLDING, HeldLease, KeeperState, ParkReason
 
 log = logging.getLogger("harp.provisioner.kernel_lease")
 
 WATCH_EVERY_S = 0.2
 AGENT_TIMEOUT_S = 5.0
 LEASE_NOW_SETTLE_S = 5.0
+#: how long the kernel may take to say how many bytes its allocations cover (the sidebar waits)
+MEMORY_ASK_TIMEOUT_S = 1.0
 
 
 class KernelLease:
@@ -34,8 +38,7 @@ class KernelLease:
         self.client = LeaseClient(token=token, timeout=AGENT_TIMEOUT_S,
                                   on_push=self._on_push,
                                   context=zmq.asyncio.Context.instance())
-        self.keeper = LeaseKeeper(config, self.client, agents, self._ask_park,
-                                  on_change=changes.publish)
+        self.keeper = LeaseKeeper(config, self.client, agents, self, on_change=changes.publish)
         self.control = ControlServer({
             "acquire": self._on_acquire, "parked": self._on_parked, "lost": self._on_lost,
             "status": self._on_status, "set_idle": self._on_set_idle, "bye": self._on_bye,
@@ -99,18 +102,33 @@ class KernelLease:
     def lease_state(self) -> dict[str, Any]:
         return self.keeper.lease_state()
 
+    async def refresh(self, max_age: float) -> None:
+        """The lease state's figures at most ``max_age`` s old (the sidebar asks): the
+        session's from its agent, the allocated bytes from the kernel itself."""
+        await self.keeper.refresh(max_age)
+        if self.keeper.state not in HOLDING or not self.control.kernel_connected:
+            return
+        try:
+            answer = await self.control.ask({"t": "memory"}, MEMORY_ASK_TIMEOUT_S)
+        except (TimeoutError, KernelNotConnected):
+            return  # busy beyond a second, or gone: the agent's figures stand alone
+        allocated = answer.get("allocated")
+        if type(allocated) is int and allocated >= 0:
+            self.keeper.note_memory_allocated(allocated)
+
     async def lease_now(self, settle_s: float = LEASE_NOW_SETTLE_S) -> dict[str, Any]:
         """Lease a GPU before the kernel asks (the sidebar's Lease button); returns the lease
         state once granted or queued, or after ``settle_s``. A queued lease keeps waiting in
         the background; the kernel's next GPU call gets it without waiting again. Raises
         ControlError when no GPU can be leased."""
-        if self.keeper.state in ("held", "parking", "acquiring", "queued"):
+        if self.keeper.state in (*HOLDING, KeeperState.ACQUIRING, KeeperState.QUEUED):
             return self.keeper.lease_state()
         task = asyncio.ensure_future(self.keeper.acquire())
         self._leasing = task
         task.add_done_callback(_log_lease_failure)
         deadline = asyncio.get_running_loop().time() + settle_s
-        while not task.done() and self.keeper.state not in ("held", "queued"):
+        while not task.done() and self.keeper.state not in (KeeperState.HELD,
+                                                             KeeperState.QUEUED):
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.02)
@@ -118,11 +136,18 @@ class KernelLease:
             raise task.exception()  # type: ignore[misc]
         return self.keeper.lease_state()
 
-    # {{{ to the kernel
+    # {{{ to the kernel (the keeper's KernelLink)
 
-    async def _ask_park(self, reason: str) -> dict[str, Any]:
-        return await self.control.ask({"t": "park", "reason": reason},
+    async def ask_park(self, reason: ParkReason) -> dict[str, Any]:
+        return await self.control.ask({"t": "park", "reason": str(reason)},
                                       self.config.park_timeout)
+
+    def lease_ended(self, reason: ParkReason, message: str) -> None:
+        """The kernel drops its connection to the parked session, so that its next GPU call
+        leases again and restores; a reclaimed kernel tells its user why at its next cell."""
+        if self.control.kernel_connected:
+            self.control.push_soon({"t": "lease_ended", "reason": str(reason),
+                                    "message": message})
 
     def _on_push(self, endpoint: str, lease: dict[str, Any]) -> None:
         self.keeper.on_push(endpoint, lease)

@@ -6,6 +6,7 @@ is connected: a profile never leases a GPU just to finish)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 from harp_jupyter.profiler import clock, recorder
 from harp_jupyter.profiler.nvtx_hook import NvtxHook
 from harp_jupyter.profiler.recorder import Recorder
+from harp_jupyter.shim import hooks as shim_hooks
 
 #: extra round trips at the end of a profile, to tighten the clock offset
 CLOCK_SAMPLES = 3
@@ -84,6 +86,7 @@ def run_profiled(gpu_timing: bool = True, label: str = "") -> Iterator[ProfileBo
     nvtx.install()
     box = ProfileBox()
     recorder.active = rec
+    shim_hooks.lease_span = functools.partial(rec.note_span, "lease")
     try:
         yield box
     finally:
@@ -93,6 +96,7 @@ def run_profiled(gpu_timing: bool = True, label: str = "") -> Iterator[ProfileBo
             _collect_agent_side(rec, session)
         finally:
             recorder.active = None
+            shim_hooks.lease_span = None
         box.profile = _assemble(rec, session, label)
 
 

@@ -2,17 +2,22 @@
 
 ``LeaseSource.acquire`` blocks until a GPU is granted and returns a ``Grant``: the agent to talk
 to and the lease to present in hello. The session calls it at its first GPU call and again after
-each park. Two sources:
+each park. The session attaches itself as the source's ``holder`` (``LeaseHolder``): the source
+asks it to park, tells it when the agent ended its lease, and asks how many bytes it allocated.
+Two sources, one lease keeper (``provisioner.keeper.LeaseKeeper``) behind both:
 
 * ``ControlLeaseSource`` (a kernel started by ElasticGPUProvisioner: ``HARP_CONTROL`` is set): asks
-  the provisioner over the control socket (docs/leases-design.md). The provisioner holds and renews
-  the lease and applies the idle policy; it may ask this kernel to park (``park_handler``).
-* ``DirectLeaseSource`` (``harp run``, plain scripts, tests): holds a lease itself with the same
-  lease client the provisioner uses, renewed from a thread, released at exit. No idle release.
+  the provisioner over the control socket (docs/leases-design.md). The provisioner's keeper holds
+  and renews the lease and applies the idle policy; it may ask this kernel to park.
+* ``DirectLeaseSource`` (``harp run``, plain scripts, tests): runs the keeper in this process, on
+  the background loop of ``provisioner.background``: the same queueing, moves between agents,
+  acquire timeout and reclaim by the agent; no idle release unless ``%harp idle`` sets one;
+  released at exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import getpass
 import itertools
@@ -25,21 +30,41 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
 from gpu_agent import protocol
+from harp_jupyter.shim import notice as notes
+from harp_jupyter.shim.endpoints import configured_agents
 from harp_jupyter.shim.errors import GPUUnavailableError
 from harp_jupyter.shim.notice import WaitNotice
+from provisioner import background
+from provisioner.control import ControlError
+from provisioner.keeper import KeeperConfig, LeaseKeeper
+from provisioner.lease_client import LeaseClient
+from provisioner.lease_record import ParkReason
 
-#: park_handler(reason) -> {"session", "agent", "bytes"} once parked, or None when busy
-ParkHandler = Callable[[str], dict[str, Any] | None]
+
+class LeaseHolder(Protocol):
+    """What a lease source asks of the session it leases for (RemoteSession)."""
+
+    def park(self, reason: str = "release") -> dict[str, Any] | None:
+        """{"session", "agent", "bytes"} once parked; None when a user thread is busy."""
+
+    def lease_ended(self) -> None:
+        """The agent ended the lease and parked the session itself: forget the connection."""
+
+    def allocated_bytes(self) -> int:
+        """The bytes the user's live allocations asked for."""
+
 
 #: seconds without any word from the provisioner after which a control request is sent again
 _RESEND_AFTER = 1.0
 #: how long a finished profile may take to reach the sidebar before it is given up
 SHARE_PROFILE_TIMEOUT_S = 3.0
+#: how long a direct source's exit may take to release and drop its parked state
+CLOSE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,7 +76,8 @@ class Grant:
 
 
 class LeaseSource(ABC):
-    park_handler: ParkHandler | None = None
+    #: the session leasing through this source (set by the session when it first uses it)
+    holder: LeaseHolder | None = None
 
     @abstractmethod
     def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice) -> Grant:
@@ -70,9 +96,9 @@ class LeaseSource(ABC):
     def status(self) -> dict[str, Any]:
         """The lease state dict (docs/leases-design.md)."""
 
+    @abstractmethod
     def set_idle(self, seconds: float) -> None:
-        raise GPUUnavailableError("the idle timeout is applied by the Elastic GPU kernel's "
-                                  "provisioner; this process has none (no HARP_CONTROL)")
+        """``%harp idle``: release the GPU after this many seconds without GPU work."""
 
     def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
         """The device_info of the agent the next acquire would most likely get, from the
@@ -144,19 +170,28 @@ class ControlLeaseSource(LeaseSource):
             header = protocol.unpack_header(parts[0])
         except protocol.ProtocolError:
             return
-        if header.get("t") == "park":
-            reply = self._park_reply(header)
-            dealer.send(protocol.pack_header(reply))
+        kind = header.get("t")
+        if kind == "park":
+            dealer.send(protocol.pack_header(self._park_reply(header)))
+            return
+        if kind == "memory":
+            holder = self.holder
+            dealer.send(protocol.pack_header({
+                "t": "memory", "rid": header.get("rid"), "key": self._key,
+                "allocated": holder.allocated_bytes() if holder is not None else 0}))
+            return
+        if kind == "lease_ended":
+            _lease_ended(self.holder, str(header.get("reason") or ""))
             return
         waiter = self._waiters.get(header.get("rid"))  # type: ignore[arg-type]
         if waiter is not None:
             waiter.put(header)
 
     def _park_reply(self, header: dict[str, Any]) -> dict[str, Any]:
-        handler = self.park_handler
+        holder = self.holder
         rid = header.get("rid")
         try:
-            info = handler(str(header.get("reason", "idle"))) if handler else {
+            info = holder.park(str(header.get("reason", "idle"))) if holder else {
                 "session": None, "agent": None, "bytes": 0}
         except Exception as e:  # the provisioner must hear back whatever happened
             return {"t": "busy", "rid": rid, "key": self._key, "error": repr(e)}
@@ -273,137 +308,130 @@ class ControlLeaseSource(LeaseSource):
 
 # }}}
 
-# {{{ no provisioner: hold the lease ourselves
+# {{{ no provisioner: the keeper runs in this process
 
 
 class DirectLeaseSource(LeaseSource):
-    """Holds a lease on one of ``endpoints`` with provisioner.lease_client, renewed from a thread.
+    """Holds a lease on one of ``endpoints`` with the one lease keeper, run on the process's
+    background loop; blocking calls from user threads wait for it there.
 
-    Used where no provisioner exists (``harp run``, scripts, tests). It never releases on idle;
-    ``%harp release`` and exit do."""
+    Used where no provisioner exists (``harp run``, scripts, tests). The agent reclaims it when
+    idle while someone waits, like any kernel (``HARP_RECLAIM_AFTER``); ``%harp release`` and
+    exit release it; no idle release unless ``%harp idle`` sets one."""
 
     def __init__(self, endpoints: list[str], *, token: str | None = None) -> None:
-        from provisioner.lease_client import BlockingLeaseClient
-
         self.endpoints = endpoints
-        self._token = token if token is not None else os.environ.get("HARP_TOKEN")
         self.kernel_id = os.environ.get("HARP_KERNEL_ID") or f"{pysocket.gethostname()}:" \
             f"{os.getpid()}:{secrets.token_hex(3)}"
-        self._secret = secrets.token_urlsafe(18)
-        try:
-            self._user = getpass.getuser()
-        except Exception:
-            self._user = ""
-        self._client = BlockingLeaseClient(token=self._token)
-        self._lock = threading.Lock()
-        self._lease: dict[str, Any] | None = None
-        self._agent: str | None = None
-        self._granted_at: float | None = None
-        self._state = "none"
-        self._renewer: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._client = LeaseClient(token=token if token is not None else
+                                   os.environ.get("HARP_TOKEN"), on_push=self._on_push)
+        self.keeper = LeaseKeeper(_direct_config(self.kernel_id), self._client, self._agents,
+                                  self)
+        self._closed = False
         atexit.register(self.close)
 
+    # {{{ the keeper's KernelLink (on the background loop)
+
+    async def ask_park(self, reason: ParkReason) -> dict[str, Any]:
+        holder = self.holder
+        if holder is None:
+            return {"t": "parked", "session": None, "agent": None, "bytes": 0}
+        info = await asyncio.to_thread(holder.park, str(reason))
+        return {"t": "busy"} if info is None else {"t": "parked", **info}
+
+    def lease_ended(self, reason: ParkReason, message: str) -> None:
+        _lease_ended(self.holder, str(reason))
+
+    async def _agents(self) -> list[str]:
+        return list(self.endpoints)
+
+    def _on_push(self, endpoint: str, lease: dict[str, Any]) -> None:
+        self.keeper.on_push(endpoint, lease)
+
+    # }}}
+
     def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice) -> Grant:
-        from provisioner.selection import choose_agent
+        # the keeper's progress arrives on the background loop; the notice is shown from the
+        # caller's thread, where the cell's output goes
+        updates: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
 
-        with self._lock:
-            if self._lease is not None and self._state == "held":
-                assert self._agent is not None
-                return Grant(self._agent, (self._lease["id"], self._lease["token"]))
-            self._state = "acquiring"
-            statuses = self._client.statuses(self.endpoints)
-            if not statuses:
-                self._state = "none"
-                raise GPUUnavailableError(
-                    f"no GPU agent answered at {', '.join(self.endpoints)}: is harp-agent running "
-                    "there? (HARP_AGENTS / HARP_AGENT name the agents)")
-            parked_at = resume.get("agent") if resume else None
-            agent = choose_agent(statuses, parked_at)
-            lease = self._client.request(agent, self.kernel_id, self._secret, self._user,
-                                         info={**_lease_info(), "holder": "process"})
-            while lease["state"] == "queued":
-                self._state = "queued"
-                notice.update("queued", lease.get("position"), agent)
-                lease = {**self._client.wait_change(agent, lease), "token": lease["token"]}
-            if lease["state"] != "held":
-                self._state = "none"
-                raise GPUUnavailableError(f"the lease on {agent} was {lease['state']} while "
-                                          "waiting for it")
-            self._lease, self._agent, self._state = lease, agent, "held"
-            self._granted_at = time.time()
-            self._start_renewer(lease.get("ttl") or 30.0)
-            notice.done(agent)
-            moved = parked_at if parked_at and parked_at != agent else None
-            return Grant(agent, (lease["id"], lease["token"]), moved)
+        async def progress(message: dict[str, Any]) -> None:
+            updates.put(message)
 
-    def _start_renewer(self, ttl: float) -> None:
-        if self._renewer is not None and self._renewer.is_alive():
-            return
-        self._stop.clear()
-        self._renewer = threading.Thread(target=self._renew_loop, args=(ttl / 3,),
-                                         name="harp-lease-renew", daemon=True)
-        self._renewer.start()
-
-    def _renew_loop(self, every: float) -> None:
-        while not self._stop.wait(every):
-            with self._lock:
-                lease, agent = self._lease, self._agent
-                if lease is None or agent is None:
-                    return
+        future = background.submit(self.keeper.acquire(resume, progress))
+        future.add_done_callback(lambda _: updates.put(None))
+        try:
+            while True:
                 try:
-                    self._client.renew(agent, lease["id"], lease["token"])
-                except Exception:
-                    self._lease, self._state = None, "lost"
-                    return
-
-    def _release(self) -> None:
-        lease, agent = self._lease, self._agent
-        self._lease = None
-        self._stop.set()
-        if lease is not None and agent is not None:
-            try:
-                self._client.release(agent, lease["id"], lease["token"])
-            except Exception:
-                pass  # the agent expires it
-
-    def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
-        from provisioner.selection import likely_agent
-
-        statuses = self._client.statuses(self.endpoints)
-        if not statuses:
-            return None
-        device = statuses[likely_agent(statuses, (resume or {}).get("agent"))].get("device")
-        return device if isinstance(device, dict) else None
+                    message = updates.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if message is None:
+                    break
+                notice.update(str(message.get("state")), message.get("position"),
+                              message.get("agent"))
+            grant = future.result()
+        except ControlError as e:
+            raise GPUUnavailableError(e.msg) from None
+        except BaseException:  # KeyboardInterrupt: leave the queue
+            future.cancel()
+            raise
+        notice.done(str(grant["agent"]))
+        lease = grant["lease"]
+        return Grant(str(grant["agent"]), (str(lease[0]), str(lease[1])), grant.get("from"))
 
     def parked(self, info: dict[str, Any]) -> None:
-        with self._lock:
-            self._release()
-            self._state = "parked"
+        background.call(self.keeper.parked(info))
 
     def lost(self, reason: str) -> None:
-        with self._lock:
-            self._release()  # best effort: the agent may be alive (its parked state was dropped)
-            self._state = "lost"
+        background.call(self.keeper.lost(reason))
 
     def status(self) -> dict[str, Any]:
-        held = self._state == "held" and self._granted_at is not None
-        return {"state": self._state, "agent": self._agent, "kernel_id": self.kernel_id,
-                "held_since": self._granted_at if held else None,
-                "held_s": round(time.time() - self._granted_at, 1) if held and
-                self._granted_at else None, "idle_timeout": None, "idle_left_s": None,
-                "position": None, "message": "no provisioner: the lease is held until exit"}
+        async def read() -> dict[str, Any]:
+            return self.keeper.lease_state()
+
+        return background.call(read())
+
+    def set_idle(self, seconds: float) -> None:
+        background.loop().call_soon_threadsafe(self.keeper.set_idle, float(seconds))
+
+    def device_facts(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
+        return background.call(self.keeper.device_facts((resume or {}).get("agent")))
 
     def close(self) -> None:
-        with self._lock:
-            self._release()
-            for endpoint in self.endpoints:
-                try:
-                    self._client.drop_parked(endpoint, self.kernel_id, self._secret)
-                except Exception:
-                    pass
-        self._client.close()
+        """Release the lease and drop this process's parked state (exit, a new source)."""
+        if self._closed:
+            return
+        self._closed = True
         atexit.unregister(self.close)
+        try:
+            background.call(self.keeper.shutdown(), CLOSE_TIMEOUT_S)
+            background.call(self._client.close(), CLOSE_TIMEOUT_S)
+        except Exception:  # exiting: the agent expires what was not released
+            pass
+
+
+def _direct_config(kernel_id: str) -> KeeperConfig:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = ""
+    timeout = _seconds("HARP_ACQUIRE_TIMEOUT", 0.0)
+    return KeeperConfig(kernel_id, secrets.token_urlsafe(18), user, idle_timeout=0.0,
+                        reclaim_after=_seconds("HARP_RECLAIM_AFTER", 3.0),
+                        acquire_timeout=timeout if timeout > 0 else None,
+                        info={**_lease_info(), "holder": "process"})
+
+
+def _lease_ended(holder: LeaseHolder | None, reason: str) -> None:
+    """The agent ended the lease: the session forgets its connection (so that its next GPU
+    call leases again and restores), and a reclaimed kernel's next cell says why."""
+    if reason == ParkReason.RECLAIM:
+        notes.tell_next_cell(notes.RECLAIMED)
+    if holder is not None:
+        # not on the thread that told us: it must go on serving (park asks, replies)
+        threading.Thread(target=holder.lease_ended, name="harp-lease-ended",
+                         daemon=True).start()
 
 
 # }}}
@@ -441,24 +469,20 @@ def _lease_info() -> dict[str, Any]:
     HARP_PARK_LIMIT bytes; the agent's own limits cap them)."""
     info: dict[str, Any] = {"host": pysocket.gethostname(), "pid": os.getpid()}
     for key, variable in (("park_ttl", "HARP_PARK_TTL"), ("park_limit", "HARP_PARK_LIMIT")):
-        try:
-            value = float(os.environ.get(variable) or 0)
-        except ValueError:
-            raise GPUUnavailableError(
-                f"{variable}={os.environ[variable]!r} is not a number") from None
+        value = _seconds(variable, 0.0)
         if value > 0:
             info[key] = value
     return info
 
 
-def configured_agents() -> list[str]:
-    from harp_jupyter.shim.session import configured_endpoint
-    from provisioner.pool import expand_endpoints, parse_endpoints
-
-    text = os.environ.get("HARP_AGENTS", "").strip()
-    if not text or text == "auto":
-        return [configured_endpoint()]
-    return expand_endpoints(parse_endpoints(text))
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise GPUUnavailableError(f"{variable}={text!r} is not a number") from None
 
 
 def reset_lease_source() -> None:

@@ -1,14 +1,52 @@
-"""WaitNotice: tells the user, once, that their cell waits for a GPU, and updates it in place.
+"""What a cell tells its user about the GPU lease.
 
-In a Jupyter kernel it is one display output updated as the queue position moves; elsewhere a
-line on stderr per change.
+``WaitNotice`` tells, once, that the cell waits for a GPU, and updates it in place: in a Jupyter
+kernel one display output updated as the queue position moves; elsewhere a line on stderr per
+change. ``tell_next_cell`` keeps a note about something that happened between cells (the agent
+took the idle GPU back for a waiting notebook) until ``show_pending`` shows it, once: at the start
+of the next cell (the magics extension's ``pre_run_cell`` hook) or, in a script, at its next
+acquire.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from typing import Any
+
+#: the note a kernel whose GPU the agent reclaimed shows at its next cell
+RECLAIMED = ("This kernel's GPU was parked while idle because another notebook was waiting. "
+             "Its device memory is kept: the next GPU call leases a GPU again (queueing like "
+             "anyone else if none is free) and restores it.")
+
+_pending: list[str] = []
+_pending_lock = threading.Lock()
+
+
+def tell_next_cell(text: str) -> None:
+    """A lease source, when something happened to the GPU between cells; shown once."""
+    with _pending_lock:
+        if text not in _pending:
+            _pending.append(text)
+
+
+def show_pending() -> None:
+    """Show the notes kept by ``tell_next_cell`` and forget them (pre_run_cell, acquire)."""
+    with _pending_lock:
+        texts = list(_pending)
+        _pending.clear()
+    for text in texts:
+        _show(text)
+
+
+def _show(text: str) -> None:
+    if _in_kernel():
+        from IPython.display import display
+
+        display({"text/plain": text}, raw=True)
+    else:
+        print(f"harp: {text}", file=sys.stderr, flush=True)
 
 
 def _in_kernel() -> bool:
@@ -22,6 +60,7 @@ def _in_kernel() -> bool:
 
 class WaitNotice:
     def __init__(self) -> None:
+        show_pending()  # a script has no cells: its next acquire is where it hears
         self._started = time.monotonic()
         self._handle: Any = None
         self._last: str | None = None

@@ -33,12 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from gpu_agent import protocol
-from harp_jupyter.profiler import recorder as profiling
+from harp_jupyter.shim import hooks
 from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
 from harp_jupyter.shim.callsite import user_call_site
+from harp_jupyter.shim.endpoints import configured_endpoint
 from harp_jupyter.shim.errors import (
-    AgentNotConfiguredError,
     Error,
     GPULostError,
     HandleError,
@@ -48,7 +48,7 @@ from harp_jupyter.shim.errors import (
     StateLostError,
     error_from_agent,
 )
-from harp_jupyter.shim.lease import LeaseSource, get_lease_source
+from harp_jupyter.shim.lease import LeaseSource, get_lease_source, reset_lease_source
 from harp_jupyter.shim.notice import WaitNotice
 from harp_jupyter.shim.transport import AgentConnection
 
@@ -61,17 +61,9 @@ TRANSFER_CHUNK_BYTES = 16 << 20
 SNAPSHOT_COPY_BYTES = 4 << 20
 
 
-def configured_endpoint() -> str:
-    """The agent endpoint: ``activate(agent=...)``, else HARP_AGENT."""
-    from harp_jupyter import shim
-
-    endpoint = shim.configured_agent() or os.environ.get("HARP_AGENT", "").strip()
-    if not endpoint:
-        raise AgentNotConfiguredError(
-            "no GPU agent configured: set HARP_AGENT=tcp://HOST:PORT (or run the script with"
-            " `harp run --agent tcp://HOST:PORT`, or call"
-            " harp_jupyter.shim.activate(agent=...))")
-    return endpoint
+#: how long the lease source's word that the agent ended the lease waits for a user thread to
+#: finish with the session (past it, the next call's LeaseError does the same)
+LEASE_ENDED_LOCK_S = 5.0
 
 
 class RemoteSession:
@@ -123,7 +115,7 @@ class RemoteSession:
     def lease_source(self) -> LeaseSource:
         if self._lease_source is None:
             self._lease_source = get_lease_source(self._endpoint)
-            self._lease_source.park_handler = self.park
+            self._lease_source.holder = self
         return self._lease_source
 
     @property
@@ -195,12 +187,9 @@ class RemoteSession:
                                 f"{self._allocator.base:#x}: device pointers would be wrong")
         else:
             self.restores += 1
-        recorder = profiling.active
-        if recorder is not None:
-            recorder.note_span("lease", "acquire", asked, granted, agent=grant.agent)
-            recorder.note_span("lease", "restore" if resume else "hello", granted,
-                               time.monotonic_ns(), agent=grant.agent,
-                               moved_from=(resume or {}).get("from"))
+        hooks.note_lease_span("acquire", asked, granted, agent=grant.agent)
+        hooks.note_lease_span("restore" if resume else "hello", granted, time.monotonic_ns(),
+                              agent=grant.agent, moved_from=(resume or {}).get("from"))
         self._connection = connection
         self._welcome = welcome
         self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
@@ -240,14 +229,30 @@ class RemoteSession:
             self._writer = self._connection = None
             connection.close()
             self.parks += 1
-            if profiling.active is not None:
-                profiling.active.note_span("lease", f"park ({reason})", parking,
-                                           time.monotonic_ns(), agent=self._resume["agent"],
-                                           bytes=int(reply.get("bytes") or 0))
+            hooks.note_lease_span(f"park ({reason})", parking, time.monotonic_ns(),
+                                  agent=self._resume["agent"], bytes=int(reply.get("bytes") or 0))
             return {"session": self._resume["session"], "agent": self._resume["agent"],
                     "bytes": int(reply.get("bytes") or 0)}
         finally:
             self.lock.release()
+
+    def lease_ended(self) -> None:
+        """The lease source, when the agent ended this session's lease and parked the session
+        itself (reclaimed for a waiting kernel, expired): the connection is done, and the next
+        GPU call leases again and restores, instead of sending to a worker that is gone."""
+        if not self.lock.acquire(timeout=LEASE_ENDED_LOCK_S):
+            return
+        try:
+            if self._writer is not None and self._connection is not None:
+                self._stale.append((self._writer, self._connection))
+                self._writer = self._connection = None
+        finally:
+            self.lock.release()
+
+    def allocated_bytes(self) -> int:
+        """The bytes the user's live allocations asked for (%harp status, the sidebar)."""
+        allocator = self._allocator
+        return allocator.requested_bytes if allocator is not None else 0
 
     def release(self) -> dict[str, Any]:
         """``%harp release``: park now and give the lease back."""
@@ -707,8 +712,6 @@ def reset_session() -> None:
         session, _session = _session, None
     if session is not None:
         session.close()
-    from harp_jupyter.shim.lease import reset_lease_source
-
     reset_lease_source()
 
 

@@ -130,8 +130,9 @@ def test_autograd_matches_local(harp: Any, make: Any) -> None:
         same(p_remote.grad, p_local.grad, rtol=1e-4, atol=1e-5)
 
 
-def train(model: Any, optimizer: Any, device: str, steps: int) -> list[float]:
-    generator = torch.Generator().manual_seed(7)
+def train(model: Any, optimizer: Any, device: str, steps: int,
+          generator: Any = None) -> list[float]:
+    generator = generator or torch.Generator().manual_seed(7)
     losses = []
     for _ in range(steps):
         x = torch.randn(16, 1, 8, 8, generator=generator)

@@ -370,3 +370,33 @@ def test_randomized_contention_never_two_holders_and_nobody_starves(
             assert len({h for hs in seen_holders for h in hs if h}) >= 2
 
     asyncio.run(scenario())
+
+
+def test_an_idle_notebook_is_reclaimed_for_a_waiting_one_and_its_next_cell_says_why(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    agent = agent_starter("--reclaim-after", "1")
+    monkeypatch.setenv("HARP_AGENTS", agent.endpoint)
+    monkeypatch.setenv("HARP_RECLAIM_AFTER", "1")
+
+    async def scenario() -> None:
+        async with elastic_kernels(2) as (a, b):
+            await a.ok("x = ga.to_gpu(np.arange(1000.0)); p = int(x.gpudata)")
+            asked = time.monotonic()
+            cell = await b.ok("y = ga.to_gpu(np.ones(10)); print(y.get().sum())")
+            assert cell.out.split() == ["10.0"]
+            assert time.monotonic() - asked < 1 + 10  # (a bound against a hang)
+            state = await eventually(lambda: a.manager.provisioner.lease_state()["state"]
+                                     == "parked" and a.manager.provisioner.lease_state())
+            assert state["parked_reason"] == "reclaim" and state["reclaim_after"] == 1
+            assert state["message"].startswith("Released for a kernel waiting in the queue")
+            cell = await a.ok("print(bool((x.get() == np.arange(1000.0)).all()), "
+                              "int(x.gpudata) == p)")
+            assert cell.out.split() == ["True", "True"]
+            assert sum("parked while idle because another notebook was waiting" in d
+                       for d in cell.displays) == 1
+            cell = await a.ok("print(1)")  # told once
+            assert not any("parked while idle" in d for d in cell.displays)
+            status = await a.lease_state()
+            assert status["state"] == "held" and status["memory_allocated"] == 8000
+
+    asyncio.run(scenario())

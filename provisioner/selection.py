@@ -2,7 +2,8 @@
 
 Prefer the agent that holds this kernel's parked state when its GPU is free (no move); else a free
 GPU (the one with the fewest parked bytes: the most host memory left for parking); else queue
-where the queue is shortest, our parked agent first among equals.
+where the queue is shortest, our parked agent first among equals. An agent serving its GPU in
+several slots (``--slots``) is free while a slot is, and its queue counts per slot.
 """
 
 from __future__ import annotations
@@ -16,14 +17,24 @@ def _leases(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_free(status: dict[str, Any]) -> bool:
+    """A lease requested there now is granted at once."""
     leases = _leases(status)
-    return leases.get("holder") is None and not leases.get("queue")
+    if leases.get("queue"):
+        return False
+    free_slots = leases.get("free_slots")
+    if type(free_slots) is int:
+        return free_slots > 0
+    return leases.get("holder") is None
 
 
-def queue_length(status: dict[str, Any]) -> int:
-    """Leases ahead of a new request: the holder plus everyone queued."""
+def queue_length(status: dict[str, Any]) -> float:
+    """Leases ahead of a new request per slot: the holders plus everyone queued."""
     leases = _leases(status)
-    return int(leases.get("holder") is not None) + len(leases.get("queue") or [])
+    holders = leases.get("holders")
+    held = len(holders) if isinstance(holders, list) else int(leases.get("holder") is not None)
+    slots = leases.get("slots")
+    per = slots if type(slots) is int and slots > 0 else 1
+    return (held + len(leases.get("queue") or [])) / per
 
 
 def parked_bytes(status: dict[str, Any]) -> int:

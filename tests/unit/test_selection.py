@@ -72,3 +72,16 @@ def test_no_agent_answered() -> None:
 
 def test_malformed_status_counts_as_free_and_empty() -> None:
     assert is_free({"t": "status"}) and parked_bytes({"leases": None}) == 0
+
+
+def test_an_agent_with_slots_is_free_while_a_slot_is_and_queues_count_per_slot() -> None:
+    full = {"leases": {"slots": 2, "free_slots": 0, "holder": None,
+                       "holders": [{"since": 1.0}, {"since": 2.0}], "queue": [{}]}}
+    one_left = {"leases": {"slots": 2, "free_slots": 1, "holder": None,
+                           "holders": [{"since": 1.0}], "queue": []}}
+    single = {"leases": {"slots": 1, "free_slots": 0, "holder": {"since": 1.0},
+                         "holders": [{"since": 1.0}], "queue": [{}]}}
+    assert is_free(one_left) and not is_free(full) and not is_free(single)
+    assert queue_length(full) == 1.5 and queue_length(single) == 2
+    assert choose_agent({"a": single, "b": full}) == "b"  # 1.5 ahead per slot, not 2
+    assert choose_agent({"a": full, "b": one_left}) == "b"

@@ -1,0 +1,81 @@
+"""harp tensors on a real GPU: the pycuda executor's worker runs CUDA torch in pycuda's primary
+context; results against local CUDA torch on the same GPU (and pycuda beside torch in one
+session). Needs torch with CUDA in this environment (the GPU machine's 2.11 + CUDA 13)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from harp_jupyter import shim  # noqa: E402
+from harp_jupyter.shim.session import get_session, reset_session  # noqa: E402
+from tests.integration.test_torch_parity import small_cnn, train  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA torch")]
+
+
+@pytest.fixture
+def harp(gpu_agent: Any) -> Iterator[Any]:
+    import harp_jupyter.torch  # noqa: F401 - registers the harp device
+
+    reset_session()
+    shim.activate(agent=gpu_agent.endpoint)
+    try:
+        yield gpu_agent
+    finally:
+        reset_session()
+        shim.deactivate()
+
+
+def test_the_agent_runs_cuda_torch(harp: Any) -> None:
+    info = torch.harp.agent_torch()
+    assert info["device"].startswith("cuda") and info["cuda"]
+    assert "emulated" not in torch.harp.get_device_name()
+
+
+def test_matmul_conv_and_random_match_local_cuda(harp: Any) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(512, 512, device="harp")
+    torch.manual_seed(0)
+    local = torch.randn(512, 512, device="cuda")
+    torch.testing.assert_close(a.cpu(), local.cpu())
+    torch.testing.assert_close((a @ a).cpu(), (local @ local).cpu(), rtol=1e-3, atol=1e-3)
+    image, kernel = torch.randn(8, 3, 32, 32), torch.randn(16, 3, 3, 3)
+    torch.testing.assert_close(
+        torch.nn.functional.conv2d(image.to("harp"), kernel.to("harp")).cpu(),
+        torch.nn.functional.conv2d(image.cuda(), kernel.cuda()).cpu(), rtol=1e-3, atol=1e-3)
+
+
+def test_training_matches_local_cuda_and_survives_a_park(harp: Any) -> None:
+    torch.manual_seed(3)
+    local = small_cnn().cuda()
+    remote = small_cnn()
+    remote.load_state_dict({k: v.cpu() for k, v in local.state_dict().items()})
+    remote.to("harp")
+    local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
+    remote_opt = torch.optim.Adam(remote.parameters(), lr=1e-2)
+    expected = train(local, local_opt, "cuda", 6)
+    data = torch.Generator().manual_seed(7)
+    got = train(remote, remote_opt, "harp", 3, data)
+    assert get_session().release()["bytes"] > 0
+    got += train(remote, remote_opt, "harp", 3, data)
+    assert got == pytest.approx(expected, rel=1e-3, abs=1e-5)
+
+
+def test_pycuda_and_torch_share_one_session(harp: Any) -> None:
+    import importlib
+
+    cuda = importlib.import_module("pycuda.driver")
+    importlib.import_module("pycuda.autoinit")
+    gpuarray = importlib.import_module("pycuda.gpuarray")
+    import numpy as np
+
+    array = gpuarray.to_gpu(np.arange(8, dtype=np.float32))
+    tensor = torch.arange(8.0, device="harp")
+    assert float((array * 2).get().sum()) == float((tensor * 2).sum().item())
+    cuda.Context.synchronize()

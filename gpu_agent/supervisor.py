@@ -37,6 +37,10 @@ TICK_S = 0.05
 GPU_SAMPLE_S = 5.0
 #: /healthz fails when the loop has not turned for this long (a wedged supervisor)
 HEALTHY_WITHIN_S = 30.0
+#: messages that prove themselves: a status probe answers anyone (with nothing but liveness),
+#: and a renew or release carries the lease's own token (``token`` there), which only a client
+#: that presented the agent's token when it asked for the lease can have
+_OWN_PROOF = frozenset({P.STATUS, P.LEASE_RENEW, P.LEASE_RELEASE})
 #: refusal kinds as the metrics count them (a bounded set of labels)
 _REFUSAL_KIND = {"AuthError": "unauthorized", "VersionMismatch": "protocol_version",
                  "ProtocolError": "bad_message", "MemoryError": "over_memory_cap",
@@ -190,7 +194,7 @@ class Supervisor:
             if handler is None:
                 raise P.ProtocolError(f"the agent takes no {kind!r} message (a batch goes to "
                                       "the session's worker)")
-            if kind != P.STATUS:
+            if kind not in _OWN_PROOF:
                 self._check_token(header)
             handler(self, route, header)
         except AgentError as e:
@@ -306,7 +310,10 @@ class Supervisor:
                        "used": sum(w.figures().get("device_bytes", 0)
                                    for w in self.workers.workers.values()
                                    if w.ended_by is None)},
-            "workers": {"running": len(self.workers.workers), "restarts": self.workers.restarts},
+            "workers": {"running": len(self.workers.workers), "restarts": self.workers.restarts,
+                        "ready_spares": sum(1 for w in self.workers.workers.values()
+                                            if w.ready and w.session_id is None
+                                            and w.ended_by is None)},
             "agent": {**self.agent_info, "uptime": time.time() - self.started},
         }
 

@@ -191,8 +191,8 @@ class Tenancy:
         held = {lease.lease_id for lease in self.leases.holders}
         count = 0
         for worker in self.workers.workers.values():
-            if worker.session_id is None:
-                continue  # a spare: a context, no tenant memory
+            if worker.session_id is None or worker.ended_by == "parked":
+                continue  # a spare, or a parked session's worker: its memory is given back
             session = self.sessions.get(worker.session_id)
             if session is None or session.worker is not worker or session.lease_id not in held:
                 count += 1

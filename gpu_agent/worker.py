@@ -315,8 +315,11 @@ class Worker:
             self._tell(W.PARK_FAILED, e=P.error("StateLost", f"writing it failed: {e}"))
             self.running = False
             return
-        self._tell(W.PARKED, session=self.session_id, chunks=chunks,
-                   log=runner.log.replay_calls(), bytes=sum(c[1] for c in chunks))
+        log_calls = runner.log.replay_calls()
+        # the device memory is given back before the supervisor hears: the slot is free then
+        runner.device.close()
+        self._tell(W.PARKED, session=self.session_id, chunks=chunks, log=log_calls,
+                   bytes=sum(c[1] for c in chunks))
         self.running = False
 
     # }}}

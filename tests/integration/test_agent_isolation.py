@@ -254,7 +254,8 @@ def test_10000_fuzzed_messages_leave_the_agent_serving(agent_starter: Any) -> No
         fuzzer.hello()
         fbase = fuzzer.welcome["range"][0]
         ops = list(P.OPS)
-        values: list[Any] = [None, 0, -1, 2**63, 2**64 - 1, -(2**63), fbase, fbase + 4, 1.5, math.nan,
+        values: list[Any] = [None, 0, -1, 2**63, 2**64 - 1, -(2**63), fbase, fbase + 4, 1.5,
+                             math.nan,
                              "", "x" * 1000, "<f4", "|O", b"", b"\0" * 9, [], [1, 2, 3],
                              {"out2": [fbase, "|O", [1], [0]]}, [fbase, "<f8", [2**40], [0]],
                              [fbase, "<f4", [3], [-4]], True, P.FrameRef(3)]

@@ -61,6 +61,7 @@ class Worker:
         self.endpoint = _bind(self.data, args.bind, args.ports)
         self.monitor = self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.status = W.StatusPage(args.status)
+        self.kernel_output = KernelOutput()
         self.executor: Executor = make_executor(args.executor, args.device,
                                                 emulated_memory=args.memory_cap)
         if args.data_root:
@@ -134,6 +135,9 @@ class Worker:
             reply, out = {"t": P.REPLY, "q": header.get("q"), "r": [], "e": e.to_wire()}, []
         self.status.batch_ended(time.monotonic_ns(), runner.batches, runner.calls,
                                 runner.device_bytes)
+        printed = self.kernel_output.take()
+        if printed:
+            reply["out"] = printed
         self._send(route, reply, out)
         if runner.lost is not None:
             self._tell(W.FATAL, session=self.session_id, e=P.error(
@@ -347,6 +351,47 @@ class Worker:
         for socket in (self.monitor, self.data, self.control):
             socket.close()
         self.context.term()
+
+
+class KernelOutput:
+    """This worker's fd 1 goes into a pipe, so what kernels ``printf`` (CUDA writes it to
+    stdout at a synchronize) can travel with the next reply. A thread drains the pipe at once
+    (a full pipe would block CUDA inside the synchronize); at most ``limit`` bytes wait between
+    two replies, and what is past that is counted and said, not kept."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        import ctypes
+        import threading
+
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1)
+        os.close(write_fd)
+        self._libc = ctypes.CDLL(None)
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._chunks: list[bytes] = []
+        self._size = self._dropped = 0
+        threading.Thread(target=self._drain, args=(read_fd,), daemon=True).start()
+
+    def _drain(self, fd: int) -> None:
+        while data := os.read(fd, 65536):
+            with self._lock:
+                room = self._limit - self._size
+                self._chunks.append(data[:room])
+                self._size += min(len(data), room)
+                self._dropped += max(len(data) - room, 0)
+
+    def take(self) -> str:
+        """What kernels printed since the last call (C's stdio buffer flushed first)."""
+        self._libc.fflush(None)
+        if not self._size and not self._dropped:
+            return ""  # the common case costs one flush and no lock
+        with self._lock:
+            text = b"".join(self._chunks).decode(errors="replace")
+            if self._dropped:
+                text += f"\n[harp: {self._dropped} more bytes of kernel output were dropped]\n"
+            self._chunks, self._size, self._dropped = [], 0, 0
+        return text
 
 
 class _AgentPeer:

@@ -22,9 +22,11 @@ from gpu_agent.executors.torch_ops import TorchOps
 DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 
 _NEEDS_GPU = (
-    "{what} needs a GPU agent: this agent runs the emulated executor (host memory, no GPU), which "
-    "runs gpuarray and cumath operations but no CUDA C. Start the agent on a machine with a GPU "
-    "(harp-agent --executor pycuda) and point HARP_AGENT at it.")
+    "{what} needs a real GPU: this agent runs the emulated executor (host memory and NumPy, no "
+    "GPU). It runs gpuarray and cumath operations, memory copies and memset, streams and events; "
+    "it refuses CUDA C: SourceModule, ElementwiseKernel, ReductionKernel, module images and raw "
+    "kernel launches. Start harp-agent --executor pycuda on a GPU machine (docs/gpu-machine.md) "
+    "and point HARP_AGENTS at it.")
 
 
 def _refuse(what: str) -> AgentError:

@@ -32,6 +32,7 @@ from gpu_agent import protocol
 from harp_jupyter.profiler import recorder as profiling
 from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError, error_from_agent
+from harp_jupyter.shim.kernel_output import note_reply_output
 from harp_jupyter.shim.transport import AgentConnection
 
 #: (op, call site, on_result, on_error) of one queued call
@@ -257,6 +258,8 @@ class BatchWriter:
                     f"{header.get('q')!r}, expected {expected!r}")
                 raise self._fatal
             self._inflight.popleft()
+            if "out" in header:
+                note_reply_output(header)
             if pending.details is not None and profiling.active is not None:
                 profiling.active.note_batch(profiling.BatchTiming(
                     pending.seq, self.connection.label, pending.sent, profiling.active.now(),

@@ -13,12 +13,18 @@ from provisioner.pool import expand_endpoints, parse_endpoints
 
 
 def configured_endpoint() -> str:
-    """The agent endpoint: ``activate(agent=...)``, else HARP_AGENT."""
-    endpoint = shim.configured_agent() or os.environ.get("HARP_AGENT", "").strip()
+    """The agent endpoint: ``activate(agent=...)``, else the first of HARP_AGENTS, else the
+    deprecated HARP_AGENT."""
+    endpoint = shim.configured_agent()
+    if not endpoint:
+        text = os.environ.get("HARP_AGENTS", "").strip()
+        if text and text != "auto":
+            endpoint = parse_endpoints(text)[0]
+    endpoint = endpoint or os.environ.get("HARP_AGENT", "").strip()
     if not endpoint:
         raise AgentNotConfiguredError(
-            "no GPU agent configured: set HARP_AGENT=tcp://HOST:PORT (or run the script with"
-            " `harp run --agent tcp://HOST:PORT`, or call"
+            "no GPU agent configured: set HARP_AGENTS=tcp://HOST:PORT (or run the script with"
+            " `harp run --agents tcp://HOST:PORT`, or call"
             " harp_jupyter.shim.activate(agent=...))")
     return endpoint
 

@@ -48,6 +48,7 @@ from harp_jupyter.shim.errors import (
     StateLostError,
     error_from_agent,
 )
+from harp_jupyter.shim.kernel_output import flush_kernel_output
 from harp_jupyter.shim.lease import LeaseSource, get_lease_source, reset_lease_source
 from harp_jupyter.shim.notice import WaitNotice
 from harp_jupyter.shim.transport import AgentConnection
@@ -421,7 +422,9 @@ class RemoteSession:
         self.raise_deferred_error()
 
     def raise_deferred_error(self) -> None:
-        """Raise (and clear) the first error recorded since the last sync point, if any."""
+        """Raise (and clear) the first error recorded since the last sync point, if any; what
+        kernels printed comes out first, as it would locally after a synchronize."""
+        flush_kernel_output()
         with self.lock:
             error, self._first_error = self._first_error, None
             later, self._later_errors = self._later_errors, 0

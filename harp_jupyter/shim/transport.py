@@ -218,7 +218,7 @@ class AgentConnection:
                 raise GPULostError(
                     f"no answer from the GPU agent at {self.label} within {self.timeout:g} s."
                     " Is harp-agent running there and reachable from this machine? (The endpoint"
-                    " comes from HARP_AGENT or `harp run --agent`; HARP_AGENT_TIMEOUT sets the"
+                    " comes from HARP_AGENTS or `harp run --agents`; HARP_AGENT_TIMEOUT sets the"
                     " wait.)")
             if timeout is not None and now - start >= timeout:
                 raise TimeoutError

@@ -306,7 +306,7 @@ def test_rand_follows_numpys_global_seed(pycuda: Any) -> None:
 
 def test_kernel_output_of_replies_is_printed_in_order_at_the_sync_point(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from harp_jupyter.shim.pycuda._kernel_output import flush_kernel_output, note_reply_output
+    from harp_jupyter.shim.kernel_output import flush_kernel_output, note_reply_output
 
     note_reply_output({"t": "reply", "q": 1, "out": "Hello from block 0\n"})
     note_reply_output({"t": "reply", "q": 2})

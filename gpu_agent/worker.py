@@ -355,9 +355,10 @@ class Worker:
 
 class KernelOutput:
     """This worker's fd 1 goes into a pipe, so what kernels ``printf`` (CUDA writes it to
-    stdout at a synchronize) can travel with the next reply. A thread drains the pipe at once
-    (a full pipe would block CUDA inside the synchronize); at most ``limit`` bytes wait between
-    two replies, and what is past that is counted and said, not kept."""
+    stdout at a synchronize) can travel with the next reply. A thread drains the pipe as it
+    fills (a full pipe would block CUDA inside the synchronize) and ``take`` drains what is left
+    after flushing C's stdio, so a reply carries everything printed before it; at most ``limit``
+    bytes wait between two replies, and what is past that is counted and said, not kept."""
 
     def __init__(self, limit: int = 1 << 20) -> None:
         import ctypes
@@ -366,27 +367,45 @@ class KernelOutput:
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 1)
         os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self._fd = read_fd
         self._libc = ctypes.CDLL(None)
         self._limit = limit
         self._lock = threading.Lock()
         self._chunks: list[bytes] = []
         self._size = self._dropped = 0
-        threading.Thread(target=self._drain, args=(read_fd,), daemon=True).start()
+        threading.Thread(target=self._drain_forever, daemon=True).start()
 
-    def _drain(self, fd: int) -> None:
-        while data := os.read(fd, 65536):
+    def _drain_forever(self) -> None:
+        import select
+
+        while True:
+            select.select([self._fd], [], [])
             with self._lock:
-                room = self._limit - self._size
-                self._chunks.append(data[:room])
-                self._size += min(len(data), room)
-                self._dropped += max(len(data) - room, 0)
+                if not self._read_available():
+                    return  # the write end is gone: the process is ending
+
+    def _read_available(self) -> bool:
+        """Read what the pipe holds now (lock held); False at end of file."""
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            room = self._limit - self._size
+            self._chunks.append(data[:room])
+            self._size += min(len(data), room)
+            self._dropped += max(len(data) - room, 0)
 
     def take(self) -> str:
         """What kernels printed since the last call (C's stdio buffer flushed first)."""
         self._libc.fflush(None)
-        if not self._size and not self._dropped:
-            return ""  # the common case costs one flush and no lock
         with self._lock:
+            self._read_available()
+            if not self._size and not self._dropped:
+                return ""
             text = b"".join(self._chunks).decode(errors="replace")
             if self._dropped:
                 text += f"\n[harp: {self._dropped} more bytes of kernel output were dropped]\n"

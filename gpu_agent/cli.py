@@ -14,6 +14,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpu_agent.curve import ServerKeys
 from gpu_agent.executors import gpu_available
 from gpu_agent.limits import AgentLimits
 from gpu_agent.supervisor import Supervisor
@@ -88,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "this port (0: any free port, printed at start); none by default")
     parser.add_argument("--metrics-host", default="0.0.0.0", metavar="HOST",
                         help="address the metrics port binds (0.0.0.0)")
+    parser.add_argument("--worker-advertise", default=None, metavar="HOST",
+                        help="the host clients reach workers at, when it is not the one they "
+                             "bind (NAT, a relay); default: the bind host, or the host the "
+                             "client reached the agent at when workers bind every interface")
+    parser.add_argument("--curve-secret-key-file", default=None, metavar="FILE",
+                        help="encrypt and authenticate the wire with CurveZMQ: this agent's "
+                             "certificate (python -m gpu_agent.curve generate DIR makes one)")
+    parser.add_argument("--curve-client-keys-dir", default=None, metavar="DIR",
+                        help="public keys (*.key) of the clients admitted; re-read every 10 s")
     parser.add_argument("--spares", type=int, default=1,
                         help="workers kept ready (CUDA context created) for the next session")
     group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
@@ -150,10 +160,15 @@ def main(argv: list[str] | None = None) -> None:
             unread_replies=limits.unread_replies, fetch_timeout=limits.fetch_timeout,
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
+            advertise_host=args.worker_advertise,
+            curve_secret_file=args.curve_secret_key_file,
+            curve_clients_dir=args.curve_client_keys_dir,
             log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
+        curve = ServerKeys.load(args.curve_secret_key_file, args.curve_client_keys_dir) \
+            if args.curve_secret_key_file else None
         supervisor = Supervisor(args.listen, config, limits, token=args.token or
                                 os.environ.get("HARP_TOKEN") or None, device=facts,
-                                spares=args.spares)
+                                spares=args.spares, curve=curve)
         if args.metrics_port is not None:
             port = supervisor.serve_metrics(args.metrics_host, args.metrics_port)
             print(f"harp-agent: metrics on http://{args.metrics_host}:{port}/metrics "
@@ -167,9 +182,17 @@ def main(argv: list[str] | None = None) -> None:
         access = "read-write" if args.data_writable else "read-only"
         print(f"harp-agent: data root {args.data_root} ({access})", flush=True)
     memory, limit = limits.park_budget()
-    if args.token is None and not _loopback(args.listen):
+    if args.token is None and not os.environ.get("HARP_TOKEN") and not _loopback(args.listen):
         print("harp-agent: WARNING: no --token and listening beyond loopback: anyone who can "
               "reach this port can use the GPU", flush=True)
+    if curve is None:
+        print("harp-agent: the wire is NOT encrypted (no --curve-secret-key-file)"
+              + ("" if _loopback(args.listen) else ": tokens and data cross the network in "
+                 "clear"), flush=True)
+    else:
+        print(f"harp-agent: CurveZMQ encryption on; clients admitted from "
+              f"{args.curve_client_keys_dir or '(no directory: agents of this pool only)'}",
+              flush=True)
     print(f"harp-agent: {limits.slots} slot(s) of {memory_cap} bytes; parked state up to "
           f"{memory} bytes in memory, {limit} in all", flush=True)
     print(f"harp-agent: serving {supervisor.endpoint} executor={executor} "

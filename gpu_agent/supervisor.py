@@ -23,6 +23,7 @@ import zmq
 
 from gpu_agent import nvml
 from gpu_agent import protocol as P
+from gpu_agent.curve import ServerKeys, serve_encrypted
 from gpu_agent.errors import AgentError
 from gpu_agent.limits import AgentLimits
 from gpu_agent.metrics import AgentMetrics
@@ -52,7 +53,8 @@ class Supervisor:
 
     def __init__(self, endpoint: str, workers: WorkerConfig, limits: AgentLimits, *,
                  token: str | None = None, device: dict[str, Any] | None = None,
-                 spares: int = 1, context: zmq.Context | None = None) -> None:
+                 spares: int = 1, curve: ServerKeys | None = None,
+                 context: zmq.Context | None = None) -> None:
         self.token = token
         self.limits = limits
         self.context = context or zmq.Context.instance()
@@ -62,6 +64,8 @@ class Supervisor:
         self.socket.setsockopt(zmq.MAXMSGSIZE, limits.max_control_message)
         self.socket.setsockopt(zmq.SNDHWM, limits.unread_replies)
         self.socket.setsockopt(zmq.RCVHWM, 64)
+        self.authenticator = serve_encrypted(self.context, [self.socket], curve) \
+            if curve is not None else None
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers = WorkerPool(self.context, workers, spares=spares)
@@ -172,6 +176,8 @@ class Supervisor:
     def close(self) -> None:
         self.metrics.close()
         self.workers.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.tenancy.close()
         self.socket.close(0)
 

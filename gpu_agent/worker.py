@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
 from gpu_agent.batches import BatchRunner
+from gpu_agent.curve import ServerKeys, connect_encrypted, serve_encrypted
 from gpu_agent.datastore import DataStore
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import make_executor
@@ -58,7 +59,13 @@ class Worker:
         self.data.setsockopt(zmq.SNDHWM, args.unread_replies)
         self.data.setsockopt(zmq.RCVHWM, args.unread_replies)
         self.data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.curve = ServerKeys.load(args.curve_secret_key_file, args.curve_client_keys_dir) \
+            if args.curve_secret_key_file else None
+        self.authenticator = serve_encrypted(self.context, [self.data], self.curve) \
+            if self.curve is not None else None
         self.endpoint = _bind(self.data, args.bind, args.ports)
+        if args.advertise_host:
+            self.endpoint = f"tcp://{args.advertise_host}:{self.endpoint.rsplit(':', 1)[1]}"
         self.monitor = self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.status = W.StatusPage(args.status)
         self.kernel_output = KernelOutput()
@@ -226,7 +233,7 @@ class Worker:
         what was asked for (the session, its kernel, its address range)."""
         assert self.runner is not None
         origin = _AgentPeer(self.context, str(fetch["endpoint"]), fetch.get("token"),
-                            self.args.fetch_timeout, self.args.max_frame)
+                            self.args.fetch_timeout, self.args.max_frame, self.curve)
         ask = {"session": fetch["session"], "resume_token": fetch["resume_token"]}
         try:
             reply, _ = origin.request({"t": P.PARKED_FETCH, "kernel_id": fetch["kernel_id"],
@@ -348,6 +355,8 @@ class Worker:
 
     def close(self) -> None:
         self.status.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         for socket in (self.monitor, self.data, self.control):
             socket.close()
         self.context.term()
@@ -417,10 +426,12 @@ class _AgentPeer:
     """A short-lived DEALER to another agent's supervisor, for moving parked state."""
 
     def __init__(self, context: zmq.Context, endpoint: str, token: str | None, timeout: float,
-                 max_frame: int) -> None:
+                 max_frame: int, curve: ServerKeys | None) -> None:
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            connect_encrypted(self.socket, curve)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame + (1 << 20))
         self.socket.connect(endpoint)
         self._rid = 0
@@ -492,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--data-writable", action="store_true")
     parser.add_argument("--data-reader", default="auto")
+    parser.add_argument("--advertise-host", default=None)
+    parser.add_argument("--curve-secret-key-file", default=None)
+    parser.add_argument("--curve-client-keys-dir", default=None)
     parser.add_argument("--log-level", default="WARNING")
     return parser
 

@@ -45,6 +45,10 @@ class WorkerConfig:
     data_writable: bool = False
     data_reader: str = "auto"
     log_level: str = "WARNING"
+    #: the host put into welcome for clients to reach workers at (default: the bind host)
+    advertise_host: str | None = None
+    curve_secret_file: str | None = None
+    curve_clients_dir: str | None = None
 
 
 @dataclass
@@ -106,6 +110,12 @@ class WorkerPool:
             argv += ["--data-root", c.data_root]
         if c.data_writable:
             argv.append("--data-writable")
+        if c.advertise_host:
+            argv += ["--advertise-host", c.advertise_host]
+        if c.curve_secret_file:
+            argv += ["--curve-secret-key-file", c.curve_secret_file]
+        if c.curve_clients_dir:
+            argv += ["--curve-client-keys-dir", c.curve_clients_dir]
         # a worker is a process of its own session: the supervisor's signals are not its
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
         handle = WorkerHandle(worker_id, process, status, time.monotonic())

@@ -241,7 +241,9 @@ class LeaseKeeper:
             agents = await self._agents()
             statuses = await self.client.statuses(agents, self.config.status_timeout)
             if not statuses:
-                raise ControlError("GPUUnavailable", (
+                reasons = [why for why in self.client.unanswered.values()
+                           if "did not answer within" not in why]
+                raise ControlError("GPUUnavailable", "; ".join(reasons) if reasons else (
                     f"no GPU agent answered at {', '.join(agents) or '(none configured)'}: is "
                     "harp-agent running there? (HARP_AGENTS names the agents)"))
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from gpu_agent import protocol as P
+from provisioner.wire_security import CLIENT_KEY_ENV, SERVER_KEY_ENV, client_keys
 
 DEFAULT_TIMEOUT_S = 5.0
 T = TypeVar("T")
@@ -50,6 +52,14 @@ class _AgentLink:
         self.endpoint = endpoint
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        keys = client_keys()
+        self._monitor: zmq.Socket | None = None
+        if keys is not None:
+            keys.apply(self.socket)
+            monitor = self.socket.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            self._monitor = zmq.Socket.shadow(monitor.underlying)
+            self._monitor_owner = monitor
         self.socket.connect(endpoint)
         self._on_message = on_message
         self.reader = asyncio.ensure_future(self._read())
@@ -66,8 +76,27 @@ class _AgentLink:
             except Exception:  # a failing callback must not stop the replies of everyone else
                 log.exception("handling %s from %s failed", header.get("t"), self.endpoint)
 
+    def handshake_failure(self) -> str | None:
+        """Why the CurveZMQ handshake failed, if it did (read without waiting)."""
+        if self._monitor is None:
+            return None
+        why = None
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return why
+            why = ("it refused this client's CurveZMQ key: its operator must add the public "
+                   f"half of {CLIENT_KEY_ENV} to the agent's --curve-client-keys-dir"
+                   if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else
+                   f"the CurveZMQ handshake failed: the agent's key is not the one in "
+                   f"{SERVER_KEY_ENV}, or one side encrypts and the other does not")
+
     def close(self) -> None:
         self.reader.cancel()
+        if self._monitor is not None:
+            self.socket.disable_monitor()
+            self._monitor_owner.close(0)
         self.socket.close(0)
 
 
@@ -86,6 +115,8 @@ class LeaseClient:
         self._context = zmq.asyncio.Context() if context is None else context
         self._links: dict[str, _AgentLink] = {}
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: why agents asked by the last ``statuses`` did not answer
+        self.unanswered: dict[str, str] = {}
         #: rids of status requests per endpoint, oldest first: an agent that does not echo
         #: ``rid`` in its ``status`` reply still answers them in order (ZeroMQ keeps order)
         self._status_rids: dict[str, deque[int]] = {}
@@ -136,9 +167,13 @@ class LeaseClient:
                 self._send_and_wait(link, {**header, "rid": rid}, future), limit)
         except (TimeoutError, zmq.ZMQError):
             # a dead agent's queued messages would be delivered late to a new one: start over
+            refused = link.handshake_failure()
             if self._links.get(endpoint) is link:
                 del self._links[endpoint]
                 link.close()
+            if refused is not None:
+                raise AgentUnreachable(
+                    f"the GPU agent at {endpoint} is there, but {refused}") from None
             raise AgentUnreachable(
                 f"the GPU agent at {endpoint} did not answer within {limit:g} s: is harp-agent "
                 "running there?") from None
@@ -166,9 +201,12 @@ class LeaseClient:
 
     async def statuses(self, endpoints: list[str],
                        timeout: float | None = None) -> dict[str, dict[str, Any]]:
-        """The status of every agent that answers, in ``endpoints`` order."""
+        """The status of every agent that answers, in ``endpoints`` order; why the others did
+        not is kept in ``unanswered`` (endpoint -> message) for the caller's error."""
         results = await asyncio.gather(*(self.status(e, timeout) for e in endpoints),
                                        return_exceptions=True)
+        self.unanswered = {e: str(r) for e, r in zip(endpoints, results, strict=True)
+                           if isinstance(r, Exception)}
         return {e: r for e, r in zip(endpoints, results, strict=True) if isinstance(r, dict)}
 
     async def request(self, endpoint: str, kernel_id: str, kernel_secret: str, user: str = "",

@@ -47,14 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_agent(*extra: str, executor: str | None = None, timeout: float = 60) -> AgentProcess:
+def start_agent(*extra: str, executor: str | None = None, timeout: float = 60,
+                listen: str = "tcp://127.0.0.1:0") -> AgentProcess:
     """Start ``harp-agent`` and wait for its start-up line. The executor is emulated unless
     asked for, or unless HARP_TEST_EXECUTOR says otherwise (the GPU machine runs the agent
     tests with ``pycuda`` too)."""
     executor = executor or os.environ.get("HARP_TEST_EXECUTOR", "emulated")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpu_agent.cli", "--listen", "tcp://127.0.0.1:0",
+        [sys.executable, "-m", "gpu_agent.cli", "--listen", listen,
          "--executor", executor,
          "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -39,6 +39,7 @@ from harp_jupyter.shim.errors import (
     ProtocolError,
     error_from_agent,
 )
+from provisioner.wire_security import CLIENT_KEY_ENV, SERVER_KEY_ENV, WireKeyError, client_keys
 
 DEFAULT_TIMEOUT_S = 10.0
 _POLL_SLICE_MS = 200
@@ -81,14 +82,21 @@ class AgentConnection:
         self._lost: str | None = None  # why the connection is lost, once it is
         self._established = False
         self._closed = False
+        try:
+            keys = client_keys()
+        except WireKeyError as e:
+            raise GPULostError(str(e)) from None
         self._context = zmq.Context(io_threads=1)
         self._socket = self._context.socket(zmq.DEALER)
         heartbeat_ms = max(100, int(self.timeout * 1000))
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.HEARTBEAT_IVL, max(50, heartbeat_ms // 4))
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms)
+        if keys is not None:
+            keys.apply(self._socket)
         self._monitor = self._socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         self._receive_timeout_ms = -1
         try:
             self._socket.connect(endpoint)
@@ -264,6 +272,10 @@ class AgentConnection:
                 self._established = True
             elif event == zmq.EVENT_DISCONNECTED and self._established:
                 self._lost = self._lost or "disconnected"
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                self._lost = "refused" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else \
+                    "no CurveZMQ handshake"
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -272,6 +284,14 @@ class AgentConnection:
             raise GPULostError(self.lost_message())
 
     def lost_message(self) -> str:
+        if self._lost == "refused":
+            return (f"the GPU agent at {self.label} refused this client's CurveZMQ key: ask its "
+                    f"operator to add the public half of {CLIENT_KEY_ENV} to the agent's "
+                    "--curve-client-keys-dir")
+        if self._lost == "no CurveZMQ handshake":
+            return (f"the CurveZMQ handshake with the GPU agent at {self.label} failed: the "
+                    f"agent's key is not the one in {SERVER_KEY_ENV}, or one side encrypts and "
+                    "the other does not")
         return (f"lost the GPU agent at {self.label} ({self._lost}): the GPU state of this"
                 " session (device memory, modules, streams) is gone. The process and its CPU"
                 " state are intact; the next GPU call starts a new session, so recreate device"

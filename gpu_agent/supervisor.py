@@ -316,6 +316,7 @@ class Supervisor:
                        "used": sum(w.figures().get("device_bytes", 0)
                                    for w in self.workers.workers.values()
                                    if w.ended_by is None)},
+            "data": next((w.data for w in self.workers.workers.values() if w.data), {}),
             "workers": {"running": len(self.workers.workers), "restarts": self.workers.restarts,
                         "ready_spares": sum(1 for w in self.workers.workers.values()
                                             if w.ready and w.session_id is None

@@ -86,7 +86,8 @@ class Worker:
     def serve(self) -> None:
         free, total = self.executor.mem_info()
         self._tell(W.READY, pid=os.getpid(), endpoint=self.endpoint,
-                   device=self.executor.device_info(), memory=[free, total])
+                   device=self.executor.device_info(), memory=[free, total],
+                   data=self.executor.data_status())
         self.data.setsockopt(zmq.RCVTIMEO, _IDLE_SLICE_MS)
         while self.running:
             if self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:

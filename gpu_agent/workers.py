@@ -59,6 +59,8 @@ class WorkerHandle:
     started_at: float
     endpoint: str | None = None
     device: dict[str, Any] = field(default_factory=dict)
+    #: the data tree it serves and how it reads files (harp_jupyter.remote)
+    data: dict[str, Any] = field(default_factory=dict)
     #: the session it serves (None for a spare)
     session_id: str | None = None
     #: why the supervisor ended it, when it did (watchdog, park, end)
@@ -187,6 +189,7 @@ class WorkerPool:
             if header.get("t") == W.READY:
                 handle.endpoint = str(header.get("endpoint"))
                 handle.device = header.get("device") or {}
+                handle.data = header.get("data") or {}
             got.append((handle, header))
         return got
 

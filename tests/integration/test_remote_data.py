@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 
 from gpu_agent import protocol as P
 from harp_jupyter import remote
 from harp_jupyter.shim.errors import MemoryError
 from harp_jupyter.shim.session import get_session
+from tests.agent_client import RawClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -312,23 +312,17 @@ def test_raw_protocol_data_calls_are_checked(agent_starter: Callable[..., Any],
                                              data_root: Path) -> None:
     """What the shim never sends: reads into unmapped memory, writes from it, bad specs."""
     agent = agent_starter("--data-root", str(data_root), "--data-writable")
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 10_000)
-    socket.connect(agent.endpoint)
-
+    client = RawClient(agent.endpoint)
     frames: list[Any] = []
 
     def request(header: dict[str, Any]) -> dict[str, Any]:
-        socket.send_multipart(P.encode(header))
-        reply, frames[:] = P.decode(socket.recv_multipart())
-        return reply
+        if header["t"] == P.BATCH:
+            reply, frames[:] = client.batch(*header["c"])
+            return reply
+        return client.request(header)[0]
 
     try:
-        lease = request({"t": P.LEASE_REQUEST, "rid": 1, "kernel_id": "raw", "kernel_secret": "s",
-                         "user": "t"})["lease"]
-        base = request({"t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {},
-                        "lease": [lease["id"], lease["token"]]})["range"][0]
+        base = client.hello()["range"][0]
         layout = request({"t": P.BATCH, "q": 1, "c": [
             ["data_open", "train/images.npy", {}]]})["r"][0][1]
         read = ["data_read", base, "train/images.npy", layout["offset"], 96, layout["file"]]
@@ -351,4 +345,4 @@ def test_raw_protocol_data_calls_are_checked(agent_starter: Callable[..., Any],
         status = request({"t": P.STATUS})
         assert status["data"]["reader"] == "host" and status["data"]["writable"] is True
     finally:
-        socket.close(0)
+        client.close()

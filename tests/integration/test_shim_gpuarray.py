@@ -64,7 +64,7 @@ def test_user_kernels_on_emulated_agent_say_a_gpu_is_needed(emulated_agent: Any,
         "print(a.get())\n")
     run = harp_run(emulated_agent.endpoint, script)
     assert run.returncode != 0
-    assert "needs a GPU agent" in run.stderr
+    assert "needs a real GPU" in run.stderr
     assert "elementwise.py:5" in run.stderr  # the call that failed
 
 

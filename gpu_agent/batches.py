@@ -149,7 +149,7 @@ class BatchRunner:
         if name not in P.DESCRIPTOR_OPS:
             return
         for desc in P.descriptors_of(args):
-            logical = P.descriptor_elements(desc) * np.dtype(desc[1]).itemsize
+            logical = P.descriptor_elements(desc) * P.wire_dtype(desc[1]).itemsize
             if logical > self.memory_cap:
                 raise AgentError(
                     "LogicError", f"an array of shape {tuple(desc[2])} and dtype {desc[1]} "

@@ -308,6 +308,20 @@ def _numeric(dtype: np.dtype) -> bool:
     return dtype.kind in ARRAY_DTYPE_KINDS
 
 
+def dtype_text(dtype: Any) -> str:
+    """How a NumPy dtype travels in an array descriptor: ``dtype.str`` (``"<f4"``), or for a
+    structured dtype its ``descr`` (``str`` would be a field-less ``"|V8"``)."""
+    dtype = np.dtype(dtype)
+    return dtype.str if dtype.names is None else str(dtype.descr)
+
+
+def _descriptor_dtype(text: str) -> np.dtype:
+    dtype = wire_dtype(text)
+    if dtype is None:
+        raise ProtocolError(f"dtype {text!r} is not allowed in an array descriptor")
+    return dtype
+
+
 def is_descriptor(v: Any) -> bool:
     return (
         type(v) is list
@@ -701,7 +715,7 @@ def descriptor_elements(desc: Sequence[Any]) -> int:
 def descriptor_extent(desc: Sequence[Any]) -> tuple[int, int]:
     """Byte range ``[lo, hi)`` an array descriptor touches (``hi == lo`` for an empty array)."""
     addr, dtype, shape, strides = desc
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = _descriptor_dtype(dtype).itemsize
     if any(n == 0 for n in shape):
         return addr, addr
     lo = hi = 0

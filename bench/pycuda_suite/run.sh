@@ -15,13 +15,17 @@ tail -3 "$out/native.log"
 agents=()
 pids=()
 for i in $(seq 0 7); do
-  port=$((5800 + i))
-  python3 -m gpu_agent.cli --listen "tcp://127.0.0.1:$port" --executor pycuda \
+  python3 -m gpu_agent.cli --listen "tcp://127.0.0.1:0" --executor pycuda \
     --log-level WARNING >"/tmp/harp-agent-$i.log" 2>&1 &
   pids+=($!)
-  agents+=("tcp://127.0.0.1:$port")
 done
-sleep 4
+for i in $(seq 0 7); do  # each agent prints its endpoint once its first worker is ready
+  for _ in $(seq 1 600); do
+    grep -q "^harp-agent: serving" "/tmp/harp-agent-$i.log" && break
+    sleep 0.1
+  done
+  agents+=("$(awk '/^harp-agent: serving/ {print $3}' "/tmp/harp-agent-$i.log")")
+done
 HARP_AGENTS=$(IFS=,; echo "${agents[*]}") timeout 280 python3 -m pytest -q -n 8 \
   -p no:cacheprovider -p harp_jupyter.shim.pytest_plugin --junitxml="$out/shim.xml" "$tests" \
   >"$out/shim.log" 2>&1

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gpu_agent import profiling
+from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import AgentError, Executor, ExecutorSession
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
@@ -64,7 +65,7 @@ class EmulatedSession(TorchOps, ExecutorSession):
 
     def view(self, desc: list[Any]) -> np.ndarray:
         addr, dtype, shape, strides = desc
-        dt = np.dtype(dtype)
+        dt = P.wire_dtype(dtype)
         lo = addr + sum((n - 1) * s for n, s in zip(shape, strides, strict=True) if s < 0 and n)
         memory, offset = self._locate(lo, 0)
         return np.ndarray(tuple(shape), dt, memory, offset + (addr - lo), tuple(strides))

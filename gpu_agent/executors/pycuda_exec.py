@@ -19,6 +19,7 @@ from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool
 
 from gpu_agent import nvml, profiling
+from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays
@@ -93,7 +94,7 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def view(self, desc: list[Any]) -> gpuarray.GPUArray:
         addr, dtype, shape, strides = desc
-        return gpuarray.GPUArray(tuple(shape), np.dtype(dtype), allocator=self._x.pool.allocate,
+        return gpuarray.GPUArray(tuple(shape), P.wire_dtype(dtype), allocator=self._x.pool.allocate,
                                  gpudata=DevicePointer(addr), strides=tuple(strides))
 
     def _operand(self, value: Any) -> Any:

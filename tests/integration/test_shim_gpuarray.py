@@ -91,3 +91,20 @@ def test_a_thousand_array_ops_make_no_round_trip_before_get(emulated_agent: Any)
     finally:
         reset_session()
         shim.deactivate()
+
+
+def test_structured_vector_arrays_travel_with_their_fields(emulated_agent: Any,
+                                                           tmp_path: Path) -> None:
+    script = tmp_path / "vec.py"
+    script.write_text(
+        "import numpy as np\nimport pycuda.autoinit\nimport pycuda.gpuarray as gpuarray\n"
+        "a = gpuarray.empty(100, dtype=gpuarray.vec.float3)\n"
+        "a.fill(gpuarray.vec.make_float3(0.0, 1.0, 2.0))\n"
+        "host = a.get()\n"
+        "assert host.dtype == gpuarray.vec.float3 and host[99]['z'] == 2.0\n"
+        "b = gpuarray.to_gpu(host)\n"
+        "c = b.copy()\n"
+        "assert (c.get()['y'] == 1.0).all()\n"
+        "print('vec ok')\n")
+    done = harp_run(emulated_agent.endpoint, script)
+    assert done.returncode == 0 and "vec ok" in done.stdout, done.stderr

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gpu_agent.protocol import dtype_text
 from harp_jupyter.shim.errors import user_facing
 from harp_jupyter.shim.pycuda import driver as drv
 from harp_jupyter.shim.pycuda.characterize import has_double_support  # noqa: F401 - pycuda's
@@ -132,7 +133,7 @@ class GPUArray:
 
     @property
     def descriptor(self) -> list[Any]:
-        return [self.ptr, self.dtype.str, list(self.shape), list(self.strides)]
+        return [self.ptr, dtype_text(self.dtype), list(self.shape), list(self.strides)]
 
     @property
     def flags(self) -> Any:
@@ -345,6 +346,13 @@ class GPUArray:
                     b=_scalar(otherfac))
 
     def fill(self, value: Any, stream: Any = None) -> GPUArray:
+        if self.dtype.names is not None:
+            # a structured value (gpuarray.vec) is no wire scalar: its bytes go up instead
+            if self.size and self.flags.forc:
+                self.set(np.full(self.shape, value, self.dtype))
+            elif self.size:
+                raise NotImplementedError("fill of a non-contiguous structured array")
+            return self
         return _run("fill", self, [_scalar(value)], stream)
 
     def astype(self, dtype: Any, stream: Any = None) -> GPUArray:

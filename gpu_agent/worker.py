@@ -20,6 +20,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,26 +258,13 @@ class Worker:
                 addr, size = chunk
                 if is_object_chunk(addr):
                     whole = bytearray(size)
-                    for offset in range(0, size, PIECE_BYTES):
-                        nbytes = min(PIECE_BYTES, size - offset)
-                        _, frames = origin.request({"t": P.PARKED_CHUNK, "addr": addr,
-                                                    "offset": offset, "size": nbytes, **ask})
-                        piece = frames[0].buffer if frames else memoryview(b"")
-                        if piece.nbytes != nbytes:
-                            raise AgentError("StateLost", "a parked object came short")
-                        whole[offset:offset + nbytes] = piece
+                    for offset, piece in origin.pieces(ask, addr, size):
+                        whole[offset:offset + piece.nbytes] = piece
                     objects.append(memoryview(whole))
-                    total += size
-                    continue
-                self.runner.call("alloc", [addr, size])
-                for offset in range(0, size, PIECE_BYTES):
-                    nbytes = min(PIECE_BYTES, size - offset)
-                    _, frames = origin.request({"t": P.PARKED_CHUNK, "addr": addr,
-                                                "offset": offset, "size": nbytes, **ask})
-                    piece = frames[0].buffer if frames else memoryview(b"")
-                    if piece.nbytes != nbytes:
-                        raise AgentError("StateLost", "a piece of the parked state came short")
-                    self.runner.device.write_from(addr + offset, piece)
+                else:
+                    self.runner.call("alloc", [addr, size])
+                    for offset, piece in origin.pieces(ask, addr, size):
+                        self.runner.device.write_from(addr + offset, piece)
                 total += size
             self.runner.device.restore_objects(objects)
             try:
@@ -454,6 +442,18 @@ class _AgentPeer:
                 raise AgentError("StateLost", f"the agent at {self.endpoint} refused to hand "
                                  f"over the parked state: {error.get('msg')}")
             return reply, frames
+
+    def pieces(self, ask: dict[str, Any], addr: int, size: int
+               ) -> Iterator[tuple[int, memoryview]]:
+        """(offset, bytes) of one parked chunk, fetched ``PIECE_BYTES`` at a time."""
+        for offset in range(0, size, PIECE_BYTES):
+            nbytes = min(PIECE_BYTES, size - offset)
+            _, frames = self.request({"t": P.PARKED_CHUNK, "addr": addr, "offset": offset,
+                                      "size": nbytes, **ask})
+            piece = frames[0].buffer if frames else memoryview(b"")
+            if piece.nbytes != nbytes:
+                raise AgentError("StateLost", "a piece of the parked state came short")
+            yield offset, piece
 
     def close(self) -> None:
         self.socket.close(0)

@@ -7,8 +7,9 @@ TARGET. Every chunk read from one side is stamped with the time it arrived and w
 other side no earlier than ``arrival + delay``, in arrival order: the delay is per chunk, not a
 pause of the whole stream, so a stream of back-to-back messages is delayed once, like a link
 with that latency (and no bandwidth limit of its own). One thread per direction of each
-connection reads, stamps and writes; it sleeps in ``select`` until the next chunk is due and
-spins (yielding the GIL) for the last ``--spin-us`` of the wait, with the thread's timer slack
+connection reads, stamps and writes; with nothing waiting it blocks in ``recv``, otherwise it
+sleeps in ``select`` until the next chunk is due and spins (yielding the GIL) for the last
+``--spin-us`` of the wait, with the thread's timer slack
 set to 1 ns so that sub-millisecond delays are kept. At most ``--max-pending`` bytes wait in
 one direction; past it that side is not read (TCP back-pressure) until chunks go out.
 
@@ -179,10 +180,12 @@ class DelayRelay:
                         os.sched_yield()  # releases the GIL: the other pumps keep going
                     continue
                 readable = source_open and pending_bytes < self.max_pending_bytes
-                sleep = None if wait is None else wait - spin
-                ready, _, _ = select.select([source] if readable else [], [], [], sleep)
-                if not ready:
-                    continue
+                if wait is not None:  # something is waiting: read only until it is due
+                    ready, _, _ = select.select([source] if readable else [], [], [],
+                                                wait - spin)
+                    if not ready:
+                        continue
+                # nothing waiting: a plain blocking read (one system call, not select + recv)
                 chunk = source.recv(CHUNK_BYTES)
                 if not chunk:
                     source_open = False

@@ -56,7 +56,8 @@ class AgentLimits:
     unread_replies: int = _flag(
         8,
         "replies a connection may leave unread: past it the worker stops reading that client's "
-        "batches (back-pressure) and the supervisor drops that client's replies",
+        "batches (back-pressure) and the supervisor drops that client's replies (it also keeps "
+        "room for one push per queued lease)",
         metavar="N",
     )
     max_sessions: int = _flag(

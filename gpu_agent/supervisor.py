@@ -62,7 +62,9 @@ class Supervisor:
         self.socket.setsockopt(zmq.LINGER, 0)
         # bounded before anything is read: ZeroMQ drops a larger message (and its connection)
         self.socket.setsockopt(zmq.MAXMSGSIZE, limits.max_control_message)
-        self.socket.setsockopt(zmq.SNDHWM, limits.unread_replies)
+        # one connection may hold every queued lease, and each queue move tells each of them:
+        # room for that many small pushes plus its unread replies, and no more
+        self.socket.setsockopt(zmq.SNDHWM, limits.max_queue + limits.unread_replies)
         self.socket.setsockopt(zmq.RCVHWM, 64)
         self.authenticator = serve_encrypted(self.context, [self.socket], curve) \
             if curve is not None else None

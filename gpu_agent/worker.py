@@ -41,7 +41,8 @@ log = logging.getLogger("harp.agent.worker")
 
 #: bytes moved per step when parking, restoring or fetching (bounds the worker's host memory)
 PIECE_BYTES = 64 << 20
-_IDLE_SLICE_MS = 50
+#: how long the worker blocks on its client before it looks at the supervisor's socket again
+_IDLE_SLICE_MS = 10
 
 
 class Worker:
@@ -93,6 +94,11 @@ class Worker:
         while self.running:
             if self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._on_control(*P.decode(self.control.recv_multipart(copy=False)))
+                continue
+            if self.runner is None:
+                # a spare: nothing comes on the data socket before ``open``, so wait for the
+                # supervisor instead (an acquire does not pay the data socket's time slice)
+                self.control.poll(_IDLE_SLICE_MS)
                 continue
             try:
                 parts = self.data.recv_multipart(copy=False)

@@ -103,9 +103,10 @@ class Supervisor:
         try:
             while self._running:
                 events = dict(poller.poll(int(TICK_S * 1000)))
-                if self.workers.socket in events:
-                    for worker, header in self.workers.receive():
-                        self._guarded(lambda w=worker, h=header: self.tenancy.on_worker(w, h))
+                # worker reports first, then the tick (which sees exits): a report written
+                # before a worker's exit is read before the exit is acted on
+                for worker, header in self.workers.receive():
+                    self._guarded(lambda w=worker, h=header: self.tenancy.on_worker(w, h))
                 if self.socket in events:
                     for _ in range(256):  # then let the workers and the clock have a turn
                         try:

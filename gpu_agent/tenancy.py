@@ -37,6 +37,8 @@ log = logging.getLogger("harp.agent.tenancy")
 #: ended leases are remembered this long, so a late renew gets "released" rather than "unknown"
 FORGET_ENDED_S = 600.0
 MOVED = "it moved to another agent"
+#: how long a parking worker that has exited may take to have its report read
+PARK_REPORT_S = 5.0
 #: address ranges an agent hands out (each 256 GiB of virtual address space)
 ADDRESS_RANGES = 256
 
@@ -71,6 +73,8 @@ class Session:
     resumed: bool = False
     #: when its client's worker connection dropped (monotonic), until it comes back
     gone_at: float | None = None
+    #: when its parking worker's exit was seen before its report (monotonic)
+    worker_exited_at: float | None = None
     #: why parking started (told to the owner)
     park_reason: str = ""
     #: when the running park or restore started (monotonic), for the metrics
@@ -328,7 +332,7 @@ class Tenancy:
         worker = self.workers.take_spare()
         worker.session_id = session.session_id
         session.worker, session.route, session.state = worker, route, SessionState.OPENING
-        session.gone_at = None
+        session.gone_at = session.worker_exited_at = None
         session.waiting.append((route, header))
         session.moving_since = self._clock()
         order = {"session": session.session_id, "base": session.base,
@@ -512,6 +516,11 @@ class Tenancy:
         session = self.sessions.get(worker.session_id or "")
         if session is None or session.worker is not worker:
             return
+        if session.state is SessionState.PARKING and code == 0:
+            # a parking worker ends by itself once it has written the session: its report
+            # may still be on the way; the tick waits for it (PARK_REPORT_S)
+            session.worker_exited_at = self._clock()
+            return
         self.metrics.worker_restarted("hung" if worker.ended_by and "watchdog" in
                                       worker.ended_by else "crashed")
         why = worker.ended_by or (f"its GPU worker process died (exit code {code}"
@@ -532,6 +541,12 @@ class Tenancy:
         for session in list(self.sessions.values()):
             worker = session.worker
             if worker is None:
+                continue
+            if session.state is SessionState.PARKING:
+                exited = session.worker_exited_at
+                if exited is not None and now - exited > PARK_REPORT_S:
+                    self._end(session, "its worker ended without reporting the park",
+                              lost=True)
                 continue
             if session.gone_at is not None and now - session.gone_at > self.limits.disconnect_grace:
                 self._end(session, "its client went away without saying bye")

@@ -98,14 +98,23 @@ class Worker:
             if self.runner is None:
                 # a spare: nothing comes on the data socket before ``open``, so wait for the
                 # supervisor instead (an acquire does not pay the data socket's time slice)
-                self.control.poll(_IDLE_SLICE_MS)
+                if not self.control.poll(_IDLE_SLICE_MS):
+                    self._check_supervisor()
                 continue
             try:
                 parts = self.data.recv_multipart(copy=False)
             except zmq.Again:
                 self._read_monitor()
+                self._check_supervisor()
                 continue
             self._on_data(parts)
+
+    def _check_supervisor(self) -> None:
+        """End when the supervisor is gone (the kernel's parent-death signal covers most
+        cases; this covers a supervisor that died while this worker was still starting)."""
+        if os.getppid() != self.args.supervisor_pid:
+            log.warning("the supervisor is gone: this worker ends")
+            self.running = False
 
     def _on_data(self, parts: list[Any]) -> None:
         route = parts[0].bytes
@@ -497,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu_agent.worker", description=(
         "One session's worker process; started by harp-agent, never by hand."))
     parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--control", required=True, help="the supervisor's ipc endpoint")
     parser.add_argument("--status", required=True, help="the status page file")
     parser.add_argument("--bind", required=True, help="tcp://HOST to bind the data socket on")
@@ -517,23 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _die_with_supervisor() -> None:
+def _die_with_supervisor(supervisor_pid: int) -> None:
     """A worker must not outlive its supervisor (it would hold a GPU nobody can manage): on
-    Linux the kernel kills it when its parent goes."""
-    supervisor = os.getppid()
+    Linux the kernel kills it when its parent goes; a parent already gone is seen here."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if os.getppid() != supervisor:
+    if os.getppid() != supervisor_pid:
         os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _die_with_supervisor()
     args = build_parser().parse_args(argv)
+    _die_with_supervisor(args.supervisor_pid)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s harp-worker {args.worker_id} %(levelname)s "
                                "%(message)s")

@@ -28,6 +28,10 @@ from gpu_agent import worker_link as W
 
 log = logging.getLogger("harp.agent.workers")
 
+#: how long an ended worker's late messages are still read (a park's report can arrive after
+#: its process exit was seen)
+EXITED_KEPT_S = 10.0
+
 
 @dataclass
 class WorkerConfig:
@@ -90,6 +94,8 @@ class WorkerPool:
         self.socket.bind(f"ipc://{self._dir}/control")
         self.control_endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, WorkerHandle] = {}
+        #: workers whose process ended, kept ``EXITED_KEPT_S`` so their last messages count
+        self._exited: dict[str, tuple[WorkerHandle, float]] = {}
         self.restarts = 0
 
     # {{{ processes
@@ -100,6 +106,7 @@ class WorkerPool:
         status = W.StatusPage(status_path, create=True)
         c = self.config
         argv = [sys.executable, "-m", "gpu_agent.worker", "--worker-id", worker_id,
+                "--supervisor-pid", str(os.getpid()),
                 "--control", self.control_endpoint, "--status", status_path,
                 "--bind", f"tcp://{c.bind_host}", "--executor", c.executor,
                 "--device", str(c.device), "--memory-cap", str(c.memory_cap),
@@ -156,10 +163,15 @@ class WorkerPool:
             code = handle.process.poll()
             if code is not None:
                 del self.workers[handle.worker_id]
-                handle.status.close(remove=True)
-                if handle.ended_by is None:
+                # its last messages may still be on the way: they are read for a while more
+                self._exited[handle.worker_id] = (handle, now)
+                if handle.ended_by is None and code != 0:
                     self.restarts += 1
                 dead.append((handle, code))
+        for worker_id, (handle, at) in list(self._exited.items()):
+            if now - at > EXITED_KEPT_S:
+                del self._exited[worker_id]
+                handle.status.close(remove=True)
         return dead
 
     # }}}
@@ -179,7 +191,8 @@ class WorkerPool:
         got = []
         while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             parts = self.socket.recv_multipart()
-            handle = self.workers.get(parts[0].decode(errors="replace"))
+            worker_id = parts[0].decode(errors="replace")
+            handle = self.workers.get(worker_id) or self._exited.get(worker_id, (None, 0))[0]
             if handle is None or len(parts) < 2:
                 continue
             try:

@@ -116,6 +116,10 @@ class Child {
   }
 }
 
+/** startAgent's extra arguments that keep an idle holder's GPU while another kernel waits (with
+ * startLab's default HARP_RECLAIM_AFTER), for tests that steer the leases themselves. */
+export const RECLAIM_OFF = ['--reclaim-after', '3600'];
+
 export async function startAgent(logDir, extraArgs = []) {
   const port = await freePort();
   const endpoint = `tcp://127.0.0.1:${port}`;
@@ -177,6 +181,9 @@ export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
     JUPYTER_DATA_DIR: dirs.data,
     JUPYTER_RUNTIME_DIR: dirs.runtime,
     HARP_IDLE_TIMEOUT: '3600',
+    // the tests steer the leases themselves (Release, Lease): no reclaim unless a test asks for
+    // it (the agent takes the smaller of its --reclaim-after and the kernel's; see RECLAIM_OFF)
+    HARP_RECLAIM_AFTER: '3600',
     PYTHONUNBUFFERED: '1',
     ...env
   };
@@ -226,17 +233,23 @@ export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
     }
     return { status: response.status, body };
   };
-  await until(
-    async () => {
-      if (!lab.alive) {
-        throw new Error(`jupyter lab exited:\n${lab.output.slice(-3000)}`);
-      }
-      return (await request('/api/status')).status === 200;
-    },
-    'jupyter lab to answer /api/status',
-    60_000,
-    250
-  );
+  try {
+    await until(
+      async () => {
+        if (!lab.alive) {
+          throw new Error(`jupyter lab exited:\n${lab.output.slice(-3000)}`);
+        }
+        return (await request('/api/status')).status === 200;
+      },
+      'jupyter lab to answer /api/status',
+      // a busy 2-core machine has been seen to take more than a minute
+      180_000,
+      250
+    );
+  } catch (error) {
+    await lab.stop(); // never left running (and its log is kept) when it did not come up
+    throw error;
+  }
   return { url, token, root: dirs.root, request, lab, stop: () => lab.stop() };
 }
 

@@ -10,6 +10,7 @@ import { chromium } from 'playwright-core';
 
 import {
   CHROMIUM,
+  RECLAIM_OFF,
   screenshotDir,
   startAgent,
   startLab,
@@ -68,7 +69,7 @@ async function openLab(lab) {
       consoleErrors.push(message.text());
     }
   });
-  await page.goto(`${lab.url}/lab?token=${lab.token}`);
+  await page.goto(`${lab.url}/lab?token=${lab.token}`, { timeout: 120_000 });
   await waitForApp(page);
   page.consoleErrors = consoleErrors;
   // how often the sidebar calls the server, reported at the end (no storms: events are debounced)
@@ -190,7 +191,7 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
   let page;
 
   before(async () => {
-    agent = await startAgent(SHOTS, ['--lease-ttl', '30']);
+    agent = await startAgent(SHOTS, ['--lease-ttl', '30', ...RECLAIM_OFF]);
     lab = await startLab({
       agents: agent.endpoint,
       logDir: SHOTS,
@@ -258,13 +259,13 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
     assert.equal(await alpha.locator('[data-field="agent"] .harp-Endpoint').textContent(), agent.endpoint);
     // the event makes the badge change at once; the fetch it triggers fills in the GPU details
     await alpha.locator('[data-field="agent"] .harp-EmulatedTag').waitFor();
-    await until(
-      async () =>
-        /^\d.* \/ 16\.0 GiB$/.test(
-          await alpha.locator('[data-field="memory"] [data-part="in-use"]').textContent()
-        ),
-      'memory used / total'
-    );
+    // the total is the agent's (the emulated one's --emulated-memory, or its slot's cap)
+    await until(async () => {
+      const { body } = await lab.request('/harp/api/kernels');
+      const totalBytes = body.kernels.find(k => k.path === 'alpha.ipynb')?.memory_total;
+      const shown = await alpha.locator('[data-field="memory"] [data-part="in-use"]').textContent();
+      return totalBytes > 0 && new RegExp(`^\\d.* / ${(totalBytes / 2 ** 30).toFixed(1)} GiB$`).test(shown);
+    }, 'memory used / the agent’s total');
     assert.match(await alpha.locator('[data-field="idle"]').textContent(), /^in /);
     await until(async () => (await figure(page, 'held').textContent()) === '1', 'pool: held = 1');
     assert.equal(await figure(page, 'free').textContent(), '0');

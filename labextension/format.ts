@@ -2,7 +2,7 @@
  * Text for the sidebar and the status bar: durations, bytes, and what each lease state means for
  * the user with what to do about it. Pure functions (tested in node).
  */
-import type { IKernelLease, LeaseState } from './tokens';
+import type { IKernelLease, LeaseState, ParkReason } from './tokens';
 
 /** 42s, 3m 07s, 1h 02m 03s (whole seconds, rounded down). */
 export function formatDuration(seconds: number | null): string {
@@ -58,20 +58,30 @@ export interface IMemoryView {
   inUse: string;
   /** "2.0 MiB reserved", or null when it says nothing more than inUse */
   reserved: string | null;
+  /** held, but its device memory is still parked on the agent (leased before its next GPU
+   * call, which restores it): "2.0 MiB still parked" */
+  parked?: string;
 }
 
 export function memoryView(kernel: IKernelLease): IMemoryView {
   const allocated = kernel.memory_allocated ?? null;
   const reservedBytes = kernel.memory_used;
+  if (kernel.state === 'held' && !reservedBytes && kernel.parked_bytes > 0) {
+    // nothing on the device yet is not "0 B": the memory is parked, not gone
+    return {
+      inUse: formatMemory(allocated, kernel.memory_total),
+      reserved: null,
+      parked: `${formatBytes(kernel.parked_bytes)} still parked`
+    };
+  }
   if (allocated === null) {
     return { inUse: formatMemory(reservedBytes, kernel.memory_total), reserved: null };
   }
   return {
     inUse: formatMemory(allocated, kernel.memory_total),
+    // 0 B reserved while the kernel has arrays: they are on their way (restoring), not gone
     reserved:
-      reservedBytes !== null && reservedBytes !== allocated
-        ? `${formatBytes(reservedBytes)} reserved`
-        : null
+      reservedBytes && reservedBytes !== allocated ? `${formatBytes(reservedBytes)} reserved` : null
   };
 }
 
@@ -97,10 +107,21 @@ export function describeState(kernel: IKernelLease): string {
         `Every GPU is busy: waiting at position ${kernel.position ?? '?'} in the queue. ` +
         'The cell runs when a GPU is released.'
       );
-    case 'held':
-      return kernel.idle_timeout > 0
-        ? 'Holding a GPU; it is given back after the idle countdown with no GPU work.'
+    case 'held': {
+      const after = kernel.reclaim_after;
+      const reclaim =
+        after !== null && after !== undefined
+          ? `after ${formatSetting(after)} without GPU work when another notebook waits`
+          : null;
+      if (kernel.idle_timeout > 0) {
+        return reclaim
+          ? `Holding a GPU; it goes back after the idle countdown, or ${reclaim}.`
+          : 'Holding a GPU; it is given back after the idle countdown with no GPU work.';
+      }
+      return reclaim
+        ? `Holding a GPU until you release it (idle release is off), or ${reclaim}.`
         : 'Holding a GPU until you release it (idle release is off).';
+    }
     case 'parking':
       return 'Copying device memory to the agent’s host memory before giving the GPU back.';
     case 'parked':
@@ -138,7 +159,84 @@ export function kernelTitle(kernel: IKernelLease): string {
   return kernel.name || `kernel ${kernel.kernel_id.slice(0, 8)}`;
 }
 
-/** The status bar text for a kernel: state, with time held or queue position. */
+/** "2 s", "1.5 s", "1m 30s": a setting in seconds as the user wrote it (never rounded to 0). */
+export function formatSetting(seconds: number): string {
+  if (!Number.isFinite(seconds) || seconds < 0) {
+    return '–';
+  }
+  return seconds < 60 ? `${Number(seconds.toFixed(2))} s` : formatDuration(seconds);
+}
+
+/** Why a parked kernel is parked, as the card's "Why parked" shows it; null when not parked or
+ * not known (a kernel parked by an older server). */
+export function parkedReasonText(kernel: IKernelLease): string | null {
+  if (kernel.state !== 'parked' || !kernel.parked_reason) {
+    return null;
+  }
+  const texts: Record<ParkReason, string> = {
+    release: 'You released it',
+    idle: `Idle for ${formatSetting(kernel.idle_timeout)}`,
+    reclaim: 'Reclaimed for a waiting notebook',
+    ended: 'The agent ended the lease'
+  };
+  return texts[kernel.parked_reason] ?? null;
+}
+
+/** The longer story behind parkedReasonText (the row's tooltip, the status bar's). */
+export function parkedReasonDetail(kernel: IKernelLease): string | null {
+  if (kernel.state !== 'parked' || !kernel.parked_reason) {
+    return null;
+  }
+  switch (kernel.parked_reason) {
+    case 'release':
+      return 'Released with Release or %harp release; its device memory is kept.';
+    case 'idle':
+      return (
+        `No GPU work for ${formatSetting(kernel.idle_timeout)} (the idle timeout): ` +
+        'the GPU went back to the pool; its device memory is kept.'
+      );
+    case 'reclaim': {
+      const after =
+        kernel.reclaim_after !== null && kernel.reclaim_after !== undefined
+          ? ` for ${formatSetting(kernel.reclaim_after)}`
+          : '';
+      return (
+        `Another notebook was waiting for the GPU and this one had no GPU work${after}, ` +
+        'so the agent parked it; its device memory is kept and its next GPU cell gets a GPU ' +
+        'again (queueing like anyone else if none is free).'
+      );
+    }
+    case 'ended':
+      return 'The agent ended the lease (it expired or an operator revoked it).';
+    default:
+      return null;
+  }
+}
+
+/** The reclaim setting while held: "after 2 s idle" (when another notebook waits), or null. */
+export function reclaimText(kernel: IKernelLease): string | null {
+  if (kernel.state !== 'held' || kernel.reclaim_after === null || kernel.reclaim_after === undefined) {
+    return null;
+  }
+  return `after ${formatSetting(kernel.reclaim_after)} idle`;
+}
+
+/** What reclaim on demand means for a held kernel, with `waiting` notebooks queued for its GPU
+ * now (the Reclaim row's tooltip). */
+export function reclaimDetail(afterSeconds: number, waiting: number): string {
+  const after = formatSetting(afterSeconds);
+  const now =
+    waiting > 0
+      ? `${waiting} notebook${waiting > 1 ? 's wait' : ' waits'} for this GPU now: this kernel ` +
+        `is parked once it has had no GPU work for ${after}.`
+      : 'Nobody waits for this GPU now.';
+  return (
+    `While another notebook waits for this GPU, the agent parks this kernel after ${after} ` +
+    `without GPU work (a running cell is never interrupted) and serves the waiter. ${now}`
+  );
+}
+
+/** The status bar text for a kernel: state, with time held, queue position or why parked. */
 export function statusText(kernel: IKernelLease, heldSeconds: number | null): string {
   switch (kernel.state) {
     case 'held':
@@ -147,6 +245,15 @@ export function statusText(kernel: IKernelLease, heldSeconds: number | null): st
       return `GPU queued #${kernel.position ?? '?'}`;
     case 'none':
       return 'no GPU yet';
+    case 'parked': {
+      const why: Partial<Record<ParkReason, string>> = {
+        release: 'released',
+        idle: 'idle',
+        reclaim: 'reclaimed'
+      };
+      const reason = kernel.parked_reason ? why[kernel.parked_reason] : undefined;
+      return reason ? `GPU parked (${reason})` : 'GPU parked';
+    }
     default:
       return `GPU ${STATE_LABELS[kernel.state]}`;
   }

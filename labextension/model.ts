@@ -34,6 +34,14 @@ export interface IActionView {
   reason: string;
 }
 
+/** What the card shows of reclaim on demand while held: the setting, and who waits for it. */
+export interface IReclaimView {
+  /** seconds without GPU work after which a waiting notebook takes the GPU */
+  afterSeconds: number;
+  /** kernels waiting in the queue of this kernel's agent (from the pool); 0 when none or unknown */
+  waiting: number;
+}
+
 export interface IModelOptions {
   api: ILeaseAPI;
   /** clock in ms (injected by tests) */
@@ -204,6 +212,17 @@ export class ElasticGPUModel implements IElasticGPUModel {
     return Math.max(0, kernel.idle_left_s - this._elapsedSeconds(kernel.kernel_id, nowMs));
   }
 
+  /** Reclaim on demand as it applies to a held kernel now; null when not held or not reported. */
+  reclaimView(kernel: IKernelLease): IReclaimView | null {
+    const after = kernel.reclaim_after;
+    if (kernel.state !== 'held' || after === null || after === undefined) {
+      return null;
+    }
+    const agent = this._pool?.agents.find(a => a.endpoint === kernel.agent);
+    const waiting = agent ? agent.queue.filter(q => q.kernel_id !== kernel.kernel_id).length : 0;
+    return { afterSeconds: after, waiting };
+  }
+
   /** Seconds this kernel has waited in an agent's queue (from the pool), or null. */
   queueWaitingSeconds(kernelId: string, nowMs: number = this._now()): number | null {
     if (!this._pool) {
@@ -322,7 +341,15 @@ export class ElasticGPUModel implements IElasticGPUModel {
         state: emission.state,
         agent: emission.agent !== undefined ? emission.agent : previous.agent,
         position: emission.state === 'queued' ? emission.position ?? previous.position : null,
-        message: emission.message ?? previous.message
+        message: emission.message ?? previous.message,
+        // why it is parked shows with the badge, not a fetch later ("reclaimed for a waiting
+        // notebook"); the server clears it once the kernel holds a GPU again
+        parked_reason:
+          emission.parked_reason !== undefined
+            ? emission.parked_reason
+            : emission.state === 'held'
+              ? null
+              : previous.parked_reason
       };
       if (emission.state === 'held' && previous.state !== 'held') {
         lease.held_s = 0;

@@ -21,8 +21,9 @@ def _jupyter_server_extension_points() -> list[dict[str, str]]:
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     config = HarpServer(parent=serverapp)
-    kernels = ElasticKernels(serverapp.kernel_manager, serverapp.session_manager)
     pool = PoolView(config)
+    kernels = ElasticKernels(serverapp.kernel_manager, serverapp.session_manager,
+                             parked_source=pool.parked_by_kernel)
     events = LeaseEvents(serverapp.event_logger, serverapp.io_loop)
     events.start()
     serverapp.web_app.settings.update({"harp_kernels": kernels, "harp_pool": pool,

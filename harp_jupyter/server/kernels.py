@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from harp_jupyter.server.errors import HarpAPIError, gpu_unavailable, no_such_kernel
 from provisioner.control import ControlError
 from provisioner.elastic import ElasticGPUProvisioner
 
+#: agent endpoints -> {endpoint: {kernel id: bytes parked there}} (PoolView.parked_by_kernel)
+ParkedSource = Callable[[list[str]], Awaitable[dict[str, dict[str, int]]]]
+
 
 class ElasticKernels:
-    def __init__(self, kernel_manager: Any, session_manager: Any) -> None:
+    def __init__(self, kernel_manager: Any, session_manager: Any,
+                 parked_source: ParkedSource | None = None) -> None:
         self.kernel_manager = kernel_manager
         self.session_manager = session_manager
+        self.parked_source = parked_source
 
     def provisioner(self, kernel_id: str) -> ElasticGPUProvisioner:
         if kernel_id not in self.kernel_manager.list_kernel_ids():
@@ -42,7 +48,29 @@ class ElasticKernels:
         for failure in found:
             if isinstance(failure, BaseException) and not isinstance(failure, HarpAPIError):
                 raise failure  # HarpAPIError: another kernelspec, or it just went away
-        return [k for k in found if isinstance(k, dict)]
+        kernels = [k for k in found if isinstance(k, dict)]
+        await self._parked_bytes_from_agents(kernels)
+        return kernels
+
+    async def _parked_bytes_from_agents(self, kernels: list[dict[str, Any]]) -> None:
+        """A kernel's parked bytes as its agent has them parked. The kernel's keeper knows them
+        only when the kernel parked itself (Release, idle timeout); when the agent parked it (a
+        reclaim for a waiting kernel) the keeper has 0, or the figure of an earlier park. A held
+        kernel with no device bytes yet may still have its state parked there (leased from the
+        sidebar: its next GPU call restores it), which the card says rather than "0 B". An
+        agent that does not answer leaves the keeper's figure."""
+        parked = [k for k in kernels if k.get("agent") and (
+            k.get("state") == "parked" or (k.get("state") == "held" and not k.get("memory_used")))]
+        if not parked or self.parked_source is None:
+            return
+        try:
+            at_agents = await self.parked_source(sorted({str(k["agent"]) for k in parked}))
+        except Exception:  # the figure stays the keeper's; the listing must not fail for it
+            return
+        for kernel in parked:
+            nbytes = at_agents.get(str(kernel["agent"]), {}).get(str(kernel["kernel_id"]))
+            if nbytes is not None:
+                kernel["parked_bytes"] = nbytes
 
     async def describe(self, kernel_id: str, paths: dict[str, str]) -> dict[str, Any]:
         provisioner = self.provisioner(kernel_id)
@@ -71,7 +99,12 @@ class ElasticKernels:
             if e.kind == "NoSuchKernel":
                 raise no_such_kernel(kernel_id) from None
             raise gpu_unavailable(e.msg) from None
-        return await self.describe(kernel_id, await self.notebook_paths())
+        return await self.describe_one(kernel_id)
+
+    async def describe_one(self, kernel_id: str) -> dict[str, Any]:
+        kernel = await self.describe(kernel_id, await self.notebook_paths())
+        await self._parked_bytes_from_agents([kernel])
+        return kernel
 
     def profile(self, kernel_id: str) -> dict[str, Any]:
         found = self.provisioner(kernel_id).latest_profile()
@@ -90,4 +123,4 @@ class ElasticKernels:
                     409, "KernelBusy", "the kernel is running GPU work and keeps its GPU until "
                     "that work ends", "release it when the cell has finished, or interrupt the "
                     "kernel first")
-        return await self.describe(kernel_id, await self.notebook_paths())
+        return await self.describe_one(kernel_id)

@@ -66,6 +66,19 @@ class PoolView:
                                "it; kernels' GPU cells fail until one answers"}
         return {"agents": agents, "summary": _summary(agents), "problem": problem}
 
+    async def parked_by_kernel(self, endpoints: list[str]) -> dict[str, dict[str, int]]:
+        """endpoint -> {kernel id: bytes parked there}, from the status of each agent that
+        answers (an agent that does not is left out: the caller keeps what it knew)."""
+        answers = await background.run(self._ask(endpoints))
+        found: dict[str, dict[str, int]] = {}
+        for endpoint, answer in zip(endpoints, answers, strict=True):
+            if isinstance(answer, BaseException):
+                continue
+            parked = (answer.get("leases") or {}).get("parked") or []
+            found[endpoint] = {str(p["kernel_id"]): int(p.get("bytes") or 0)
+                               for p in parked if isinstance(p, dict) and p.get("kernel_id")}
+        return found
+
     async def _ask(self, endpoints: list[str]) -> list[dict[str, Any] | BaseException]:
         if self._client is None:
             self._client = LeaseClient(token=self.config.token,

@@ -130,6 +130,7 @@ export class ElasticGPUPanel extends ReactWidget {
                 heldSeconds={model.heldSeconds(kernel, now)}
                 gpuSeconds={model.gpuSeconds(kernel, now)}
                 idleLeftSeconds={model.idleLeftSeconds(kernel, now)}
+                reclaim={model.reclaimView(kernel)}
                 queueWaitingSeconds={model.queueWaitingSeconds(kernel.kernel_id, now)}
                 error={model.kernelError(kernel.kernel_id)}
                 isCurrent={kernel.kernel_id === currentKernelId}

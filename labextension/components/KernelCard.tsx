@@ -7,9 +7,13 @@ import {
   formatDuration,
   kernelTitle,
   memoryView,
+  parkedReasonDetail,
+  parkedReasonText,
+  reclaimDetail,
+  reclaimText,
   splitTitle
 } from '../format';
-import type { IActionView } from '../model';
+import type { IActionView, IReclaimView } from '../model';
 import type { IKernelLease, IUserError, LeaseState } from '../tokens';
 
 export function StateBadge(props: { state: LeaseState }): JSX.Element {
@@ -62,6 +66,8 @@ export interface IKernelCardProps {
   heldSeconds: number | null;
   gpuSeconds: number;
   idleLeftSeconds: number | null;
+  /** reclaim on demand while held: its setting and who waits (null: not held / not reported) */
+  reclaim?: IReclaimView | null;
   queueWaitingSeconds: number | null;
   error: IUserError | null;
   isCurrent: boolean;
@@ -76,13 +82,31 @@ function Row(props: {
   label: string;
   name: string;
   wide?: boolean;
+  title?: string;
   children: React.ReactNode;
 }): JSX.Element {
   return (
     <div className={`harp-Field${props.wide ? ' harp-mod-wide' : ''}`}>
       <dt>{props.label}</dt>
-      <dd data-field={props.name}>{props.children}</dd>
+      <dd data-field={props.name} title={props.title}>
+        {props.children}
+      </dd>
     </div>
+  );
+}
+
+/** "after 2 s idle", with "1 waiting" apart when a notebook waits on this kernel's agent. */
+function ReclaimValue(props: { kernel: IKernelLease; reclaim: IReclaimView }): JSX.Element {
+  const { reclaim } = props;
+  return (
+    <>
+      <span data-part="after">{reclaimText(props.kernel)}</span>
+      {reclaim.waiting > 0 && (
+        <span className="harp-Nowrap harp-Field-aside" data-part="waiting">
+          {`${reclaim.waiting} waiting`}
+        </span>
+      )}
+    </>
   );
 }
 
@@ -100,6 +124,10 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
   const title = kernelTitle(kernel);
   const [titleHead, titleTail] = splitTitle(title);
   const memory = memoryView(kernel);
+  const reason = parkedReasonText(kernel);
+  // the keeper's message repeats the reason ("Released for a kernel waiting in the queue: …");
+  // an ended lease's message says more (which agent, expired or revoked): it stays
+  const messageSaidByReason = reason !== null && kernel.parked_reason !== 'ended';
   return (
     <li
       className={`harp-KernelCard harp-mod-${kernel.state}${props.isCurrent ? ' harp-mod-current' : ''}`}
@@ -147,6 +175,16 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
             {kernel.gpu}
           </Row>
         )}
+        {reason && (
+          <Row
+            label="Why parked"
+            name="parked-reason"
+            wide
+            title={parkedReasonDetail(kernel) ?? ''}
+          >
+            <span data-reason={kernel.parked_reason}>{reason}</span>
+          </Row>
+        )}
         {held && (
           <Row label="Memory" name="memory" wide>
             <span
@@ -160,6 +198,18 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
             >
               {memory.inUse}
             </span>
+            {memory.parked && (
+              <span
+                className="harp-Nowrap harp-Field-aside"
+                data-part="parked"
+                title={
+                  'The kernel’s device memory is still parked on the agent: ' +
+                  'its next GPU call restores it, at the same addresses'
+                }
+              >
+                {memory.parked}
+              </span>
+            )}
             {memory.reserved && (
               <span
                 className="harp-Nowrap harp-Field-aside"
@@ -190,6 +240,15 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
                 : 'due now'}
           </Row>
         )}
+        {held && props.reclaim && (
+          <Row
+            label="Reclaim"
+            name="reclaim"
+            title={reclaimDetail(props.reclaim.afterSeconds, props.reclaim.waiting)}
+          >
+            <ReclaimValue kernel={kernel} reclaim={props.reclaim} />
+          </Row>
+        )}
         {kernel.state === 'queued' && (
           <Row label="Queue" name="position" wide>
             {`position ${kernel.position ?? '?'}`}
@@ -211,7 +270,7 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
           Latest profile
         </button>
       )}
-      {kernel.message && kernel.state !== 'held' && (
+      {kernel.message && kernel.state !== 'held' && !messageSaidByReason && (
         <p className="harp-KernelCard-message" data-field="message">
           {kernel.message}
         </p>

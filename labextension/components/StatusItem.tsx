@@ -3,7 +3,15 @@ import { ReactWidget } from '@jupyterlab/ui-components';
 import { ISignal, Signal } from '@lumino/signaling';
 import * as React from 'react';
 
-import { formatDuration, kernelTitle, memoryView, statusText } from '../format';
+import {
+  formatDuration,
+  kernelTitle,
+  memoryView,
+  parkedReasonDetail,
+  parkedReasonText,
+  reclaimText,
+  statusText
+} from '../format';
 import { gpuIcon } from '../icons';
 import type { IElasticGPUModel } from '../tokens';
 
@@ -69,6 +77,10 @@ export class ElasticGPUStatus extends ReactWidget {
       kernel.agent ? `agent ${kernel.agent}${kernel.emulated ? ' (EMULATED)' : ''}` : '',
       kernel.state === 'held' ? `memory ${memoryView(kernel).inUse}` : '',
       kernel.state === 'held' ? `held ${formatDuration(held)}` : '',
+      reclaimText(kernel) ? `reclaimed ${reclaimText(kernel)} when another notebook waits` : '',
+      parkedReasonText(kernel)
+        ? `${parkedReasonText(kernel)}. ${parkedReasonDetail(kernel) ?? ''}`
+        : '',
       'Click to open the Elastic GPU sidebar'
     ].filter(Boolean);
     return (

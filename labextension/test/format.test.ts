@@ -6,11 +6,17 @@ import {
   formatBytes,
   formatDuration,
   formatMemory,
+  formatSetting,
   kernelTitle,
   memoryView,
+  parkedReasonDetail,
+  parkedReasonText,
+  reclaimDetail,
+  reclaimText,
   splitTitle,
   statusText
 } from '../format';
+import type { IKernelLease } from '../tokens';
 import { HELD, lease } from './fixtures';
 
 test('durations read as seconds, minutes, hours', () => {
@@ -47,6 +53,19 @@ test('the memory line shows what the arrays cover, and what is reserved apart', 
   );
 });
 
+test('held with its memory still parked (leased before its next GPU cell): never "0 B"', () => {
+  const total = 16 * 2 ** 30;
+  const leased = lease({ state: 'held', memory_used: 0, parked_bytes: 2 << 20, memory_total: total });
+  assert.deepEqual(memoryView({ ...leased, memory_allocated: 120 }), {
+    inUse: '120 B / 16.0 GiB',
+    reserved: null,
+    parked: '2.0 MiB still parked'
+  });
+  assert.equal(memoryView(leased).inUse, '– / 16.0 GiB', 'unknown, not 0 B');
+  // restored: the agent's figure is back, nothing parked is said
+  assert.equal(memoryView({ ...leased, memory_used: 2 << 20, parked_bytes: 0 }).parked, undefined);
+});
+
 test('titles are cut in the middle: the end that tells notebooks apart stays', () => {
   assert.deepEqual(splitTitle('Untitled.ipynb'), ['Unti', 'tled.ipynb']);
   assert.deepEqual(splitTitle('Untitled1.ipynb'), ['Untit', 'led1.ipynb']);
@@ -71,4 +90,33 @@ test('every state says what it means for the next cell', () => {
   assert.match(describeState(lease({ state: 'lost' })), /Lease/);
   assert.match(describeState(lease({ state: 'parked', parked_bytes: 2048 })), /2\.0 KiB/);
   assert.match(describeState({ ...HELD, idle_timeout: 0 }), /idle release is off/);
+});
+
+test('a parked card says why: released, idle, reclaimed for a waiting notebook', () => {
+  const parked = (parked_reason: IKernelLease['parked_reason']) =>
+    lease({ state: 'parked', parked_reason, idle_timeout: 60, reclaim_after: 2, parked_bytes: 80 });
+  assert.equal(parkedReasonText(parked('release')), 'You released it');
+  assert.equal(parkedReasonText(parked('idle')), 'Idle for 1m 00s');
+  assert.equal(parkedReasonText({ ...parked('idle'), idle_timeout: 30 }), 'Idle for 30 s');
+  assert.equal(parkedReasonText(parked('reclaim')), 'Reclaimed for a waiting notebook');
+  assert.equal(parkedReasonText(parked('ended')), 'The agent ended the lease');
+  assert.match(parkedReasonDetail(parked('reclaim'))!, /no GPU work for 2 s/);
+  assert.equal(parkedReasonText(parked(null)), null, 'unknown: nothing made up');
+  assert.equal(parkedReasonText({ ...parked('reclaim'), state: 'queued' }), null, 'only while parked');
+  assert.equal(statusText(parked('reclaim'), null), 'GPU parked (reclaimed)');
+  assert.equal(statusText(parked('release'), null), 'GPU parked (released)');
+  assert.equal(statusText(parked('ended'), null), 'GPU parked');
+});
+
+test('a held card shows the reclaim setting next to the idle countdown', () => {
+  assert.equal(reclaimText({ ...HELD, reclaim_after: 2 }), 'after 2 s idle');
+  assert.equal(reclaimText({ ...HELD, reclaim_after: 0.5 }), 'after 0.5 s idle');
+  assert.equal(reclaimText({ ...HELD, reclaim_after: 90 }), 'after 1m 30s idle');
+  assert.equal(reclaimText(HELD), null, 'not reported');
+  assert.equal(reclaimText(lease({ state: 'parked', reclaim_after: 2 })), null);
+  assert.equal(formatSetting(3), '3 s');
+  assert.match(reclaimDetail(2, 1), /1 notebook waits for this GPU now/);
+  assert.match(reclaimDetail(2, 0), /Nobody waits/);
+  assert.match(describeState({ ...HELD, reclaim_after: 2 }), /or after 2 s without GPU work when another notebook waits/);
+  assert.match(describeState({ ...HELD, idle_timeout: 0, reclaim_after: 2 }), /idle release is off\), or after 2 s/);
 });

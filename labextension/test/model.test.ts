@@ -334,3 +334,46 @@ test('a lease held for long with no memory is not refetched', async () => {
   assert.equal((model as unknown as { _followUpTimer: unknown })._followUpTimer, null);
   model.dispose();
 });
+
+test('a lease event tells why the kernel is parked at once; holding again clears it', async () => {
+  const api = new FakeAPI();
+  api.kernelsReply = { kernels: [{ ...HELD, reclaim_after: 2 }], agents: [], problem: null };
+  const model = makeModel(api, { ms: 1_000_000 }, 60_000);
+  await model.refreshKernels();
+  model.handleEvent(event({ kernel_id: 'k1', state: 'parking', previous: 'held', parked_reason: null }));
+  assert.equal(model.kernel('k1')?.parked_reason, null);
+  model.handleEvent(
+    event({ kernel_id: 'k1', state: 'parked', previous: 'parking', parked_reason: 'reclaim' })
+  );
+  assert.equal(model.kernel('k1')?.state, 'parked');
+  assert.equal(model.kernel('k1')?.parked_reason, 'reclaim');
+  assert.equal(model.kernel('k1')?.reclaim_after, 2, 'the setting is kept');
+  // an event without the field (an older server) keeps what is known
+  model.handleEvent(event({ kernel_id: 'k1', state: 'acquiring', previous: 'parked' }));
+  assert.equal(model.kernel('k1')?.parked_reason, 'reclaim');
+  model.handleEvent(event({ kernel_id: 'k1', state: 'held', previous: 'acquiring' }));
+  assert.equal(model.kernel('k1')?.parked_reason, null, 'held: no reason to show');
+  model.dispose();
+});
+
+test('reclaim while held: the setting and how many notebooks wait on its agent', async () => {
+  const api = new FakeAPI();
+  api.kernelsReply = {
+    kernels: [
+      { ...HELD, reclaim_after: 2 },
+      lease({ kernel_id: 'k2', state: 'queued', position: 1, reclaim_after: 2 }),
+      lease({ kernel_id: 'k3', state: 'held', agent: 'tcp://10.0.0.9:5555', reclaim_after: null })
+    ],
+    agents: [],
+    problem: null
+  };
+  const model = makeModel(api);
+  await model.refreshKernels();
+  // before the pool answers nobody is known to wait
+  assert.deepEqual(model.reclaimView(model.kernel('k1')!), { afterSeconds: 2, waiting: 0 });
+  await model.refreshPool(); // k2 waits at tcp://127.0.0.1:5555, the agent k1 holds
+  assert.deepEqual(model.reclaimView(model.kernel('k1')!), { afterSeconds: 2, waiting: 1 });
+  assert.equal(model.reclaimView(model.kernel('k2')!), null, 'queued: nothing to reclaim');
+  assert.equal(model.reclaimView(model.kernel('k3')!), null, 'not reported (an older server)');
+  model.dispose();
+});

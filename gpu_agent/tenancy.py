@@ -688,10 +688,6 @@ class Tenancy:
                 lease.kernel_id == kernel_id for lease in self._active_leases()):
             self._kernel_secrets.pop(kernel_id, None)
 
-    def forget_idle_secrets(self) -> None:
-        for kernel_id in list(self._kernel_secrets):
-            self._forget_secret(kernel_id)
-
     def _session_summary(self, s: Session) -> dict[str, Any]:
         parked = self.parking.get(s.session_id)
         figures = s.worker.figures() if s.worker is not None else {}

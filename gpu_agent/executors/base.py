@@ -1,9 +1,10 @@
 """What an executor is: the part of the agent that touches the device.
 
-The agent's server (``gpu_agent.server``) owns sockets, sessions, validation and errors; an executor
-owns the device. One ``Executor`` per agent process; one ``ExecutorSession`` per client session.
+A session's worker (``gpu_agent.worker``, ``gpu_agent.batches``) owns sockets, validation and
+errors; an executor owns the device. One ``Executor`` per worker process; one ``ExecutorSession``
+per client session.
 
-The server calls ``ExecutorSession.op_<name>(*args)`` for each validated call of a batch, with the
+The worker calls ``ExecutorSession.op_<name>(*args)`` for each validated call of a batch, with the
 arguments exactly as ``gpu_agent.protocol.OPS`` describes them, except that ``FrameRef`` arguments
 are replaced by the frame's buffer (a memoryview, valid until the call returns). A method returns
 the call's value for ops with ``result=True`` (``bytes``/``memoryview`` values travel as frames)
@@ -106,7 +107,7 @@ class ExecutorSession(ABC):
 
     def fill_from_file(self, dst: int, opened: OpenedFile, offset: int, nbytes: int) -> None:
         """Copy ``nbytes`` bytes of ``opened`` from ``offset`` to device address ``dst`` (mapped
-        by this session; the server checked it), complete on return."""
+        by this session; the worker checked it), complete on return."""
         raise AgentError("NotSupported", "this executor cannot load files into device memory")
 
     def write_to_file(self, src: int, nbytes: int, fd: int, file_offset: int) -> None:

@@ -316,3 +316,58 @@ def test_kernel_output_of_replies_is_printed_in_order_at_the_sync_point(
     assert capsys.readouterr().out == "Hello from block 0\nHello from block 1\n"
     flush_kernel_output()
     assert capsys.readouterr().out == ""
+
+
+# {{{ gpuarray.vec: structured arrays and vector kernel arguments
+
+
+@pytest.mark.parametrize("name", ["float3", "float4", "int2", "double2", "uchar3", "short1"])
+def test_vector_arrays_zeros_fill_get(pycuda: Any, name: str) -> None:
+    ga = pycuda.gpuarray
+    dtype = getattr(ga.vec, name)
+    make = getattr(ga.vec, f"make_{name}")
+    zeros = ga.zeros(100, dtype)
+    assert zeros.dtype == dtype and zeros.get().dtype == dtype
+    assert not zeros.get().tobytes().strip(b"\0")
+    components = [i + 1 for i in range(len(dtype.names))]
+    filled = ga.GPUArray(100, dtype=dtype).fill(make(*components))  # pycuda's test_vector_fill
+    host = filled.get()
+    assert host.dtype == dtype
+    for field, value in zip(dtype.names, components, strict=True):
+        assert (host[field] == value).all(), (field, host[field][:4])
+    same_words = make(*[7] * len(dtype.names))  # a repeating pattern takes the memset path
+    np.testing.assert_array_equal(ga.empty(33, dtype).fill(same_words).get(),
+                                  np.full(33, same_words, dtype))
+    host = np.zeros(50, dtype)
+    host[dtype.names[0]] = np.arange(50)
+    round_trip = ga.to_gpu(host)
+    np.testing.assert_array_equal(round_trip.get(), host)
+    np.testing.assert_array_equal(round_trip.copy().get(), host)
+    assert round_trip[10:20].get().tobytes() == host[10:20].tobytes()
+
+
+def test_vector_fill_of_a_strided_view_is_refused_as_pycuda_refuses_it(pycuda: Any) -> None:
+    ga = pycuda.gpuarray
+    a = ga.zeros(10, ga.vec.float2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        a[::2].fill(ga.vec.make_float2(1, 2))
+
+
+def test_vector_kernel_arguments_pack_as_pycuda_packs_them(pycuda: Any) -> None:
+    from harp_jupyter.shim.pycuda import _kernel_args
+
+    vec = pycuda.gpuarray.vec
+    fmt = _kernel_args.format_for_types([vec.float3, np.int32, vec.double2])
+    assert fmt == "12si16s"
+    value = vec.make_float3(0.0, 1.0, 2.0)  # a 0-d structured ndarray, as prepared_call gets it
+    packed = _kernel_args.pack(fmt, value, 5, vec.make_double2(1.5, -2.5))
+    assert packed == struct.pack("12si16s", value.tobytes(), 5,
+                                 np.array((1.5, -2.5), vec.double2).tobytes())
+    # np.void items, bytearrays and bytes too; a shorter value is padded, as struct pads
+    assert _kernel_args.pack("12s", value[()]) == value.tobytes()
+    assert _kernel_args.pack("4s", bytearray(b"ab")) == b"ab\0\0"
+    with pytest.raises(struct.error, match="must be a bytes object"):
+        _kernel_args.pack("4s", 3)
+
+
+# }}}

@@ -67,6 +67,8 @@ def test_wrong_protocol_version_and_batch_before_hello(
     (["stream_synchronize", 77], "HandleError"),
     (["array", "add", [0, "<f4", [4], [4]], [1, 2], {}, None], "HandleError"),
     (["launch", 1, [1], [1], 0, None, b""], "NotSupported"),
+    (["module_link", 1, [["stdlib", "../../lib/x"]], b"", {}], "ProtocolError"),
+    (["module_link", 1, [["data", "PTX", "k", 0, 8]], b"", {}], "NotSupported"),
 ])
 def test_bad_calls_get_clear_errors(clients: tuple[RawClient, RawClient], call: list[Any],
                                     kind: str) -> None:

@@ -371,3 +371,37 @@ def test_vector_kernel_arguments_pack_as_pycuda_packs_them(pycuda: Any) -> None:
 
 
 # }}}
+
+
+# {{{ DynamicModule, registered dtypes: what the emulated agent can check
+
+
+def test_dynamic_modules_on_the_emulated_agent_say_they_need_a_gpu(pycuda: Any) -> None:
+    compiler = pycuda.compiler
+    with pytest.raises(pycuda.driver.Error) as caught:
+        compiler.DynamicSourceModule("__global__ void k() { }")
+    assert "needs a real GPU" in str(caught.value) and "DynamicModule" in str(caught.value)
+    module = compiler.DynamicModule()
+    assert module.add_source("__global__ void k() { }", nvcc_options=["-rdc=true"]) is module
+    assert module.add_data(b"// ptx", pycuda.driver.jit_input_type.PTX, "x.ptx") is module
+    assert module.add_stdlib("cudadevrt") is module
+    with pytest.raises(pycuda.driver.Error, match="needs a real GPU"):
+        module.link()
+    with pytest.raises(pycuda.driver.LogicError, match="nothing was added"):
+        compiler.DynamicModule().link()
+
+
+def test_user_registered_dtypes_travel_with_user_kernels(pycuda: Any) -> None:
+    tools = pycuda.tools
+    names = [name for name, _ in tools.user_dtypes()]
+    assert "float3" not in names and "int2" not in names  # the agent's pycuda has vec's own
+    pair = np.dtype([("lo", np.float32), ("hi", np.float32)])
+    tools.register_dtype(pair, "harp_test_pair")
+    assert ["harp_test_pair", str(pair.descr)] in tools.user_dtypes()
+    assert tools.dtype_to_ctype(pair) == "harp_test_pair"
+    from gpu_agent import protocol as P
+
+    assert P.registered_dtypes(tools.user_dtypes())[-1] == ("harp_test_pair", pair)
+
+
+# }}}

@@ -789,7 +789,7 @@ class vec:
 
 
 def _make_vector_types() -> None:
-    from harp_jupyter.shim.pycuda.tools import get_or_register_dtype
+    from harp_jupyter.shim.pycuda.tools import get_or_register_dtype, mark_builtin_dtypes
 
     fields = "xyzw"
     for base, scalar, counts in (
@@ -808,6 +808,7 @@ def _make_vector_types() -> None:
 
             make.__name__ = f"make_{name}"
             setattr(vec, make.__name__, staticmethod(make))
+    mark_builtin_dtypes()
 
 
 _make_vector_types()

@@ -648,6 +648,15 @@ OPS: dict[str, Op] = {
                         " arguments, options: {name, preamble, options})", creates="kernel"),
     "reduction_call": Op((HANDLE, DESC, OPERANDS, STREAM), False,
                          "reduction_call(kernel, out (0-d), operands, stream)", gpu=True),
+    # pycuda.curandom's cuRAND generators, run by the agent's pycuda (GPU only); the state
+    # lives in session memory the client allocated, so it parks with the session
+    "curand_new": Op((HANDLE, STR, MAP), True,
+                     "curand_new(gen, kind, {}) -> [generators, state_bytes, block_count,"
+                     " generators_per_block]: kind one of CURAND_KINDS", creates="curand"),
+    "curand_call": Op((HANDLE, STR, UINT, UINT, OPERANDS, STREAM), False,
+                      "curand_call(gen, method, state, state_bytes, params, stream): method one"
+                      " of CURAND_METHODS", touches=lambda a: [(a[2], a[3])], gpu=True),
+    "curand_free": Op((HANDLE,), False, "", destroys="curand"),
     # torch tensors (docs/torch-design.md): session objects with client-chosen handles, kept by
     # the agent's torch (CUDA on a GPU, CPU when emulated); parked with the session
     "torch_op": Op((HANDLES, STR, STR, TORCH_ARGS), False,
@@ -716,6 +725,19 @@ ARRAY_FUNCTIONS: dict[str, str] = {
 }
 
 
+#: pycuda.curandom's generator classes (``{kind}RandomNumberGenerator``)
+CURAND_KINDS = ("XORWOW", "MRG32k3a", "Sobol32", "Sobol64", "ScrambledSobol32",
+                "ScrambledSobol64")
+#: curand_call's methods and their params: ``init`` [offset, seeds (pseudo-random kinds: an
+#: int32 array of one seed per generator)], ``fill_*`` [out, ...]: uniform, normal,
+#: log_normal (mean, stddev), poisson (lambda, or none: in place); ``skip_ahead*`` [i] or
+#: [array of i]
+CURAND_METHODS = ("init", "fill_uniform", "fill_normal", "fill_log_normal", "fill_poisson",
+                  "skip_ahead", "skip_ahead_array", "skip_ahead_sequence",
+                  "skip_ahead_sequence_array", "skip_ahead_subsequence",
+                  "skip_ahead_subsequence_array")
+
+
 def validate_call(call: Any) -> tuple[str, list[Any]]:
     """``(op, args)`` of a call, or ProtocolError saying exactly what is wrong."""
     if type(call) is not list or not call or type(call[0]) is not str:
@@ -734,6 +756,10 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
                 f"{_short(value)}); expected {check.__name__.lstrip('_').replace('is_', '')}")
     if name == "array" and args[0] not in ARRAY_FUNCTIONS:
         raise ProtocolError(f"unknown array function {args[0]!r}")
+    if name == "curand_new" and args[1] not in CURAND_KINDS:
+        raise ProtocolError(f"unknown cuRAND generator {args[1]!r}")
+    if name == "curand_call" and args[1] not in CURAND_METHODS:
+        raise ProtocolError(f"unknown cuRAND generator method {args[1]!r}")
     return name, args
 
 

@@ -198,6 +198,15 @@ class EmulatedSession(TorchOps, ExecutorSession):
         raise _refuse("DynamicModule / DynamicSourceModule (relocatable CUDA C linked with "
                       "cudadevrt: dynamic parallelism)")
 
+    def op_curand_new(self, *args: Any) -> None:
+        raise _refuse("a pycuda.curandom cuRAND generator")
+
+    def op_curand_call(self, *args: Any) -> None:
+        raise _refuse("a pycuda.curandom cuRAND generator")
+
+    def op_curand_free(self, *args: Any) -> None:
+        return None
+
     def op_module_unload(self, *args: Any) -> None:
         return None
 

@@ -22,7 +22,7 @@ from gpu_agent import nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
-from gpu_agent.executors import pycuda_arrays
+from gpu_agent.executors import pycuda_arrays, pycuda_curand
 from gpu_agent.executors.base import Executor, ExecutorSession
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
@@ -58,6 +58,17 @@ def _kind(error: Exception) -> str:
         if isinstance(error, cls):
             return kind
     return "RuntimeError"
+
+
+def _curand_version() -> list[int] | None:
+    """The cuRAND version pycuda was built with (what pycuda.curandom.get_curand_version
+    answers), or None without cuRAND."""
+    try:
+        from pycuda._driver import get_curand_version
+    except ImportError:
+        return None
+    version = get_curand_version()
+    return None if version is None else [int(x) for x in version]
 
 
 def _link_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +134,7 @@ class PycudaSession(TorchOps, ExecutorSession):
         self.streams: dict[int, cuda.Stream] = {}
         self.events: dict[int, cuda.Event] = {}
         self.kernels: dict[int, Any] = {}
+        self.curands: dict[int, pycuda_curand.Generator] = {}
         self._done: cuda.Event | None = None
         #: profiling: a reference event and its host time, and the timed ops not yet collected
         self._reference: tuple[cuda.Event, int] | None = None
@@ -387,6 +399,22 @@ class PycudaSession(TorchOps, ExecutorSession):
         result = k(*[self._operand(x) for x in operands], stream=s)
         pycuda_arrays.store(self.view(out), result, s)
 
+    def op_curand_new(self, generator: int, kind: str, options: dict[str, Any]) -> list[int]:
+        if options:
+            raise AgentError("ProtocolError", f"curand_new: unknown options {sorted(options)}")
+        made = pycuda_curand.new_generator(kind, self._x.pool.allocate)
+        self.curands[generator] = made
+        return [made.count, made.state_bytes, int(made.rng.block_count),
+                int(made.rng.generators_per_block)]
+
+    def op_curand_call(self, generator: int, method: str, state: int, state_bytes: int,
+                       params: list[Any], stream: int | None) -> None:
+        pycuda_curand.call(self._get(self.curands, generator, "cuRAND generator"), method,
+                           state, state_bytes, params, self._stream(stream), self.view)
+
+    def op_curand_free(self, generator: int) -> None:
+        self.curands.pop(generator, None)
+
     # }}}
 
     # {{{ the data tree (pycuda_files: GDS through kvikio, or pipelined pinned reads)
@@ -427,6 +455,7 @@ class PycudaSession(TorchOps, ExecutorSession):
         if not self._x.context_lost:
             self.torch_close()
         self.kernels.clear()
+        self.curands.clear()
         self.functions.clear()
         self.modules.clear()
         self.events.clear()
@@ -472,6 +501,7 @@ class PycudaExecutor(Executor):
             "driver_version": cuda.get_driver_version(),
             "emulated": False,
             "count": 1,
+            "curand_version": _curand_version(),
             "attributes": attributes,
         }
 

@@ -405,3 +405,29 @@ def test_user_registered_dtypes_travel_with_user_kernels(pycuda: Any) -> None:
 
 
 # }}}
+
+
+# {{{ cuRAND generators: the emulated agent has no cuRAND
+
+
+def test_curand_generators_on_the_emulated_agent_say_they_need_a_gpu(pycuda: Any) -> None:
+    curandom = pycuda.curandom
+    assert curandom.get_curand_version() is None  # pycuda's answer without cuRAND
+    np.random.seed(5)
+    for cls in (curandom.XORWOWRandomNumberGenerator, curandom.MRG32k3aRandomNumberGenerator,
+                curandom.Sobol32RandomNumberGenerator,
+                curandom.ScrambledSobol64RandomNumberGenerator):
+        with pytest.raises(pycuda.driver.Error, match="cuRAND generator needs a real GPU"):
+            cls()
+    with pytest.raises(pycuda.driver.Error, match="direction vectors"):
+        curandom.Sobol32RandomNumberGenerator(dir_vector=pycuda.gpuarray.zeros(3, np.uint32))
+    import random
+
+    random.seed(3)
+    expected = random.randint(0, 2**31 - 1)
+    random.seed(3)
+    seeds = curandom.seed_getter_uniform(7).get()  # pycuda draws it from Python's random
+    assert seeds.dtype == np.int32 and (seeds == expected).all()
+
+
+# }}}

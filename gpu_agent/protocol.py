@@ -79,6 +79,7 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -308,6 +309,33 @@ def _numeric(dtype: np.dtype) -> bool:
     return dtype.kind in ARRAY_DTYPE_KINDS
 
 
+#: C names of dtypes a user kernel may bring (``options["dtypes"]`` of elementwise_new and
+#: reduction_new: what user code registered with pycuda.tools.register_dtype)
+MAX_REGISTERED_DTYPES = 64
+_C_TYPE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def registered_dtypes(value: Any) -> list[tuple[str, np.dtype]]:
+    """``[(c_name, dtype), ...]`` of a kernel's ``options["dtypes"]`` (``[[c_name, dtype
+    text], ...]``), or ProtocolError saying what is wrong with it."""
+    if value is None:
+        return []
+    if type(value) is not list or len(value) > MAX_REGISTERED_DTYPES:
+        raise ProtocolError(f"dtypes must be a list of at most {MAX_REGISTERED_DTYPES} "
+                            "[C name, dtype] pairs")
+    found = []
+    for pair in value:
+        if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is str
+                and type(pair[1]) is str and len(pair[0]) <= 128
+                and _C_TYPE_NAME.fullmatch(pair[0])):
+            raise ProtocolError(f"dtypes: {_short(pair)} is not a [C type name, dtype] pair")
+        dtype = wire_dtype(pair[1])
+        if dtype is None:
+            raise ProtocolError(f"dtypes: dtype {pair[1][:80]!r} of {pair[0]} is not allowed")
+        found.append((pair[0], dtype))
+    return found
+
+
 def dtype_text(dtype: Any) -> str:
     """How a NumPy dtype travels in an array descriptor: ``dtype.str`` (``"<f4"``), or for a
     structured dtype its ``descr`` (``str`` would be a field-less ``"|V8"``)."""
@@ -347,6 +375,42 @@ def _is_operands(v: Any) -> bool:
 
 def _is_map(v: Any) -> bool:
     return type(v) is dict and all(type(k) is str for k in v)
+
+
+#: inputs of one module_link (DynamicModule): sources, binary pieces and CUDA libraries
+MAX_LINK_INPUTS = 64
+LINK_INPUT_TYPES = ("CUBIN", "PTX", "FATBINARY", "OBJECT", "LIBRARY")
+_LIBRARY_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def link_input_problem(item: Any) -> str | None:
+    """What is wrong with one input of module_link, or None. An input is one of
+    ``["source", cuda_source, nvcc_options, name]``, ``["data", input_type, name, offset,
+    size]`` (bytes ``[offset, offset + size)`` of the call's data buffer) and ``["stdlib",
+    library]`` (a library of the agent's CUDA toolkit by its short name: ``cudadevrt``)."""
+    if type(item) is not list or not item or type(item[0]) is not str:
+        return "an input must be a list whose first item says its kind"
+    kind = item[0]
+    if kind == "source":
+        if len(item) == 4 and _is_str(item[1]) and _is_strlist(item[2]) and _is_str(item[3]):
+            return None
+        return "a source input is [\"source\", source, [nvcc options], name]"
+    if kind == "data":
+        if (len(item) == 5 and item[1] in LINK_INPUT_TYPES and _is_str(item[2])
+                and _is_uint(item[3]) and _is_uint(item[4])):
+            return None
+        return (f"a data input is [\"data\", type ({', '.join(LINK_INPUT_TYPES)}), name, "
+                "offset, size]")
+    if kind == "stdlib":
+        if len(item) == 2 and _is_str(item[1]) and _LIBRARY_NAME.fullmatch(item[1]):
+            return None
+        return "a library input is [\"stdlib\", name] (letters, digits and _, e.g. cudadevrt)"
+    return f"unknown input kind {kind!r} (source, data or stdlib)"
+
+
+def _is_link_inputs(v: Any) -> bool:
+    return (type(v) is list and 0 < len(v) <= MAX_LINK_INPUTS
+            and all(link_input_problem(x) is None for x in v))
 
 
 def _is_range(v: Any) -> bool:
@@ -465,6 +529,7 @@ DIM3, STRS, DESC, OPERANDS, MAP, RANGE = (
 HANDLE = UINT
 STREAM = _optional(UINT)  # None = the default (legacy NULL) stream
 TORCH_ARGS, HANDLES = _is_torch_args, _is_handles
+LINK_INPUTS = _is_link_inputs
 
 
 #: the byte ranges ``[(address, nbytes), ...]`` a call's arguments name (checked against the
@@ -521,6 +586,12 @@ OPS: dict[str, Op] = {
                         creates="module"),
     "module_image": Op((HANDLE, BUF), False, "module_image(mod, cubin/ptx/fatbin bytes)",
                        creates="module"),
+    "module_link": Op((HANDLE, LINK_INPUTS, BUF, MAP), False,
+                      "module_link(mod, inputs, data, options {no_extern_c, arch, code,"
+                      " include_dirs}): pycuda's DynamicModule, linked on the agent (sources"
+                      " compiled to relocatable PTX by its nvcc, data pieces from data, libraries"
+                      " of its CUDA toolkit such as cudadevrt: dynamic parallelism); inputs:"
+                      " see link_input_problem", creates="module"),
     "module_unload": Op((HANDLE,), False, "", destroys="module"),
     "get_function": Op((HANDLE, HANDLE, STR), False, "get_function(fn, mod, name)",
                        creates="function"),
@@ -577,6 +648,15 @@ OPS: dict[str, Op] = {
                         " arguments, options: {name, preamble, options})", creates="kernel"),
     "reduction_call": Op((HANDLE, DESC, OPERANDS, STREAM), False,
                          "reduction_call(kernel, out (0-d), operands, stream)", gpu=True),
+    # pycuda.curandom's cuRAND generators, run by the agent's pycuda (GPU only); the state
+    # lives in session memory the client allocated, so it parks with the session
+    "curand_new": Op((HANDLE, STR, MAP), True,
+                     "curand_new(gen, kind, {}) -> [generators, state_bytes, block_count,"
+                     " generators_per_block]: kind one of CURAND_KINDS", creates="curand"),
+    "curand_call": Op((HANDLE, STR, UINT, UINT, OPERANDS, STREAM), False,
+                      "curand_call(gen, method, state, state_bytes, params, stream): method one"
+                      " of CURAND_METHODS", touches=lambda a: [(a[2], a[3])], gpu=True),
+    "curand_free": Op((HANDLE,), False, "", destroys="curand"),
     # torch tensors (docs/torch-design.md): session objects with client-chosen handles, kept by
     # the agent's torch (CUDA on a GPU, CPU when emulated); parked with the session
     "torch_op": Op((HANDLES, STR, STR, TORCH_ARGS), False,
@@ -645,6 +725,19 @@ ARRAY_FUNCTIONS: dict[str, str] = {
 }
 
 
+#: pycuda.curandom's generator classes (``{kind}RandomNumberGenerator``)
+CURAND_KINDS = ("XORWOW", "MRG32k3a", "Sobol32", "Sobol64", "ScrambledSobol32",
+                "ScrambledSobol64")
+#: curand_call's methods and their params: ``init`` [offset, seeds (pseudo-random kinds: an
+#: int32 array of one seed per generator)], ``fill_*`` [out, ...]: uniform, normal,
+#: log_normal (mean, stddev), poisson (lambda, or none: in place); ``skip_ahead*`` [i] or
+#: [array of i]
+CURAND_METHODS = ("init", "fill_uniform", "fill_normal", "fill_log_normal", "fill_poisson",
+                  "skip_ahead", "skip_ahead_array", "skip_ahead_sequence",
+                  "skip_ahead_sequence_array", "skip_ahead_subsequence",
+                  "skip_ahead_subsequence_array")
+
+
 def validate_call(call: Any) -> tuple[str, list[Any]]:
     """``(op, args)`` of a call, or ProtocolError saying exactly what is wrong."""
     if type(call) is not list or not call or type(call[0]) is not str:
@@ -663,6 +756,10 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
                 f"{_short(value)}); expected {check.__name__.lstrip('_').replace('is_', '')}")
     if name == "array" and args[0] not in ARRAY_FUNCTIONS:
         raise ProtocolError(f"unknown array function {args[0]!r}")
+    if name == "curand_new" and args[1] not in CURAND_KINDS:
+        raise ProtocolError(f"unknown cuRAND generator {args[1]!r}")
+    if name == "curand_call" and args[1] not in CURAND_METHODS:
+        raise ProtocolError(f"unknown cuRAND generator method {args[1]!r}")
     return name, args
 
 
@@ -737,4 +834,4 @@ def session_range(index: int) -> tuple[int, int]:
 
 
 __all__ = [name for name in dir() if not name.startswith("_")
-           and name not in ("ast", "math", "functools", "np", "msgpack", "struct")]
+           and name not in ("ast", "math", "functools", "np", "msgpack", "re", "struct")]

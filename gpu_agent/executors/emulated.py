@@ -25,9 +25,9 @@ DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 _NEEDS_GPU = (
     "{what} needs a real GPU: this agent runs the emulated executor (host memory and NumPy, no "
     "GPU). It runs gpuarray and cumath operations, memory copies and memset, streams and events; "
-    "it refuses CUDA C: SourceModule, ElementwiseKernel, ReductionKernel, module images and raw "
-    "kernel launches. Start harp-agent --executor pycuda on a GPU machine (docs/gpu-machine.md) "
-    "and point HARP_AGENTS at it.")
+    "it refuses CUDA C: SourceModule, DynamicModule, ElementwiseKernel, ReductionKernel, module "
+    "images, cuRAND generators and raw kernel launches. Start harp-agent --executor pycuda on a "
+    "GPU machine (docs/gpu-machine.md) and point HARP_AGENTS at it.")
 
 
 def _refuse(what: str) -> AgentError:
@@ -193,6 +193,19 @@ class EmulatedSession(TorchOps, ExecutorSession):
 
     def op_module_image(self, *args: Any) -> None:
         raise _refuse("a CUDA module image (cubin/PTX)")
+
+    def op_module_link(self, *args: Any) -> None:
+        raise _refuse("DynamicModule / DynamicSourceModule (relocatable CUDA C linked with "
+                      "cudadevrt: dynamic parallelism)")
+
+    def op_curand_new(self, *args: Any) -> None:
+        raise _refuse("a pycuda.curandom cuRAND generator")
+
+    def op_curand_call(self, *args: Any) -> None:
+        raise _refuse("a pycuda.curandom cuRAND generator")
+
+    def op_curand_free(self, *args: Any) -> None:
+        return None
 
     def op_module_unload(self, *args: Any) -> None:
         return None

@@ -16,13 +16,13 @@ import pycuda.gpuarray as gpuarray
 from pycuda.compiler import SourceModule
 from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
-from pycuda.tools import DeviceMemoryPool
+from pycuda.tools import DeviceMemoryPool, get_or_register_dtype
 
 from gpu_agent import nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
-from gpu_agent.executors import pycuda_arrays
+from gpu_agent.executors import pycuda_arrays, pycuda_curand
 from gpu_agent.executors.base import Executor, ExecutorSession
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
@@ -60,6 +60,69 @@ def _kind(error: Exception) -> str:
     return "RuntimeError"
 
 
+def _curand_version() -> list[int] | None:
+    """The cuRAND version pycuda was built with (what pycuda.curandom.get_curand_version
+    answers), or None without cuRAND."""
+    try:
+        from pycuda._driver import get_curand_version
+    except ImportError:
+        return None
+    version = get_curand_version()
+    return None if version is None else [int(x) for x in version]
+
+
+def _link_options(options: dict[str, Any]) -> dict[str, Any]:
+    """DynamicModule's keyword arguments from module_link's options, each checked."""
+    checks = {"no_extern_c": P.BOOL, "arch": P._optional(P.STR), "code": P._optional(P.STR),
+              "include_dirs": P.STRS}
+    unknown = set(options) - set(checks)
+    if unknown:
+        raise AgentError("ProtocolError", f"module_link: unknown options {sorted(unknown)}")
+    for key, value in options.items():
+        if not checks[key](value):
+            raise AgentError("ProtocolError", f"module_link: option {key} has the wrong type")
+    return {"no_extern_c": options.get("no_extern_c", False), "arch": options.get("arch"),
+            "code": options.get("code"), "include_dirs": list(options.get("include_dirs", []))}
+
+
+def link_module(inputs: list[Any], data: memoryview, options: dict[str, Any]) -> Any:
+    """A module linked from ``inputs`` (protocol.link_input_problem) with pycuda's
+    DynamicModule: sources compiled by this agent's nvcc, libraries from its CUDA toolkit."""
+    from pycuda.compiler import DynamicModule
+
+    kwargs = _link_options(options)
+    for item in inputs:  # every range is checked before anything is compiled
+        if item[0] == "data" and item[3] + item[4] > data.nbytes:
+            raise AgentError("ProtocolError", f"module_link: data input {item[2]!r} reaches "
+                             f"byte {item[3] + item[4]} of a {data.nbytes}-byte buffer")
+    try:
+        module = DynamicModule(**kwargs)
+        for item in inputs:
+            if item[0] == "source":
+                module.add_source(item[1], nvcc_options=item[2] or None, name=item[3])
+            elif item[0] == "data":
+                module.add_data(bytes(data[item[3]:item[3] + item[4]]),
+                                getattr(cuda.jit_input_type, item[1]), item[2])
+            else:
+                module.add_stdlib(item[1])
+        return module.link()
+    except (OSError, RuntimeError) as e:  # a library the toolkit lacks, an old GPU
+        if isinstance(e, cuda.Error):
+            raise
+        raise AgentError("LogicError", f"DynamicModule: {e}") from None
+
+
+def _register_dtypes(options: dict[str, Any]) -> None:
+    """Register the dtypes the client's user code registered (struct types of its kernels)
+    with this worker's pycuda, as pycuda.tools.get_or_register_dtype does in the user's
+    process; a name pycuda already knows for another dtype is the user's error."""
+    for name, dtype in P.registered_dtypes(options.get("dtypes")):
+        try:
+            get_or_register_dtype(name, dtype)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise AgentError("LogicError", f"register_dtype({name!r}): {e}") from None
+
+
 class PycudaSession(TorchOps, ExecutorSession):
     def __init__(self, executor: PycudaExecutor, memory: SessionMemory) -> None:
         self._x = executor
@@ -71,6 +134,7 @@ class PycudaSession(TorchOps, ExecutorSession):
         self.streams: dict[int, cuda.Stream] = {}
         self.events: dict[int, cuda.Event] = {}
         self.kernels: dict[int, Any] = {}
+        self.curands: dict[int, pycuda_curand.Generator] = {}
         self._done: cuda.Event | None = None
         #: profiling: a reference event and its host time, and the timed ops not yet collected
         self._reference: tuple[cuda.Event, int] | None = None
@@ -210,6 +274,10 @@ class PycudaSession(TorchOps, ExecutorSession):
     def op_module_image(self, module: int, image: Any) -> None:
         self.modules[module] = cuda.module_from_buffer(bytes(image))
 
+    def op_module_link(self, module: int, inputs: list[Any], data: Any,
+                       options: dict[str, Any]) -> None:
+        self.modules[module] = link_module(inputs, memoryview(data), options)
+
     def op_module_unload(self, module: int) -> None:
         self.modules.pop(module, None)
 
@@ -294,6 +362,7 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def op_elementwise_new(self, kernel: int, arguments: str, operation: str, name: str,
                            options: dict[str, Any]) -> None:
+        _register_dtypes(options)
         elementwise = ElementwiseKernel(
             arguments, operation, name, options=options.get("options"),
             preamble=options.get("preamble", ""), loop_prep=options.get("loop_prep", ""),
@@ -313,8 +382,13 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def op_reduction_new(self, kernel: int, dtype_out: str, neutral: str, reduce_expr: str,
                          map_expr: str, arguments: str, options: dict[str, Any]) -> None:
+        _register_dtypes(options)
+        dtype = P.wire_dtype(dtype_out)
+        if dtype is None:
+            raise AgentError("ProtocolError", f"reduction_new: dtype {dtype_out[:80]!r} is not "
+                             "allowed")
         self.kernels[kernel] = ReductionKernel(
-            np.dtype(dtype_out), neutral, reduce_expr, map_expr or None, arguments,
+            dtype, neutral, reduce_expr, map_expr or None, arguments,
             name=options.get("name", "reduce_kernel"), options=options.get("options"),
             preamble=options.get("preamble", ""))
 
@@ -324,6 +398,22 @@ class PycudaSession(TorchOps, ExecutorSession):
         s = self._stream(stream)
         result = k(*[self._operand(x) for x in operands], stream=s)
         pycuda_arrays.store(self.view(out), result, s)
+
+    def op_curand_new(self, generator: int, kind: str, options: dict[str, Any]) -> list[int]:
+        if options:
+            raise AgentError("ProtocolError", f"curand_new: unknown options {sorted(options)}")
+        made = pycuda_curand.new_generator(kind, self._x.pool.allocate)
+        self.curands[generator] = made
+        return [made.count, made.state_bytes, int(made.rng.block_count),
+                int(made.rng.generators_per_block)]
+
+    def op_curand_call(self, generator: int, method: str, state: int, state_bytes: int,
+                       params: list[Any], stream: int | None) -> None:
+        pycuda_curand.call(self._get(self.curands, generator, "cuRAND generator"), method,
+                           state, state_bytes, params, self._stream(stream), self.view)
+
+    def op_curand_free(self, generator: int) -> None:
+        self.curands.pop(generator, None)
 
     # }}}
 
@@ -365,6 +455,7 @@ class PycudaSession(TorchOps, ExecutorSession):
         if not self._x.context_lost:
             self.torch_close()
         self.kernels.clear()
+        self.curands.clear()
         self.functions.clear()
         self.modules.clear()
         self.events.clear()
@@ -410,6 +501,7 @@ class PycudaExecutor(Executor):
             "driver_version": cuda.get_driver_version(),
             "emulated": False,
             "count": 1,
+            "curand_version": _curand_version(),
             "attributes": attributes,
         }
 

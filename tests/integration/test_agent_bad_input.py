@@ -67,6 +67,11 @@ def test_wrong_protocol_version_and_batch_before_hello(
     (["stream_synchronize", 77], "HandleError"),
     (["array", "add", [0, "<f4", [4], [4]], [1, 2], {}, None], "HandleError"),
     (["launch", 1, [1], [1], 0, None, b""], "NotSupported"),
+    (["module_link", 1, [["stdlib", "../../lib/x"]], b"", {}], "ProtocolError"),
+    (["module_link", 1, [["data", "PTX", "k", 0, 8]], b"", {}], "NotSupported"),
+    (["curand_new", 1, "os.system", {}], "ProtocolError"),
+    (["curand_call", 1, "__init__", 0, 8, [], None], "ProtocolError"),
+    (["curand_call", 1, "fill_uniform", 0x10, 8, [], None], "HandleError"),
 ])
 def test_bad_calls_get_clear_errors(clients: tuple[RawClient, RawClient], call: list[Any],
                                     kind: str) -> None:

@@ -316,3 +316,118 @@ def test_kernel_output_of_replies_is_printed_in_order_at_the_sync_point(
     assert capsys.readouterr().out == "Hello from block 0\nHello from block 1\n"
     flush_kernel_output()
     assert capsys.readouterr().out == ""
+
+
+# {{{ gpuarray.vec: structured arrays and vector kernel arguments
+
+
+@pytest.mark.parametrize("name", ["float3", "float4", "int2", "double2", "uchar3", "short1"])
+def test_vector_arrays_zeros_fill_get(pycuda: Any, name: str) -> None:
+    ga = pycuda.gpuarray
+    dtype = getattr(ga.vec, name)
+    make = getattr(ga.vec, f"make_{name}")
+    zeros = ga.zeros(100, dtype)
+    assert zeros.dtype == dtype and zeros.get().dtype == dtype
+    assert not zeros.get().tobytes().strip(b"\0")
+    components = [i + 1 for i in range(len(dtype.names))]
+    filled = ga.GPUArray(100, dtype=dtype).fill(make(*components))  # pycuda's test_vector_fill
+    host = filled.get()
+    assert host.dtype == dtype
+    for field, value in zip(dtype.names, components, strict=True):
+        assert (host[field] == value).all(), (field, host[field][:4])
+    same_words = make(*[7] * len(dtype.names))  # a repeating pattern takes the memset path
+    np.testing.assert_array_equal(ga.empty(33, dtype).fill(same_words).get(),
+                                  np.full(33, same_words, dtype))
+    host = np.zeros(50, dtype)
+    host[dtype.names[0]] = np.arange(50)
+    round_trip = ga.to_gpu(host)
+    np.testing.assert_array_equal(round_trip.get(), host)
+    np.testing.assert_array_equal(round_trip.copy().get(), host)
+    assert round_trip[10:20].get().tobytes() == host[10:20].tobytes()
+
+
+def test_vector_fill_of_a_strided_view_is_refused_as_pycuda_refuses_it(pycuda: Any) -> None:
+    ga = pycuda.gpuarray
+    a = ga.zeros(10, ga.vec.float2)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        a[::2].fill(ga.vec.make_float2(1, 2))
+
+
+def test_vector_kernel_arguments_pack_as_pycuda_packs_them(pycuda: Any) -> None:
+    from harp_jupyter.shim.pycuda import _kernel_args
+
+    vec = pycuda.gpuarray.vec
+    fmt = _kernel_args.format_for_types([vec.float3, np.int32, vec.double2])
+    assert fmt == "12si16s"
+    value = vec.make_float3(0.0, 1.0, 2.0)  # a 0-d structured ndarray, as prepared_call gets it
+    packed = _kernel_args.pack(fmt, value, 5, vec.make_double2(1.5, -2.5))
+    assert packed == struct.pack("12si16s", value.tobytes(), 5,
+                                 np.array((1.5, -2.5), vec.double2).tobytes())
+    # np.void items, bytearrays and bytes too; a shorter value is padded, as struct pads
+    assert _kernel_args.pack("12s", value[()]) == value.tobytes()
+    assert _kernel_args.pack("4s", bytearray(b"ab")) == b"ab\0\0"
+    with pytest.raises(struct.error, match="must be a bytes object"):
+        _kernel_args.pack("4s", 3)
+
+
+# }}}
+
+
+# {{{ DynamicModule, registered dtypes: what the emulated agent can check
+
+
+def test_dynamic_modules_on_the_emulated_agent_say_they_need_a_gpu(pycuda: Any) -> None:
+    compiler = pycuda.compiler
+    with pytest.raises(pycuda.driver.Error) as caught:
+        compiler.DynamicSourceModule("__global__ void k() { }")
+    assert "needs a real GPU" in str(caught.value) and "DynamicModule" in str(caught.value)
+    module = compiler.DynamicModule()
+    assert module.add_source("__global__ void k() { }", nvcc_options=["-rdc=true"]) is module
+    assert module.add_data(b"// ptx", pycuda.driver.jit_input_type.PTX, "x.ptx") is module
+    assert module.add_stdlib("cudadevrt") is module
+    with pytest.raises(pycuda.driver.Error, match="needs a real GPU"):
+        module.link()
+    with pytest.raises(pycuda.driver.LogicError, match="nothing was added"):
+        compiler.DynamicModule().link()
+
+
+def test_user_registered_dtypes_travel_with_user_kernels(pycuda: Any) -> None:
+    tools = pycuda.tools
+    names = [name for name, _ in tools.user_dtypes()]
+    assert "float3" not in names and "int2" not in names  # the agent's pycuda has vec's own
+    pair = np.dtype([("lo", np.float32), ("hi", np.float32)])
+    tools.register_dtype(pair, "harp_test_pair")
+    assert ["harp_test_pair", str(pair.descr)] in tools.user_dtypes()
+    assert tools.dtype_to_ctype(pair) == "harp_test_pair"
+    from gpu_agent import protocol as P
+
+    assert P.registered_dtypes(tools.user_dtypes())[-1] == ("harp_test_pair", pair)
+
+
+# }}}
+
+
+# {{{ cuRAND generators: the emulated agent has no cuRAND
+
+
+def test_curand_generators_on_the_emulated_agent_say_they_need_a_gpu(pycuda: Any) -> None:
+    curandom = pycuda.curandom
+    assert curandom.get_curand_version() is None  # pycuda's answer without cuRAND
+    np.random.seed(5)
+    for cls in (curandom.XORWOWRandomNumberGenerator, curandom.MRG32k3aRandomNumberGenerator,
+                curandom.Sobol32RandomNumberGenerator,
+                curandom.ScrambledSobol64RandomNumberGenerator):
+        with pytest.raises(pycuda.driver.Error, match="cuRAND generator needs a real GPU"):
+            cls()
+    with pytest.raises(pycuda.driver.Error, match="direction vectors"):
+        curandom.Sobol32RandomNumberGenerator(dir_vector=pycuda.gpuarray.zeros(3, np.uint32))
+    import random
+
+    random.seed(3)
+    expected = random.randint(0, 2**31 - 1)
+    random.seed(3)
+    seeds = curandom.seed_getter_uniform(7).get()  # pycuda draws it from Python's random
+    assert seeds.dtype == np.int32 and (seeds == expected).all()
+
+
+# }}}

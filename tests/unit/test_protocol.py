@@ -33,3 +33,30 @@ def test_descriptor_extent_covers_negative_strides_and_empty_arrays() -> None:
     assert P.descriptor_extent([1000, "<f8", [4], [-8]]) == (976, 1008)
     assert P.descriptor_extent([1000, "<f8", [0, 5], [40, 8]]) == (1000, 1000)
     assert P.descriptor_extent([1000, "<i4", [], []]) == (1000, 1004)
+
+
+def test_module_link_inputs_are_validated() -> None:
+    good = [["source", "__global__ void k() {}", ["-rdc=true"], "a.ptx"],
+            ["data", "PTX", "b.ptx", 0, 10], ["stdlib", "cudadevrt"]]
+    assert P.validate_call(["module_link", 1, good, b"x" * 10, {}])[0] == "module_link"
+    for bad in ([], [["stdlib", "../../etc/passwd"]], [["stdlib", "a/b"]], [["stdlib", ""]],
+                [["data", "ELF", "x", 0, 1]], [["data", "PTX", "x", -1, 1]],
+                [["source", "s", "not a list", "n"]], [["source", "s", [], "n", "extra"]],
+                [["exec", "rm -rf /"]], ["source"], [["stdlib", "cudadevrt"]] * 65):
+        with pytest.raises(P.ProtocolError, match="module_link: argument 1"):
+            P.validate_call(["module_link", 1, bad, b"", {}])
+    assert "unknown input kind 'exec'" in (P.link_input_problem(["exec"]) or "")
+    assert "cudadevrt" in (P.link_input_problem(["stdlib", "../x"]) or "")
+
+
+def test_registered_dtypes_are_validated() -> None:
+    assert P.registered_dtypes(None) == []
+    pairs = P.registered_dtypes([["minmax", "[('lo', '<f4'), ('hi', '<f4')]"],
+                                 ["ns::pair_t", "<i8"]])
+    assert [name for name, _ in pairs] == ["minmax", "ns::pair_t"]
+    assert pairs[0][1].names == ("lo", "hi")
+    for bad in ("x", [["a b", "<f4"]], [["x;system()", "<f4"]], [["ok", "|O"]],
+                [["ok", "<f4", 1]], [["ok", "__import__('os')"]], [["t", "<f4"]] * 65,
+                [["x" * 129, "<f4"]]):
+        with pytest.raises(P.ProtocolError, match="dtypes"):
+            P.registered_dtypes(bad)

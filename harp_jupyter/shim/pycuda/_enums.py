@@ -125,6 +125,9 @@ jit_option = _CudaEnum("jit_option", [
     ("TARGET", 9), ("FALLBACK_STRATEGY", 10),
 ], module=__name__)
 
+jit_input_type = _CudaEnum("jit_input_type", [
+    ("CUBIN", 0), ("PTX", 1), ("FATBINARY", 2), ("OBJECT", 3), ("LIBRARY", 4)])
+
 ipc_mem_flags = _CudaEnum("ipc_mem_flags", [
     ("LAZY_ENABLE_PEER_ACCESS", 1),
 ], module=__name__)

@@ -19,13 +19,15 @@ _TOKEN = re.compile(r"\s*(\d*)\s*([A-Za-z?])")
 
 
 @lru_cache(maxsize=512)
-def _plan(fmt: str) -> tuple[struct.Struct, tuple[int, ...] | None]:
-    """The struct for ``fmt`` and, if it has complex items, which values are complex."""
+def _plan(fmt: str) -> tuple[struct.Struct, tuple[int, ...] | None, tuple[int, ...]]:
+    """The struct for ``fmt``, which values are complex (None when none is), and which values
+    are byte strings (``s``)."""
     prefix = ""
     if fmt and fmt[0] in "@=<>!":  # ("" is "in" every string: a kernel without arguments)
         prefix, fmt = fmt[0], fmt[1:]
     parts: list[str] = []
     complex_values: list[int] = []
+    string_values: list[int] = []
     value_index = 0
     pos = 0
     for match in _TOKEN.finditer(fmt):
@@ -41,16 +43,31 @@ def _plan(fmt: str) -> tuple[struct.Struct, tuple[int, ...] | None]:
             value_index += count
         else:
             parts.append(f"{count_text}{char}")
+            if char == "s":
+                string_values.append(value_index)
             value_index += 1 if char in "sp" else (0 if char == "x" else count)
     if fmt[pos:].strip():
         raise struct.error(f"bad char in struct format: {fmt[pos:]!r}")
     packer = struct.Struct(prefix + "".join(parts))
-    return packer, tuple(complex_values) if complex_values else None
+    return packer, tuple(complex_values) if complex_values else None, tuple(string_values)
+
+
+def _as_bytes(value: Any) -> Any:
+    """An ``s`` item as pycuda's packer takes it: bytes, or any object with the buffer protocol
+    (a ``gpuarray.vec`` value, a structured ndarray or np.void) as its raw bytes."""
+    if isinstance(value, bytes | bytearray):
+        return value
+    try:
+        return memoryview(value).tobytes()
+    except TypeError:
+        raise struct.error("argument for 's' must be a bytes object") from None
 
 
 def pack(fmt: str, *values: Any) -> bytes:
-    """``struct.pack`` with pycuda's complex extension."""
-    packer, complex_values = _plan(fmt)
+    """``struct.pack`` with pycuda's complex extension; ``s`` items may be any buffer."""
+    packer, complex_values, string_values = _plan(fmt)
+    if string_values:
+        values = tuple(_as_bytes(v) if i in string_values else v for i, v in enumerate(values))
     if complex_values is None:
         return packer.pack(*values)
     flat: list[Any] = []

@@ -6,6 +6,7 @@ from typing import Any
 
 from harp_jupyter.shim.errors import Error, without_shim_frames
 from harp_jupyter.shim.pycuda.gpuarray import GPUArray, _operand, _stream_handle
+from harp_jupyter.shim.pycuda.tools import user_dtypes
 from harp_jupyter.shim.session import RemoteSession, get_session
 
 
@@ -26,7 +27,7 @@ class ElementwiseKernel:
             handle = session.new_handle()
             # pycuda compiles at the first call: a compile error is raised there, not later
             session.call_sync("elementwise_new", handle, self.arguments, self.operation,
-                              self.name, self._options)
+                              self.name, {**self._options, "dtypes": user_dtypes()})
             self._handles[id(session)] = handle
         return handle
 

@@ -347,13 +347,28 @@ class GPUArray:
 
     def fill(self, value: Any, stream: Any = None) -> GPUArray:
         if self.dtype.names is not None:
-            # a structured value (gpuarray.vec) is no wire scalar: its bytes go up instead
-            if self.size and self.flags.forc:
-                self.set(np.full(self.shape, value, self.dtype))
-            elif self.size:
-                raise NotImplementedError("fill of a non-contiguous structured array")
-            return self
+            return self._fill_structured(value, stream)
         return _run("fill", self, [_scalar(value)], stream)
+
+    def _fill_structured(self, value: Any, stream: Any) -> GPUArray:
+        """fill() of a structured array (``gpuarray.vec``): its value is no wire scalar. A
+        value whose bytes repeat one 32-bit word (zeros, most fills) is a memset on the agent;
+        any other goes up as the array's bytes."""
+        if not self.flags.forc:
+            raise RuntimeError("only contiguous arrays may be used as arguments to this "
+                               "operation")
+        item = np.full((), value, self.dtype)
+        if not self.size:
+            return self
+        words = np.frombuffer(item.tobytes(), np.uint32) if self.itemsize % 4 == 0 else None
+        if words is not None and (words == words[0]).all():
+            drv._memset(self.gpudata, int(words[0]), 4, self.nbytes // 4, stream)
+        elif not item.tobytes().strip(b"\0"):
+            drv._memset(self.gpudata, 0, 1, self.nbytes, stream)
+        else:
+            self.set(np.full(self.shape, item, self.dtype), async_=stream is not None,
+                     stream=stream)
+        return self
 
     def astype(self, dtype: Any, stream: Any = None) -> GPUArray:
         return _run("copy", self._new_like_me(dtype), [self], stream)
@@ -774,7 +789,7 @@ class vec:
 
 
 def _make_vector_types() -> None:
-    from harp_jupyter.shim.pycuda.tools import get_or_register_dtype
+    from harp_jupyter.shim.pycuda.tools import get_or_register_dtype, mark_builtin_dtypes
 
     fields = "xyzw"
     for base, scalar, counts in (
@@ -793,6 +808,7 @@ def _make_vector_types() -> None:
 
             make.__name__ = f"make_{name}"
             setattr(vec, make.__name__, staticmethod(make))
+    mark_builtin_dtypes()
 
 
 _make_vector_types()

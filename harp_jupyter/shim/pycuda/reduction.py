@@ -6,7 +6,9 @@ from typing import Any
 
 import numpy as np
 
+from gpu_agent.protocol import dtype_text
 from harp_jupyter.shim.pycuda.gpuarray import GPUArray, _operand, _stream_handle
+from harp_jupyter.shim.pycuda.tools import user_dtypes
 from harp_jupyter.shim.session import RemoteSession, get_session
 
 
@@ -27,8 +29,9 @@ class ReductionKernel:
         handle = self._handles.get(id(session))
         if handle is None:
             handle = self._handles[id(session)] = session.new_handle()
-            session.call("reduction_new", handle, self.dtype_out.str, self.neutral,
-                         self.reduce_expr, self.map_expr, self.arguments, self._options)
+            session.call("reduction_new", handle, dtype_text(self.dtype_out), self.neutral,
+                         self.reduce_expr, self.map_expr, self.arguments,
+                         {**self._options, "dtypes": user_dtypes()})
         return handle
 
     def __call__(self, *args: Any, **kwargs: Any) -> GPUArray:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gpu_agent.protocol import dtype_text
 from harp_jupyter.shim.pycuda import driver as cuda
 
 product = itertools.product  # pycuda.tools re-exports it; pycuda's tests use it
@@ -30,6 +31,21 @@ class TypeNameNotKnown(RuntimeError):
 
 _NAME_OF_DTYPE: dict[np.dtype, str] = {}
 _DTYPE_OF_NAME: dict[str, np.dtype] = {}
+#: names the agent's pycuda knows by itself (gpuarray.vec's): never sent
+_BUILTIN_NAMES: set[str] = set()
+
+
+def mark_builtin_dtypes() -> None:
+    """The names registered so far are pycuda's own (the agent's pycuda registers them too)."""
+    _BUILTIN_NAMES.update(_DTYPE_OF_NAME)
+
+
+def user_dtypes() -> list[list[str]]:
+    """``[[c_name, dtype text], ...]`` of the dtypes user code registered: the agent registers
+    them before it compiles a user kernel, so that kernels over struct types (a ReductionKernel
+    of a registered dtype) compile there as they do with pycuda."""
+    return [[name, dtype_text(dtype)] for name, dtype in _DTYPE_OF_NAME.items()
+            if name not in _BUILTIN_NAMES]
 
 
 def register_dtype(dtype: Any, c_names: str | list[str], alias_ok: bool = False) -> None:

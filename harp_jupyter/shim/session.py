@@ -42,6 +42,7 @@ from harp_jupyter.shim.errors import (
     Error,
     GPULostError,
     HandleError,
+    LeaseLostError,
     LogicError,
     MemoryError,
     ProtocolError,
@@ -69,6 +70,9 @@ TRANSFER_CHUNK_BYTES = 16 << 20
 SNAPSHOT_COPY_BYTES = 4 << 20
 
 
+#: how many times one connect leases again when its lease ended before its hello came
+REGRANT_ATTEMPTS = 5
+
 #: how long the lease source's word that the agent ended the lease waits for a user thread to
 #: finish with the session (past it, the next call's LeaseError does the same)
 LEASE_ENDED_LOCK_S = 5.0
@@ -85,6 +89,8 @@ class RemoteSession:
         self._resume: dict[str, Any] | None = None
         #: writers and connections of earlier leases, closed at the next connect
         self._stale: list[tuple[BatchWriter, AgentConnection]] = []
+        #: the id of the lease the current connection was opened with
+        self._lease_id: str | None = None
         #: the writer of a session the agent parked by itself, settled at the next connect
         self._orphan: Orphan | None = None
         #: its calls to send again once restored (kept until a connect succeeds)
@@ -161,22 +167,38 @@ class RemoteSession:
         source = self.lease_source
         notice = WaitNotice()
         asked = time.monotonic_ns()
-        grant = source.acquire(self._resume, notice)
-        granted = time.monotonic_ns()
-        resume = None
-        if self._resume is not None:
-            resume = {"session": self._resume["session"],
-                      "resume_token": self._resume["resume_token"]}
-            origin = grant.moved_from or self._resume["agent"]
-            if origin != grant.agent:
-                resume["from"] = origin
-                notice.update("restoring", agent=grant.agent)
-        connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
+        refused: str | None = None
+        for attempt in itertools.count(1):
+            grant = source.acquire(self._resume, notice, refused)
+            granted = time.monotonic_ns()
+            resume = None
+            if self._resume is not None:
+                resume = {"session": self._resume["session"],
+                          "resume_token": self._resume["resume_token"]}
+                origin = grant.moved_from or self._resume["agent"]
+                if origin != grant.agent:
+                    resume["from"] = origin
+                    notice.update("restoring", agent=grant.agent)
+            connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
+            try:
+                welcome = connection.hello(
+                    lease=grant.lease, resume=resume, address_range=None
+                    if self._allocator is None else (self._allocator.base, self._allocator.size))
+                break
+            except LeaseLostError:
+                # granted, then ended (reclaimed, expired) before this hello under load: queue
+                # again, as if it had never been granted
+                connection.close()
+                if attempt >= REGRANT_ATTEMPTS:
+                    raise
+                refused = grant.lease[0]
+            except Error as e:
+                connection.close()
+                if isinstance(e, StateLostError | GPULostError):
+                    self._lost_error = e  # the state is gone: the next GPU call starts afresh
+                raise
         data: AgentConnection | None = None
         try:
-            welcome = connection.hello(
-                lease=grant.lease, resume=resume, address_range=None if self._allocator is None
-                else (self._allocator.base, self._allocator.size))
             base, size = welcome["range"]
             device = welcome.get("device") or {}
             data = AgentConnection(worker_endpoint(str(welcome["worker"]), grant.agent),
@@ -208,6 +230,7 @@ class RemoteSession:
         hooks.note_lease_span("restore" if resume else "hello", granted, time.monotonic_ns(),
                               agent=grant.agent, moved_from=(resume or {}).get("from"))
         self._connection = connection
+        self._lease_id = grant.lease[0]
         self._welcome = welcome
         self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
                         "agent": grant.agent}
@@ -279,7 +302,7 @@ class RemoteSession:
         return {"session": resume.get("session"), "agent": resume.get("agent"),
                 "bytes": int((notice or {}).get("bytes") or 0), "already": True}
 
-    def lease_ended(self) -> None:
+    def lease_ended(self, lease_id: str | None = None) -> None:
         """The lease source, when the agent ended this session's lease and parked the session
         itself (reclaimed for a waiting kernel, expired): the connection is done, and the next
         GPU call leases again, restores, and first sends again what the worker did not run
@@ -287,7 +310,8 @@ class RemoteSession:
         if not self.lock.acquire(timeout=LEASE_ENDED_LOCK_S):
             return
         try:
-            self._orphan_writer(None)
+            if lease_id is None or lease_id == self._lease_id:  # not a newer lease's session
+                self._orphan_writer(None)
         finally:
             self.lock.release()
 

@@ -132,3 +132,36 @@ def test_a_release_racing_the_agents_park_is_a_quiet_success(agent_starter: Any)
         assert session.parked
         assert np.array_equal(get(session, addr, data), data)
         assert session.restores == 1
+
+
+class EndedBeforeHello(DirectLeaseSource):
+    """A direct lease source whose first grant the agent ends before the session's hello (under
+    load a granted kernel may not attach within reclaim_after, or its lease expires first)."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        super().__init__(endpoints)
+        self.grants: list[str] = []
+
+    def acquire(self, resume: dict[str, Any] | None, notice: Any,
+                refused: str | None = None) -> Any:
+        grant = super().acquire(resume, notice, refused)
+        self.grants.append(grant.lease[0])
+        if len(self.grants) == 1:
+            end_lease_elsewhere(self, grant.agent)
+        return grant
+
+
+def test_a_lease_that_ended_before_hello_is_queued_for_again(agent_starter: Any) -> None:
+    agent = agent_starter()
+    source = EndedBeforeHello([agent.endpoint])
+    session = RemoteSession(agent.endpoint, lease_source=source)
+    source.holder = session
+    try:
+        data = np.arange(100, dtype=np.float64)
+        addr = put(session, data)
+        assert np.array_equal(get(session, addr, data), data)
+        assert len(source.grants) == 2 and source.grants[0] != source.grants[1]
+        assert source.status()["state"] == "held"
+    finally:
+        session.close()
+        source.close()

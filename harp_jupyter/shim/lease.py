@@ -39,6 +39,7 @@ from harp_jupyter.shim import notice as notes
 from harp_jupyter.shim.endpoints import configured_agents
 from harp_jupyter.shim.errors import GPUUnavailableError
 from harp_jupyter.shim.notice import WaitNotice
+from harp_jupyter.shim.transport import timeout_from_env
 from provisioner import background
 from provisioner.control import ControlError
 from provisioner.keeper import KeeperConfig, LeaseKeeper
@@ -428,6 +429,8 @@ def _direct_config(kernel_id: str) -> KeeperConfig:
     timeout = _seconds("HARP_ACQUIRE_TIMEOUT", 0.0)
     return KeeperConfig(kernel_id, secrets.token_urlsafe(18), user, idle_timeout=0.0,
                         reclaim_after=_seconds("HARP_RECLAIM_AFTER", 3.0),
+                        # a script without an agent says so within the agent timeout
+                        reach_timeout=timeout_from_env(),
                         acquire_timeout=timeout if timeout > 0 else None,
                         info={**_lease_info(), "holder": "process"})
 

@@ -374,13 +374,16 @@ class RemoteSession:
 
     def _explain_loss(self, error: GPULostError) -> Error | None:
         """Why the worker connection dropped, as the agent tells this session's control
-        connection (waiting for its word up to ``park_wait``): parked by the agent (None: the
-        writer is orphaned, and the next connect sends its unanswered calls again), or lost
-        with its reason (returned, to raise)."""
+        connection: parked by the agent (None: the writer is orphaned, and the next connect
+        sends its unanswered calls again), or lost with its reason (returned, to raise). Its
+        word is awaited as an event, up to the agent timeout (HARP_AGENT_TIMEOUT: a worker
+        that froze gets no word at all); once the agent is known to have ended the lease, the
+        next connect waits up to ``park_wait`` for the park itself."""
         connection, resume = self._connection, self._resume
         notice = None
         if connection is not None and resume is not None:
-            notice = await_notice(connection, str(resume["session"]), self.park_wait)
+            notice = await_notice(connection, str(resume["session"]),
+                                  min(connection.timeout, self.park_wait))
         if notice is None:
             self._lost_error = error
             return error

@@ -493,15 +493,20 @@ class Tenancy:
         chunks = header.get("chunks") if isinstance(header.get("chunks"), list) else []
         parked = self.parking.put(session.session_id, session.kernel_id, chunks,
                                   header.get("log") or [], ttl=session.park_ttl)
+        # the batches its worker ran (all before the park: it reads its supervisor first):
+        # the client sends again, after the restore, those it sent and saw no reply to past this
+        ran = session.worker.figures().get("batches") if session.worker is not None else None
         if session.worker is not None:
             session.worker.ended_by = "parked"  # it ends by itself now; its bytes are parked
         session.state, session.worker, session.lease_id = SessionState.PARKED, None, None
         for route, request in session.waiting:
             self.send(route, {"t": P.PARKED, "rid": request.get("rid"),
-                              "session": session.session_id, "bytes": parked.nbytes})
+                              "session": session.session_id, "bytes": parked.nbytes,
+                              "batches": ran})
         if not session.waiting and session.route is not None:
             self.send(session.route, {"t": P.LOST, "session": session.session_id,
-                                      "parked": True, "e": P.error("LeaseError", (
+                                      "parked": True, "batches": ran,
+                                      "bytes": parked.nbytes, "e": P.error("LeaseError", (
                                           f"this session was parked ({session.park_reason}) "
                                           "before these calls ran: the next GPU call leases "
                                           "again and restores it"))})

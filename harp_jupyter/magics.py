@@ -124,8 +124,12 @@ class HarpMagics(Magics):
             return status
         if command == "release":
             info = get_session().release()
-            print(f"Released the GPU; {_bytes(info.get('bytes') or 0)} of device memory parked "
-                  "on the agent. The next GPU call leases again and restores it.")
+            if info.get("already"):
+                print("The GPU was already parked (the agent took it back while idle, or its "
+                      "lease ended). The next GPU call leases again and restores it.")
+            else:
+                print(f"Released the GPU; {_bytes(info.get('bytes') or 0)} of device memory "
+                      "parked on the agent. The next GPU call leases again and restores it.")
             return None
         if command == "idle":
             if len(words) != 2:

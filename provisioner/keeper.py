@@ -72,8 +72,9 @@ class KernelLink(Protocol):
         """The kernel's answer: {"t": "parked", session, agent, bytes} or {"t": "busy"};
         raises when the kernel cannot be asked (the agent then parks the session itself)."""
 
-    def lease_ended(self, reason: ParkReason, message: str) -> None:
-        """The agent ended the held lease and parked the session itself; must not block."""
+    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
+        """The agent ended the held lease ``lease_id`` and parked the session itself; must not
+        block."""
 
 
 @dataclass
@@ -92,6 +93,9 @@ class KeeperConfig:
     #: how long an agent may take to answer a status message at acquire (a dead agent in the
     #: pool costs each acquire this much)
     status_timeout: float = 2.0
+    #: while no agent of the pool answers, acquire asks again (with backoff) for this long, or
+    #: for ``acquire_timeout`` when that is set; an agent restarting is back within it
+    reach_timeout: float = 30.0
     #: passed in lease_request ``info`` (host, park limits, ...); reclaim_after is added
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -143,12 +147,20 @@ class LeaseKeeper:
     # {{{ what the kernel asks
 
     async def acquire(self, resume: dict[str, Any] | None = None,
-                      progress: Progress | None = None) -> dict[str, Any]:
+                      progress: Progress | None = None,
+                      refused: str | None = None) -> dict[str, Any]:
         """Lease a GPU (the kernel's first GPU call, the sidebar's Lease); returns the
         ``grant`` {agent, lease: [id, token], from}. ``resume`` = {session, resume_token, agent}
-        of the kernel's parked session, if any. Raises ControlError."""
+        of the kernel's parked session, if any; ``refused`` the id of a lease the agent refused
+        the kernel's hello with (it ended before the kernel attached): dropped, not granted
+        again. Raises ControlError."""
         async with self._lock:
             self._check_open()
+            lease = self.lease
+            if refused is not None and lease is not None and lease.lease_id == refused:
+                parked_at = self.parked_at
+                await self._drop_lease(quietly=True)
+                self.record.parked_at = parked_at
             if self.record.holding and self.state == KeeperState.HELD:
                 return self._grant(None)
             parked_at = (resume or {}).get("agent") or self.parked_at
@@ -238,14 +250,7 @@ class LeaseKeeper:
                        ) -> dict[str, Any]:
         self.record.set(KeeperState.ACQUIRING, "")
         try:
-            agents = await self._agents()
-            statuses = await self.client.statuses(agents, self.config.status_timeout)
-            if not statuses:
-                reasons = [why for why in self.client.unanswered.values()
-                           if "did not answer within" not in why]
-                raise ControlError("GPUUnavailable", "; ".join(reasons) if reasons else (
-                    f"no GPU agent answered at {', '.join(agents) or '(none configured)'}: is "
-                    "harp-agent running there? (HARP_AGENTS names the agents)"))
+            agents, statuses = await self._reach_pool(progress)
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)
         except AgentUnreachable as e:
             await self._failed(str(e))
@@ -262,6 +267,37 @@ class LeaseKeeper:
         self.record.set(KeeperState.HELD, "")
         self._renewals.start()
         return self._grant(parked_at)
+
+    async def _reach_pool(self, progress: Progress | None
+                          ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The pool's agents and the statuses of those that answer; while none does, ask again
+        with backoff (saying what it waits for) up to ``reach_timeout`` (or the acquire
+        timeout), then raise ControlError saying why."""
+        c = self.config
+        limit = c.acquire_timeout if c.acquire_timeout else c.reach_timeout
+        deadline = self._clock.now() + limit
+        pause = 0.25
+        while True:
+            agents = await self._agents()
+            statuses = await self.client.statuses(agents, c.status_timeout)
+            if statuses:
+                return agents, statuses
+            reasons = [why for why in self.client.unanswered.values()
+                       if "did not answer within" not in why]
+            where = ", ".join(agents) or "(none configured)"
+            why = "; ".join(reasons) if reasons else (
+                f"no GPU agent answered at {where}: is harp-agent running there? (HARP_AGENTS "
+                "names the agents)")
+            left = deadline - self._clock.now()
+            if reasons or not agents or left <= 0:  # refused, or nothing to wait for
+                raise ControlError("GPUUnavailable", why if reasons or not agents else
+                                   f"{why} (asked again for {limit:g} s)")
+            self.record.set(KeeperState.ACQUIRING, f"waiting for a GPU agent to answer at "
+                                                   f"{where}")
+            if progress is not None:
+                await progress({"state": "unreachable", "agent": where, "position": None})
+            await self._clock.sleep(min(pause, left))
+            pause = min(pause * 2, 4.0)
 
     async def _failed(self, message: str) -> None:
         await self._drop_lease(quietly=True)
@@ -373,7 +409,7 @@ class LeaseKeeper:
         self.record.set(KeeperState.PARKED, message)
         self._renewals.stop()
         try:
-            self._kernel.lease_ended(reason, message)
+            self._kernel.lease_ended(reason, message, lease.lease_id)
         except Exception:  # the kernel finds out at its next call anyway
             log.exception("telling kernel %s its lease ended failed", self.config.kernel_id)
 

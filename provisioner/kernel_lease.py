@@ -142,12 +142,12 @@ class KernelLease:
         return await self.control.ask({"t": "park", "reason": str(reason)},
                                       self.config.park_timeout)
 
-    def lease_ended(self, reason: ParkReason, message: str) -> None:
+    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
         """The kernel drops its connection to the parked session, so that its next GPU call
         leases again and restores; a reclaimed kernel tells its user why at its next cell."""
         if self.control.kernel_connected:
             self.control.push_soon({"t": "lease_ended", "reason": str(reason),
-                                    "message": message})
+                                    "message": message, "lease": lease_id})
 
     def _on_push(self, endpoint: str, lease: dict[str, Any]) -> None:
         self.keeper.on_push(endpoint, lease)
@@ -162,7 +162,9 @@ class KernelLease:
         async def progress(message: dict[str, Any]) -> None:
             await request.send({"t": "acquire_progress", **message})
 
-        return await self.keeper.acquire(resume if isinstance(resume, dict) else None, progress)
+        refused = request.header.get("refused")
+        return await self.keeper.acquire(resume if isinstance(resume, dict) else None, progress,
+                                         refused if isinstance(refused, str) else None)
 
     async def _on_parked(self, request: ControlRequest) -> dict[str, Any]:
         await self.keeper.parked(request.header)

@@ -21,9 +21,10 @@ takes it too, so callbacks may run on that thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -65,12 +66,26 @@ def byte_view(buffer: Any) -> memoryview:
 
 @dataclass(slots=True)
 class PendingBatch:
-    """A sent batch waiting for its reply."""
+    """A sent batch waiting for its reply. Its calls and frames are kept until then, so that a
+    batch the agent never ran (its session was parked first) can be sent again after the
+    restore; not ``replayable`` when its frames were the caller's to reuse once sent."""
 
     seq: int
     metas: list[CallMeta]
     sent: int = 0  # monotonic ns, when profiled
     details: list[str] | None = None  # kernel names, when profiled
+    calls: list[list[Any]] = field(default_factory=list)
+    frames: list[memoryview] = field(default_factory=list)
+    replayable: bool = True
+
+
+@dataclass
+class Unanswered:
+    """What a writer whose session the agent parked had not had answered (``take_unanswered``):
+    the batches sent, oldest first, then the calls not sent yet (with their frames)."""
+
+    batches: list[PendingBatch]
+    queued: PendingBatch
 
 
 class BatchWriter:
@@ -199,11 +214,17 @@ class BatchWriter:
             tracker = self.connection.send(header, frames, track=track and bool(frames))
         except GPULostError as e:
             self._fatal = e
+            # kept: if the agent parked the session, they are sent again after the restore
+            self._calls, self._metas, self._frames = calls, metas, frames
+            self._frame_bytes = sum(f.nbytes for f in frames)
             raise
         self._next_seq += 1
+        # tracked frames are the caller's again once sent: such a batch cannot be sent twice
+        replayable = not (track and frames)
         self._inflight.append(PendingBatch(seq, metas, sent,
                                            [recorder.detail_of(c[0], c[1:]) for c in calls]
-                                           if recorder is not None else None))
+                                           if recorder is not None else None,
+                                           calls, frames if replayable else [], replayable))
         self.batches_sent += 1
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         return tracker
@@ -300,6 +321,60 @@ class BatchWriter:
         if meta is not None and meta[3] is not None:
             meta[3]()
         self._on_call_error(meta, error)
+
+    def answered_through(self) -> int:
+        """The sequence number of the last batch whose reply arrived (0: none yet)."""
+        with self.lock:
+            return self._inflight[0].seq - 1 if self._inflight else self._next_seq - 1
+
+    def receive_through(self, seq: int, timeout: float) -> None:
+        """Receive the replies of batches up to ``seq`` that are still on their way (a parked
+        session's worker answered them before it parked), until the connection drops or
+        ``timeout`` seconds pass; nothing is sent. For ``take_unanswered``."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self._fatal is None and self._inflight and self._inflight[0].seq <= seq:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                try:
+                    header, frames = self.connection.recv(left)
+                except (TimeoutError, GPULostError):
+                    return
+                if header.get("t") == protocol.REPLY and header.get("q") == self._inflight[0].seq:
+                    pending = self._inflight.popleft()
+                    if "out" in header:
+                        note_reply_output(header)
+                    self._deliver(pending, header, frames)
+
+    def take_unanswered(self) -> Unanswered:
+        """Stop this writer without sending anything more, and hand over the batches it sent
+        that were not answered and the calls it had not sent (its session was parked by the
+        agent: the session decides what runs again after the restore)."""
+        with self.lock:
+            self._closing = True
+            self._stop.set()
+            self._wake.set()
+            batches, self._inflight = list(self._inflight), deque()
+            queued = PendingBatch(0, self._metas, calls=self._calls, frames=self._frames)
+            self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0)
+        return Unanswered(batches, queued)
+
+    def resend(self, batch: PendingBatch) -> None:
+        """Send ``batch`` (one a parked writer had sent, or its unsent calls) as it was, after
+        what is queued here: the calls of a session the agent parked before they ran."""
+        if not batch.calls:
+            return
+        with self.lock:
+            if self._fatal is not None:
+                raise self._fatal
+            self._flush_locked(False)
+            self._calls, self._metas = list(batch.calls), list(batch.metas)
+            self._frames = list(batch.frames)
+            self._frame_bytes = sum(f.nbytes for f in self._frames)
+            self._flush_locked(False)
 
     def wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
         """Wait until ZeroMQ is done with the frames of ``trackers``; GPULostError if the agent

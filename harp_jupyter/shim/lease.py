@@ -39,6 +39,7 @@ from harp_jupyter.shim import notice as notes
 from harp_jupyter.shim.endpoints import configured_agents
 from harp_jupyter.shim.errors import GPUUnavailableError
 from harp_jupyter.shim.notice import WaitNotice
+from harp_jupyter.shim.transport import timeout_from_env
 from provisioner import background
 from provisioner.control import ControlError
 from provisioner.keeper import KeeperConfig, LeaseKeeper
@@ -52,8 +53,9 @@ class LeaseHolder(Protocol):
     def park(self, reason: str = "release") -> dict[str, Any] | None:
         """{"session", "agent", "bytes"} once parked; None when a user thread is busy."""
 
-    def lease_ended(self) -> None:
-        """The agent ended the lease and parked the session itself: forget the connection."""
+    def lease_ended(self, lease_id: str | None = None) -> None:
+        """The agent ended the lease (``lease_id``, when known) and parked the session itself:
+        forget the connection."""
 
     def allocated_bytes(self) -> int:
         """The bytes the user's live allocations asked for."""
@@ -80,9 +82,12 @@ class LeaseSource(ABC):
     holder: LeaseHolder | None = None
 
     @abstractmethod
-    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice) -> Grant:
+    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice,
+                refused: str | None = None) -> Grant:
         """Block until a GPU is granted. ``resume`` = {session, resume_token, agent} of the
-        parked session, if any (the source prefers that agent)."""
+        parked session, if any (the source prefers that agent). ``refused``: the id of the
+        lease the last grant gave, which the agent refused at hello (it ended before the
+        session attached): never granted again."""
 
     @abstractmethod
     def parked(self, info: dict[str, Any]) -> None:
@@ -181,7 +186,9 @@ class ControlLeaseSource(LeaseSource):
                 "allocated": holder.allocated_bytes() if holder is not None else 0}))
             return
         if kind == "lease_ended":
-            _lease_ended(self.holder, str(header.get("reason") or ""))
+            lease = header.get("lease")
+            _lease_ended(self.holder, str(header.get("reason") or ""),
+                         lease if isinstance(lease, str) else None)
             return
         waiter = self._waiters.get(header.get("rid"))  # type: ignore[arg-type]
         if waiter is not None:
@@ -246,13 +253,15 @@ class ControlLeaseSource(LeaseSource):
         finally:
             self._waiters.pop(rid, None)
 
-    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice) -> Grant:
+    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice,
+                refused: str | None = None) -> Grant:
         def progress(message: dict[str, Any]) -> None:
             notice.update(str(message.get("state")), message.get("position"),
                           message.get("agent"))
 
         wait = float(os.environ.get("HARP_ACQUIRE_TIMEOUT") or 86400) + self._timeout
-        reply = self._request({"t": "acquire", "resume": resume}, wait, progress)
+        reply = self._request({"t": "acquire", "resume": resume, "refused": refused}, wait,
+                              progress)
         lease = reply.get("lease")
         if reply.get("t") != "grant" or not (isinstance(lease, list) and len(lease) == 2):
             raise GPUUnavailableError(f"unexpected answer to acquire: {reply.get('t')!r}")
@@ -339,8 +348,8 @@ class DirectLeaseSource(LeaseSource):
         info = await asyncio.to_thread(holder.park, str(reason))
         return {"t": "busy"} if info is None else {"t": "parked", **info}
 
-    def lease_ended(self, reason: ParkReason, message: str) -> None:
-        _lease_ended(self.holder, str(reason))
+    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
+        _lease_ended(self.holder, str(reason), lease_id)
 
     async def _agents(self) -> list[str]:
         return list(self.endpoints)
@@ -350,7 +359,8 @@ class DirectLeaseSource(LeaseSource):
 
     # }}}
 
-    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice) -> Grant:
+    def acquire(self, resume: dict[str, Any] | None, notice: WaitNotice,
+                refused: str | None = None) -> Grant:
         # the keeper's progress arrives on the background loop; the notice is shown from the
         # caller's thread, where the cell's output goes
         updates: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
@@ -358,7 +368,7 @@ class DirectLeaseSource(LeaseSource):
         async def progress(message: dict[str, Any]) -> None:
             updates.put(message)
 
-        future = background.submit(self.keeper.acquire(resume, progress))
+        future = background.submit(self.keeper.acquire(resume, progress, refused))
         future.add_done_callback(lambda _: updates.put(None))
         try:
             while True:
@@ -419,18 +429,20 @@ def _direct_config(kernel_id: str) -> KeeperConfig:
     timeout = _seconds("HARP_ACQUIRE_TIMEOUT", 0.0)
     return KeeperConfig(kernel_id, secrets.token_urlsafe(18), user, idle_timeout=0.0,
                         reclaim_after=_seconds("HARP_RECLAIM_AFTER", 3.0),
+                        # a script without an agent says so within the agent timeout
+                        reach_timeout=timeout_from_env(),
                         acquire_timeout=timeout if timeout > 0 else None,
                         info={**_lease_info(), "holder": "process"})
 
 
-def _lease_ended(holder: LeaseHolder | None, reason: str) -> None:
+def _lease_ended(holder: LeaseHolder | None, reason: str, lease_id: str | None) -> None:
     """The agent ended the lease: the session forgets its connection (so that its next GPU
     call leases again and restores), and a reclaimed kernel's next cell says why."""
     if reason == ParkReason.RECLAIM:
         notes.tell_next_cell(notes.RECLAIMED)
     if holder is not None:
         # not on the thread that told us: it must go on serving (park asks, replies)
-        threading.Thread(target=holder.lease_ended, name="harp-lease-ended",
+        threading.Thread(target=holder.lease_ended, args=(lease_id,), name="harp-lease-ended",
                          daemon=True).start()
 
 

@@ -75,6 +75,9 @@ class WaitNotice:
             goes_on = ("The cell goes on as soon as it is granted (%harp status shows the lease)."
                        if _in_kernel() else "The script goes on as soon as it is granted.")
             text = f"Waiting for a GPU: position {position} in the queue{where}. {goes_on}"
+        elif state == "unreachable":
+            text = (f"Waiting for a GPU agent to answer at {agent}: none answered yet (is "
+                    "harp-agent running there?). Asking again.")
         elif state == "restoring":
             text = f"Restoring this kernel's GPU state on {agent}..."
         else:

@@ -42,6 +42,7 @@ from harp_jupyter.shim.errors import (
     Error,
     GPULostError,
     HandleError,
+    LeaseLostError,
     LogicError,
     MemoryError,
     ProtocolError,
@@ -51,6 +52,13 @@ from harp_jupyter.shim.errors import (
 from harp_jupyter.shim.kernel_output import flush_kernel_output
 from harp_jupyter.shim.lease import LeaseSource, get_lease_source, reset_lease_source
 from harp_jupyter.shim.notice import WaitNotice
+from harp_jupyter.shim.parked_calls import (
+    CarryOver,
+    Orphan,
+    await_notice,
+    carry_over,
+    park_wait_from_env,
+)
 from harp_jupyter.shim.transport import AgentConnection
 
 #: host<->device copies larger than this travel in chunks of this size, one message each, so
@@ -61,6 +69,9 @@ TRANSFER_CHUNK_BYTES = 16 << 20
 #: a larger one goes zero-copy and returns when its data is on the wire
 SNAPSHOT_COPY_BYTES = 4 << 20
 
+
+#: how many times one connect leases again when its lease ended before its hello came
+REGRANT_ATTEMPTS = 5
 
 #: how long the lease source's word that the agent ended the lease waits for a user thread to
 #: finish with the session (past it, the next call's LeaseError does the same)
@@ -78,6 +89,14 @@ class RemoteSession:
         self._resume: dict[str, Any] | None = None
         #: writers and connections of earlier leases, closed at the next connect
         self._stale: list[tuple[BatchWriter, AgentConnection]] = []
+        #: the id of the lease the current connection was opened with
+        self._lease_id: str | None = None
+        #: the writer of a session the agent parked by itself, settled at the next connect
+        self._orphan: Orphan | None = None
+        #: its calls to send again once restored (kept until a connect succeeds)
+        self._carried: CarryOver | None = None
+        #: how long to wait for the agent's word that it parked this session (HARP_PARK_WAIT)
+        self.park_wait = park_wait_from_env()
         #: times this session was parked and restored, for tests and %harp status
         self.parks = 0
         self.restores = 0
@@ -126,8 +145,10 @@ class RemoteSession:
 
     def _ensure_connected(self) -> BatchWriter:
         writer = self._writer
-        if writer is not None:
+        if writer is not None and writer.fatal is None:
             return writer
+        if writer is not None and self.lost:  # its worker is gone: parked, or lost
+            raise GPULostError(self.lost_reason)
         with self.lock:
             self._check_usable()
             if self._writer is None:
@@ -141,26 +162,43 @@ class RemoteSession:
 
     def _connect(self) -> None:
         """Lease a GPU and open (or restore) the session on its agent."""
+        self._settle_orphan()
         self._close_stale()
         source = self.lease_source
         notice = WaitNotice()
         asked = time.monotonic_ns()
-        grant = source.acquire(self._resume, notice)
-        granted = time.monotonic_ns()
-        resume = None
-        if self._resume is not None:
-            resume = {"session": self._resume["session"],
-                      "resume_token": self._resume["resume_token"]}
-            origin = grant.moved_from or self._resume["agent"]
-            if origin != grant.agent:
-                resume["from"] = origin
-                notice.update("restoring", agent=grant.agent)
-        connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
+        refused: str | None = None
+        for attempt in itertools.count(1):
+            grant = source.acquire(self._resume, notice, refused)
+            granted = time.monotonic_ns()
+            resume = None
+            if self._resume is not None:
+                resume = {"session": self._resume["session"],
+                          "resume_token": self._resume["resume_token"]}
+                origin = grant.moved_from or self._resume["agent"]
+                if origin != grant.agent:
+                    resume["from"] = origin
+                    notice.update("restoring", agent=grant.agent)
+            connection = AgentConnection(grant.agent, token=self._token, timeout=self._timeout)
+            try:
+                welcome = connection.hello(
+                    lease=grant.lease, resume=resume, address_range=None
+                    if self._allocator is None else (self._allocator.base, self._allocator.size))
+                break
+            except LeaseLostError:
+                # granted, then ended (reclaimed, expired) before this hello under load: queue
+                # again, as if it had never been granted
+                connection.close()
+                if attempt >= REGRANT_ATTEMPTS:
+                    raise
+                refused = grant.lease[0]
+            except Error as e:
+                connection.close()
+                if isinstance(e, StateLostError | GPULostError):
+                    self._lost_error = e  # the state is gone: the next GPU call starts afresh
+                raise
         data: AgentConnection | None = None
         try:
-            welcome = connection.hello(
-                lease=grant.lease, resume=resume, address_range=None if self._allocator is None
-                else (self._allocator.base, self._allocator.size))
             base, size = welcome["range"]
             device = welcome.get("device") or {}
             data = AgentConnection(worker_endpoint(str(welcome["worker"]), grant.agent),
@@ -192,11 +230,13 @@ class RemoteSession:
         hooks.note_lease_span("restore" if resume else "hello", granted, time.monotonic_ns(),
                               agent=grant.agent, moved_from=(resume or {}).get("from"))
         self._connection = connection
+        self._lease_id = grant.lease[0]
         self._welcome = welcome
         self._resume = {"session": welcome["session"], "resume_token": welcome["resume_token"],
                         "agent": grant.agent}
         self._free_estimate = device.get("total_memory")
         self._writer = BatchWriter(data, self._on_call_error, lock=self.lock)
+        self._send_carried(self._writer)
         # learn the real free memory with the first reply, at no extra round trip
         self._writer.add("mem_get_info", [], None, self._note_mem_info)
         atexit.register(self.close)
@@ -210,22 +250,40 @@ class RemoteSession:
         try:
             writer, connection = self._writer, self._connection
             if writer is None or connection is None or self._resume is None:
+                if self._orphan is not None:  # the agent parked it first: already done
+                    return self._parked_already(self._orphan.notice)
                 return {"session": None, "agent": None, "bytes": 0}
             parking = time.monotonic_ns()
             try:
                 writer.drain()
-                writer.close()
-                writer.connection.close()
+            except GPULostError as e:  # its worker is gone: parked by the agent, or lost
+                error = self._explain_loss(e)
+                if error is not None:
+                    raise error from None
+                return self._parked_already(self._orphan.notice if self._orphan else None)
+            writer.close()
+            writer.connection.close()
+            try:
                 connection.send({"t": protocol.PARK, "rid": 1})
                 while True:
                     reply, _ = connection.recv()
-                    if reply.get("t") in (protocol.PARKED, protocol.ERROR):
+                    if reply.get("t") in (protocol.PARKED, protocol.ERROR, protocol.LOST):
                         break
             except GPULostError as e:
                 self._lost_error = e
                 raise
-            if reply.get("t") == protocol.ERROR:
-                error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
+            if reply.get("t") != protocol.PARKED:
+                # the agent parked it first (a reclaim, the lease's end): its notice says so,
+                # or the session's loss with its reason
+                notice = reply if reply.get("t") == protocol.LOST else await_notice(
+                    connection, str(self._resume["session"]), self.park_wait)
+                if notice is not None and notice.get("parked"):
+                    self._orphan_writer(notice)
+                    return self._parked_already(notice)
+                error = (notice or reply).get("e")
+                error = error if isinstance(error, dict) else {}
+                if notice is not None:
+                    self._lost_error = GPULostError(str(error.get("msg") or "lost"))
                 raise error_from_agent(error, op="park")
             self._writer = self._connection = None
             connection.close()
@@ -237,18 +295,64 @@ class RemoteSession:
         finally:
             self.lock.release()
 
-    def lease_ended(self) -> None:
+    def _parked_already(self, notice: dict[str, Any] | None) -> dict[str, Any]:
+        """What a park answers when the agent had parked the session by itself first (a
+        reclaim or the lease's end raced it): a success, marked ``already``."""
+        resume = self._resume or {}
+        return {"session": resume.get("session"), "agent": resume.get("agent"),
+                "bytes": int((notice or {}).get("bytes") or 0), "already": True}
+
+    def lease_ended(self, lease_id: str | None = None) -> None:
         """The lease source, when the agent ended this session's lease and parked the session
         itself (reclaimed for a waiting kernel, expired): the connection is done, and the next
-        GPU call leases again and restores, instead of sending to a worker that is gone."""
+        GPU call leases again, restores, and first sends again what the worker did not run
+        (``parked_calls``), instead of sending to a worker that is gone."""
         if not self.lock.acquire(timeout=LEASE_ENDED_LOCK_S):
             return
         try:
-            if self._writer is not None and self._connection is not None:
-                self._stale.append((self._writer, self._connection))
-                self._writer = self._connection = None
+            if lease_id is None or lease_id == self._lease_id:  # not a newer lease's session
+                self._orphan_writer(None)
         finally:
             self.lock.release()
+
+    def _orphan_writer(self, notice: dict[str, Any] | None) -> None:
+        """The agent parked this session by itself (lock held): keep its writer for the next
+        connect to settle, with the agent's notice once read."""
+        writer, connection, resume = self._writer, self._connection, self._resume
+        if writer is None or connection is None or resume is None:
+            return
+        self._orphan = Orphan(writer, connection, str(resume["session"]), notice)
+        self._writer = self._connection = None
+
+    def _settle_orphan(self) -> None:
+        """Before leasing again: wait for the agent's word on the parked session (it may still
+        be parking: a restore must not race it) and sort its unanswered calls."""
+        orphan, self._orphan = self._orphan, None
+        if orphan is None:
+            return
+        self._stale.append((orphan.writer, orphan.connection))
+        carried = carry_over(orphan, self.park_wait)
+        if self._carried is None:
+            self._carried = carried
+        else:  # a connect failed in between: the older calls go first
+            self._carried.resend.extend(carried.resend)
+            self._carried.dropped.extend(carried.dropped)
+            self._carried.error = self._carried.error or carried.error
+
+    def _send_carried(self, writer: BatchWriter) -> None:
+        carried, self._carried = self._carried, None
+        if carried is None:
+            return
+        for batch in carried.resend:
+            writer.resend(batch)
+        for meta in carried.dropped:
+            if meta[3] is not None:
+                meta[3]()  # e.g. an allocation that did not run: its addresses are free
+        if carried.error is not None:
+            if self._first_error is None:
+                self._first_error = carried.error
+            else:
+                self._later_errors += 1
 
     def allocated_bytes(self) -> int:
         """The bytes the user's live allocations asked for (%harp status, the sidebar)."""
@@ -268,30 +372,43 @@ class RemoteSession:
             writer.connection.close()
             connection.close()
 
-    def _explain_loss(self, error: GPULostError) -> Error:
-        """Why the worker connection dropped, as the agent told this session's control
-        connection: parked (the next call resumes), or lost with its reason."""
-        connection = self._connection
+    def _explain_loss(self, error: GPULostError) -> Error | None:
+        """Why the worker connection dropped, as the agent tells this session's control
+        connection: parked by the agent (None: the writer is orphaned, and the next connect
+        sends its unanswered calls again), or lost with its reason (returned, to raise). Its
+        word is awaited as an event, up to the agent timeout (HARP_AGENT_TIMEOUT: a worker
+        that froze gets no word at all); once the agent is known to have ended the lease, the
+        next connect waits up to ``park_wait`` for the park itself."""
+        connection, resume = self._connection, self._resume
         notice = None
-        if connection is not None and not connection.lost:
-            deadline = time.monotonic() + min(connection.timeout, 3.0)
-            while notice is None and time.monotonic() < deadline:
-                pushed = connection.pushed(deadline - time.monotonic())
-                if pushed is None:
-                    break
-                if pushed.get("t") == protocol.LOST:
-                    notice = pushed
+        if connection is not None and resume is not None:
+            notice = await_notice(connection, str(resume["session"]),
+                                  min(connection.timeout, self.park_wait))
         if notice is None:
             self._lost_error = error
             return error
         agent_error = notice.get("e") if isinstance(notice.get("e"), dict) else {}
-        if notice.get("parked") and self._writer is not None and self._connection is not None:
-            self._stale.append((self._writer, self._connection))
-            self._writer = self._connection = None
-            return error_from_agent(agent_error, None, None)
+        if notice.get("parked") and self._writer is not None:
+            self._orphan_writer(notice)
+            return None
         lost = GPULostError(str(agent_error.get("msg") or error))
         self._lost_error = lost
         return lost
+
+    def _wait_everything(self, writer: BatchWriter) -> None:
+        """Send what is queued and wait for every reply. When the agent parked the session
+        meanwhile, lease again, restore, send the calls it did not run, and wait for those."""
+        while True:
+            try:
+                writer.wait_for(writer.flush())
+                return
+            except GPULostError as e:
+                if self._writer is not writer:
+                    raise  # not this session's current connection: nothing to explain
+                error = self._explain_loss(e)
+                if error is not None:
+                    raise error from None
+            writer = self._ensure_connected()
 
     @property
     def welcome(self) -> dict[str, Any]:
@@ -335,7 +452,18 @@ class RemoteSession:
         if self._lost_error is not None:
             return True
         writer = self._writer
-        return writer is not None and (writer.fatal is not None or writer.connection.lost)
+        if writer is None:
+            return False
+        fatal = writer.fatal
+        if fatal is not None and not isinstance(fatal, GPULostError):
+            return True
+        if fatal is None and not writer.connection.lost:
+            return False
+        # the worker's connection dropped: parked by the agent (not lost), or lost
+        with self.lock:
+            if self._writer is writer:
+                self._explain_loss(fatal or GPULostError(writer.connection.lost_message()))
+        return self._lost_error is not None
 
     @property
     def lost_reason(self) -> str:
@@ -365,7 +493,7 @@ class RemoteSession:
 
     def call(self, op: str, *args: Any) -> None:
         """Queue a call; returns at once. A large buffer argument is sent before returning."""
-        writer = self._writer or self._ensure_connected()
+        writer = self._ensure_connected()
         if self._deferred:
             self._send_deferred()
         positions = BUF_POSITIONS.get(op)
@@ -379,7 +507,7 @@ class RemoteSession:
     def call_async_buffer(self, op: str, *args: Any) -> None:
         """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
         kept alive until sent, and must not change before the call executes (``*_async``)."""
-        writer = self._writer or self._ensure_connected()
+        writer = self._ensure_connected()
         if self._deferred:
             self._send_deferred()
         writer.add(op, args, user_call_site(2))
@@ -388,7 +516,7 @@ class RemoteSession:
         """Queue a call whose value is passed to ``on_result`` when its reply arrives (with the
         session lock held, possibly on the background thread: keep it short). Not called if
         the call fails; the error is raised at the next sync point."""
-        writer = self._writer or self._ensure_connected()
+        writer = self._ensure_connected()
         if self._deferred:
             self._send_deferred()
         writer.add(op, args, user_call_site(2), on_result)
@@ -415,10 +543,7 @@ class RemoteSession:
 
     def _wait_all(self, writer: BatchWriter) -> None:
         self.sync_points += 1
-        try:
-            writer.wait_for(writer.flush())
-        except GPULostError as e:
-            raise self._explain_loss(e) from None
+        self._wait_everything(writer)
         self.raise_deferred_error()
 
     def raise_deferred_error(self) -> None:
@@ -438,9 +563,7 @@ class RemoteSession:
         if error.get("kind") == "LeaseError" and self._writer is not None:
             # the agent parked us (lease expired or revoked) before these calls arrived: the
             # next call leases again and resumes; this connection is done
-            assert self._connection is not None
-            self._stale.append((self._writer, self._connection))
-            self._writer = self._connection = None
+            self._orphan_writer(None)
         if self._first_error is None:
             op, site = (meta[0], meta[1]) if meta is not None else (None, None)
             self._first_error = error_from_agent(error, op, site)
@@ -495,10 +618,7 @@ class RemoteSession:
         return addr
 
     def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
-        try:
-            writer.wait_for(writer.flush())
-        except GPULostError as e:
-            raise self._explain_loss(e) from None
+        self._wait_everything(writer)
         if self._first_error is not None:
             if not failed:  # this allocation worked; an earlier call's error is raised
                 self.free(addr)
@@ -506,8 +626,13 @@ class RemoteSession:
 
     def free(self, addr: int) -> None:
         """Release the allocation at ``addr`` (fire-and-forget)."""
-        if self._writer is None or self._closed or self.lost:
+        writer = self._writer
+        if writer is None or self._closed or self._lost_error is not None:
             return  # nothing mapped, or the session is gone with its memory
+        if writer.fatal is not None or writer.connection.lost:
+            # its worker is gone (parked by the agent, or lost): the next call decides
+            self._deferred.append(("free", int(addr)))
+            return
         with self.lock:
             allocator = self._allocator
             assert allocator is not None
@@ -527,7 +652,7 @@ class RemoteSession:
     def release_later(self, op: str, *args: Any) -> None:
         """For finalizers (any thread, even inside the lock's owner): queue ``op(*args)`` (e.g.
         ``free`` of an allocation, ``stream_destroy``) for the next call on a user thread."""
-        if not self._closed and not self.lost:
+        if not self._closed and self._lost_error is None:
             self._deferred.append((op, *args))
 
     def _send_deferred(self) -> None:
@@ -613,6 +738,9 @@ class RemoteSession:
                 return
             self._closed = True
             writer, connection = self._writer, self._connection
+            orphan, self._orphan = self._orphan, None
+            if orphan is not None:
+                self._stale.append((orphan.writer, orphan.connection))
         if writer is not None:
             writer.close()
             writer.connection.close()

@@ -41,7 +41,7 @@ class FakeKernel:
             return {"t": "busy"}
         return {"t": "parked", "session": "s", "agent": self.agent, "bytes": 2 << 20}
 
-    def lease_ended(self, reason: ParkReason, message: str) -> None:
+    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
         self.ended.append((str(reason), message))
 
 
@@ -476,6 +476,76 @@ def test_acquire_timeout_gives_up_and_leaves_the_queue() -> None:
         assert waiter.keeper.state == KeeperState.NONE
         assert next(iter(pool.agents.values())).table.queue == []
         await holder.keeper.shutdown()
+
+    asyncio.run(clock.run(history(), limit_s=600))
+
+
+# }}}
+
+
+# {{{ an agent that does not answer yet
+
+
+class LateAgents:
+    """The pool's lease client, with every agent silent until ``back_at`` (a restart)."""
+
+    def __init__(self, client: Any, clock: FakeClock, back_at: float) -> None:
+        self._client, self._clock, self._back_at = client, clock, back_at
+        self.asked = 0
+        self.unanswered: dict[str, str] = {}
+
+    async def statuses(self, endpoints: list[str], timeout: float | None = None
+                       ) -> dict[str, dict[str, Any]]:
+        self.asked += 1
+        if self._clock.now() < self._back_at:
+            await self._clock.sleep(timeout or 0)
+            self.unanswered = {e: f"{e} did not answer within {timeout:g} s" for e in endpoints}
+            return {}
+        self.unanswered = {}
+        return await self._client.statuses(endpoints, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+@pytest.mark.parametrize("acquire_timeout", [None, 60.0])
+def test_acquire_keeps_asking_an_agent_that_does_not_answer_yet(
+        acquire_timeout: float | None) -> None:
+    clock = FakeClock()
+    pool = FakePool(clock, 1)
+    kernel = Notebook(pool, 0, acquire_timeout=acquire_timeout)
+    late = LateAgents(kernel.keeper.client, clock, back_at=clock.now() + 20)
+    kernel.keeper.client = kernel.keeper._acquisition._client = late  # type: ignore[assignment]
+    told: list[dict[str, Any]] = []
+
+    async def progress(message: dict[str, Any]) -> None:
+        told.append(message)
+        assert "waiting for a GPU agent to answer" in kernel.keeper.record.message
+
+    async def history() -> None:
+        grant = await kernel.keeper.acquire(None, progress)
+        assert grant["agent"] in pool.agents
+        assert late.asked > 2 and told and told[0]["state"] == "unreachable"
+        await kernel.keeper.shutdown()
+
+    asyncio.run(clock.run(history(), limit_s=600))
+
+
+def test_acquire_gives_up_on_a_silent_pool_after_its_reach_timeout_and_says_why() -> None:
+    clock = FakeClock()
+    pool = FakePool(clock, 1)
+    kernel = Notebook(pool, 0, reach_timeout=10.0)
+    late = LateAgents(kernel.keeper.client, clock, back_at=clock.now() + 1e9)
+    kernel.keeper.client = kernel.keeper._acquisition._client = late  # type: ignore[assignment]
+
+    async def history() -> None:
+        asked = clock.now()
+        with pytest.raises(ControlError) as failed:
+            await kernel.keeper.acquire()
+        assert "is harp-agent running there?" in failed.value.msg
+        assert "asked again for 10 s" in failed.value.msg
+        assert clock.now() - asked >= 10.0 and late.asked > 2
+        assert kernel.keeper.state == KeeperState.NONE
 
     asyncio.run(clock.run(history(), limit_s=600))
 

@@ -1,0 +1,167 @@
+"""Races between a kernel's calls and the agent ending its lease (reclaim, expiry, an end from
+elsewhere), on the client's side, against real emulated agents with the real shim session and
+its lease keeper in this process.
+
+No call is ever dropped silently: a batch the worker did not run before its park is sent again
+after the restore and runs exactly once; what cannot be made good is an error at the next sync
+point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpu_agent import protocol as P
+from harp_jupyter.shim.lease import DirectLeaseSource
+from harp_jupyter.shim.session import RemoteSession
+from tests.agent_client import RawClient
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"not reached within {timeout} s"
+        time.sleep(0.02)
+    return value
+
+
+@contextmanager
+def script_session(endpoints: list[str]) -> Iterator[tuple[RemoteSession, DirectLeaseSource]]:
+    source = DirectLeaseSource(endpoints)
+    session = RemoteSession(endpoints[0], lease_source=source)
+    source.holder = session
+    try:
+        yield session, source
+    finally:
+        session.close()
+        source.close()
+
+
+def put(session: RemoteSession, data: np.ndarray) -> int:
+    addr = session.alloc(data.nbytes)
+    session.htod(addr, data)
+    session.synchronize()
+    return addr
+
+
+def get(session: RemoteSession, addr: int, like: np.ndarray) -> np.ndarray:
+    out = np.empty_like(like)
+    session.dtoh_into(out, addr)
+    return out
+
+
+def desc(addr: int, n: int) -> list[Any]:
+    return [addr, "<f8", [n], [8]]
+
+
+def busy_session(observer: RawClient) -> dict[str, Any] | None:
+    sessions = observer.status()["leases"]["sessions"]
+    return next((s for s in sessions if s["busy"]), None)
+
+
+def end_lease_elsewhere(source: DirectLeaseSource, endpoint: str) -> None:
+    """The agent ends the held lease as it does a reclaim or an expiry (it parks the session by
+    itself and tells the kernel's keeper), here on a word from another connection."""
+    lease = source.keeper.lease
+    assert lease is not None
+    other = RawClient(endpoint)
+    try:
+        reply, _ = other.request({"t": P.LEASE_RELEASE, "rid": 1, "lease_id": lease.lease_id,
+                                  "token": lease.token})
+        assert reply["lease"]["state"] == "released", reply
+    finally:
+        other.socket.close(0)
+
+
+def test_calls_waiting_behind_a_running_batch_run_once_after_the_agent_parks_the_session(
+        agent_starter: Any) -> None:
+    """The race a replay found: the agent parks a session (here: its lease ended) while a batch
+    of it waits at the worker behind one that runs. The worker reads its supervisor before the
+    next batch, so the park captures the state without it; the shim used to drop it silently."""
+    agent = agent_starter()
+    observer = RawClient(agent.endpoint)
+    counter = np.zeros(4)
+    data = np.arange(1000, dtype=np.float64)
+    with script_session([agent.endpoint]) as (session, source):
+        counter_addr = put(session, counter)
+        n = 64 * MiB // 8
+        big = session.alloc(n * 8)
+        session.call("memset", big, 0, 1, n * 8, None)
+        session.synchronize()
+        # batch 1: long-running; batch 2, sent right behind it: not idempotent, and new data
+        for _ in range(40):
+            session.call("array", "power", desc(big, n), [desc(big, n), 1.0001], {}, None)
+        session.flush()
+        data_addr = session.alloc(data.nbytes)
+        session.call("array", "add", desc(counter_addr, 4), [desc(counter_addr, 4), 1.0], {},
+                     None)
+        session.htod(data_addr, data)
+        session.flush()
+        eventually(lambda: busy_session(observer))  # batch 1 runs, batch 2 waits behind it
+        end_lease_elsewhere(source, agent.endpoint)
+        eventually(lambda: source.status()["state"] == "parked")
+        # the next sync point leases again, restores, and sends batch 2 again: it runs once
+        assert np.array_equal(get(session, data_addr, data), data)
+        assert np.array_equal(get(session, counter_addr, counter), counter + 1)
+        assert session.restores == 1
+    observer.close()
+
+
+def test_a_release_racing_the_agents_park_is_a_quiet_success(agent_starter: Any) -> None:
+    """``%harp release`` just as the agent parked the session by itself (a reclaim, the lease's
+    end), before word of it reached the session: 'already parked', not a SessionError."""
+    agent = agent_starter()
+    data = np.arange(1000, dtype=np.float64)
+    with script_session([agent.endpoint]) as (session, source):
+        addr = put(session, data)
+        source.holder = None  # the keeper's word that the lease ended is late to the session
+        end_lease_elsewhere(source, agent.endpoint)
+        eventually(lambda: source.status()["state"] == "parked")
+        source.holder = session
+        info = session.release()
+        assert info["already"] and info["session"] is not None
+        assert session.parked
+        assert np.array_equal(get(session, addr, data), data)
+        assert session.restores == 1
+
+
+class EndedBeforeHello(DirectLeaseSource):
+    """A direct lease source whose first grant the agent ends before the session's hello (under
+    load a granted kernel may not attach within reclaim_after, or its lease expires first)."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        super().__init__(endpoints)
+        self.grants: list[str] = []
+
+    def acquire(self, resume: dict[str, Any] | None, notice: Any,
+                refused: str | None = None) -> Any:
+        grant = super().acquire(resume, notice, refused)
+        self.grants.append(grant.lease[0])
+        if len(self.grants) == 1:
+            end_lease_elsewhere(self, grant.agent)
+        return grant
+
+
+def test_a_lease_that_ended_before_hello_is_queued_for_again(agent_starter: Any) -> None:
+    agent = agent_starter()
+    source = EndedBeforeHello([agent.endpoint])
+    session = RemoteSession(agent.endpoint, lease_source=source)
+    source.holder = session
+    try:
+        data = np.arange(100, dtype=np.float64)
+        addr = put(session, data)
+        assert np.array_equal(get(session, addr, data), data)
+        assert len(source.grants) == 2 and source.grants[0] != source.grants[1]
+        assert source.status()["state"] == "held"
+    finally:
+        session.close()
+        source.close()

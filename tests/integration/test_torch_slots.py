@@ -87,3 +87,25 @@ def test_cpu_autograd_before_harp_is_registered_leaves_harp_autograd_working(
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[3.0, 3.0, 3.0]"
+
+
+def test_the_harp_device_needs_no_import_and_cuda_errors_name_it(
+        module_emulated_agent: Any) -> None:
+    """What the Elastic GPU kernel (harp_jupyter.magics) and harp run install before user code."""
+    code = textwrap.dedent(f"""
+        from harp_jupyter import shim, torch_hook
+        shim.activate(agent={module_emulated_agent.endpoint!r})
+        torch_hook.install()
+        import torch
+        print(torch.ones(3, device="harp").sum().item())
+        try:
+            torch.ones(3, device="cuda")
+        except RuntimeError as e:
+            print(type(e).__name__, e)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, error = done.stdout.strip().splitlines()[-2:]
+    assert first == "3.0"
+    assert error.startswith("HarpCudaError") and 'Write device="harp"' in error

@@ -43,6 +43,8 @@ class BatchRunner:
         #: the CUDA error that made it unusable, as CUDA said it
         self.lost_cause: str | None = None
         self._ops = {name: getattr(device, f"op_{name}") for name in P.OPS}
+        device.slot_cap = memory_cap
+        device.slot_chunk_bytes = lambda: self.ranges.mapped_bytes
 
     # {{{ one batch
 
@@ -130,10 +132,10 @@ class BatchRunner:
         ranges = self.ranges
         if name == "alloc":
             ranges.check_new(args[0], args[1])
-            if ranges.mapped_bytes + args[1] > self.memory_cap:
+            if self.device_bytes + args[1] > self.memory_cap:
                 raise AgentError(
                     "MemoryError", f"out of memory: {args[1]} bytes requested, "
-                    f"{self.memory_cap - ranges.mapped_bytes} of this GPU slot's "
+                    f"{self.memory_cap - self.device_bytes} of this GPU slot's "
                     f"{self.memory_cap} bytes free (cuMemAlloc: out of memory)",
                     "CUDA_ERROR_OUT_OF_MEMORY")
             return
@@ -167,14 +169,15 @@ class BatchRunner:
 
     def _mem_info(self) -> list[int]:
         free, _total = self.executor.mem_info()
-        room = self.memory_cap - self.ranges.mapped_bytes
+        room = self.memory_cap - self.device_bytes
         return [max(min(free, room), 0), self.memory_cap]
 
     # }}}
 
     @property
     def device_bytes(self) -> int:
-        return self.ranges.mapped_bytes
+        """The session's use of its slot: mapped chunks and objects outside them (tensors)."""
+        return self.ranges.mapped_bytes + self.device.object_bytes()
 
 
 def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:

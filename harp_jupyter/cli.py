@@ -81,6 +81,9 @@ def run(script: str | None, args: list[str], *, agents: str | None = None,
         activate(agent=endpoints[0] if len(endpoints) == 1 else None)
     else:
         activate()
+    from harp_jupyter import torch_hook
+
+    torch_hook.install()
     if module is not None:
         if script is not None:
             args = [script, *args]

@@ -205,5 +205,8 @@ def _show_lease_notes(info: Any = None) -> None:
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    from harp_jupyter import torch_hook
+
+    torch_hook.install()  # device="harp" with no import, once the notebook imports torch
     ipython.register_magics(HarpMagics)
     ipython.events.register("pre_run_cell", _show_lease_notes)

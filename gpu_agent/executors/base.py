@@ -62,6 +62,10 @@ class ExecutorSession(ABC):
     #: it opens the session (the defaults serve nothing)
     data_store: DataStore = DataStore()
     data_reader: Callable[[], dict[str, Any]] = staticmethod(_unsupported_data_reader)
+    #: the session's slot: its cap in bytes, and how many of them mapped chunks use (the
+    #: worker's BatchRunner sets both); memory outside chunks (torch tensors) fits in the rest
+    slot_cap: int | None = None
+    slot_chunk_bytes: Callable[[], int] = staticmethod(lambda: 0)
 
     @abstractmethod
     def close(self) -> None:
@@ -70,6 +74,11 @@ class ExecutorSession(ABC):
     @abstractmethod
     def device_bytes(self) -> int:
         """Device memory this session has mapped, in bytes."""
+
+    def object_bytes(self) -> int:
+        """Device memory of session objects outside mapped chunks (torch tensors), in bytes:
+        counted against the slot and reported with ``device_bytes``."""
+        return 0
 
     @abstractmethod
     def mapped_chunks(self) -> list[tuple[int, int]]:

@@ -148,6 +148,9 @@ class TorchOps:
     the memory hooks ``torch_reserve``/``torch_unreserve`` and ``torch_context_lost``."""
 
     torch_device: str = "cpu"
+    #: set by the ExecutorSession this mixes into (base.py)
+    slot_cap: int | None = None
+    slot_chunk_bytes: Any = staticmethod(lambda: 0)
     _torch_tensors: dict[int, Any] | None = None
     #: storage key -> [bytes reserved, handles using it]
     _torch_storages: dict[int, list[int]] | None = None
@@ -169,7 +172,12 @@ class TorchOps:
 
     def _tensors(self) -> dict[int, Any]:
         if self._torch_tensors is None:
-            torch_module()
+            torch = torch_module()
+            if self.torch_device != "cpu":
+                # aten overloads called by name skip torch.cuda's lazy initialisation, and
+                # torch.manual_seed only queues the CUDA seed until it happens: without this
+                # a seed never reached the CUDA generator (random numbers unlike local CUDA's)
+                torch.cuda.init()
             self._torch_tensors, self._torch_storages = {}, {}
         return self._torch_tensors
 
@@ -196,6 +204,7 @@ class TorchOps:
                 new[key] = nbytes
         total = sum(new.values())
         if total:
+            self._check_slot(total)
             self.torch_reserve(total)
         for key, nbytes in new.items():
             storages[key] = [nbytes, 0]
@@ -218,9 +227,25 @@ class TorchOps:
             del storages[key]
             self.torch_unreserve(entry[0])
 
+    def _check_slot(self, nbytes: int) -> None:
+        """Tensors share the session's slot with its mapped chunks (on a GPU the operator has
+        already allocated them: refused here, they are dropped and their memory goes back)."""
+        cap = self.slot_cap
+        if cap is None:
+            return
+        free = cap - self.slot_chunk_bytes() - self.torch_bytes()
+        if nbytes > free:
+            raise AgentError("MemoryError", f"out of memory: harp tensors of {nbytes} bytes, "
+                             f"{max(free, 0)} of this GPU slot's {cap} bytes free: free tensors "
+                             "(del, or a smaller batch) and run it again",
+                             "CUDA_ERROR_OUT_OF_MEMORY")
+
     def torch_bytes(self) -> int:
         """Tensor memory this session holds (each storage counted once)."""
         return sum(entry[0] for entry in (self._torch_storages or {}).values())
+
+    def object_bytes(self) -> int:
+        return self.torch_bytes()
 
     def torch_close(self) -> None:
         if self._torch_tensors is not None:
@@ -397,6 +422,7 @@ class TorchOps:
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
             raise AgentError("StateLost", f"the parked tensors' index is damaged: {e}") from None
         device = self.torch_device
+        self._tensors()
         storages = []
         for size, payload in zip(sizes, payloads[1:], strict=True):
             if len(payload) != size:
@@ -409,7 +435,6 @@ class TorchOps:
             tensor = torch.empty(0, dtype=getattr(torch, dtype), device=device)
             tensor.set_(storages[storage_index], offset, shape, stride)
             pairs.append((handle, tensor))
-        self._tensors()
         self._register(pairs)
         torch.set_rng_state(torch.frombuffer(bytearray(index["rng"]["cpu"]), dtype=torch.uint8))
         if "cuda" in index["rng"] and device != "cpu":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -146,6 +147,24 @@ def register() -> None:
             factories.impl(name, _factory(op), "PrivateUse1")
         _library = (library, factories)
         _registered = True
+    # backward runs in the calling thread: torch sizes its per-device autograd threads once, at
+    # the first backward of the process, so one run before harp existed left none for harp
+    # (an INTERNAL ASSERT in engine.cpp); it also keeps backward's operators under the user's
+    # line for %%harp profile
+    torch._C._set_multithreading_enabled(False)
+    _warn_if_cuda_here()
+
+
+def _warn_if_cuda_here() -> None:
+    """torch (2.11 to 2.13 at least) makes a registered PrivateUse1 backend the process's
+    accelerator; its autograd engine then finds no stream for nodes on ``cuda`` tensors and
+    stops at an INTERNAL ASSERT. A kernel with CUDA torch and a local GPU is told at once."""
+    if torch.backends.cuda.is_built() and torch.cuda.is_available():
+        warnings.warn(
+            "harp tensors make 'harp' this process's PyTorch accelerator: autograd on 'cuda' "
+            f"tensors in this process fails (torch {torch.__version__} asserts in its autograd "
+            "engine). Use device='harp' or device='cuda' in one process, not both.",
+            RuntimeWarning, stacklevel=3)
 
 
 def _factory(op: Any) -> Any:

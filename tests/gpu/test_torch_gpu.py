@@ -4,7 +4,12 @@ session). Needs torch with CUDA in this environment (the GPU machine's 2.11 + CU
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +19,8 @@ torch = pytest.importorskip("torch")
 from harp_jupyter import shim  # noqa: E402
 from harp_jupyter.shim.session import get_session, reset_session  # noqa: E402
 from tests.integration.test_torch_parity import small_cnn, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA torch")]
@@ -51,20 +58,48 @@ def test_matmul_conv_and_random_match_local_cuda(harp: Any) -> None:
         torch.nn.functional.conv2d(image.cuda(), kernel.cuda()).cpu(), rtol=1e-3, atol=1e-3)
 
 
-def test_training_matches_local_cuda_and_survives_a_park(harp: Any) -> None:
+#: local CUDA training in a fresh interpreter: once harp is registered, torch makes it this
+#: process's accelerator and autograd on cuda tensors here stops at an INTERNAL ASSERT
+_LOCAL_TRAINING = """
+import json, sys, torch
+from tests.integration.test_torch_parity import small_cnn, train
+model = small_cnn()
+model.load_state_dict(torch.load(sys.argv[1]))
+model.cuda()
+print(json.dumps(train(model, torch.optim.Adam(model.parameters(), lr=1e-2), "cuda", 6)))
+"""
+
+
+def local_cuda_losses(state: dict[str, Any], tmp_path: Any) -> list[float]:
+    path = tmp_path / "initial.pt"
+    torch.save(state, path)
+    done = subprocess.run([sys.executable, "-c", _LOCAL_TRAINING, str(path)],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_training_matches_local_cuda_and_survives_a_park(harp: Any, tmp_path: Any) -> None:
     torch.manual_seed(3)
-    local = small_cnn().cuda()
     remote = small_cnn()
-    remote.load_state_dict({k: v.cpu() for k, v in local.state_dict().items()})
+    expected = local_cuda_losses(remote.state_dict(), tmp_path)
     remote.to("harp")
-    local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
     remote_opt = torch.optim.Adam(remote.parameters(), lr=1e-2)
-    expected = train(local, local_opt, "cuda", 6)
     data = torch.Generator().manual_seed(7)
     got = train(remote, remote_opt, "harp", 3, data)
     assert get_session().release()["bytes"] > 0
     got += train(remote, remote_opt, "harp", 3, data)
     assert got == pytest.approx(expected, rel=1e-3, abs=1e-5)
+
+
+def test_cuda_autograd_beside_harp_is_named_at_registration() -> None:
+    """The limit the training test steps around is told to the user when harp registers."""
+    probe = subprocess.run(
+        [sys.executable, "-W", "always", "-c", "import harp_jupyter.torch"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert probe.returncode == 0, probe.stderr
+    assert "device='harp' or device='cuda' in one process" in probe.stderr
 
 
 def test_pycuda_and_torch_share_one_session(harp: Any) -> None:

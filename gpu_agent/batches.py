@@ -45,6 +45,7 @@ class BatchRunner:
         self._ops = {name: getattr(device, f"op_{name}") for name in P.OPS}
         device.slot_cap = memory_cap
         device.slot_chunk_bytes = lambda: self.ranges.mapped_bytes
+        self._run = executor.run
 
     # {{{ one batch
 
@@ -62,15 +63,18 @@ class BatchRunner:
         results: list[list[Any]] = []
         out_frames: list[Any] = []
         first_error: dict | None = None
+        buf_positions = P.BUF_POSITIONS
         for index, call in enumerate(calls):
             if self.lost is not None:
                 first_error = first_error or P.error("ContextLost", self.lost, index=index)
                 break
-            op = call[0] if type(call) is list and call and type(call[0]) is str else None
             try:
                 name, args = P.validate_call(call)
-                value = self.call(name, _resolve_frames(args, frames), timer, seq, index)
-                if P.OPS[name].result:
+                positions = buf_positions.get(name)
+                if positions is not None:
+                    args = _resolve_frames(args, positions, frames)
+                value = self.call(name, args, timer, seq, index)
+                if name in _RESULT_OPS:
                     if isinstance(value, bytes | bytearray | memoryview | np.ndarray):
                         out_frames.append(value)
                         value = P.FrameRef(len(out_frames))
@@ -80,8 +84,9 @@ class BatchRunner:
                     self.lost_cause = str(e)
                     self.lost = _context_lost_message(str(e))
                     e = AgentError("ContextLost", self.lost, e.code)
-                first_error = first_error or e.to_wire(index=index, op=op)
+                first_error = first_error or e.to_wire(index=index, op=_op_name(call))
             except Exception as e:  # an executor bug is reported, never a crash of the worker
+                op = _op_name(call)
                 log.exception("call %s failed", op)
                 first_error = first_error or P.error(
                     "RuntimeError", f"the agent failed running {op}: {type(e).__name__}: {e} "
@@ -100,13 +105,15 @@ class BatchRunner:
              seq: int = 0, index: int = 0) -> Any:
         """Check and run one validated call (also used to replay a parked session's log)."""
         self._check(name, args)
-        if name == "mem_get_info":
-            value: Any = self._mem_info()
-        elif timer is not None:
-            value = self._run_timed(timer, seq, index, name, args)
+        if timer is not None:
+            value = (self._mem_info() if name == "mem_get_info"
+                     else self._run_timed(timer, seq, index, name, args))
+        elif name == "mem_get_info":
+            value = self._mem_info()
         else:
-            value = self.executor.run(self._ops[name], *args)
-        self._after(name, args, value)
+            value = self._run(self._ops[name], *args)
+        if name in _MAPPING_OPS:
+            self._after(name, args, value)
         if name in P.OBJECT_OPS:
             self.log.record(name, args)
         self.calls += 1
@@ -118,7 +125,7 @@ class BatchRunner:
         if timer.gpu and P.OPS[name].gpu:
             token = self.device.gpu_timer_start(name, profiling.stream_of(name, args))
         started = profiling.now_ns()
-        value = self.executor.run(self._ops[name], *args)
+        value = self._run(self._ops[name], *args)
         timer.calls.append([index, started, profiling.now_ns()])
         if token is not None:
             self.device.gpu_timer_end(token, seq, index)
@@ -130,6 +137,31 @@ class BatchRunner:
 
     def _check(self, name: str, args: list[Any]) -> None:
         ranges = self.ranges
+        if name in _MAPPING_OPS:
+            self._check_mapping(name, args)
+            return
+        if name == "dtoh" and args[1] > self.max_frame:
+            raise AgentError("LogicError", f"dtoh of {args[1]} bytes in one call: at most "
+                             f"{self.max_frame} (harp-agent --max-frame); copy in pieces")
+        touches = _TOUCHES.get(name)
+        if touches is not None:
+            for lo, nbytes in touches(args):
+                ranges.check(lo, lo + nbytes)
+        if name not in P.DESCRIPTOR_OPS:
+            return
+        for desc in P.descriptors_of(args):
+            lo, hi = P.descriptor_extent(desc)
+            ranges.check(lo, hi)
+            logical = P.descriptor_elements(desc) * P.wire_dtype(desc[1]).itemsize
+            if logical > self.memory_cap:
+                raise AgentError(
+                    "LogicError", f"an array of shape {tuple(desc[2])} and dtype {desc[1]} "
+                    f"({logical} bytes as laid out by its shape) is larger than this GPU slot's "
+                    f"memory ({self.memory_cap} bytes): its strides make it cover few bytes, "
+                    "but an operation on it would work on every element")
+
+    def _check_mapping(self, name: str, args: list[Any]) -> None:
+        ranges = self.ranges
         if name == "alloc":
             ranges.check_new(args[0], args[1])
             if self.device_bytes + args[1] > self.memory_cap:
@@ -138,26 +170,9 @@ class BatchRunner:
                     f"{self.memory_cap - self.device_bytes} of this GPU slot's "
                     f"{self.memory_cap} bytes free (cuMemAlloc: out of memory)",
                     "CUDA_ERROR_OUT_OF_MEMORY")
-            return
-        if name == "free":
+        elif name == "free":
             if not ranges.starts_at(args[0]):
                 ranges.remove(args[0])  # raises the clear error
-            return
-        if name == "dtoh" and args[1] > self.max_frame:
-            raise AgentError("LogicError", f"dtoh of {args[1]} bytes in one call: at most "
-                             f"{self.max_frame} (harp-agent --max-frame); copy in pieces")
-        for lo, nbytes in P.touched_ranges(name, args):
-            ranges.check(lo, lo + nbytes)
-        if name not in P.DESCRIPTOR_OPS:
-            return
-        for desc in P.descriptors_of(args):
-            logical = P.descriptor_elements(desc) * P.wire_dtype(desc[1]).itemsize
-            if logical > self.memory_cap:
-                raise AgentError(
-                    "LogicError", f"an array of shape {tuple(desc[2])} and dtype {desc[1]} "
-                    f"({logical} bytes as laid out by its shape) is larger than this GPU slot's "
-                    f"memory ({self.memory_cap} bytes): its strides make it cover few bytes, "
-                    "but an operation on it would work on every element")
 
     def _after(self, name: str, args: list[Any], value: Any) -> None:
         if name == "alloc":
@@ -180,14 +195,30 @@ class BatchRunner:
         return self.ranges.mapped_bytes + self.device.object_bytes()
 
 
-def _resolve_frames(args: list[Any], frames: list[Any]) -> list[Any]:
-    resolved = list(args)
-    for i, value in enumerate(args):
+#: derived from protocol.OPS: ops with a result, ops that change the session's mapped ranges,
+#: explicit ranges of the ops that name any
+_RESULT_OPS = frozenset(name for name, op in P.OPS.items() if op.result)
+_MAPPING_OPS = frozenset(("alloc", "free", "get_global"))
+_TOUCHES = {name: op.touches for name, op in P.OPS.items() if op.touches is not None}
+
+
+def _op_name(call: Any) -> str | None:
+    return call[0] if type(call) is list and call and type(call[0]) is str else None
+
+
+def _resolve_frames(args: list[Any], positions: tuple[int, ...], frames: list[Any]
+                    ) -> list[Any]:
+    """``args`` with the FrameRefs at its buffer positions replaced by the frames' buffers."""
+    resolved = args
+    for i in positions:
+        value = args[i]
         if type(value) is P.FrameRef:
             if not 1 <= value.index <= len(frames):
                 raise P.ProtocolError(f"frame {value.index} is not in this message "
                                       f"({len(frames)} frames)")
             frame = frames[value.index - 1]
+            if resolved is args:
+                resolved = list(args)
             resolved[i] = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     return resolved
 

@@ -546,7 +546,7 @@ class Op:
     result: bool = False
     doc: str = ""
     #: memory it reads or writes, from explicit (address, size) arguments; descriptors found in
-    #: its arguments (DESC, OPERANDS, kwargs ``out2``) are added by ``touched_ranges``
+    #: its arguments (DESC, OPERANDS, kwargs ``out2``) are checked as well (gpu_agent.batches)
     touches: Touches | None = None
     #: the kind of session object whose handle (argument 0) it creates, or destroys
     creates: str | None = None
@@ -740,6 +740,7 @@ CURAND_METHODS = ("init", "fill_uniform", "fill_normal", "fill_log_normal", "fil
 
 def validate_call(call: Any) -> tuple[str, list[Any]]:
     """``(op, args)`` of a call, or ProtocolError saying exactly what is wrong."""
+    # the per-call hot path of every batch: one tight loop, the message built only on failure
     if type(call) is not list or not call or type(call[0]) is not str:
         raise ProtocolError("a call must be a list [op, *args] with a string op")
     name = call[0]
@@ -747,13 +748,12 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
     if op is None:
         raise ProtocolError(f"unknown operation {name!r}")
     args = call[1:]
-    if len(args) != len(op.args):
-        raise ProtocolError(f"{name} takes {len(op.args)} arguments, got {len(args)}")
-    for i, (check, value) in enumerate(zip(op.args, args, strict=True)):
+    checks = op.args
+    if len(args) != len(checks):
+        raise ProtocolError(f"{name} takes {len(checks)} arguments, got {len(args)}")
+    for check, value in zip(checks, args, strict=False):  # lengths compared above
         if not check(value):
-            raise ProtocolError(
-                f"{name}: argument {i} has the wrong type ({type(value).__name__}: "
-                f"{_short(value)}); expected {check.__name__.lstrip('_').replace('is_', '')}")
+            raise _wrong_argument(name, checks, args)
     if name == "array" and args[0] not in ARRAY_FUNCTIONS:
         raise ProtocolError(f"unknown array function {args[0]!r}")
     if name == "curand_new" and args[1] not in CURAND_KINDS:
@@ -763,30 +763,32 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
     return name, args
 
 
+def _wrong_argument(name: str, checks: tuple[Callable[[Any], bool], ...],
+                    args: list[Any]) -> ProtocolError:
+    i, value = next((i, v) for i, (c, v) in enumerate(zip(checks, args, strict=False))
+                    if not c(v))
+    return ProtocolError(
+        f"{name}: argument {i} has the wrong type ({type(value).__name__}: "
+        f"{_short(value)}); expected {checks[i].__name__.lstrip('_').replace('is_', '')}")
+
+
 def _short(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: positions of the BUF arguments (bytes inline, or a FrameRef to a frame) of each op that has any
+BUF_POSITIONS: dict[str, tuple[int, ...]] = {
+    name: positions
+    for name, op in OPS.items()
+    if (positions := tuple(i for i, check in enumerate(op.args) if check is BUF))
+}
 #: ops whose arguments may hold array descriptors (DESC, OPERANDS or a kwargs MAP)
 DESCRIPTOR_OPS = frozenset(name for name, op in OPS.items()
                            if any(check in (DESC, OPERANDS, MAP) for check in op.args))
 #: ops that create, configure or destroy a session object (kept for replay)
 OBJECT_OPS = frozenset(name for name, op in OPS.items()
                        if op.creates or op.configures or op.destroys)
-
-
-def touched_ranges(name: str, args: list[Any]) -> list[tuple[int, int]]:
-    """Every ``(address, nbytes)`` a validated call reads or writes: its op's explicit ranges
-    plus the extent of every array descriptor among its arguments."""
-    op = OPS[name]
-    ranges = list(op.touches(args)) if op.touches is not None else []
-    if name not in DESCRIPTOR_OPS:
-        return ranges
-    for desc in descriptors_of(args):
-        lo, hi = descriptor_extent(desc)
-        ranges.append((lo, hi - lo))
-    return ranges
 
 
 def descriptors_of(args: list[Any]) -> list[list[Any]]:

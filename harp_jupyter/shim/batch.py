@@ -42,12 +42,7 @@ CallMeta = tuple[str, CallSite | None, Callable[[Any], None] | None, Callable[[]
 DEFAULT_LINGER_S = 0.001
 DEFAULT_FLUSH_BYTES = 8 << 20
 
-#: positions of the BUF arguments of each op that has any
-BUF_POSITIONS: dict[str, tuple[int, ...]] = {
-    name: positions
-    for name, op in protocol.OPS.items()
-    if (positions := tuple(i for i, check in enumerate(op.args) if check is protocol.BUF))
-}
+BUF_POSITIONS = protocol.BUF_POSITIONS
 
 
 def byte_view(buffer: Any) -> memoryview:

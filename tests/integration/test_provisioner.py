@@ -484,8 +484,14 @@ def test_no_agent_answers_is_a_clear_error(agent_starter: Any) -> None:
     nowhere = f"tcp://127.0.0.1:{_closed_port()}"
 
     async def scenario() -> None:
-        async with kernel_lease([nowhere], status_timeout=0.5) as (lease, k):
+        async with kernel_lease([nowhere], status_timeout=0.5, reach_timeout=2.0) as (lease, k):
             reply = await k.request({"t": "acquire", "rid": 1})
+            # the keeper keeps asking a silent pool for reach_timeout, saying what it waits for
+            progress = []
+            while reply["t"] == "acquire_progress":
+                progress.append(reply)
+                reply = await k.recv()
+            assert progress and progress[0]["state"] == "unreachable", progress
             assert reply["t"] == "error" and nowhere in reply["e"]["msg"]
             assert lease.lease_state()["state"] == "none"
 

@@ -680,7 +680,9 @@ def test_restart_drops_the_old_kernels_lease_and_state_and_cleanup_twice(
 
 
 def test_killed_kernel_while_queued_leaves_the_queue(
-        elastic_env: None, emulated_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        elastic_env: None, agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # reclaim off: the idle holder must stay the holder, or the queue would empty by a grant
+    emulated_agent = agent_starter("--reclaim-after", "1000000")
     monkeypatch.setenv("HARP_AGENTS", emulated_agent.endpoint)
 
     async def scenario() -> None:

@@ -493,9 +493,12 @@ class Tenancy:
         chunks = header.get("chunks") if isinstance(header.get("chunks"), list) else []
         parked = self.parking.put(session.session_id, session.kernel_id, chunks,
                                   header.get("log") or [], ttl=session.park_ttl)
-        # the batches its worker ran (all before the park: it reads its supervisor first):
-        # the client sends again, after the restore, those it sent and saw no reply to past this
-        ran = session.worker.figures().get("batches") if session.worker is not None else None
+        # the batches its worker ran (all before the park: it reads its supervisor first), from
+        # its own report: the client sends again, after the restore, those it sent and saw no
+        # reply to past this
+        ran = header.get("batches")
+        if type(ran) is not int or ran < 0:
+            ran = None
         if session.worker is not None:
             session.worker.ended_by = "parked"  # it ends by itself now; its bytes are parked
         session.state, session.worker, session.lease_id = SessionState.PARKED, None, None

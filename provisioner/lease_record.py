@@ -161,9 +161,13 @@ class LeaseRecord:
         self.gpu_time.holding(state in HOLDING)
         self._tell(previous)
 
-    def _tell(self, previous: KeeperState) -> None:
+    def changed(self) -> None:
+        """Tell ``on_change`` of a new figure in the same state (the parked bytes)."""
+        self._tell(self.state, force=True)
+
+    def _tell(self, previous: KeeperState, *, force: bool = False) -> None:
         told = (self.state, self.position)
-        if told == self._told or self.on_change is None:
+        if (told == self._told and not force) or self.on_change is None:
             self._told = told
             return
         self._told = told

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from gpu_agent import protocol as P
+from harp_jupyter.magics import LeaseStatus
+from harp_jupyter.profiler.display import format_bytes
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
@@ -165,3 +167,28 @@ def test_a_lease_that_ended_before_hello_is_queued_for_again(agent_starter: Any)
     finally:
         session.close()
         source.close()
+
+
+def test_the_bytes_the_agent_parked_on_a_reclaim_are_in_the_lease_state(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reclaim parks the session on the agent's initiative: the keeper takes the agent's
+    figure of what it parked, so ``%harp status`` (and the sidebar) say what is parked."""
+    monkeypatch.setenv("HARP_RECLAIM_AFTER", "0.2")
+    agent = agent_starter()
+    observer = RawClient(agent.endpoint)
+    data = np.arange(300_000, dtype=np.float64)
+    with script_session([agent.endpoint]) as (session, source):
+        addr = put(session, data)
+        waiter = RawClient(agent.endpoint)
+        waiter.take_lease(wait=False)  # queues: the idle holder is reclaimed for it
+        eventually(lambda: source.status()["state"] == "parked")
+        at_agent = eventually(lambda: observer.status()["leases"]["parked"])
+        assert at_agent[0]["bytes"] >= data.nbytes
+        eventually(lambda: source.status()["parked_bytes"] == at_agent[0]["bytes"])
+        state = source.status()
+        assert state["parked_reason"] == "reclaim"
+        shown = dict(LeaseStatus(state)._cells())
+        assert shown["parked"] == f"{format_bytes(at_agent[0]['bytes'])} of device memory"
+        waiter.close()
+        assert np.array_equal(get(session, addr, data), data)
+    observer.close()

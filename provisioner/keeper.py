@@ -51,6 +51,7 @@ from provisioner.lease_record import (
     LeaseRecord,
     OnChange,
     ParkReason,
+    applied_reclaim_after,
     released_message,
 )
 from provisioner.renewals import ENDED, Renewals
@@ -268,6 +269,7 @@ class LeaseKeeper:
             raise ControlError("GPUUnavailable", f"cannot lease a GPU: {e}") from None
         assert self.lease is not None
         self.lease.granted_at = self._clock.now()
+        self.lease.reclaim_after = applied_reclaim_after(lease)
         self.record.note_session(lease.get("session"))
         self.record.set(KeeperState.HELD, "")
         self._renewals.start()

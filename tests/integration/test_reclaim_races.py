@@ -192,3 +192,23 @@ def test_the_bytes_the_agent_parked_on_a_reclaim_are_in_the_lease_state(
         waiter.close()
         assert np.array_equal(get(session, addr, data), data)
     observer.close()
+
+
+def test_the_reclaim_after_shown_is_the_one_the_agent_applies(agent_starter: Any) -> None:
+    """The kernel asks for 3 s (HARP_RECLAIM_AFTER's default); an agent whose own limit is
+    lower applies its own, says so in the grant and its status, and that is what shows."""
+    agent = agent_starter("--reclaim-after", "0.5")
+    observer = RawClient(agent.endpoint)
+    changes: list[dict[str, Any]] = []
+    with script_session([agent.endpoint]) as (session, source):
+        source.keeper.record.on_change = changes.append
+        put(session, np.arange(10, dtype=np.float64))
+        state = source.status()
+        assert state["state"] == "held" and state["reclaim_after"] == 0.5
+        assert dict(LeaseStatus(state)._cells())["given to a waiting kernel after"] == \
+            "0.5 s without GPU work"
+        held = [c for c in changes if c["state"] == "held"]
+        assert held and held[-1]["reclaim_after"] == 0.5  # the lease event carries it
+        leases = observer.status()["leases"]
+        assert leases["holders"][0]["reclaim_after"] == 0.5 and leases["reclaim_after"] == 0.5
+    observer.close()

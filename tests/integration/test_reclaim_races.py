@@ -212,3 +212,45 @@ def test_the_reclaim_after_shown_is_the_one_the_agent_applies(agent_starter: Any
         leases = observer.status()["leases"]
         assert leases["holders"][0]["reclaim_after"] == 0.5 and leases["reclaim_after"] == 0.5
     observer.close()
+
+
+class ReclaimedBeforeHello(DirectLeaseSource):
+    """A direct lease source whose first grant the agent reclaims for a waiting kernel before
+    the session's hello (the lease sat idle since its grant)."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        super().__init__(endpoints)
+        self.grants: list[str] = []
+
+    def acquire(self, resume: dict[str, Any] | None, notice: Any,
+                refused: str | None = None) -> Any:
+        grant = super().acquire(resume, notice, refused)
+        self.grants.append(grant.lease[0])
+        if len(self.grants) == 1:
+            waiter = RawClient(grant.agent)
+            waiter.take_lease()  # held once the agent reclaimed ours for it
+            eventually(lambda: self.keeper.state == "parked")
+            waiter.close()
+        return grant
+
+
+def test_a_lease_reclaimed_before_hello_tells_the_next_cell_nothing(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel never used the GPU under that lease: no 'parked while idle' note."""
+    from harp_jupyter.shim import notice
+
+    monkeypatch.setenv("HARP_RECLAIM_AFTER", "0.1")
+    agent = agent_starter()
+    source = ReclaimedBeforeHello([agent.endpoint])
+    session = RemoteSession(agent.endpoint, lease_source=source)
+    source.holder = session
+    try:
+        data = np.arange(100, dtype=np.float64)
+        addr = put(session, data)
+        assert np.array_equal(get(session, addr, data), data)
+        assert len(source.grants) == 2 and source.status()["parked_reason"] is None
+        assert notice.RECLAIMED not in notice._pending
+    finally:
+        notice._pending.clear()
+        session.close()
+        source.close()

@@ -237,6 +237,8 @@ class Tenancy:
             "position": self.leases.position(lease.lease_id) if lease.active else None,
             "granted_at": _wall(lease.granted_at, self._clock), "session": None,
             "slots": self.leases.slots, "reason": lease.reason or None,
+            # what this agent applies: the kernel's own, bounded by the agent's
+            "reclaim_after": self._reclaim_after(lease),
         }
         if with_token:
             info["token"] = lease.token
@@ -493,9 +495,12 @@ class Tenancy:
         chunks = header.get("chunks") if isinstance(header.get("chunks"), list) else []
         parked = self.parking.put(session.session_id, session.kernel_id, chunks,
                                   header.get("log") or [], ttl=session.park_ttl)
-        # the batches its worker ran (all before the park: it reads its supervisor first):
-        # the client sends again, after the restore, those it sent and saw no reply to past this
-        ran = session.worker.figures().get("batches") if session.worker is not None else None
+        # the batches its worker ran (all before the park: it reads its supervisor first), from
+        # its own report: the client sends again, after the restore, those it sent and saw no
+        # reply to past this
+        ran = header.get("batches")
+        if type(ran) is not int or ran < 0:
+            ran = None
         if session.worker is not None:
             session.worker.ended_by = "parked"  # it ends by itself now; its bytes are parked
         session.state, session.worker, session.lease_id = SessionState.PARKED, None, None
@@ -756,7 +761,8 @@ class Tenancy:
             entry: dict[str, Any] = {"since": _wall(lease.granted_at, self._clock)}
             if visible(lease.kernel_id):
                 entry.update(lease_id=lease.lease_id, kernel_id=lease.kernel_id,
-                             user=lease.user, info=lease.info)
+                             user=lease.user, info=lease.info,
+                             reclaim_after=self._reclaim_after(lease))
             return entry
 
         holders = [holder(lease) for lease in self.leases.holders]
@@ -767,7 +773,7 @@ class Tenancy:
                   for p in self.parking.sessions()]
         return {
             "ttl": self.leases.ttl, "slots": self.leases.slots,
-            "free_slots": self.leases.free_slots,
+            "free_slots": self.leases.free_slots, "reclaim_after": self.limits.reclaim_after,
             "holders": holders,
             "holder": holders[0] if holders and self.leases.slots == 1 else None,
             "queue": [{"position": i + 1, "waiting_s": round(now - q.requested_at, 3),

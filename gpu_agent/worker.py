@@ -333,8 +333,10 @@ class Worker:
         log_calls = runner.log.replay_calls()
         # the device memory is given back before the supervisor hears: the slot is free then
         runner.device.close()
+        # ``batches``: the count the park captured, in the report itself (the status page
+        # may be gone by the time the supervisor reads the report)
         self._tell(W.PARKED, session=self.session_id, chunks=chunks, log=log_calls,
-                   bytes=sum(c[1] for c in chunks))
+                   bytes=sum(c[1] for c in chunks), batches=runner.batches)
         self.running = False
 
     # }}}

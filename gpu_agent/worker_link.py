@@ -12,7 +12,9 @@ supervisor -> worker
 worker -> supervisor
     ``ready``   {pid, endpoint, device, memory: [free, total]}   context created, socket bound
     ``opened``  {session, restored_bytes}    ``open_failed`` {session, e}
-    ``parked``  {session, chunks: [[addr, size, path]], log, bytes}    ``park_failed`` {e}
+    ``parked``  {session, chunks: [[addr, size, path]], log, bytes, batches}
+                                             ``batches``: how many it ran before the park
+    ``park_failed`` {e}
     ``gone``    {session}                    the attached client's connection dropped
     ``back``    {session}                    ... and came back (re-attached)
     ``fatal``   {session, e}                 the context is unusable; the worker ends

@@ -35,7 +35,7 @@ class LeaseStatus(dict):
     """The lease state as a dict, shown as a small table in the notebook."""
 
     _ROWS = (("state", "state"), ("agent", "agent"), ("gpu", "GPU"), ("memory", "memory"),
-             ("held", "held for"), ("idle", "idle release in"),
+             ("parked", "parked"), ("held", "held for"), ("idle", "idle release in"),
              ("reclaim", "given to a waiting kernel after"), ("position", "queue position"),
              ("message", ""))
 
@@ -46,6 +46,8 @@ class LeaseStatus(dict):
         if self.get("gpu"):
             shown["gpu"] = str(self["gpu"]) + (" (EMULATED)" if self.get("emulated") else "")
         shown.update(self._memory())
+        if self.get("state") == "parked" and self.get("parked_bytes"):
+            shown["parked"] = f"{_bytes(self['parked_bytes'])} of device memory"
         if self.get("held_s") is not None:
             shown["held"] = f"{self['held_s']:.0f} s"
         if self.get("idle_left_s") is not None:

@@ -342,6 +342,9 @@ export class ElasticGPUModel implements IElasticGPUModel {
         agent: emission.agent !== undefined ? emission.agent : previous.agent,
         position: emission.state === 'queued' ? emission.position ?? previous.position : null,
         message: emission.message ?? previous.message,
+        // while held, the agent's applied value (it bounds the kernel's setting by its own)
+        reclaim_after:
+          emission.reclaim_after !== undefined ? emission.reclaim_after : previous.reclaim_after,
         // why it is parked shows with the badge, not a fetch later ("reclaimed for a waiting
         // notebook"); the server clears it once the kernel holds a GPU again
         parked_reason:

@@ -130,6 +130,8 @@ export interface ILeaseEvent {
   agent?: string | null;
   position?: number | null;
   message?: string;
+  /** the reclaim_after in force (while held: what the agent applies) */
+  reclaim_after?: number | null;
   parked_reason?: ParkReason | null;
 }
 

@@ -83,6 +83,11 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
              "request; the agent's own --reclaim-after caps it. Without waiters only "
              "idle_timeout applies. Default: $HARP_RECLAIM_AFTER, else 3.",
     ).tag(config=True)
+    reach_timeout = Float(
+        help="Seconds a GPU call keeps asking, with backoff, while no agent of the pool "
+             "answers (an agent restarting is back within it) before it fails saying so; the "
+             "acquire_timeout instead when that is set. Default: $HARP_REACH_TIMEOUT, else 30.",
+    ).tag(config=True)
     park_timeout = Float(
         help="Seconds the kernel has to park its session when asked (idle release); past it the "
              "lease is released at the agent anyway and the agent parks the session itself. "
@@ -112,6 +117,10 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
     @default("reclaim_after")
     def _reclaim_after_default(self) -> float:
         return _env_float("HARP_RECLAIM_AFTER", 3.0)
+
+    @default("reach_timeout")
+    def _reach_timeout_default(self) -> float:
+        return _env_float("HARP_REACH_TIMEOUT", 30.0)
 
     @default("park_timeout")
     def _park_timeout_default(self) -> float:
@@ -158,7 +167,7 @@ class ElasticGPUProvisioner(LocalProvisioner, AgentSettings):  # type: ignore[mi
             kernel_id=str(self.kernel_id), kernel_secret=self._kernel_secret, user=_user(),
             lease_ttl=self.lease_ttl, idle_timeout=self.idle_timeout,
             reclaim_after=self.reclaim_after, acquire_timeout=self.acquire_timeout or None,
-            park_timeout=self.park_timeout, info=info)
+            park_timeout=self.park_timeout, reach_timeout=self.reach_timeout, info=info)
 
     # }}}
 

@@ -51,6 +51,7 @@ from provisioner.lease_record import (
     LeaseRecord,
     OnChange,
     ParkReason,
+    applied_reclaim_after,
     released_message,
 )
 from provisioner.renewals import ENDED, Renewals
@@ -58,6 +59,9 @@ from provisioner.selection import likely_agent
 
 log = logging.getLogger("harp.provisioner.keeper")
 
+
+#: how often the keeper asks an agent that parked its kernel's session whether it is done
+PARKED_BYTES_POLL_S = 0.2
 
 #: progress(message) while queued: {"state", "position", "agent"}
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -120,6 +124,8 @@ class LeaseKeeper:
                                             self.agents_seen)
         self._renewals = Renewals(self, client, self._clock, self.record, config.lease_ttl)
         self.closed = False
+        #: asking the agent for the bytes it parked after it ended the lease itself
+        self._learning: asyncio.Future[None] | None = None
 
     # {{{ what the owner reads
 
@@ -263,6 +269,7 @@ class LeaseKeeper:
             raise ControlError("GPUUnavailable", f"cannot lease a GPU: {e}") from None
         assert self.lease is not None
         self.lease.granted_at = self._clock.now()
+        self.lease.reclaim_after = applied_reclaim_after(lease)
         self.record.note_session(lease.get("session"))
         self.record.set(KeeperState.HELD, "")
         self._renewals.start()
@@ -406,12 +413,36 @@ class LeaseKeeper:
         self.record.parked_reason = reason
         message = (f"{why}: device memory parked on {lease.agent}" if reason == ParkReason.ENDED
                    else released_message(reason, self.config.idle_timeout, lease.agent))
+        self.record.parked_bytes = 0
         self.record.set(KeeperState.PARKED, message)
         self._renewals.stop()
+        self._learning = asyncio.ensure_future(self._learn_parked_bytes(lease.agent))
         try:
             self._kernel.lease_ended(reason, message, lease.lease_id)
         except Exception:  # the kernel finds out at its next call anyway
             log.exception("telling kernel %s its lease ended failed", self.config.kernel_id)
+
+    async def _learn_parked_bytes(self, agent: str) -> None:
+        """The agent parked the session itself: ask it, until the park is done (at most
+        ``park_timeout``), how many bytes it holds parked for this kernel, for the lease state
+        (``%harp status``, the sidebar) while the kernel stays parked there."""
+        c = self.config
+        deadline = self._clock.now() + c.park_timeout
+        while self.state == KeeperState.PARKED and self.parked_at == agent:
+            try:
+                nbytes = await self.client.parked_bytes(agent, c.kernel_id, c.kernel_secret,
+                                                        c.status_timeout)
+            except (AgentUnreachable, LeaseRefused) as e:
+                log.debug("parked bytes of kernel %s at %s: %s", c.kernel_id, agent, e)
+                nbytes = None
+            if nbytes is not None:
+                if self.state == KeeperState.PARKED and self.parked_at == agent:
+                    self.record.parked_bytes = nbytes
+                    self.record.changed()
+                return
+            if self._clock.now() >= deadline:
+                return
+            await self._clock.sleep(PARKED_BYTES_POLL_S)
 
     # }}}
 
@@ -429,6 +460,7 @@ class LeaseKeeper:
         owner renews it."""
         self.closed = True
         self._renewals.stop()
+        self._stop_learning()
         acquiring = self._acquiring
         if acquiring is not None and acquiring is not asyncio.current_task():
             acquiring.cancel()
@@ -440,6 +472,7 @@ class LeaseKeeper:
         if self.closed:
             return
         self.closed = True
+        self._stop_learning()
         acquiring = self._acquiring
         if acquiring is not None and acquiring is not asyncio.current_task():
             acquiring.cancel()
@@ -460,6 +493,11 @@ class LeaseKeeper:
             await self.client.drop_parked(agent, self.config.kernel_id, self.config.kernel_secret)
         except (AgentUnreachable, LeaseRefused) as e:
             log.debug("drop_parked at %s: %s", agent, e)
+
+    def _stop_learning(self) -> None:
+        learning, self._learning = self._learning, None
+        if learning is not None and learning is not asyncio.current_task():
+            learning.cancel()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -234,6 +234,20 @@ class LeaseClient:
                                               "kernel_secret": kernel_secret,
                                               "token": self.token})
 
+    async def parked_bytes(self, endpoint: str, kernel_id: str, kernel_secret: str,
+                           timeout: float | None = None) -> int | None:
+        """The bytes the agent holds parked for this kernel (its own sessions, proved by its
+        secret); None while one of them is still being parked or none is parked there."""
+        reply = await self._request(endpoint, {
+            "t": P.STATUS, "scope": "kernel", "kernel_id": kernel_id,
+            "kernel_secret": kernel_secret, "token": self.token}, timeout)
+        leases = reply.get("leases") if isinstance(reply.get("leases"), dict) else {}
+        sessions = [s for s in leases.get("sessions") or [] if isinstance(s, dict)
+                    and s.get("kernel_id") == kernel_id]
+        if not sessions or any(s.get("state") != "parked" for s in sessions):
+            return None
+        return sum(int(s.get("parked_bytes") or 0) for s in sessions)
+
     async def wait_change(self, endpoint: str, lease: dict[str, Any],
                           timeout: float | None = None) -> dict[str, Any]:
         """The next state the agent pushes for ``lease`` (a queued one moves or is granted).

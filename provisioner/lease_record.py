@@ -67,6 +67,14 @@ class HeldLease:
     token: str
     ttl: float
     granted_at: float | None = None  # the keeper's clock (epoch seconds)
+    #: the reclaim_after the agent applies to this lease (it bounds the kernel's by its own)
+    reclaim_after: float | None = None
+
+
+def applied_reclaim_after(lease: dict[str, Any]) -> float | None:
+    """The reclaim_after an agent says it applies in a lease it granted (None: not said)."""
+    value = lease.get("reclaim_after")
+    return float(value) if type(value) in (int, float) and value >= 0 else None
 
 
 def idle_left(idle_timeout: float, session: dict[str, Any] | None, seconds_since_report: float,
@@ -161,9 +169,13 @@ class LeaseRecord:
         self.gpu_time.holding(state in HOLDING)
         self._tell(previous)
 
-    def _tell(self, previous: KeeperState) -> None:
+    def changed(self) -> None:
+        """Tell ``on_change`` of a new figure in the same state (the parked bytes)."""
+        self._tell(self.state, force=True)
+
+    def _tell(self, previous: KeeperState, *, force: bool = False) -> None:
         told = (self.state, self.position)
-        if told == self._told or self.on_change is None:
+        if (told == self._told and not force) or self.on_change is None:
             self._told = told
             return
         self._told = told
@@ -224,7 +236,10 @@ class LeaseRecord:
             "held_s": round(self._clock() - granted, 1) if granted is not None else None,
             "idle_timeout": settings["idle_timeout"],
             "idle_left_s": round(left, 1) if left is not None else None,
-            "reclaim_after": settings["reclaim_after"],
+            # while held, what the agent applies (its own limit may be lower than asked)
+            "reclaim_after": (lease.reclaim_after if held and lease is not None
+                              and lease.reclaim_after is not None
+                              else settings["reclaim_after"]),
             "position": self.position,
             "gpu_seconds": round(self.gpu_time.seconds(), 3),
             "parked_bytes": self.parked_bytes if self.parked_at and not held else 0,

@@ -11,7 +11,7 @@ from provisioner import changes
 LEASE_EVENT_SCHEMA_ID = "https://harp-jupyter.dev/events/lease"
 LEASE_EVENT_SCHEMA = Path(__file__).parent / "schemas" / "lease-v1.yaml"
 _FIELDS = ("kernel_id", "state", "previous", "agent", "gpu", "emulated", "position", "message",
-           "parked_reason", "profile_at")
+           "parked_reason", "reclaim_after", "profile_at")
 
 
 class LeaseEvents:

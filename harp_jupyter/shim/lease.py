@@ -60,6 +60,9 @@ class LeaseHolder(Protocol):
     def allocated_bytes(self) -> int:
         """The bytes the user's live allocations asked for."""
 
+    def attached_under(self, lease_id: str | None) -> bool:
+        """Whether the session is (or was last) attached under the lease ``lease_id``."""
+
 
 #: seconds without any word from the provisioner after which a control request is sent again
 _RESEND_AFTER = 1.0
@@ -438,7 +441,9 @@ def _direct_config(kernel_id: str) -> KeeperConfig:
 def _lease_ended(holder: LeaseHolder | None, reason: str, lease_id: str | None) -> None:
     """The agent ended the lease: the session forgets its connection (so that its next GPU
     call leases again and restores), and a reclaimed kernel's next cell says why."""
-    if reason == ParkReason.RECLAIM:
+    # only a kernel that used the GPU under that lease was parked; one whose lease ended
+    # before its hello (granted, never attached) has nothing to be told: it queues again
+    if reason == ParkReason.RECLAIM and holder is not None and holder.attached_under(lease_id):
         notes.tell_next_cell(notes.RECLAIMED)
     if holder is not None:
         # not on the thread that told us: it must go on serving (park asks, replies)

@@ -302,6 +302,11 @@ class RemoteSession:
         return {"session": resume.get("session"), "agent": resume.get("agent"),
                 "bytes": int((notice or {}).get("bytes") or 0), "already": True}
 
+    def attached_under(self, lease_id: str | None) -> bool:
+        """Whether this session attached to its agent under the lease ``lease_id`` (a lease
+        that ended before the hello never had it; None: the lease is not named)."""
+        return self._lease_id is not None and lease_id in (None, self._lease_id)
+
     def lease_ended(self, lease_id: str | None = None) -> None:
         """The lease source, when the agent ended this session's lease and parked the session
         itself (reclaimed for a waiting kernel, expired): the connection is done, and the next

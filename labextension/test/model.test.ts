@@ -356,6 +356,18 @@ test('a lease event tells why the kernel is parked at once; holding again clears
   model.dispose();
 });
 
+test('a held event carries the reclaim_after the agent applies; the card shows it at once', async () => {
+  const api = new FakeAPI();
+  api.kernelsReply = { kernels: [{ ...HELD, state: 'queued', reclaim_after: 5 }], agents: [], problem: null };
+  const model = makeModel(api, { ms: 1_000_000 }, 60_000);
+  await model.refreshKernels();
+  model.handleEvent(event({ kernel_id: 'k1', state: 'held', previous: 'queued', reclaim_after: 2 }));
+  assert.equal(model.kernel('k1')?.reclaim_after, 2, 'the agent bounds the kernel\'s 5 s by its 2 s');
+  model.handleEvent(event({ kernel_id: 'k1', state: 'held', previous: 'held' }));
+  assert.equal(model.kernel('k1')?.reclaim_after, 2, 'an event without it keeps what is known');
+  model.dispose();
+});
+
 test('reclaim while held: the setting and how many notebooks wait on its agent', async () => {
   const api = new FakeAPI();
   api.kernelsReply = {

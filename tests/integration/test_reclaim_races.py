@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from gpu_agent import protocol as P
+from harp_jupyter.magics import LeaseStatus
+from harp_jupyter.profiler.display import format_bytes
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
@@ -163,5 +165,92 @@ def test_a_lease_that_ended_before_hello_is_queued_for_again(agent_starter: Any)
         assert len(source.grants) == 2 and source.grants[0] != source.grants[1]
         assert source.status()["state"] == "held"
     finally:
+        session.close()
+        source.close()
+
+
+def test_the_bytes_the_agent_parked_on_a_reclaim_are_in_the_lease_state(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reclaim parks the session on the agent's initiative: the keeper takes the agent's
+    figure of what it parked, so ``%harp status`` (and the sidebar) say what is parked."""
+    monkeypatch.setenv("HARP_RECLAIM_AFTER", "0.2")
+    agent = agent_starter()
+    observer = RawClient(agent.endpoint)
+    data = np.arange(300_000, dtype=np.float64)
+    with script_session([agent.endpoint]) as (session, source):
+        addr = put(session, data)
+        waiter = RawClient(agent.endpoint)
+        waiter.take_lease(wait=False)  # queues: the idle holder is reclaimed for it
+        eventually(lambda: source.status()["state"] == "parked")
+        at_agent = eventually(lambda: observer.status()["leases"]["parked"])
+        assert at_agent[0]["bytes"] >= data.nbytes
+        eventually(lambda: source.status()["parked_bytes"] == at_agent[0]["bytes"])
+        state = source.status()
+        assert state["parked_reason"] == "reclaim"
+        shown = dict(LeaseStatus(state)._cells())
+        assert shown["parked"] == f"{format_bytes(at_agent[0]['bytes'])} of device memory"
+        waiter.close()
+        assert np.array_equal(get(session, addr, data), data)
+    observer.close()
+
+
+def test_the_reclaim_after_shown_is_the_one_the_agent_applies(agent_starter: Any) -> None:
+    """The kernel asks for 3 s (HARP_RECLAIM_AFTER's default); an agent whose own limit is
+    lower applies its own, says so in the grant and its status, and that is what shows."""
+    agent = agent_starter("--reclaim-after", "0.5")
+    observer = RawClient(agent.endpoint)
+    changes: list[dict[str, Any]] = []
+    with script_session([agent.endpoint]) as (session, source):
+        source.keeper.record.on_change = changes.append
+        put(session, np.arange(10, dtype=np.float64))
+        state = source.status()
+        assert state["state"] == "held" and state["reclaim_after"] == 0.5
+        assert dict(LeaseStatus(state)._cells())["given to a waiting kernel after"] == \
+            "0.5 s without GPU work"
+        held = [c for c in changes if c["state"] == "held"]
+        assert held and held[-1]["reclaim_after"] == 0.5  # the lease event carries it
+        leases = observer.status()["leases"]
+        assert leases["holders"][0]["reclaim_after"] == 0.5 and leases["reclaim_after"] == 0.5
+    observer.close()
+
+
+class ReclaimedBeforeHello(DirectLeaseSource):
+    """A direct lease source whose first grant the agent reclaims for a waiting kernel before
+    the session's hello (the lease sat idle since its grant)."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        super().__init__(endpoints)
+        self.grants: list[str] = []
+
+    def acquire(self, resume: dict[str, Any] | None, notice: Any,
+                refused: str | None = None) -> Any:
+        grant = super().acquire(resume, notice, refused)
+        self.grants.append(grant.lease[0])
+        if len(self.grants) == 1:
+            waiter = RawClient(grant.agent)
+            waiter.take_lease()  # held once the agent reclaimed ours for it
+            eventually(lambda: self.keeper.state == "parked")
+            waiter.close()
+        return grant
+
+
+def test_a_lease_reclaimed_before_hello_tells_the_next_cell_nothing(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel never used the GPU under that lease: no 'parked while idle' note."""
+    from harp_jupyter.shim import notice
+
+    monkeypatch.setenv("HARP_RECLAIM_AFTER", "0.1")
+    agent = agent_starter()
+    source = ReclaimedBeforeHello([agent.endpoint])
+    session = RemoteSession(agent.endpoint, lease_source=source)
+    source.holder = session
+    try:
+        data = np.arange(100, dtype=np.float64)
+        addr = put(session, data)
+        assert np.array_equal(get(session, addr, data), data)
+        assert len(source.grants) == 2 and source.status()["parked_reason"] is None
+        assert notice.RECLAIMED not in notice._pending
+    finally:
+        notice._pending.clear()
         session.close()
         source.close()

@@ -206,6 +206,12 @@ class FakeLeaseClient:
         agent.settle(changed)
         return agent.info(changed[0])
 
+    async def parked_bytes(self, endpoint: str, kernel_id: str, kernel_secret: str,
+                           timeout: float | None = None) -> int | None:
+        await asyncio.sleep(0)
+        activity = self._agent(endpoint).activity.get(kernel_id)
+        return activity.session()["device_bytes"] if activity is not None else None
+
     async def drop_parked(self, endpoint: str, kernel_id: str,
                           kernel_secret: str) -> dict[str, Any]:
         await asyncio.sleep(0)

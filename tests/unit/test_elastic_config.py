@@ -12,7 +12,8 @@ from traitlets.config import Config, LoggingConfigurable
 from provisioner.elastic import ElasticGPUProvisioner
 
 ENV = ("HARP_AGENTS", "HARP_IDLE_TIMEOUT", "HARP_LEASE_TTL", "HARP_ACQUIRE_TIMEOUT",
-       "HARP_PARK_TIMEOUT", "HARP_PARK_TTL", "HARP_PARK_LIMIT", "HARP_TOKEN")
+       "HARP_PARK_TIMEOUT", "HARP_PARK_TTL", "HARP_PARK_LIMIT", "HARP_TOKEN",
+       "HARP_REACH_TIMEOUT")
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +63,13 @@ def test_bad_settings_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
         make(agents="localhost:5555").agent_endpoints()
     with pytest.raises(TraitError, match="auto"):
         make(agents="auto,tcp://127.0.0.1:1").agent_endpoints()
+
+
+def test_reach_timeout_goes_to_the_keeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How long an acquire asks a silent pool again: a setting of its own, as the others."""
+    assert make()._keeper_config().reach_timeout == 30
+    monkeypatch.setenv("HARP_REACH_TIMEOUT", "7")
+    assert make()._keeper_config().reach_timeout == 7
+    assert make(reach_timeout=90)._keeper_config().reach_timeout == 90
+    help_text = ElasticGPUProvisioner.class_traits()["reach_timeout"].help
+    assert "HARP_REACH_TIMEOUT" in help_text

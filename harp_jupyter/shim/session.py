@@ -216,7 +216,7 @@ class RemoteSession:
                 writer.drain()
                 writer.close()
                 writer.connection.close()
-                connection.send({"t": protocol.PARK, "rid": 1})
+                connection.send({"t": protocol.PARK, "rid": 1, "token": connection.token})
                 while True:
                     reply, _ = connection.recv()
                     if reply.get("t") in (protocol.PARKED, protocol.ERROR):

@@ -149,3 +149,21 @@ def test_a_queued_kernel_is_served_by_the_other_agent(
         assert "error" not in result, result.get("error")
         assert np.array_equal(result["value"], np.arange(10.0))
         assert get_session().endpoint == second.endpoint
+
+
+def test_parked_adopt_is_refused_without_the_token_or_a_free_slot(agent_starter: Any) -> None:
+    agent = agent_starter("--token", "pool-token")
+    offer = {"t": P.PARKED_ADOPT, "rid": 5, "session": "s1", "resume_token": "r",
+             "kernel_id": "k", "kernel_secret": "ks", "from": "tcp://127.0.0.1:9",
+             "range": [P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE], "client": {}}
+    holder = RawClient(agent.endpoint)
+    try:
+        reply, _ = holder.request(offer)
+        assert reply["t"] == P.ERROR and reply["e"]["kind"] == "AuthError"
+        holder.take_lease(token="pool-token")  # the only slot is held now
+        reply, _ = holder.request({**offer, "token": "pool-token"})
+        assert reply["t"] == P.ERROR and "no free slot" in reply["e"]["msg"]
+        reply, _ = holder.request({**offer, "token": "pool-token", "from": "not-an-endpoint"})
+        assert reply["t"] == P.ERROR and "'from'" in reply["e"]["msg"]
+    finally:
+        holder.close()

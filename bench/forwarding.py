@@ -28,10 +28,11 @@ REPO = HERE.parent
 ENV = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
-def run_json(args: list[str], timeout: float = 900) -> dict[str, Any]:
+def run_json(args: list[str], timeout: float = 900,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    proc = subprocess.run([sys.executable, args[0], args[1], out, *args[2:]], env=ENV,
+    proc = subprocess.run([sys.executable, args[0], args[1], out, *args[2:]], env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")

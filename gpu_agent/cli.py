@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 from gpu_agent.curve import ServerKeys
 from gpu_agent.executors import gpu_available
 from gpu_agent.limits import AgentLimits
+from gpu_agent.pool_names import checked_pool, expand_endpoints
 from gpu_agent.supervisor import Supervisor
 from gpu_agent.workers import WorkerConfig
 
@@ -98,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "certificate (python -m gpu_agent.curve generate DIR makes one)")
     parser.add_argument("--curve-client-keys-dir", default=None, metavar="DIR",
                         help="public keys (*.key) of the clients admitted; re-read every 10 s")
+    parser.add_argument("--pool", default=None, metavar="tcp://NAME:PORT[,...]",
+                        help="the agents of this pool (a name may resolve to several addresses: "
+                             "a headless Service); a draining agent (SIGTERM) hands its parked "
+                             "state to them. None by default: parked state ends with the agent")
+    parser.add_argument("--advertise", default=None, metavar="tcp://HOST:PORT",
+                        help="this agent's endpoint as the pool's other agents reach it (to "
+                             "fetch parked state from it); default: the --listen endpoint, with "
+                             "the --worker-advertise or --worker-host host when it binds all")
     parser.add_argument("--spares", type=int, default=1,
                         help="workers kept ready (CUDA context created) for the next session")
     group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
@@ -166,9 +176,17 @@ def main(argv: list[str] | None = None) -> None:
             log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
         curve = ServerKeys.load(args.curve_secret_key_file, args.curve_client_keys_dir) \
             if args.curve_secret_key_file else None
+        pool = checked_pool(args.pool) if args.pool else []
         supervisor = Supervisor(args.listen, config, limits, token=args.token or
                                 os.environ.get("HARP_TOKEN") or None, device=facts,
-                                spares=args.spares, curve=curve)
+                                spares=args.spares, curve=curve,
+                                pool=lambda: expand_endpoints(pool), advertise=args.advertise)
+        if supervisor.drain.advertise.startswith(("tcp://0.0.0.0:", "tcp://[::]:")):
+            port = supervisor.endpoint.rsplit(":", 1)[1]
+            named = args.worker_advertise or host
+            if named in ("0.0.0.0", "::", "*"):
+                named = socket.gethostbyname(socket.gethostname())
+            supervisor.drain.advertise = f"tcp://{named}:{port}"
         if args.metrics_port is not None:
             port = supervisor.serve_metrics(args.metrics_host, args.metrics_port)
             print(f"harp-agent: metrics on http://{args.metrics_host}:{port}/metrics "
@@ -195,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
     print(f"harp-agent: {limits.slots} slot(s) of {memory_cap} bytes; parked state up to "
           f"{memory} bytes in memory, {limit} in all", flush=True)
+    print(f"harp-agent: on SIGTERM it drains for up to {limits.drain_grace:g} s; parked state "
+          f"moves to {args.pool or 'no other agent (no --pool)'}", flush=True)
     print(f"harp-agent: serving {supervisor.endpoint} executor={executor} "
           f"device={facts['name']}{note}", flush=True)
     supervisor.serve_forever()

@@ -115,6 +115,14 @@ class AgentLimits:
         unit="seconds",
         metavar="SECONDS",
     )
+    drain_grace: float = _flag(
+        25.0,
+        "on SIGTERM, how long running cells may take to finish and parked state to move to "
+        "another agent (--pool) before the agent exits anyway (keep it below the pod's "
+        "terminationGracePeriodSeconds; the Kubernetes default is 30 s)",
+        unit="seconds",
+        metavar="SECONDS",
+    )
     fetch_timeout: float = _flag(
         30.0,
         "how long moving parked state from another agent may wait for each answer",

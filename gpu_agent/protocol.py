@@ -45,6 +45,9 @@ holder's connection when its lease changes. ``drop_parked`` {rid, kernel_id, ker
 ``parked_fetch`` {rid, session, resume_token, kernel_id} (agent to agent) by ``parked_state``
 {rid, manifest}; ``parked_chunk`` {rid, session, resume_token, addr, offset, size} by
 ``parked_state`` {rid} plus one frame with those bytes (pieces of at most ``MAX_PIECE_BYTES``).
+A draining agent offers its parked sessions to the others with ``parked_adopt`` {rid, token, from,
+session, resume_token, kernel_id, kernel_secret, range, client}: the taker fetches the session
+from ``from`` as above and answers ``parked`` {rid, session, bytes} once it keeps it.
 Errors of requests with a ``rid`` echo it.
 
 Every batch gets exactly one ``reply``, in order, after the agent has executed it: that is both the
@@ -127,6 +130,7 @@ PARKED_FETCH = "parked_fetch"
 PARKED_STATE = "parked_state"
 PARKED_FORGET = "parked_forget"
 PARKED_CHUNK = "parked_chunk"
+PARKED_ADOPT = "parked_adopt"
 ATTACH = "attach"
 ATTACHED = "attached"
 LOST = "lost"

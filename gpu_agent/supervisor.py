@@ -24,11 +24,12 @@ import zmq
 from gpu_agent import nvml
 from gpu_agent import protocol as P
 from gpu_agent.curve import ServerKeys, serve_encrypted
+from gpu_agent.drain import Drain
 from gpu_agent.errors import AgentError
 from gpu_agent.limits import AgentLimits
 from gpu_agent.metrics import AgentMetrics
 from gpu_agent.parking import ParkStore
-from gpu_agent.tenancy import Tenancy
+from gpu_agent.tenancy import DRAINING_REFUSAL, Tenancy
 from gpu_agent.workers import WorkerConfig, WorkerPool
 
 log = logging.getLogger("harp.agent")
@@ -54,6 +55,7 @@ class Supervisor:
     def __init__(self, endpoint: str, workers: WorkerConfig, limits: AgentLimits, *,
                  token: str | None = None, device: dict[str, Any] | None = None,
                  spares: int = 1, curve: ServerKeys | None = None,
+                 pool: Callable[[], list[str]] = list, advertise: str | None = None,
                  context: zmq.Context | None = None) -> None:
         self.token = token
         self.limits = limits
@@ -84,6 +86,10 @@ class Supervisor:
         self.tenancy = Tenancy(self.workers, parking, limits, endpoint=self.endpoint,
                                agent_info=self.agent_info, device_info=self.device_info,
                                metrics=self.metrics)
+        self.drain = Drain(self.tenancy, grace=limits.drain_grace,
+                           advertise=advertise or self.endpoint, peers=pool, token=token,
+                           curve=curve, context=self.context)
+        self._signals = 0
         self._last_loop = time.monotonic()
         self._next_gpu_sample = 0.0
         self.started = time.time()
@@ -96,7 +102,7 @@ class Supervisor:
     def serve_forever(self) -> None:
         self._running = True
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, self._on_signal)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
         poller.register(self.workers.socket, zmq.POLLIN)
@@ -118,6 +124,10 @@ class Supervisor:
                 if now >= self._next_tick:
                     self._next_tick = now + TICK_S
                     self._guarded(self.tenancy.tick)
+                    if self._signals and not self.drain.active:
+                        self._guarded(self.drain.begin)
+                    if self.drain.active and self.drain.tick():
+                        self._running = False
                 if now >= self._next_gpu_sample:
                     self._next_gpu_sample = now + GPU_SAMPLE_S
                     self._guarded(self._sample_gpu)
@@ -166,7 +176,8 @@ class Supervisor:
 
     def _ready(self) -> bool:
         """A worker is ready for the next session (/readyz)."""
-        return self._running and any(w.ready and w.ended_by is None
+        return self._running and not self.drain.active and not self._signals and any(
+            w.ready and w.ended_by is None
                                      for w in list(self.workers.workers.values()))
 
     def serve_metrics(self, host: str, port: int) -> int:
@@ -176,8 +187,15 @@ class Supervisor:
     def stop(self) -> None:
         self._running = False
 
+    def _on_signal(self, *_: Any) -> None:
+        """SIGTERM or SIGINT: drain (on the loop, not in the handler); a second one: stop."""
+        self._signals += 1
+        if self._signals > 1:
+            self.stop()
+
     def close(self) -> None:
         self.metrics.close()
+        self.drain.close()
         self.workers.close()
         if self.authenticator is not None:
             self.authenticator.stop()
@@ -218,8 +236,10 @@ class Supervisor:
     def _refuse(self, route: bytes, rid: Any, error: AgentError) -> None:
         refusals = self.tenancy.refusals
         refusals[error.kind] = refusals.get(error.kind, 0) + 1
-        self.metrics.refused(_REFUSAL_KIND.get(error.kind, "other") if "queue is full" not in
-                             str(error) else "queue_full")
+        message = str(error)
+        self.metrics.refused("queue_full" if "queue is full" in message else "draining"
+                             if message == DRAINING_REFUSAL else
+                             _REFUSAL_KIND.get(error.kind, "other"))
         reply: dict[str, Any] = {"t": P.ERROR, "e": error.to_wire()}
         if rid is not None:
             reply["rid"] = rid
@@ -248,7 +268,8 @@ class Supervisor:
         if not self._authorised(header):
             # the liveness probe: alive, and nothing about anyone
             self._send(route, {"t": P.STATUS, "rid": header.get("rid"), "alive": True,
-                               "agent": {"version": AGENT_VERSION}, "auth": "token needed"})
+                               "agent": {"version": AGENT_VERSION}, "auth": "token needed",
+                               "draining": self.drain.active})
             return
         kernel = (header.get("kernel_id"), header.get("kernel_secret"))
         everyone = header.get("scope") != "kernel"
@@ -297,6 +318,9 @@ class Supervisor:
                 return
         raise AgentError("ProtocolError", "parked_chunk names no piece of that parked state")
 
+    def _on_parked_adopt(self, route: bytes, header: dict[str, Any]) -> None:
+        self.tenancy.adopt(route, header)
+
     def _on_parked_forget(self, route: bytes, header: dict[str, Any]) -> None:
         nbytes = self.tenancy.forget_moved(header)
         self._send(route, {"t": P.DROPPED, "rid": header.get("rid"), "sessions": 1,
@@ -312,6 +336,7 @@ class Supervisor:
             "t": P.STATUS,
             "leases": self.tenancy.status(everyone=everyone, kernel=kernel),
             "executor": config.executor,
+            "draining": self.drain.active,
             "emulated": config.executor == "emulated",
             "device": device,
             "memory": {"slot": config.memory_cap, "total": device.get("total_memory"),
@@ -353,4 +378,5 @@ Supervisor._handlers = {
     P.PARKED_FETCH: Supervisor._on_parked_fetch,
     P.PARKED_CHUNK: Supervisor._on_parked_chunk,
     P.PARKED_FORGET: Supervisor._on_parked_forget,
+    P.PARKED_ADOPT: Supervisor._on_parked_adopt,
 }

@@ -37,6 +37,8 @@ log = logging.getLogger("harp.agent.tenancy")
 #: ended leases are remembered this long, so a late renew gets "released" rather than "unknown"
 FORGET_ENDED_S = 600.0
 MOVED = "it moved to another agent"
+DRAINING_REFUSAL = ("this GPU agent is shutting down (draining): it grants no new lease; ask "
+                    "another agent of the pool")
 #: how long a parking worker that has exited may take to have its report read
 PARK_REPORT_S = 5.0
 #: address ranges an agent hands out (each 256 GiB of virtual address space)
@@ -79,6 +81,8 @@ class Session:
     park_reason: str = ""
     #: when the running park or restore started (monotonic), for the metrics
     moving_since: float = 0.0
+    #: taken over from a draining agent: parked again as soon as its worker has it
+    adopting: bool = False
 
     @property
     def base(self) -> int:
@@ -115,6 +119,8 @@ class Tenancy:
         #: open orders for workers not ready yet, and what to do once a worker opened
         self._pending_open: dict[str, tuple[dict[str, Any], Callable[[], None] | None]] = {}
         self._after_open: dict[str, Callable[[], None]] = {}
+        #: the agent is shutting down (gpu_agent.drain): no new leases, no adoptions
+        self.draining = False
 
     def send(self, route: bytes, header: dict[str, Any], frames: list[Any] | None = None) -> None:
         self.outbox.append((route, header, frames or []))
@@ -122,6 +128,8 @@ class Tenancy:
     # {{{ leases
 
     def request(self, route: bytes, header: dict[str, Any]) -> None:
+        if self.draining:
+            raise AgentError("LeaseError", DRAINING_REFUSAL)
         kernel_id = self._text(header, "kernel_id")
         secret = self._text(header, "kernel_secret")
         user = header.get("user") if isinstance(header.get("user"), str) else ""
@@ -159,6 +167,10 @@ class Tenancy:
         self._reply_lease(route, header, lease)
         self.lease_routes.pop(lease.lease_id, None)
         self._tell([x for x in self.settle(changed) if x is not lease])
+
+    def revoke(self, lease_id: str, reason: str) -> None:
+        """End a lease on the agent's word (its kernel is told, with ``reason``)."""
+        self._tell(self.settle(self.leases.revoke(lease_id, reason)))
 
     def _reply_lease(self, route: bytes, header: dict[str, Any], lease: Lease, *,
                      with_token: bool = False) -> None:
@@ -459,6 +471,11 @@ class Tenancy:
             if session.resumed:
                 self.metrics.restored(int(header.get("restored_bytes") or 0),
                                       self._clock() - session.moving_since)
+            if session.adopting:  # here to be kept, not used: park it (the offer is answered)
+                self._after_open.pop(worker.worker_id, None)
+                session.adopting = False
+                self.park(session, "it moved here from an agent that shut down")
+                return
             done = self._after_open.pop(worker.worker_id, None)
             if done is not None:
                 done()
@@ -585,7 +602,7 @@ class Tenancy:
             return
         idle: list[tuple[float, Lease]] = []
         for lease in self.leases.holders:
-            idle_s = self._idle_seconds(lease, now)
+            idle_s = self.idle_seconds(lease, now)
             if idle_s is not None and idle_s >= self._reclaim_after(lease):
                 idle.append((idle_s, lease))
         parking = sum(1 for s in self.sessions.values() if s.state is SessionState.PARKING)
@@ -595,7 +612,7 @@ class Tenancy:
             self.metrics.reclaimed()
             self._tell(self.settle(self.leases.revoke(lease.lease_id, "reclaimed")))
 
-    def _idle_seconds(self, lease: Lease, now: float) -> float | None:
+    def idle_seconds(self, lease: Lease, now: float) -> float | None:
         """How long a held lease's GPU has had no work (None while a batch runs)."""
         sessions = self._sessions_of_lease(lease.lease_id)
         if not sessions:
@@ -625,7 +642,7 @@ class Tenancy:
         holders = self.leases.holders
         waiting = bool(self.leases.queue)
         idle = sum(1 for lease in holders if waiting and (
-            self._idle_seconds(lease, now) or 0) > self._reclaim_after(lease))
+            self.idle_seconds(lease, now) or 0) > self._reclaim_after(lease))
         self.metrics.gpu_seconds(len(holders) * elapsed, idle * elapsed)
         self.metrics.leases(len(holders), len(self.leases.queue))
         states = [s.state for s in self.sessions.values()]
@@ -735,6 +752,62 @@ class Tenancy:
                 "range": [session.base, P.SESSION_RANGE_SIZE], "client": session.client,
                 "log": parked.log, "chunks": [[c[0], c[1]] for c in parked.chunks]}
 
+    def adoption_offer(self, session: Session) -> dict[str, Any]:
+        """What a draining agent tells another about one of its parked sessions (``adopt``
+        there): enough to fetch it from here and to know its owner when it comes back."""
+        return {"session": session.session_id, "resume_token": session.resume_token,
+                "kernel_id": session.kernel_id,
+                "kernel_secret": self._kernel_secrets.get(session.kernel_id, ""),
+                "range": [session.base, P.SESSION_RANGE_SIZE], "client": session.client}
+
+    def adopt(self, route: bytes, header: dict[str, Any]) -> None:
+        """Take over a parked session from a draining agent (``parked_adopt``): a worker fetches
+        it from there (which then forgets it) and parks it here; answered with ``parked`` then.
+        Refused without a free slot (the fetch passes through a worker's device memory)."""
+        if self.draining:
+            raise AgentError("SessionError", "this agent is shutting down too")
+        session_id = self._text(header, "session")
+        resume_token = self._text(header, "resume_token")
+        kernel_id = self._text(header, "kernel_id")
+        secret = self._text(header, "kernel_secret")
+        origin, wanted = header.get("from"), header.get("range")
+        if not (isinstance(origin, str) and origin.startswith("tcp://") and origin != self.endpoint
+                and isinstance(wanted, list) and wanted and type(wanted[0]) is int):
+            raise AgentError("ProtocolError", "parked_adopt needs the agent it comes 'from' and "
+                             "the session's 'range'")
+        if session_id in self.sessions:
+            raise AgentError("SessionError", f"session {session_id} is already here")
+        known = self._kernel_secrets.get(kernel_id)
+        if known is not None and not secrets.compare_digest(known, secret):
+            raise AgentError("LeaseError", f"kernel {kernel_id} is known here with another "
+                             "kernel_secret: refused")
+        if not self.leases.free_slots:
+            raise AgentError("SessionError", "no free slot here to take parked state through")
+        self._make_room(kernel_id)
+        client = header.get("client") if isinstance(header.get("client"), dict) else {}
+        session = Session(session_id, kernel_id, resume_token, self._free_slot(wanted[0]), client,
+                          resumed=True, adopting=True)
+        if session.base != wanted[0]:
+            raise AgentError("SessionError", f"its address range {wanted[0]:#x} is in use here")
+        self.sessions[session_id] = session
+        self._kernel_secrets[kernel_id] = secret
+        self._open(session, route, header, {"fetch": {
+            "endpoint": origin, "session": session_id, "resume_token": resume_token,
+            "kernel_id": kernel_id, "token": header.get("token")}})
+        self._tell(self.settle([]))  # the fetch occupies a slot until it is parked
+
+    def end_all(self, why: str, *, parked_reason: str) -> None:
+        """The agent is going away: every session still running ends (its owner told why),
+        every lease is revoked, parked state still here is dropped."""
+        for session in list(self.sessions.values()):
+            if session.state is SessionState.PARKED:
+                self.parking.drop(session.session_id, parked_reason)
+                self._forget_session(session)
+            else:
+                self._end(session, why, lost=True)
+        for lease in self._active_leases():
+            self.revoke(lease.lease_id, "draining")
+
     def forget_moved(self, header: dict[str, Any]) -> int:
         session, parked = self.parked_for(header)
         self.parking.drop(session.session_id, MOVED)
@@ -788,6 +861,7 @@ class Tenancy:
                           "client": s.client, **self._session_summary(s)}
                          for s in self.sessions.values() if visible(s.kernel_id)],
             "refusals": dict(self.refusals),
+            "draining": self.draining,
             "worker_restarts": self.workers.restarts,
         }
 

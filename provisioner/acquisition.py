@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from provisioner.clock import Clock
 from provisioner.control import ControlError
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
-from provisioner.lease_record import HeldLease, KeeperState, LeaseRecord
-from provisioner.selection import choose_agent, is_free
+from provisioner.lease_record import AGENT_DRAINING, HeldLease, KeeperState, LeaseRecord
+from provisioner.renewals import ENDED
+from provisioner.selection import choose_agent, is_draining, is_free
 
 if TYPE_CHECKING:  # the keeper imports this module
     from provisioner.keeper import KeeperConfig, Progress
@@ -112,6 +113,13 @@ class PoolAcquisition:
             except LeaseRefused as e:
                 raise ControlError(e.kind, f"the queued lease at {held.agent} ended: "
                                            f"{e.msg}") from None
+            if lease.get("state") in ENDED and lease.get("reason") == AGENT_DRAINING:
+                # the agent is shutting down and sent its queue away: queue elsewhere now
+                moved = await self._queue_elsewhere(held.agent, others, parked_at)
+                held, lease = moved
+                others = [a for a in others if a != held.agent]
+                renewed = clock.now()
+                continue
             if lease.get("state") == "queued" and others:
                 moved = await self._move_to_a_free_agent(others, parked_at)
                 if moved is not None:
@@ -145,6 +153,24 @@ class PoolAcquisition:
         log.info("kernel %s: moved from the queue at %s to the free agent %s",
                  self._config.kernel_id, old.agent if old else "?", agent)
         return new, reply
+
+    async def _queue_elsewhere(self, draining: str, others: list[str], parked_at: str | None
+                               ) -> tuple[HeldLease, dict[str, Any]]:
+        """A lease (held or queued) on another agent of the pool, for a kernel whose queued
+        lease a draining agent revoked; ControlError when no other agent answers."""
+        statuses = await self._client.statuses([a for a in others if a != draining],
+                                               self._config.status_timeout)
+        statuses = {e: s for e, s in statuses.items() if not is_draining(s)}
+        if not statuses:
+            raise ControlError("GPUUnavailable", f"the GPU agent at {draining} is shutting down "
+                               "and no other agent of the pool answered: try again later")
+        agent = choose_agent(statuses, parked_at)
+        reply = await self.request(agent)
+        self._record.lease = self._held(agent, reply)
+        self._record.note_device(statuses[agent])
+        log.info("kernel %s: %s is draining: queued again at %s", self._config.kernel_id,
+                 draining, agent)
+        return self._record.lease, reply
 
     async def release_at_agent(self, lease: HeldLease, *, quietly: bool = True) -> None:
         try:

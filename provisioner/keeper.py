@@ -44,6 +44,7 @@ from provisioner.clock import Clock, SystemClock, within
 from provisioner.control import ControlError
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import (
+    AGENT_DRAINING,
     AGENT_RECLAIMED,
     HOLDING,
     HeldLease,
@@ -55,7 +56,7 @@ from provisioner.lease_record import (
     released_message,
 )
 from provisioner.renewals import ENDED, Renewals
-from provisioner.selection import likely_agent
+from provisioner.selection import likely_agent, where_parked
 
 log = logging.getLogger("harp.provisioner.keeper")
 
@@ -113,6 +114,8 @@ class LeaseKeeper:
                  on_change: OnChange | None = None) -> None:
         self.config = config
         self.client = client
+        if client is not None:  # its status requests prove the kernel (its parked state)
+            client.kernel = (config.kernel_id, config.kernel_secret)
         self._agents = agents
         self._kernel = kernel
         self._clock = clock or SystemClock()
@@ -257,6 +260,8 @@ class LeaseKeeper:
         self.record.set(KeeperState.ACQUIRING, "")
         try:
             agents, statuses = await self._reach_pool(progress)
+            # the agents say where this kernel's parked state is (a draining agent hands it on)
+            parked_at = where_parked(statuses, self.config.kernel_id, parked_at)
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)
         except AgentUnreachable as e:
             await self._failed(str(e))
@@ -402,6 +407,11 @@ class LeaseKeeper:
         if self.state in HOLDING:
             if lease.get("reason") == AGENT_RECLAIMED:
                 self._lease_ended(held, ParkReason.RECLAIM, "")
+            elif lease.get("reason") == AGENT_DRAINING:
+                self._lease_ended(held, ParkReason.ENDED, (
+                    f"the GPU agent at {endpoint} is shutting down: it ended the lease once "
+                    "the cell finished, and its parked state moves to another agent of the "
+                    "pool (the next GPU call restores it there)"))
             else:
                 self._lease_ended(held, ParkReason.ENDED, f"the agent at {endpoint} {ended} "
                                                           "the lease")

@@ -111,6 +111,9 @@ class LeaseClient:
         self.token = token
         self.timeout = timeout
         self.on_push = on_push
+        #: (kernel_id, kernel_secret) of the one kernel this client leases for, when it does:
+        #: its status requests then prove it, and see that kernel's own leases and parked state
+        self.kernel: tuple[str, str] | None = None
         self._own_context = context is None
         self._context = zmq.asyncio.Context() if context is None else context
         self._links: dict[str, _AgentLink] = {}
@@ -197,7 +200,12 @@ class LeaseClient:
 
     async def status(self, endpoint: str, timeout: float | None = None) -> dict[str, Any]:
         """The agent's ``status`` (device, memory, ``leases``: holder, queue, parked)."""
-        return await self._request(endpoint, {"t": P.STATUS}, timeout)
+        header: dict[str, Any] = {"t": P.STATUS}
+        if self.token is not None:
+            header["token"] = self.token
+        if self.kernel is not None:
+            header.update(scope="kernel", kernel_id=self.kernel[0], kernel_secret=self.kernel[1])
+        return await self._request(endpoint, header, timeout)
 
     async def statuses(self, endpoints: list[str],
                        timeout: float | None = None) -> dict[str, dict[str, Any]]:

@@ -46,6 +46,8 @@ class ParkReason(StrEnum):
 
 #: what the agent says in ``lease.reason`` when it reclaims an idle holder for a waiter
 AGENT_RECLAIMED = "reclaimed"
+#: the reason of a lease a shutting-down agent ended (gpu_agent.drain.DRAINING)
+AGENT_DRAINING = "draining"
 
 #: the note a reclaimed kernel's next cell shows, once
 RECLAIMED_NOTICE = "parked while idle because another notebook was waiting"

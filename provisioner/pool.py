@@ -8,22 +8,21 @@ GPU side needs no change on the notebook side.
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from gpu_agent.pool_names import Resolver, expand_endpoints, resolve_all
 from provisioner import local_agents
 
-Resolver = Callable[[str], list[str]]
-
-
-def resolve_all(host: str) -> list[str]:
-    """Every IPv4/IPv6 address ``host`` resolves to, in resolver order, without duplicates."""
-    seen: dict[str, None] = {}
-    for family, _, _, _, sockaddr in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP):
-        if family in (socket.AF_INET, socket.AF_INET6):
-            seen.setdefault(str(sockaddr[0]), None)
-    return list(seen)
+__all__ = [
+    "Resolver",
+    "checked_endpoints",
+    "configured_endpoints",
+    "expand_endpoints",
+    "parse_endpoints",
+    "resolve_agents",
+    "resolve_all",
+]
 
 
 def parse_endpoints(spec: str | Iterable[str]) -> list[str]:
@@ -39,32 +38,6 @@ def parse_endpoints(spec: str | Iterable[str]) -> list[str]:
                 f"agent endpoint {endpoint!r} is not of the form tcp://HOST:PORT "
                 "(or 'auto' for local agents on local GPUs)")
     return endpoints
-
-
-def expand_endpoints(endpoints: Iterable[str], resolver: Resolver = resolve_all) -> list[str]:
-    """One endpoint per agent: names that resolve to several addresses become several endpoints.
-
-    Literal addresses and names that resolve to one address are kept as written, so error
-    messages show what the operator configured.
-    """
-    expanded: dict[str, None] = {}
-    for endpoint in endpoints:
-        if endpoint == "auto":
-            expanded.setdefault(endpoint, None)
-            continue
-        parts = urlsplit(endpoint)
-        host, port = parts.hostname or "", parts.port
-        try:
-            addresses = resolver(host)
-        except OSError:
-            addresses = []  # unresolvable now: keep it; connecting will say what is wrong
-        if len(addresses) <= 1:
-            expanded.setdefault(endpoint, None)
-            continue
-        for address in addresses:
-            shown = f"[{address}]" if ":" in address else address
-            expanded.setdefault(f"tcp://{shown}:{port}", None)
-    return list(expanded)
 
 
 def checked_endpoints(spec: str | Iterable[str]) -> list[str]:

@@ -16,8 +16,15 @@ def _leases(status: dict[str, Any]) -> dict[str, Any]:
     return leases if isinstance(leases, dict) else {}
 
 
+def is_draining(status: dict[str, Any]) -> bool:
+    """The agent is shutting down: it grants nothing more (its parked state is still served)."""
+    return bool(status.get("draining") or _leases(status).get("draining"))
+
+
 def is_free(status: dict[str, Any]) -> bool:
     """A lease requested there now is granted at once."""
+    if is_draining(status):
+        return False
     leases = _leases(status)
     if leases.get("queue"):
         return False
@@ -46,6 +53,8 @@ def choose_agent(statuses: dict[str, dict[str, Any]], parked_at: str | None = No
     agents that answered), in configuration order."""
     if not statuses:
         raise ValueError("no agent answered")
+    # a draining agent only refuses (asked anyway when it is all there is: it says why)
+    statuses = {e: s for e, s in statuses.items() if not is_draining(s)} or statuses
     if parked_at in statuses and is_free(statuses[parked_at]):
         return parked_at  # type: ignore[return-value]
     order = list(statuses)
@@ -53,6 +62,17 @@ def choose_agent(statuses: dict[str, dict[str, Any]], parked_at: str | None = No
     if free:
         return min(free, key=lambda e: (parked_bytes(statuses[e]), order.index(e)))
     return min(order, key=lambda e: (queue_length(statuses[e]), e != parked_at, order.index(e)))
+
+
+def where_parked(statuses: dict[str, dict[str, Any]], kernel_id: str,
+                 parked_at: str | None) -> str | None:
+    """Where this kernel's parked state is: ``parked_at`` unless another agent lists it (a
+    draining agent moved it there; an agent lists its own kernel's parked state only to it)."""
+    holding = [e for e, s in statuses.items()
+               if any(p.get("kernel_id") == kernel_id for p in _leases(s).get("parked") or [])]
+    if not holding or parked_at in holding:
+        return parked_at
+    return next((e for e in holding if not is_draining(statuses[e])), holding[0])
 
 
 def likely_agent(statuses: dict[str, dict[str, Any]], parked_at: str | None = None) -> str:

@@ -10,6 +10,7 @@ from harp_jupyter.server.config import HarpServer
 from harp_jupyter.server.events import LEASE_EVENT_SCHEMA_ID, LeaseEvents
 from harp_jupyter.server.handlers import routes
 from harp_jupyter.server.kernels import ElasticKernels
+from harp_jupyter.server.metrics import install as install_metrics
 from harp_jupyter.server.pool import PoolView
 
 __all__ = ["LEASE_EVENT_SCHEMA_ID", "HarpServer"]
@@ -29,4 +30,5 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.web_app.settings.update({"harp_kernels": kernels, "harp_pool": pool,
                                        "harp_events": events})
     serverapp.web_app.add_handlers(".*$", routes(serverapp.web_app.settings["base_url"]))
+    install_metrics()  # the notebook side on the server's own /metrics
     serverapp.log.info("harp: Elastic GPU API at /harp/api/ (agents: %s)", config.agents)

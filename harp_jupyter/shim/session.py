@@ -264,7 +264,7 @@ class RemoteSession:
             writer.close()
             writer.connection.close()
             try:
-                connection.send({"t": protocol.PARK, "rid": 1})
+                connection.send({"t": protocol.PARK, "rid": 1, "token": connection.token})
                 while True:
                     reply, _ = connection.recv()
                     if reply.get("t") in (protocol.PARKED, protocol.ERROR, protocol.LOST):

@@ -315,7 +315,8 @@ class AgentConnection:
         # a short script may end before the handshake event was read: the welcome proves it
         if bye and (self._established or self.welcome is not None) and self._lost is None:
             try:
-                self._socket.send(protocol.pack_header({"t": protocol.BYE}), zmq.NOBLOCK)
+                self._socket.send(protocol.pack_header({"t": protocol.BYE, "token": self.token}),
+                                  zmq.NOBLOCK)
                 linger = _BYE_LINGER_MS
             except zmq.ZMQError:
                 pass

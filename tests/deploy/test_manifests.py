@@ -351,3 +351,16 @@ def test_jupyterhub_values_point_kernels_at_the_service_with_the_admitted_label(
                     and matches(peer["podSelector"]["matchLabels"], daemonset_labels)):
                 allowed |= {(p["port"], p.get("endPort")) for p in rule["ports"]}
     assert wanted <= allowed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_drain_fits_the_pods_grace_and_hands_parked_state_to_the_pool(overlay: str) -> None:
+    objects = render(f"overlays/{overlay}")
+    service = one(objects, "Service")
+    port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["agent"]
+    for daemonset in of_kind(objects, "DaemonSet"):
+        pod = daemonset["spec"]["template"]["spec"]
+        args = effective_args(agent_container(daemonset))
+        # the agent exits by itself before Kubernetes kills it
+        assert float(args["--drain-grace"]) < pod["terminationGracePeriodSeconds"]
+        assert args["--pool"] == f"tcp://{service['metadata']['name']}:{port}"

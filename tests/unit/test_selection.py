@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from provisioner.selection import choose_agent, is_free, parked_bytes, queue_length
+from provisioner.selection import (
+    choose_agent,
+    is_free,
+    parked_bytes,
+    queue_length,
+    where_parked,
+)
 
 A, B, C = "tcp://a:1", "tcp://b:1", "tcp://c:1"
 
@@ -85,3 +91,26 @@ def test_an_agent_with_slots_is_free_while_a_slot_is_and_queues_count_per_slot()
     assert queue_length(full) == 1.5 and queue_length(single) == 2
     assert choose_agent({"a": single, "b": full}) == "b"  # 1.5 ahead per slot, not 2
     assert choose_agent({"a": full, "b": one_left}) == "b"
+
+
+def draining(base: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "draining": True}
+
+
+def test_a_draining_agent_is_never_chosen_while_another_answers() -> None:
+    statuses = {A: draining(status(parked=[("me", 1)])), B: status(holder="x", queue=3)}
+    assert not is_free(statuses[A])
+    assert choose_agent(statuses, parked_at=A) == B
+
+
+def test_a_draining_agent_alone_is_asked_so_that_it_says_why() -> None:
+    assert choose_agent({A: draining(status())}) == A
+
+
+def test_parked_state_is_found_where_an_agent_lists_it() -> None:
+    statuses = {A: draining(status()), B: status(parked=[("me", 1 << 20)]), C: status()}
+    assert where_parked(statuses, "me", parked_at=A) == B  # moved off the draining agent
+    assert where_parked(statuses, "someone-else", parked_at=A) == A
+    both = {A: draining(status(parked=[("me", 1)])), B: status(parked=[("me", 1)])}
+    assert where_parked(both, "me", parked_at=A) == A  # still there: fetched from there
+    assert where_parked({B: status(parked=[("me", 1)])}, "me", parked_at=None) == B

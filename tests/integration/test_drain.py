@@ -1,0 +1,169 @@
+"""Graceful drain on SIGTERM, with real agent processes (emulated executor) and the real shim.
+
+What must hold: the draining agent is unready at once and grants nothing more; a running cell
+finishes; an idle session's arrays (held or already parked) come back intact, at the same
+addresses, on another agent of the pool; a kernel queued there is served by another agent; the
+agent exits 0 within its grace.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpu_agent import protocol as P
+from harp_jupyter.shim.session import get_session
+from provisioner.lease_client import BlockingLeaseClient
+from tests.agent_client import RawClient
+from tests.integration.test_park_restore import pycuda_modules
+
+pytestmark = pytest.mark.timeout(90)
+
+MiB = 1 << 20
+GRACE = "60"
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def readyz(agent: Any) -> int:
+    port = next(re.search(r":(\d+)/metrics", line)[1] for line in agent.output
+                if "metrics on" in line)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def exits_zero(agent: Any) -> None:
+    """The agent exits by itself, with 0, within its grace (the test's deadline is above it)."""
+    assert agent.process.wait(float(GRACE) + 15) == 0, "".join(agent.output)
+
+
+def test_a_running_cell_finishes_and_the_agent_exits_zero(
+        agent_starter: Any, lease_client: BlockingLeaseClient) -> None:
+    agent = agent_starter("--drain-grace", GRACE, "--metrics-port", "0")
+    client = RawClient(agent.endpoint, timeout_ms=60_000)
+    try:
+        base = client.hello()["range"][0]
+        n = 16 * MiB
+        desc = [base, "<f8", [n // 8], [8]]
+        assert client.batch(["alloc", base, n])[0]["e"] is None
+        assert readyz(agent) == 200
+        assert client.data is not None
+        client.data.send_multipart(P.encode({"t": P.BATCH, "q": 99, "c": [
+            ["array", "power", desc, [desc, 1.0001], {}, None] for _ in range(100)]}))
+        wait_for(lambda: any(s["busy"] for s in lease_client.status(agent.endpoint)
+                             ["leases"]["sessions"]), "the cell to run")
+        agent.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: readyz(agent) == 503, "/readyz to say unready")
+        status = wait_for(lambda: (lambda s: s if s["draining"] else None)(
+            lease_client.status(agent.endpoint)), "the status to say draining")
+        assert status["leases"]["draining"]
+        with pytest.raises(Exception, match="shutting down"):
+            lease_client.request(agent.endpoint, "newcomer", "s")
+        reply, _ = P.decode(client.data.recv_multipart())
+        assert reply["q"] == 99 and reply["e"] is None  # the cell finished
+        exits_zero(agent)
+        client.lease = None  # the agent is gone: nothing to release
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("released", [False, True], ids=["held-idle", "already-parked"])
+def test_an_idle_sessions_arrays_come_back_intact_on_the_other_agent(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch, lease_client: BlockingLeaseClient,
+        released: bool) -> None:
+    second = agent_starter()
+    first = agent_starter("--drain-grace", GRACE, "--pool", second.endpoint)
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    with pycuda_modules() as (cuda, gpuarray):
+        host = np.random.default_rng(7).random(200_000)
+        a = gpuarray.to_gpu(host)
+        b = a * 3
+        pointer = int(b.gpudata)
+        session = get_session()
+        assert session.endpoint == first.endpoint
+        if released:
+            session.release()
+        first.process.send_signal(signal.SIGTERM)
+        exits_zero(first)  # it exits once the parked state has moved
+        parked = lease_client.status(second.endpoint)["leases"]["parked"]
+        assert [p["bytes"] for p in parked] and parked[0]["bytes"] >= 2 * host.nbytes
+        wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+
+        assert np.array_equal((a + b).get(), host * 4)  # the next cell restores on the other
+        assert session.endpoint == second.endpoint
+        assert int(b.gpudata) == pointer
+        back = np.empty_like(host)
+        cuda.memcpy_dtoh(back, pointer)
+        assert np.array_equal(back, host * 3)
+        assert lease_client.status(second.endpoint)["leases"]["parked"] == []
+
+
+def test_a_queued_kernel_is_served_by_the_other_agent(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
+        lease_client: BlockingLeaseClient) -> None:
+    second = agent_starter()
+    first = agent_starter("--drain-grace", GRACE, "--pool", second.endpoint)
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    here = lease_client.request(first.endpoint, "holder-1", "s")
+    there = lease_client.request(second.endpoint, "holder-2", "s")
+    assert here["state"] == there["state"] == "held"
+    with pycuda_modules() as (_cuda, gpuarray):
+        result: dict[str, Any] = {}
+
+        def cell() -> None:
+            try:
+                result["value"] = gpuarray.to_gpu(np.arange(10.0)).get()
+            except Exception as e:  # the assertion below says what
+                result["error"] = e
+
+        thread = threading.Thread(target=cell)
+        thread.start()
+        wait_for(lambda: lease_client.status(first.endpoint)["leases"]["queue"],
+                 "the kernel to queue at the first agent")
+        first.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: lease_client.status(second.endpoint)["leases"]["queue"],
+                 "the kernel to queue at the second agent")
+        exits_zero(first)
+        lease_client.release(second.endpoint, there["id"], there["token"])
+        thread.join(30)
+        assert "error" not in result, result.get("error")
+        assert np.array_equal(result["value"], np.arange(10.0))
+        assert get_session().endpoint == second.endpoint
+
+
+def test_parked_adopt_is_refused_without_the_token_or_a_free_slot(agent_starter: Any) -> None:
+    agent = agent_starter("--token", "pool-token")
+    offer = {"t": P.PARKED_ADOPT, "rid": 5, "session": "s1", "resume_token": "r",
+             "kernel_id": "k", "kernel_secret": "ks", "from": "tcp://127.0.0.1:9",
+             "range": [P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE], "client": {}}
+    holder = RawClient(agent.endpoint)
+    try:
+        reply, _ = holder.request(offer)
+        assert reply["t"] == P.ERROR and reply["e"]["kind"] == "AuthError"
+        holder.take_lease(token="pool-token")  # the only slot is held now
+        reply, _ = holder.request({**offer, "token": "pool-token"})
+        assert reply["t"] == P.ERROR and "no free slot" in reply["e"]["msg"]
+        reply, _ = holder.request({**offer, "token": "pool-token", "from": "not-an-endpoint"})
+        assert reply["t"] == P.ERROR and "'from'" in reply["e"]["msg"]
+    finally:
+        holder.close()

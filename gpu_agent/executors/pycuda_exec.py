@@ -72,15 +72,8 @@ def _curand_version() -> list[int] | None:
 
 
 def _link_options(options: dict[str, Any]) -> dict[str, Any]:
-    """DynamicModule's keyword arguments from module_link's options, each checked."""
-    checks = {"no_extern_c": P.BOOL, "arch": P._optional(P.STR), "code": P._optional(P.STR),
-              "include_dirs": P.STRS}
-    unknown = set(options) - set(checks)
-    if unknown:
-        raise AgentError("ProtocolError", f"module_link: unknown options {sorted(unknown)}")
-    for key, value in options.items():
-        if not checks[key](value):
-            raise AgentError("ProtocolError", f"module_link: option {key} has the wrong type")
+    """DynamicModule's keyword arguments from module_link's options (checked by
+    protocol.validate_call: nvcc_options.check_link_options)."""
     return {"no_extern_c": options.get("no_extern_c", False), "arch": options.get("arch"),
             "code": options.get("code"), "include_dirs": list(options.get("include_dirs", []))}
 

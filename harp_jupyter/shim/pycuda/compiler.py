@@ -36,8 +36,7 @@ class SourceModule(CudaModule):
     ``nvcc``, ``keep`` and ``cache_dir`` concern the local compiler and are ignored;
     ``include_dirs`` is refused by the agent (it would name the agent's directories), and
     ``options`` must be on its nvcc allow-list (gpu_agent/nvcc_options.py); ``arch`` defaults to
-    the agent's
-    GPU."""
+    the agent's GPU."""
 
     @user_facing
     def __init__(self, source: str, nvcc: str = "nvcc", options: Sequence[str] | None = None,

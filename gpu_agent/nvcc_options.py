@@ -23,7 +23,11 @@ _GPU = r"(?:sm|compute|lto)_\d{2,3}[af]?"
 _GPU_LIST = re.compile(rf"{_GPU}(?:,{_GPU})*")
 _ARCH = re.compile(rf"{_GPU}|native|all|all-major")
 _GENCODE = re.compile(rf"arch={_GPU},code=(?:{_GPU}|\[{_GPU}(?:,{_GPU})*\])")
-_MACRO = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\([A-Za-z0-9_, .]*\))?(?:=[^\n\r\x00]*)?")
+#: nvcc runs its sub-tools through a shell, and ``-DX=$(cmd)`` or a backquote in a macro's
+#: value runs ``cmd`` on the agent (seen with CUDA 13.0): values keep to characters no shell
+#: treats specially
+_MACRO = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\([A-Za-z0-9_,.]*\))?"
+                    r"(?:=[A-Za-z0-9_.+\-*/%()=!~^:?\[\]]*)?")
 _MACRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BOOL = re.compile(r"true|false")
 _COUNT = re.compile(r"\d{1,4}")
@@ -67,7 +71,8 @@ ALLOWED: tuple[Allowed, ...] = (
     Allowed(("--source-in-ptx", "-src-in-ptx")),
     Allowed(("--resource-usage", "-res-usage")),
     Allowed(("--std", "-std"), _STD, "c++03..c++23"),
-    Allowed(("--define-macro", "-D"), _MACRO, "NAME[=value]", split=True),
+    Allowed(("--define-macro", "-D"), _MACRO,
+            "NAME[=value] (value: letters, digits and _.+-*/%()=!~^:?[])", split=True),
     Allowed(("--undefine-macro", "-U"), _MACRO_NAME, "NAME", split=True),
     Allowed(("--maxrregcount", "-maxrregcount"), _COUNT, "N"),
     Allowed(("--gpu-architecture", "-arch"), _ARCH, "sm_XY|compute_XY|native|all"),

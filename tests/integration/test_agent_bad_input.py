@@ -93,6 +93,7 @@ HOSTILE_NVCC = [
     ["--linker-options=-T/x"], ["-L/tmp"], ["-lcrypto"], ["--cudart", "shared"],
     ["--compiler-bindir=/tmp"], ["--run"], ["-run"], ["--options-file", "/etc/passwd"],
     ["-o", "/tmp/x"], ["-Xptxas", "--output-file=/tmp/x"],
+    ["-DX=$(touch /tmp/harp-pwned)"],  # nvcc's sub-tools run through a shell
 ]
 
 

@@ -41,6 +41,10 @@ HOSTILE = [
     ["-Xarchive", "x"], ["-O3; rm -rf /"], ["-std=c++17 -I/"], ["-Gx"], ["-lineinfo=1"],
     ["-arch", "sm_90 -I/"], ["-DX\n#include </etc/passwd>"], ["--threads", "0"], ["-E"],
     ["--preprocess"], ["--cubin"], ["--ptx"], ["--fatbin"], ["-c"], ["-Xptxas"],
+    # nvcc runs its sub-tools through a shell: these ran `touch` with CUDA 13.0's nvcc
+    ["-DX=$(touch /tmp/pwned)"], ["-DX=`touch /tmp/pwned`"], ["-D", "X=$(id)"],
+    ["--define-macro=X=1\" ; id ; echo \""], ["-DX=a\\b"], ["-DX=1 -include /etc/passwd"],
+    ["-DX='a'"], ["-DX=a;id"], ["-DX=a|id"], ["-DX=a&id"], ["-DX=a>f"],
 ]
 
 

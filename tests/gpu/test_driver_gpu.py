@@ -168,8 +168,8 @@ def test_allowed_nvcc_options_compile_and_hostile_ones_are_refused(cuda: ModuleT
     major, minor = cuda.Device(0).compute_capability()
     options = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DSCALE=3.0f",
                "--maxrregcount=64", "--ftz=true", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
-    scaled = SourceModule("#include <cuda_fp16.h>\n__global__ void scale(float *x)"
-                          " { x[threadIdx.x] *= SCALE; }", options=options,
+    scaled = SourceModule("#include <cuda_fp16.h>\nextern \"C\" __global__ void scale(float *x)"
+                          " { x[threadIdx.x] *= SCALE; }", options=options, no_extern_c=True,
                           arch=f"sm_{major}{minor}").get_function("scale")
     x = np.arange(32, dtype=np.float32)
     out = x.copy()

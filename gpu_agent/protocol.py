@@ -91,6 +91,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from gpu_agent import nvcc_options
 from gpu_agent.errors import AgentError
 
 PROTOCOL_VERSION = 1
@@ -764,6 +765,7 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
         raise ProtocolError(f"unknown cuRAND generator {args[1]!r}")
     if name == "curand_call" and args[1] not in CURAND_METHODS:
         raise ProtocolError(f"unknown cuRAND generator method {args[1]!r}")
+    nvcc_options.check_call(name, args)
     return name, args
 
 
@@ -840,4 +842,5 @@ def session_range(index: int) -> tuple[int, int]:
 
 
 __all__ = [name for name in dir() if not name.startswith("_")
-           and name not in ("ast", "math", "functools", "np", "msgpack", "re", "struct")]
+           and name not in ("ast", "math", "functools", "np", "msgpack", "re", "struct",
+                            "nvcc_options")]

@@ -20,6 +20,8 @@ import pycuda.gpuarray as gpuarray
 from pycuda.elementwise import ElementwiseKernel
 from pycuda.tools import dtype_to_ctype
 
+from gpu_agent import nvcc_sandbox
+
 GPUArray = gpuarray.GPUArray
 
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
@@ -73,8 +75,9 @@ def _scan(out: GPUArray, source: GPUArray, kwargs: dict[str, Any], stream: Any) 
     kernel = _scan_kernels.get(key)
     if kernel is None:
         cls = ExclusiveScanKernel if exclusive else InclusiveScanKernel
-        kernel = _scan_kernels[key] = cls(out.dtype, key[1], key[2], options=list(key[5]) or None,
-                                          preamble=key[4])
+        with nvcc_sandbox.user_source():  # the expression and preamble are the client's C
+            kernel = _scan_kernels[key] = cls(out.dtype, key[1], key[2],
+                                              options=list(key[5]) or None, preamble=key[4])
     target = out if out.flags.c_contiguous else gpuarray.empty(out.shape, out.dtype,
                                                               allocator=source.allocator)
     if source.dtype != out.dtype:

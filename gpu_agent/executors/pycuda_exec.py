@@ -18,7 +18,7 @@ from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool, get_or_register_dtype
 
-from gpu_agent import nvml, profiling
+from gpu_agent import nvcc_sandbox, nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
@@ -72,15 +72,8 @@ def _curand_version() -> list[int] | None:
 
 
 def _link_options(options: dict[str, Any]) -> dict[str, Any]:
-    """DynamicModule's keyword arguments from module_link's options, each checked."""
-    checks = {"no_extern_c": P.BOOL, "arch": P._optional(P.STR), "code": P._optional(P.STR),
-              "include_dirs": P.STRS}
-    unknown = set(options) - set(checks)
-    if unknown:
-        raise AgentError("ProtocolError", f"module_link: unknown options {sorted(unknown)}")
-    for key, value in options.items():
-        if not checks[key](value):
-            raise AgentError("ProtocolError", f"module_link: option {key} has the wrong type")
+    """DynamicModule's keyword arguments from module_link's options (checked by
+    protocol.validate_call: nvcc_options.check_link_options)."""
     return {"no_extern_c": options.get("no_extern_c", False), "arch": options.get("arch"),
             "code": options.get("code"), "include_dirs": list(options.get("include_dirs", []))}
 
@@ -267,16 +260,18 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def op_module_source(self, module: int, source: str, options: list[str], no_extern_c: bool,
                          arch: str | None, code: str | None, include_dirs: list[str]) -> None:
-        self.modules[module] = SourceModule(
-            source, options=options or None, no_extern_c=no_extern_c, arch=arch, code=code,
-            include_dirs=include_dirs)
+        with nvcc_sandbox.user_source():
+            self.modules[module] = SourceModule(
+                source, options=options or None, no_extern_c=no_extern_c, arch=arch, code=code,
+                include_dirs=include_dirs)
 
     def op_module_image(self, module: int, image: Any) -> None:
         self.modules[module] = cuda.module_from_buffer(bytes(image))
 
     def op_module_link(self, module: int, inputs: list[Any], data: Any,
                        options: dict[str, Any]) -> None:
-        self.modules[module] = link_module(inputs, memoryview(data), options)
+        with nvcc_sandbox.user_source():
+            self.modules[module] = link_module(inputs, memoryview(data), options)
 
     def op_module_unload(self, module: int) -> None:
         self.modules.pop(module, None)
@@ -369,7 +364,8 @@ class PycudaSession(TorchOps, ExecutorSession):
             after_loop=options.get("after_loop", ""))
         # pycuda compiles lazily; compiling now lets the shim raise a CompileError at the call
         # that made the kernel (it waits for this op)
-        elementwise.generate_stride_kernel_and_types(False)
+        with nvcc_sandbox.user_source():
+            elementwise.generate_stride_kernel_and_types(False)
         self.kernels[kernel] = elementwise
 
     def op_elementwise_call(self, kernel: int, operands: list[Any], range_: list[int] | None,
@@ -378,7 +374,8 @@ class PycudaSession(TorchOps, ExecutorSession):
         extra: dict[str, Any] = {"stream": self._stream(stream)}
         if range_ is not None:
             extra["range"] = slice(*range_)
-        k(*[self._operand(x) for x in operands], **extra)
+        with nvcc_sandbox.user_source():  # a call with a range compiles pycuda's range variant
+            k(*[self._operand(x) for x in operands], **extra)
 
     def op_reduction_new(self, kernel: int, dtype_out: str, neutral: str, reduce_expr: str,
                          map_expr: str, arguments: str, options: dict[str, Any]) -> None:
@@ -387,10 +384,11 @@ class PycudaSession(TorchOps, ExecutorSession):
         if dtype is None:
             raise AgentError("ProtocolError", f"reduction_new: dtype {dtype_out[:80]!r} is not "
                              "allowed")
-        self.kernels[kernel] = ReductionKernel(
-            dtype, neutral, reduce_expr, map_expr or None, arguments,
-            name=options.get("name", "reduce_kernel"), options=options.get("options"),
-            preamble=options.get("preamble", ""))
+        with nvcc_sandbox.user_source():
+            self.kernels[kernel] = ReductionKernel(
+                dtype, neutral, reduce_expr, map_expr or None, arguments,
+                name=options.get("name", "reduce_kernel"), options=options.get("options"),
+                preamble=options.get("preamble", ""))
 
     def op_reduction_call(self, kernel: int, out: list[Any], operands: list[Any],
                           stream: int | None) -> None:
@@ -478,6 +476,10 @@ class PycudaExecutor(Executor):
         self.device = cuda.Device(device)
         self.context = self.device.retain_primary_context()
         self.context.push()
+        #: Landlock ABI nvcc runs under (0: none, and CUDA C from clients is refused)
+        self.nvcc_sandbox = nvcc_sandbox.install()
+        if not self.nvcc_sandbox:
+            log.warning("nvcc runs unsandboxed here: %s", nvcc_sandbox.UNAVAILABLE)
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
         self.sessions: set[PycudaSession] = set()

@@ -158,3 +158,36 @@ def test_same_as_local_pycuda(cuda: ModuleType, tmp_path: Any) -> None:
     sys.argv = [str(script), str(tmp_path / "shim.npy")]
     runpy.run_path(str(script), run_name="__main__")
     np.testing.assert_array_equal(np.load(tmp_path / "shim.npy"), np.load(tmp_path / "local.npy"))
+
+
+def test_allowed_nvcc_options_compile_and_hostile_ones_are_refused(cuda: ModuleType) -> None:
+    from pycuda.compiler import SourceModule
+
+    from harp_jupyter.shim.errors import ProtocolError
+
+    major, minor = cuda.Device(0).compute_capability()
+    options = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DSCALE=3.0f",
+               "--maxrregcount=64", "--ftz=true", "-Xptxas", "-v", "--expt-relaxed-constexpr"]
+    scaled = SourceModule("#include <cuda_fp16.h>\nextern \"C\" __global__ void scale(float *x)"
+                          " { x[threadIdx.x] *= SCALE; }", options=options, no_extern_c=True,
+                          arch=f"sm_{major}{minor}").get_function("scale")
+    x = np.arange(32, dtype=np.float32)
+    out = x.copy()
+    scaled(cuda.InOut(out), block=(32, 1, 1), grid=(1, 1))
+    np.testing.assert_array_equal(out, 3 * x)
+    with pytest.raises(ProtocolError, match="--pre-include"):
+        SourceModule(SAXPY, options=["--pre-include=/etc/passwd"])
+
+
+def test_a_source_cannot_include_the_agents_files(cuda: ModuleType) -> None:
+    """nvcc runs in a Landlock sandbox: an #include of a file outside the toolkit's and
+    pycuda's headers, even through a macro, cannot be opened, so its text never comes back."""
+    from pycuda.compiler import SourceModule
+
+    secret = "/etc/passwd"
+    with pytest.raises(cuda.CompileError) as info:
+        SourceModule(f'#define WHERE "{secret}"\n#include WHERE\n' + SAXPY)
+    assert "Permission denied" in str(info.value)
+    with open(secret) as f:
+        first = f.readline().strip()
+    assert first and first not in str(info.value)

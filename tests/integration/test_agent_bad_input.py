@@ -85,6 +85,75 @@ def test_bad_calls_get_clear_errors(clients: tuple[RawClient, RawClient], call: 
     good_client_still_served(good)
 
 
+KERNEL = "__global__ void k(float *x) { x[0] = 1; }"
+#: nvcc options that would read or write the agent's files or run programs there
+HOSTILE_NVCC = [
+    ["--pre-include", "/etc/shadow"], ["-include", "/etc/passwd"], ["-Xcompiler", "-fplugin=x"],
+    ["-I/"], ["--output-directory", "/tmp"], ["-ccbin", "/tmp/evil"], ["--keep-dir", "/tmp"],
+    ["--linker-options=-T/x"], ["-L/tmp"], ["-lcrypto"], ["--cudart", "shared"],
+    ["--compiler-bindir=/tmp"], ["--run"], ["-run"], ["--options-file", "/etc/passwd"],
+    ["-o", "/tmp/x"], ["-Xptxas", "--output-file=/tmp/x"],
+    ["-DX=$(touch /tmp/harp-pwned)"],  # nvcc's sub-tools run through a shell
+]
+
+
+def _compiles(options: list[str]) -> list[list[Any]]:
+    """Every op that compiles CUDA C, carrying ``options`` for nvcc."""
+    desc = [0x10, "<f4", [4], [4]]
+    return [
+        ["module_source", 1, KERNEL, options, False, None, None, []],
+        ["module_link", 2, [["source", KERNEL, options, "k.cu"]], b"", {}],
+        ["elementwise_new", 3, "float *x", "x[i] = 0", "k", {"options": options}],
+        ["reduction_new", 4, "<f4", "0", "a+b", "x[i]", "float *x", {"options": options}],
+        ["array", "scan", desc, [desc], {"options": options}, None],
+    ]
+
+
+@pytest.mark.parametrize("options", HOSTILE_NVCC, ids=" ".join)
+def test_hostile_nvcc_options_are_refused_before_any_compile(
+        clients: tuple[RawClient, RawClient], options: list[str]) -> None:
+    """The emulated executor would refuse CUDA C as NotSupported: a ProtocolError naming the
+    option shows the call was refused by validation, before any executor saw it."""
+    bad, good = clients
+    bad.hello()
+    for call in _compiles(options):
+        reply, _ = bad.batch(call)
+        assert reply["e"]["kind"] == "ProtocolError", (call[0], reply["e"])
+        assert f"nvcc option {options[0][:2]}" in reply["e"]["msg"].replace("'", "")
+        assert "is not allowed" in reply["e"]["msg"]
+    bad.release()
+    good_client_still_served(good)
+
+
+@pytest.mark.parametrize("call", [
+    ["module_source", 1, KERNEL, [], False, "sm_90 --run", None, []],
+    ["module_source", 1, KERNEL, [], False, None, "-I/etc", []],
+    ["module_source", 1, KERNEL, [], False, None, None, ["/etc"]],
+    ["module_link", 1, [["source", KERNEL, [], "k.cu"]], b"", {"include_dirs": ["/"]}],
+    ["module_link", 1, [["source", KERNEL, [], "k.cu"]], b"", {"cache_dir": "/tmp"}],
+], ids=["arch", "code", "include_dirs", "link include_dirs", "link cache_dir"])
+def test_compile_fields_naming_the_agents_files_are_refused(
+        clients: tuple[RawClient, RawClient], call: list[Any]) -> None:
+    bad, good = clients
+    bad.hello()
+    reply, _ = bad.batch(call)
+    assert reply["e"]["kind"] == "ProtocolError", reply["e"]
+    bad.release()
+    good_client_still_served(good)
+
+
+def test_allowed_nvcc_options_reach_the_executor(clients: tuple[RawClient, RawClient]) -> None:
+    """Allowed options pass validation: the emulated executor then refuses CUDA C itself."""
+    bad, good = clients
+    bad.hello()
+    options = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "-DN=4", "--maxrregcount=32"]
+    for call in _compiles(options)[:3]:
+        reply, _ = bad.batch(call)
+        assert reply["e"]["kind"] == "NotSupported", (call[0], reply["e"])
+    bad.release()
+    good_client_still_served(good)
+
+
 def test_freed_memory_is_refused_and_sessions_cannot_see_each_other(
         clients: tuple[RawClient, RawClient]) -> None:
     bad, good = clients

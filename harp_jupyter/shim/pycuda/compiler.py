@@ -34,8 +34,9 @@ class SourceModule(CudaModule):
     """pycuda's SourceModule: ``source`` compiled on the agent for its GPU.
 
     ``nvcc``, ``keep`` and ``cache_dir`` concern the local compiler and are ignored;
-    ``include_dirs`` are directories on the agent's machine; ``arch`` defaults to the agent's
-    GPU."""
+    ``include_dirs`` is refused by the agent (it would name the agent's directories), and
+    ``options`` must be on its nvcc allow-list (gpu_agent/nvcc_options.py); ``arch`` defaults to
+    the agent's GPU."""
 
     @user_facing
     def __init__(self, source: str, nvcc: str = "nvcc", options: Sequence[str] | None = None,

@@ -207,6 +207,11 @@ def check_link_options(options: dict[str, Any], where: str = "module_link") -> N
     check_include_dirs(options.get("include_dirs"), where)
 
 
+#: the ops whose arguments can reach nvcc (``array`` only for its ``scan`` function)
+COMPILING_OPS = frozenset(("module_source", "module_link", "elementwise_new", "reduction_new",
+                           "array"))
+
+
 def check_call(name: str, args: list[Any]) -> None:
     """Check every nvcc input of a call whose op compiles CUDA C (types already checked by
     protocol.validate_call); other calls pass untouched."""

@@ -765,7 +765,8 @@ def validate_call(call: Any) -> tuple[str, list[Any]]:
         raise ProtocolError(f"unknown cuRAND generator {args[1]!r}")
     if name == "curand_call" and args[1] not in CURAND_METHODS:
         raise ProtocolError(f"unknown cuRAND generator method {args[1]!r}")
-    nvcc_options.check_call(name, args)
+    if name in nvcc_options.COMPILING_OPS:
+        nvcc_options.check_call(name, args)
     return name, args
 
 

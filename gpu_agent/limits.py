@@ -53,6 +53,13 @@ class AgentLimits:
         unit="bytes",
         metavar="BYTES",
     )
+    pinned_staging: int = _flag(
+        64 * MiB,
+        "page-locked host memory each worker keeps for device-to-host copies of 64 KiB and more "
+        "(reused once sent; 0: pageable buffers only)",
+        unit="bytes",
+        metavar="BYTES",
+    )
     unread_replies: int = _flag(
         8,
         "replies a connection may leave unread: past it the worker stops reading that client's "

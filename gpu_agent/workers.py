@@ -44,6 +44,7 @@ class WorkerConfig:
     max_frame: int
     unread_replies: int
     fetch_timeout: float
+    pinned_staging: int = 0
     ports: str | None = None
     data_root: str | None = None
     data_writable: bool = False
@@ -112,6 +113,7 @@ class WorkerPool:
                 "--device", str(c.device), "--memory-cap", str(c.memory_cap),
                 "--max-frame", str(c.max_frame), "--unread-replies", str(c.unread_replies),
                 "--fetch-timeout", str(c.fetch_timeout), "--log-level", c.log_level,
+                "--pinned-staging", str(c.pinned_staging),
                 "--data-reader", c.data_reader]
         if c.ports:
             argv += ["--ports", c.ports]

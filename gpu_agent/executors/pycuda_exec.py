@@ -24,6 +24,7 @@ from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays, pycuda_curand
 from gpu_agent.executors.base import Executor, ExecutorSession
+from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
@@ -185,7 +186,7 @@ class PycudaSession(TorchOps, ExecutorSession):
             cuda.memcpy_htod_async(dst, data, s)
 
     def op_dtoh(self, src: int, nbytes: int, stream: int | None) -> np.ndarray:
-        out = np.empty(nbytes, np.uint8)
+        out = self._x.staging.take(nbytes)
         s = self._stream(stream)
         if s is None:
             cuda.memcpy_dtoh(out, src)
@@ -470,7 +471,7 @@ class PycudaExecutor(Executor):
     name = "pycuda"
     emulated = False
 
-    def __init__(self, device: int = 0) -> None:
+    def __init__(self, device: int = 0, *, pinned_staging: int = 0) -> None:
         cuda.init()
         self.device_index = device
         self.device = cuda.Device(device)
@@ -482,6 +483,8 @@ class PycudaExecutor(Executor):
             log.warning("nvcc runs unsandboxed here: %s", nvcc_sandbox.UNAVAILABLE)
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
+        self.staging = PinnedStaging(
+            pinned_staging, lambda nbytes: cuda.pagelocked_empty(nbytes, np.uint8))
         self.sessions: set[PycudaSession] = set()
         self._info = self._read_info()
         self._file_transfers: FileTransfers | None = None

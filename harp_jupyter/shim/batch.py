@@ -148,6 +148,8 @@ class BatchWriter:
             return None
 
     def _buffer_argument(self, value: Any) -> Any:
+        if type(value) is bytes and len(value) < protocol.MAX_INLINE_BYTES:
+            return value  # the common case (a kernel's packed arguments): inline as it is
         if isinstance(value, protocol.FrameRef):
             return value
         view = byte_view(value)

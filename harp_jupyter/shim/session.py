@@ -769,7 +769,7 @@ def worker_endpoint(advertised: str, agent: str) -> str:
 def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:
     for i in positions:
         value = args[i] if i < len(args) else None
-        if value is None or isinstance(value, bytes):
+        if value is None or type(value) is bytes:
             continue
         try:
             if memoryview(value).nbytes >= protocol.MAX_INLINE_BYTES:

@@ -9,7 +9,18 @@ import { after, before, describe, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { CHROMIUM, RECLAIM_OFF, screenshotDir, startAgent, startLab, until, writeNotebook } from './harness.mjs';
+import {
+  boxesOf,
+  CHROMIUM,
+  overflowing,
+  overlapping,
+  RECLAIM_OFF,
+  screenshotDir,
+  startAgent,
+  startLab,
+  until,
+  writeNotebook
+} from './harness.mjs';
 
 // two 40-byte arrays: what the user allocated is 80 B, what the agent maps is one 2 MiB page
 const TWO_SMALL_ARRAYS =
@@ -91,6 +102,33 @@ const lineCount = locator =>
     return tops.size;
   });
 
+/**
+ * Nothing on the sidebar covers anything else: the pool's figures, and on each card the badge,
+ * title and button, every field's label and value (and the parts of a value), the note; every
+ * value fits its box and the card.
+ */
+async function assertSidebarReadable(when) {
+  const figures = await boxesOf(panel().locator('.harp-PoolSummary-figure'));
+  assert.deepEqual(overlapping(figures), [], `${when}: pool figures`);
+  const figureParts = await boxesOf(panel().locator('.harp-PoolSummary-value, .harp-PoolSummary-label'));
+  assert.deepEqual(overlapping(figureParts), [], `${when}: pool numbers and their labels`);
+  const cards = panel().locator('.harp-KernelCard');
+  for (let i = 0; i < (await cards.count()); i++) {
+    const card = cards.nth(i);
+    const name = `${when}, card ${await card.getAttribute('aria-label')}`;
+    const parts = await boxesOf(card.locator(
+      '.harp-KernelCard-header > *, dt, dd, .harp-KernelCard-note, .harp-KernelCard-timeline'));
+    assert.deepEqual(overlapping(parts), [], `${name}: parts cover each other`);
+    const valueParts = await boxesOf(card.locator('dd [data-part]'));
+    assert.deepEqual(overlapping(valueParts), [], `${name}: parts of a value cover each other`);
+    const cardBox = await card.boundingBox();
+    const outside = [...parts, ...valueParts].filter(b => b.right > cardBox.x + cardBox.width + 0.5);
+    assert.deepEqual(outside.map(b => b.text), [], `${name}: past the card's right edge`);
+    assert.deepEqual(await overflowing(card.locator('dd, .harp-KernelCard-titleTail')), [],
+      `${name}: values wider than their box`);
+  }
+}
+
 before(async () => {
   browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -142,6 +180,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
       tails.push(await tail.textContent());
     }
     assert.notEqual(tails[0], tails[1], `visible ends: ${tails}`);
+    await assertSidebarReadable('one held, one queued');
     await shot('two-cards');
   });
 
@@ -185,6 +224,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     for (const [text, right] of partsRight) {
       assert.ok(right <= cardRight, `"${text}" ends at ${right}, the card at ${cardRight}`);
     }
+    await assertSidebarReadable('after the restore');
     await shot('restored');
   });
 
@@ -208,14 +248,28 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     await view.waitFor({ state: 'visible' });
     await until(async () => (await view.locator('rect.harp-Timeline-span').count()) > 10, 'spans');
 
-    // labels end before the first bar of the plot begins
+    // labels end before the first bar of the plot begins; no label, nor the axis, covers a bar
+    // or another label
     const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
       Math.max(...els.map(el => el.getBoundingClientRect().right)));
     const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
       Math.min(...els.map(el => el.getBoundingClientRect().left)));
     assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
+    const texts = await boxesOf(view.locator('.harp-Timeline-label, .harp-Timeline-axis'));
+    const bars = await boxesOf(view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant'));
+    assert.deepEqual(overlapping(texts), [], 'labels and the axis cover each other');
+    assert.deepEqual(overlapping(texts, bars), [], 'labels or the axis cover bars');
     const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
     assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+    // the numbers above and below the plot: the facts of the header, the advisor's table
+    const facts = await boxesOf(view.locator('.harp-Timeline-header > *'));
+    assert.deepEqual(overlapping(facts), [], 'the header facts cover each other');
+    const adviceCells = await boxesOf(view.locator('.harp-Timeline-advice td'));
+    assert.deepEqual(overlapping(adviceCells), [], 'the advisor table cells cover each other');
+    // every bar lies inside the plot
+    const canvas = await view.locator('.harp-Timeline-canvas').boundingBox();
+    const outside = bars.filter(b => b.right > canvas.x + canvas.width + 0.5 || b.left < canvas.x - 0.5);
+    assert.deepEqual(outside.map(b => b.text), [], 'bars outside the plot');
 
     // the tab has padding: the timeline does not touch its edges
     const padding = await view.evaluate(el => parseFloat(getComputedStyle(el).paddingLeft));
@@ -235,6 +289,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
 
     // the advisor names the line as the editor numbers it
     assert.match(await view.locator('.harp-Timeline-advice').textContent(), /cell:6/);
+    await assertSidebarReadable('with the profile open');
     await shot('profile-tab');
   });
 });

@@ -109,6 +109,7 @@ const lineCount = locator =>
  */
 async function assertSidebarReadable(when) {
   const figures = await boxesOf(panel().locator('.harp-PoolSummary-figure'));
+  assert.equal(figures.length, 4, `${when}: GPUs, free, held, queued`);
   assert.deepEqual(overlapping(figures), [], `${when}: pool figures`);
   const figureParts = await boxesOf(panel().locator('.harp-PoolSummary-value, .harp-PoolSummary-label'));
   assert.deepEqual(overlapping(figureParts), [], `${when}: pool numbers and their labels`);
@@ -119,6 +120,7 @@ async function assertSidebarReadable(when) {
     const parts = await boxesOf(card.locator(
       '.harp-KernelCard-header > *, dt, dd, .harp-KernelCard-note, .harp-KernelCard-timeline'));
     assert.deepEqual(overlapping(parts), [], `${name}: parts cover each other`);
+    assert.ok(parts.length >= 8, `${name}: ${parts.length} parts checked`);
     const valueParts = await boxesOf(card.locator('dd [data-part]'));
     assert.deepEqual(overlapping(valueParts), [], `${name}: parts of a value cover each other`);
     const cardBox = await card.boundingBox();
@@ -266,6 +268,16 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     assert.deepEqual(overlapping(facts), [], 'the header facts cover each other');
     const adviceCells = await boxesOf(view.locator('.harp-Timeline-advice td'));
     assert.deepEqual(overlapping(adviceCells), [], 'the advisor table cells cover each other');
+    assert.ok(texts.length >= 6 && bars.length > 10 && facts.length >= 5 && adviceCells.length >= 4,
+      `checked: ${texts.length} labels, ${bars.length} bars, ${facts.length} facts, ${adviceCells.length} cells`);
+    // the advisor's line and its count and time are never cut over two lines ("38.69" / "ms")
+    const adviceLines = await view.locator('.harp-Timeline-advice td:nth-child(odd)').evaluateAll(tds =>
+      tds.map(td => {
+        const range = document.createRange();
+        range.selectNodeContents(td);
+        return [td.textContent, new Set([...range.getClientRects()].map(r => Math.round(r.top))).size];
+      }));
+    assert.deepEqual(adviceLines.filter(([, lines]) => lines !== 1), [], 'advisor cells on more than one line');
     // every bar lies inside the plot
     const canvas = await view.locator('.harp-Timeline-canvas').boundingBox();
     const outside = bars.filter(b => b.right > canvas.x + canvas.width + 0.5 || b.left < canvas.x - 0.5);

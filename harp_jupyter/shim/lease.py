@@ -427,7 +427,7 @@ def _lease_ended(holder: LeaseHolder | None, reason: str) -> None:
     """The agent ended the lease: the session forgets its connection (so that its next GPU
     call leases again and restores), and a reclaimed kernel's next cell says why."""
     if reason == ParkReason.RECLAIM:
-        notes.tell_next_cell(notes.RECLAIMED)
+        notes.tell_next_cell(notes.reclaimed())
     if holder is not None:
         # not on the thread that told us: it must go on serving (park asks, replies)
         threading.Thread(target=holder.lease_ended, name="harp-lease-ended",

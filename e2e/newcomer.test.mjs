@@ -131,6 +131,46 @@ async function assertSidebarReadable(when) {
   }
 }
 
+/**
+ * A timeline anyone can read: labels end before the bars and cover neither a bar nor each other,
+ * nor does the axis; the header's facts and the advisor's cells cover nothing; the advisor's line,
+ * count and time each take one line; every bar lies in the plot.
+ */
+async function assertTimelineReadable(view, what) {
+  // labels end before the first bar of the plot begins; no label, nor the axis, covers a bar
+  // or another label
+  const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
+    Math.max(...els.map(el => el.getBoundingClientRect().right)));
+  const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
+    Math.min(...els.map(el => el.getBoundingClientRect().left)));
+  assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
+  const texts = await boxesOf(view.locator('.harp-Timeline-label, .harp-Timeline-axis'));
+  const bars = await boxesOf(view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant'));
+  assert.deepEqual(overlapping(texts), [], `${what}: labels and the axis cover each other`);
+  assert.deepEqual(overlapping(texts, bars), [], `${what}: labels or the axis cover bars`);
+  const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
+  assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+  // the numbers above and below the plot: the facts of the header, the advisor's table
+  const facts = await boxesOf(view.locator('.harp-Timeline-header > *'));
+  assert.deepEqual(overlapping(facts), [], `${what}: the header facts cover each other`);
+  const adviceCells = await boxesOf(view.locator('.harp-Timeline-advice td'));
+  assert.deepEqual(overlapping(adviceCells), [], `${what}: the advisor table cells cover each other`);
+  assert.ok(texts.length >= 6 && bars.length > 10 && facts.length >= 5 && adviceCells.length >= 4,
+    `${what} checked: ${texts.length} labels, ${bars.length} bars, ${facts.length} facts, ${adviceCells.length} cells`);
+  // the advisor's line and its count and time are never cut over two lines ("38.69" / "ms")
+  const adviceLines = await view.locator('.harp-Timeline-advice td:nth-child(odd)').evaluateAll(tds =>
+    tds.map(td => {
+      const range = document.createRange();
+      range.selectNodeContents(td);
+      return [td.textContent, new Set([...range.getClientRects()].map(r => Math.round(r.top))).size];
+    }));
+  assert.deepEqual(adviceLines.filter(([, lines]) => lines !== 1), [], `${what}: advisor cells on more than one line`);
+  // every bar lies inside the plot
+  const canvas = await view.locator('.harp-Timeline-canvas').boundingBox();
+  const outside = bars.filter(b => b.right > canvas.x + canvas.width + 0.5 || b.left < canvas.x - 0.5);
+  assert.deepEqual(outside.map(b => b.text), [], `${what}: bars outside the plot`);
+}
+
 before(async () => {
   browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -243,6 +283,12 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     await waitForState('Untitled.ipynb', 'parked');
     await openAndRun('Untitled2.ipynb');
     await until(async () => (await outputText('Untitled2.ipynb'))?.includes('harp.timeline'), 'the profile');
+    // first where the cell shows it, in the notebook
+    const inline = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea .harp-Timeline');
+    await inline.waitFor({ state: 'visible' });
+    await until(async () => (await inline.locator('rect.harp-Timeline-span').count()) > 10, 'inline spans');
+    await assertTimelineReadable(inline, 'the cell output');
+    await shot('profile-inline');
     const card = cardByPath('Untitled2.ipynb');
     await card.locator('.harp-KernelCard-timeline').waitFor();
     await card.locator('.harp-KernelCard-timeline').click();
@@ -250,38 +296,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     await view.waitFor({ state: 'visible' });
     await until(async () => (await view.locator('rect.harp-Timeline-span').count()) > 10, 'spans');
 
-    // labels end before the first bar of the plot begins; no label, nor the axis, covers a bar
-    // or another label
-    const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
-      Math.max(...els.map(el => el.getBoundingClientRect().right)));
-    const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
-      Math.min(...els.map(el => el.getBoundingClientRect().left)));
-    assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
-    const texts = await boxesOf(view.locator('.harp-Timeline-label, .harp-Timeline-axis'));
-    const bars = await boxesOf(view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant'));
-    assert.deepEqual(overlapping(texts), [], 'labels and the axis cover each other');
-    assert.deepEqual(overlapping(texts, bars), [], 'labels or the axis cover bars');
-    const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
-    assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
-    // the numbers above and below the plot: the facts of the header, the advisor's table
-    const facts = await boxesOf(view.locator('.harp-Timeline-header > *'));
-    assert.deepEqual(overlapping(facts), [], 'the header facts cover each other');
-    const adviceCells = await boxesOf(view.locator('.harp-Timeline-advice td'));
-    assert.deepEqual(overlapping(adviceCells), [], 'the advisor table cells cover each other');
-    assert.ok(texts.length >= 6 && bars.length > 10 && facts.length >= 5 && adviceCells.length >= 4,
-      `checked: ${texts.length} labels, ${bars.length} bars, ${facts.length} facts, ${adviceCells.length} cells`);
-    // the advisor's line and its count and time are never cut over two lines ("38.69" / "ms")
-    const adviceLines = await view.locator('.harp-Timeline-advice td:nth-child(odd)').evaluateAll(tds =>
-      tds.map(td => {
-        const range = document.createRange();
-        range.selectNodeContents(td);
-        return [td.textContent, new Set([...range.getClientRects()].map(r => Math.round(r.top))).size];
-      }));
-    assert.deepEqual(adviceLines.filter(([, lines]) => lines !== 1), [], 'advisor cells on more than one line');
-    // every bar lies inside the plot
-    const canvas = await view.locator('.harp-Timeline-canvas').boundingBox();
-    const outside = bars.filter(b => b.right > canvas.x + canvas.width + 0.5 || b.left < canvas.x - 0.5);
-    assert.deepEqual(outside.map(b => b.text), [], 'bars outside the plot');
+    await assertTimelineReadable(view, 'the profile tab');
 
     // the tab has padding: the timeline does not touch its edges
     const padding = await view.evaluate(el => parseFloat(getComputedStyle(el).paddingLeft));

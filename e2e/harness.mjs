@@ -267,3 +267,41 @@ export function screenshotDir({ keep = false } = {}) {
   }
   return dir;
 }
+
+/** The boxes the elements of `locator` take on screen, each with the start of its text. */
+export function boxesOf(locator) {
+  return locator.evaluateAll(els =>
+    els
+      .map(el => {
+        const r = el.getBoundingClientRect();
+        const text = (el.textContent ?? '').trim().slice(0, 40) || el.getAttribute('class');
+        return { text, left: r.left, top: r.top, right: r.right, bottom: r.bottom };
+      })
+      .filter(b => b.right > b.left && b.bottom > b.top)
+  );
+}
+
+/**
+ * Pairs of boxes that cover each other by more than `slack` px both ways, as '"a" over "b"'
+ * lines: between `boxes` and `others`, or among `boxes` when `others` is left out.
+ */
+export function overlapping(boxes, others = null, slack = 0.5) {
+  const found = [];
+  boxes.forEach((a, i) => {
+    for (const b of others ?? boxes.slice(i + 1)) {
+      const width = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+      const height = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+      if (width > slack && height > slack) {
+        found.push(`"${a.text}" over "${b.text}" (${width.toFixed(1)} x ${height.toFixed(1)} px)`);
+      }
+    }
+  });
+  return found;
+}
+
+/** Elements of `locator` whose content is wider than their box (cut or spilling out), by text. */
+export function overflowing(locator) {
+  return locator.evaluateAll(els =>
+    els.filter(el => el.scrollWidth > el.clientWidth + 1).map(el => (el.textContent ?? '').trim())
+  );
+}

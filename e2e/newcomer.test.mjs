@@ -9,7 +9,18 @@ import { after, before, describe, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { CHROMIUM, RECLAIM_OFF, screenshotDir, startAgent, startLab, until, writeNotebook } from './harness.mjs';
+import {
+  boxesOf,
+  CHROMIUM,
+  overflowing,
+  overlapping,
+  RECLAIM_OFF,
+  screenshotDir,
+  startAgent,
+  startLab,
+  until,
+  writeNotebook
+} from './harness.mjs';
 
 // two 40-byte arrays: what the user allocated is 80 B, what the agent maps is one 2 MiB page
 const TWO_SMALL_ARRAYS =
@@ -91,6 +102,75 @@ const lineCount = locator =>
     return tops.size;
   });
 
+/**
+ * Nothing on the sidebar covers anything else: the pool's figures, and on each card the badge,
+ * title and button, every field's label and value (and the parts of a value), the note; every
+ * value fits its box and the card.
+ */
+async function assertSidebarReadable(when) {
+  const figures = await boxesOf(panel().locator('.harp-PoolSummary-figure'));
+  assert.equal(figures.length, 4, `${when}: GPUs, free, held, queued`);
+  assert.deepEqual(overlapping(figures), [], `${when}: pool figures`);
+  const figureParts = await boxesOf(panel().locator('.harp-PoolSummary-value, .harp-PoolSummary-label'));
+  assert.deepEqual(overlapping(figureParts), [], `${when}: pool numbers and their labels`);
+  const cards = panel().locator('.harp-KernelCard');
+  for (let i = 0; i < (await cards.count()); i++) {
+    const card = cards.nth(i);
+    const name = `${when}, card ${await card.getAttribute('aria-label')}`;
+    const parts = await boxesOf(card.locator(
+      '.harp-KernelCard-header > *, dt, dd, .harp-KernelCard-note, .harp-KernelCard-timeline'));
+    assert.deepEqual(overlapping(parts), [], `${name}: parts cover each other`);
+    assert.ok(parts.length >= 8, `${name}: ${parts.length} parts checked`);
+    const valueParts = await boxesOf(card.locator('dd [data-part]'));
+    assert.deepEqual(overlapping(valueParts), [], `${name}: parts of a value cover each other`);
+    const cardBox = await card.boundingBox();
+    const outside = [...parts, ...valueParts].filter(b => b.right > cardBox.x + cardBox.width + 0.5);
+    assert.deepEqual(outside.map(b => b.text), [], `${name}: past the card's right edge`);
+    assert.deepEqual(await overflowing(card.locator('dd, .harp-KernelCard-titleTail')), [],
+      `${name}: values wider than their box`);
+  }
+}
+
+/**
+ * A timeline anyone can read: labels end before the bars and cover neither a bar nor each other,
+ * nor does the axis; the header's facts and the advisor's cells cover nothing; the advisor's line,
+ * count and time each take one line; every bar lies in the plot.
+ */
+async function assertTimelineReadable(view, what) {
+  // labels end before the first bar of the plot begins; no label, nor the axis, covers a bar
+  // or another label
+  const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
+    Math.max(...els.map(el => el.getBoundingClientRect().right)));
+  const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
+    Math.min(...els.map(el => el.getBoundingClientRect().left)));
+  assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
+  const texts = await boxesOf(view.locator('.harp-Timeline-label, .harp-Timeline-axis'));
+  const bars = await boxesOf(view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant'));
+  assert.deepEqual(overlapping(texts), [], `${what}: labels and the axis cover each other`);
+  assert.deepEqual(overlapping(texts, bars), [], `${what}: labels or the axis cover bars`);
+  const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
+  assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+  // the numbers above and below the plot: the facts of the header, the advisor's table
+  const facts = await boxesOf(view.locator('.harp-Timeline-header > *'));
+  assert.deepEqual(overlapping(facts), [], `${what}: the header facts cover each other`);
+  const adviceCells = await boxesOf(view.locator('.harp-Timeline-advice td'));
+  assert.deepEqual(overlapping(adviceCells), [], `${what}: the advisor table cells cover each other`);
+  assert.ok(texts.length >= 6 && bars.length > 10 && facts.length >= 5 && adviceCells.length >= 4,
+    `${what} checked: ${texts.length} labels, ${bars.length} bars, ${facts.length} facts, ${adviceCells.length} cells`);
+  // the advisor's line and its count and time are never cut over two lines ("38.69" / "ms")
+  const adviceLines = await view.locator('.harp-Timeline-advice td:nth-child(odd)').evaluateAll(tds =>
+    tds.map(td => {
+      const range = document.createRange();
+      range.selectNodeContents(td);
+      return [td.textContent, new Set([...range.getClientRects()].map(r => Math.round(r.top))).size];
+    }));
+  assert.deepEqual(adviceLines.filter(([, lines]) => lines !== 1), [], `${what}: advisor cells on more than one line`);
+  // every bar lies inside the plot
+  const canvas = await view.locator('.harp-Timeline-canvas').boundingBox();
+  const outside = bars.filter(b => b.right > canvas.x + canvas.width + 0.5 || b.left < canvas.x - 0.5);
+  assert.deepEqual(outside.map(b => b.text), [], `${what}: bars outside the plot`);
+}
+
 before(async () => {
   browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -142,6 +222,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
       tails.push(await tail.textContent());
     }
     assert.notEqual(tails[0], tails[1], `visible ends: ${tails}`);
+    await assertSidebarReadable('one held, one queued');
     await shot('two-cards');
   });
 
@@ -185,6 +266,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     for (const [text, right] of partsRight) {
       assert.ok(right <= cardRight, `"${text}" ends at ${right}, the card at ${cardRight}`);
     }
+    await assertSidebarReadable('after the restore');
     await shot('restored');
   });
 
@@ -201,6 +283,12 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     await waitForState('Untitled.ipynb', 'parked');
     await openAndRun('Untitled2.ipynb');
     await until(async () => (await outputText('Untitled2.ipynb'))?.includes('harp.timeline'), 'the profile');
+    // first where the cell shows it, in the notebook
+    const inline = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea .harp-Timeline');
+    await inline.waitFor({ state: 'visible' });
+    await until(async () => (await inline.locator('rect.harp-Timeline-span').count()) > 10, 'inline spans');
+    await assertTimelineReadable(inline, 'the cell output');
+    await shot('profile-inline');
     const card = cardByPath('Untitled2.ipynb');
     await card.locator('.harp-KernelCard-timeline').waitFor();
     await card.locator('.harp-KernelCard-timeline').click();
@@ -208,14 +296,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
     await view.waitFor({ state: 'visible' });
     await until(async () => (await view.locator('rect.harp-Timeline-span').count()) > 10, 'spans');
 
-    // labels end before the first bar of the plot begins
-    const labelRight = await view.locator('.harp-Timeline-label').evaluateAll(els =>
-      Math.max(...els.map(el => el.getBoundingClientRect().right)));
-    const barsLeft = await view.locator('rect.harp-Timeline-span, rect.harp-Timeline-instant').evaluateAll(els =>
-      Math.min(...els.map(el => el.getBoundingClientRect().left)));
-    assert.ok(labelRight <= barsLeft, `labels end at ${labelRight}, bars start at ${barsLeft}`);
-    const labels = await view.locator('.harp-Timeline-label').evaluateAll(els => els.map(el => el.firstChild.textContent));
-    assert.ok(labels.some(l => l.startsWith('emulated device')), `a device track in ${labels}`);
+    await assertTimelineReadable(view, 'the profile tab');
 
     // the tab has padding: the timeline does not touch its edges
     const padding = await view.evaluate(el => parseFloat(getComputedStyle(el).paddingLeft));
@@ -235,6 +316,7 @@ describe('a newcomer with two Untitled notebooks and one GPU', { timeout: 600_00
 
     // the advisor names the line as the editor numbers it
     assert.match(await view.locator('.harp-Timeline-advice').textContent(), /cell:6/);
+    await assertSidebarReadable('with the profile open');
     await shot('profile-tab');
   });
 });

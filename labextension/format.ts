@@ -14,11 +14,12 @@ export function formatDuration(seconds: number | null): string {
   const m = Math.floor((total % 3600) / 60);
   const s = total % 60;
   const pad = (n: number): string => String(n).padStart(2, '0');
+  // no-break spaces: a narrow card wraps around a duration, never inside it ("1h 00m / 00s")
   if (h > 0) {
-    return `${h}h ${pad(m)}m ${pad(s)}s`;
+    return `${h}h\u00a0${pad(m)}m\u00a0${pad(s)}s`;
   }
   if (m > 0) {
-    return `${m}m ${pad(s)}s`;
+    return `${m}m\u00a0${pad(s)}s`;
   }
   return `${s}s`;
 }

@@ -444,7 +444,7 @@ def _lease_ended(holder: LeaseHolder | None, reason: str, lease_id: str | None) 
     # only a kernel that used the GPU under that lease was parked; one whose lease ended
     # before its hello (granted, never attached) has nothing to be told: it queues again
     if reason == ParkReason.RECLAIM and holder is not None and holder.attached_under(lease_id):
-        notes.tell_next_cell(notes.RECLAIMED)
+        notes.tell_next_cell(notes.reclaimed())
     if holder is not None:
         # not on the thread that told us: it must go on serving (park asks, replies)
         threading.Thread(target=holder.lease_ended, args=(lease_id,), name="harp-lease-ended",

@@ -15,10 +15,13 @@ import threading
 import time
 from typing import Any
 
-#: the note a kernel whose GPU the agent reclaimed shows at its next cell
-RECLAIMED = ("This kernel's GPU was parked while idle because another notebook was waiting. "
-             "Its device memory is kept: the next GPU call leases a GPU again (queueing like "
-             "anyone else if none is free) and restores it.")
+
+def reclaimed() -> str:
+    """The note a kernel (or a script) whose GPU the agent reclaimed shows at its next cell (or
+    its next acquire)."""
+    return (f"This {'kernel' if in_kernel() else 'program'}'s GPU was parked while idle because "
+            "another notebook was waiting. Its device memory is kept: the next GPU call leases a "
+            "GPU again (queueing like anyone else if none is free) and restores it.")
 
 _pending: list[str] = []
 _pending_lock = threading.Lock()
@@ -41,7 +44,7 @@ def show_pending() -> None:
 
 
 def _show(text: str) -> None:
-    if _in_kernel():
+    if in_kernel():
         from IPython.display import display
 
         display({"text/plain": text}, raw=True)
@@ -49,7 +52,8 @@ def _show(text: str) -> None:
         print(f"harp: {text}", file=sys.stderr, flush=True)
 
 
-def _in_kernel() -> bool:
+def in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (cells, displays), not a plain script."""
     try:
         from IPython import get_ipython
     except ImportError:
@@ -73,7 +77,7 @@ class WaitNotice:
         if state == "queued":
             where = f" at {agent}" if agent else ""
             goes_on = ("The cell goes on as soon as it is granted (%harp status shows the lease)."
-                       if _in_kernel() else "The script goes on as soon as it is granted.")
+                       if in_kernel() else "The script goes on as soon as it is granted.")
             text = f"Waiting for a GPU: position {position} in the queue{where}. {goes_on}"
         elif state == "unreachable":
             text = (f"Waiting for a GPU agent to answer at {agent}: none answered yet (is "
@@ -94,7 +98,7 @@ class WaitNotice:
             return
         first = self._last is None
         self._last = text
-        if _in_kernel():
+        if in_kernel():
             from IPython.display import display
 
             if first:

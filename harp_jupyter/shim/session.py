@@ -51,7 +51,7 @@ from harp_jupyter.shim.errors import (
 )
 from harp_jupyter.shim.kernel_output import flush_kernel_output
 from harp_jupyter.shim.lease import LeaseSource, get_lease_source, reset_lease_source
-from harp_jupyter.shim.notice import WaitNotice
+from harp_jupyter.shim.notice import WaitNotice, in_kernel
 from harp_jupyter.shim.parked_calls import (
     CarryOver,
     Orphan,
@@ -576,10 +576,12 @@ class RemoteSession:
                 # the worker ends with its context: the next GPU call starts a fresh session
                 self._lost_error = self._first_error
             if error.get("kind") == "HandleError" and _lost_sessions:
+                who, again = (("kernel", "re-run the cells that create them") if in_kernel()
+                              else ("program", "create them again"))
                 self._first_error.args = (
-                    f"{self._first_error.args[0]}\n  This kernel lost an earlier GPU session "
+                    f"{self._first_error.args[0]}\n  This {who} lost an earlier GPU session "
                     f"({_lost_sessions[-1]}); device arrays and pointers made before that are "
-                    "gone: re-run the cells that create them.",)
+                    f"gone: {again}.",)
         else:
             self._later_errors += 1
 

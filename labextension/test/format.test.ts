@@ -22,8 +22,8 @@ import { HELD, lease } from './fixtures';
 test('durations read as seconds, minutes, hours', () => {
   assert.equal(formatDuration(0), '0s');
   assert.equal(formatDuration(42.9), '42s');
-  assert.equal(formatDuration(187), '3m 07s');
-  assert.equal(formatDuration(3723), '1h 02m 03s');
+  assert.equal(formatDuration(187), '3m\u00a007s');
+  assert.equal(formatDuration(3723), '1h\u00a002m\u00a003s');
   assert.equal(formatDuration(null), '–');
   assert.equal(formatDuration(-1), '–');
 });
@@ -80,7 +80,7 @@ test('a card is titled by the notebook file, else the kernel name, else its id',
 });
 
 test('status text shows time held and queue position', () => {
-  assert.equal(statusText(HELD, 65), 'GPU held 1m 05s');
+  assert.equal(statusText(HELD, 65), 'GPU held 1m\u00a005s');
   assert.equal(statusText(lease({ state: 'queued', position: 2 }), null), 'GPU queued #2');
   assert.equal(statusText(lease({ state: 'parked' }), null), 'GPU parked');
 });
@@ -96,7 +96,7 @@ test('a parked card says why: released, idle, reclaimed for a waiting notebook',
   const parked = (parked_reason: IKernelLease['parked_reason']) =>
     lease({ state: 'parked', parked_reason, idle_timeout: 60, reclaim_after: 2, parked_bytes: 80 });
   assert.equal(parkedReasonText(parked('release')), 'You released it');
-  assert.equal(parkedReasonText(parked('idle')), 'Idle for 1m 00s');
+  assert.equal(parkedReasonText(parked('idle')), 'Idle for 1m\u00a000s');
   assert.equal(parkedReasonText({ ...parked('idle'), idle_timeout: 30 }), 'Idle for 30 s');
   assert.equal(parkedReasonText(parked('reclaim')), 'Reclaimed for a waiting notebook');
   assert.equal(parkedReasonText(parked('ended')), 'The agent ended the lease');
@@ -111,7 +111,7 @@ test('a parked card says why: released, idle, reclaimed for a waiting notebook',
 test('a held card shows the reclaim setting next to the idle countdown', () => {
   assert.equal(reclaimText({ ...HELD, reclaim_after: 2 }), 'after 2 s idle');
   assert.equal(reclaimText({ ...HELD, reclaim_after: 0.5 }), 'after 0.5 s idle');
-  assert.equal(reclaimText({ ...HELD, reclaim_after: 90 }), 'after 1m 30s idle');
+  assert.equal(reclaimText({ ...HELD, reclaim_after: 90 }), 'after 1m\u00a030s idle');
   assert.equal(reclaimText(HELD), null, 'not reported');
   assert.equal(reclaimText(lease({ state: 'parked', reclaim_after: 2 })), null);
   assert.equal(formatSetting(3), '3 s');

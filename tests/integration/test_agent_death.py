@@ -148,7 +148,9 @@ def test_arrays_of_a_lost_session_say_so_on_the_next_agent(
         assert fresh.get().sum() == 3 and get_session().endpoint == second.endpoint
         with pytest.raises(cuda.Error, match="lost an earlier GPU session") as stale:
             old.get()
-        assert "re-run the cells that create them" in str(stale.value)
+        # pytest is a plain program, not a kernel: no cells to re-run
+        assert "This program lost an earlier GPU session" in str(stale.value)
+        assert "create them again" in str(stale.value)
     finally:
         reset_session()
         shim.deactivate()

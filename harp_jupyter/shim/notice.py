@@ -23,6 +23,7 @@ def reclaimed() -> str:
             "another notebook was waiting. Its device memory is kept: the next GPU call leases a "
             "GPU again (queueing like anyone else if none is free) and restores it.")
 
+
 _pending: list[str] = []
 _pending_lock = threading.Lock()
 

@@ -249,7 +249,7 @@ def test_a_lease_reclaimed_before_hello_tells_the_next_cell_nothing(
         addr = put(session, data)
         assert np.array_equal(get(session, addr, data), data)
         assert len(source.grants) == 2 and source.status()["parked_reason"] is None
-        assert notice.RECLAIMED not in notice._pending
+        assert notice.reclaimed() not in notice._pending
     finally:
         notice._pending.clear()
         session.close()

@@ -94,6 +94,8 @@ class _Answer(NamedTuple):
 def _infer(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any) -> Any:
     """The operator's plan by running it on meta tensors, ``_SYNC`` where its outputs depend on
     data, or an ``_Answer`` from metadata alone; torch's own error for a wrong call."""
+    global _inferred
+    _inferred += 1
     meta_args = _to_meta(args, session)
     meta_kwargs = _to_meta(kwargs, session)
     try:
@@ -164,6 +166,15 @@ _plans: dict[Any, Any] = {}
 #: operators whose output shapes depend on the values of float arguments (elsewhere a float's
 #: type is in the signature, not its value, so a loop with a changing scale reuses one plan)
 _FLOAT_SHAPED = ("arange", "range", "linspace", "logspace", "upsample")
+
+
+_inferred = 0
+
+
+def inferences() -> int:
+    """How many times an operator ran on meta tensors in this process (for tests and
+    profiling: a loop of the same operators infers each once)."""
+    return _inferred
 
 
 class _Uncachable(Exception):

@@ -154,6 +154,8 @@ class TorchOps:
     _torch_tensors: dict[int, Any] | None = None
     #: storage key -> [bytes reserved, handles using it]
     _torch_storages: dict[int, list[int]] | None = None
+    #: the sum of those bytes (the slot check runs on every operator: no sum over storages)
+    _torch_total = 0
 
     # {{{ hooks
 
@@ -196,21 +198,24 @@ class TorchOps:
             raise AgentError("MemoryError", f"more than {MAX_TENSORS} live tensors in this "
                              "session: free some (del) before making more")
         new: dict[int, int] = {}
+        keys = []
         for handle, tensor in pairs:
             if handle in tensors:
                 raise AgentError("HandleError", f"tensor handle {handle} is already in use")
             key, nbytes = _storage_key(tensor)
+            keys.append(key)
             if key not in storages:
                 new[key] = nbytes
         total = sum(new.values())
         if total:
             self._check_slot(total)
             self.torch_reserve(total)
+            self._torch_total += total
         for key, nbytes in new.items():
             storages[key] = [nbytes, 0]
-        for handle, tensor in pairs:
+        for (handle, tensor), key in zip(pairs, keys, strict=True):
             tensors[handle] = tensor
-            storages[_storage_key(tensor)[0]][1] += 1
+            storages[key][1] += 1
 
     def _forget(self, handle: int) -> None:
         tensor = self._tensors().pop(handle, None)
@@ -225,6 +230,7 @@ class TorchOps:
         entry[1] -= 1
         if entry[1] == 0:
             del storages[key]
+            self._torch_total -= entry[0]
             self.torch_unreserve(entry[0])
 
     def _check_slot(self, nbytes: int) -> None:
@@ -242,7 +248,7 @@ class TorchOps:
 
     def torch_bytes(self) -> int:
         """Tensor memory this session holds (each storage counted once)."""
-        return sum(entry[0] for entry in (self._torch_storages or {}).values())
+        return self._torch_total
 
     def object_bytes(self) -> int:
         return self.torch_bytes()

@@ -13,12 +13,21 @@ from typing import Any
 
 from harp_jupyter.profiler.profile import Profile
 from harp_jupyter.profiler.recorder import Blocked
+from harp_jupyter.profiler.trace import named
 
 #: ops whose value the notebook waits for: each is a round trip
 _QUESTIONS = frozenset({"mem_get_info", "ping", "get_global", "function_attribute",
                         "stream_query", "event_query", "event_elapsed"})
 _SYNCS = frozenset({"synchronize", "stream_synchronize", "event_synchronize"})
 TOP = 10
+#: GPU spans counted as kernels in the summary (a harp tensor operator is named by its aten op)
+_KERNEL_OPS = frozenset({"launch", "elementwise_call", "reduction_call", "array", "torch_op",
+                         "torch_op_sync"})
+#: harp tensor sync points: what the user wrote, by the aten operator or call it sent
+_TORCH_READS = {"aten::_local_scalar_dense": "`.item()`",
+                "aten::is_nonzero": "a tensor used as a Python bool (`if t:`, `while t:`)",
+                "aten::equal": "`torch.equal`",
+                "torch_download": "`.cpu()`, `.tolist()`, `.numpy()` or printing a tensor"}
 
 
 @dataclass
@@ -48,8 +57,7 @@ def summary(profile: Profile, trace: dict[str, Any]) -> dict[str, Any]:
     gpu_busy = _union(gpu_spans) / 1e6
     kernels: dict[str, list[float]] = {}
     for e in trace["traceEvents"]:
-        if e.get("cat") == "gpu" and e["args"].get("op") in ("launch", "elementwise_call",
-                                                           "reduction_call", "array"):
+        if e.get("cat") == "gpu" and e["args"].get("op") in _KERNEL_OPS:
             entry = kernels.setdefault(e["name"], [0, 0.0])
             entry[0] += 1
             entry[1] += e["dur"] / 1e6
@@ -82,7 +90,7 @@ def advise(profile: Profile) -> list[Advice]:
     groups: dict[tuple[str, int, str, str], list[Blocked]] = {}
     for b in _in_profile(profile):
         site = b.site or ("<unknown>", 0, "")
-        groups.setdefault((site[0], site[1], b.op, b.why), []).append(b)
+        groups.setdefault((site[0], site[1], named(b.op, b.detail), b.why), []).append(b)
     advice = []
     for (filename, line, op, why), waits in groups.items():
         total = sum(w.end - w.start for w in waits) / 1e9
@@ -105,6 +113,16 @@ def _what_to_do(op: str, why: str, count: int) -> str:
         return ("Waits until a large host buffer has been sent. Use to_gpu_async / "
                 "memcpy_htod_async from page-locked memory to overlap it, or load the data on "
                 "the agent with harp_jupyter.remote.load." + looped)
+    if op in _TORCH_READS:
+        return (f"{_TORCH_READS[op]} copies a value from the GPU to the notebook, so it waits "
+                "for all queued GPU work: a round trip." + looped + " Keep the values on the "
+                "device (accumulate: `total += loss.detach()`; collect into a tensor) and "
+                "read them once after the loop (`total.item()`).")
+    if op.startswith("aten::"):
+        return (f"{op}'s output shape depends on the data (nonzero, masked_select, indexing "
+                "with a boolean mask), so the notebook waits for the GPU to learn it."
+                + looped + " Use a form of fixed shape where there is one (torch.where, "
+                "multiplying by the mask).")
     if op == "dtoh":
         return ("Copies device data to the notebook, so it waits for all GPU work before it."
                 + looped + " Keep intermediate values on the GPU (accumulate into a GPUArray, "

@@ -25,6 +25,8 @@ AGENT_TIMING, GPU_TIMING = 1, 2
 #: compiled in an earlier cell than the one profiled)
 KERNEL_NAMES: dict[int, str] = {}
 NAMING_OPS = frozenset({"get_function", "elementwise_new", "reduction_new"})
+#: calls that run an aten operator named by their second argument (harp tensors)
+TORCH_OPERATOR_CALLS = frozenset({"torch_op", "torch_op_sync"})
 
 
 def note_kernel_name(op: str, args: list[Any]) -> None:
@@ -58,6 +60,8 @@ class Blocked:
     op: str
     site: CallSite | None
     why: str
+    #: what the op ran, where it names one (the aten operator of a torch_op_sync)
+    detail: str = ""
 
 
 @dataclass(slots=True)
@@ -114,11 +118,13 @@ class Recorder:
             return KERNEL_NAMES.get(args[0], "")
         if op == "array" and args:
             return str(args[0])
+        if op in TORCH_OPERATOR_CALLS and len(args) > 1:
+            return str(args[1])  # "aten::add.Tensor"
         return ""
 
     def note_blocked(self, start: int, end: int, op: str, site: CallSite | None,
-                     why: str) -> None:
-        self.blocked.append(Blocked(start, end, op, site, why))
+                     why: str, detail: str = "") -> None:
+        self.blocked.append(Blocked(start, end, op, site, why, detail))
 
     def note_batch(self, timing: BatchTiming) -> None:
         self.batches.append(timing)

@@ -4,6 +4,7 @@ Processes: the notebook, then one per agent. Threads (tracks): the notebook's AP
 blocked at sync points, NVTX ranges and lease events; per agent the wire and queue, the agent's
 execution and one track per GPU stream. Every span is a complete (``X``) event, API calls are
 instants (``i``); names come as ``M`` metadata. Times are microseconds since the profile began.
+A harp tensor operator is named by its aten operator ("aten::mm") on every track.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from harp_jupyter.profiler.profile import Profile
+from harp_jupyter.profiler.recorder import TORCH_OPERATOR_CALLS
 
 NOTEBOOK_PID = 1
 API_TID, BLOCKED_TID, NVTX_TID, LEASE_TID = 1, 2, 3, 4
@@ -25,6 +27,11 @@ def where(site: Any, profile: Profile | None = None) -> str:
         return ""
     line = profile.shown_line(site[0], site[1]) if profile is not None else site[1]
     return f"{site[0]}:{line}"
+
+
+def named(op: str, detail: str) -> str:
+    """A call's name on the timeline: a torch call by the aten operator it ran."""
+    return detail if detail and op in TORCH_OPERATOR_CALLS else op
 
 
 def build(profile: Profile) -> dict[str, Any]:
@@ -62,12 +69,14 @@ def build(profile: Profile) -> dict[str, Any]:
             args["bytes_down"] = call.bytes_down
         if call.detail:
             args["kernel"] = call.detail
-        events.append({"name": call.op, "cat": "api", "ph": "i", "s": "t", "ts": us(call.at),
+        events.append({"name": named(call.op, call.detail), "cat": "api", "ph": "i", "s": "t",
+                       "ts": us(call.at),
                        "pid": NOTEBOOK_PID, "tid": API_TID, "args": args})
     for blocked in rec.blocked:
         if blocked.start > t_end:
             continue
-        span(NOTEBOOK_PID, BLOCKED_TID, f"wait: {blocked.op}", blocked.start, blocked.end,
+        span(NOTEBOOK_PID, BLOCKED_TID, f"wait: {named(blocked.op, blocked.detail)}",
+             blocked.start, blocked.end,
              "sync", at=where(blocked.site, profile), why=blocked.why)
     for s in rec.spans:
         tid = NVTX_TID if s.track == "nvtx" else LEASE_TID
@@ -93,7 +102,9 @@ def build(profile: Profile) -> dict[str, Any]:
                  batch.received, "wire")
             for index, start, end in times.get("calls") or ():
                 if 0 <= index < len(batch.ops):
-                    span(n, EXEC_TID, batch.ops[index], to_nb(start), to_nb(end), "agent",
+                    detail = batch.details[index] if index < len(batch.details) else ""
+                    span(n, EXEC_TID, named(batch.ops[index], detail), to_nb(start),
+                         to_nb(end), "agent",
                          at=where(batch.sites[index], profile), batch=batch.seq)
         streams: dict[Any, int] = {}
         for op, stream, start, end, seq, index in rec.gpu.get(endpoint, ()):

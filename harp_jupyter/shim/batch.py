@@ -239,7 +239,8 @@ class BatchWriter:
                 self._receive_one_locked()
             if recorder is not None:
                 recorder.note_blocked(waited, recorder.now(), last.metas[-1][0],
-                                      user_call_site(), "sync")
+                                      user_call_site(), "sync",
+                                      last.details[-1] if last.details else "")
 
     def drain(self) -> None:
         """Send everything and wait for every reply."""

@@ -4,7 +4,9 @@
 (the same session, lease and batches as pycuda code). Tensors carry the session they were made
 in; one used after that session was lost raises a clear error instead of naming a handle a new
 session never had. Frees come from finalizers on any thread, so they are only noted here and
-sent as one ``torch_free`` before the next call. A seed waits the same way, so
+sent as one ``torch_free`` before a later call: once ``FREE_BATCH`` handles or
+``FREE_BATCH_BYTES`` of storage wait, and before every sync point (a loop of small operators
+then sends one free per ``FREE_BATCH`` operators, not one each). A seed waits the same way, so
 ``torch.manual_seed`` alone never leases a GPU.
 """
 
@@ -41,15 +43,24 @@ def raise_as_torch_error(error: ShimError) -> HarpTorchError:
     return wrapped
 
 
+#: dead tensors whose frees may wait for the next sync point: this many handles, or storages of
+#: this many bytes (counted per handle: views of one storage count it each time), whichever
+#: first; small, so memory the user freed is soon the agent's again (a slot's cap counts it)
+FREE_BATCH = 64
+FREE_BATCH_BYTES = 4 << 20
+
+
 class TorchClient:
     """See the module docstring."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._frees: deque[tuple[RemoteSession, int]] = deque()
+        self._free_bytes = 0
         self._seed: int | None = None
         self._next_handle = 1
-        self._checked: set[tuple[int, str]] = set()
+        self._checked_session: RemoteSession | None = None
+        self._checked_endpoint = ""
         self.agent_info: dict[str, Any] = {}
 
     def session(self) -> RemoteSession:
@@ -61,17 +72,31 @@ class TorchClient:
             self._next_handle += 1
             return handle
 
-    def free_later(self, session: RemoteSession, handle: int) -> None:
-        """From a finalizer: forget ``handle`` with the next call (never blocks)."""
+    def free_later(self, session: RemoteSession, handle: int, nbytes: int = 0) -> None:
+        """From a finalizer: forget ``handle`` with a later call (never blocks)."""
         self._frees.append((session, handle))
+        self._free_bytes += nbytes
 
     def seed_later(self, seed: int) -> None:
         self._seed = int(seed) & ((1 << 63) - 1)
 
     # {{{ calls
 
-    def prepare(self, session: RemoteSession) -> None:
-        """What must reach the agent before the next call: frees, a seed, the version note."""
+    def prepare(self, session: RemoteSession, sync: bool = False) -> None:
+        """What must reach the agent before the next call: frees (all of them before a sync
+        point), a seed, the version note."""
+        if self._frees and (sync or len(self._frees) >= FREE_BATCH
+                            or self._free_bytes >= FREE_BATCH_BYTES):
+            self._send_frees(session)
+        if self._seed is not None:
+            seed, self._seed = self._seed, None
+            session.call("torch_seed", seed)
+        if session is not self._checked_session or session.endpoint != self._checked_endpoint:
+            self._checked_session, self._checked_endpoint = session, session.endpoint
+            session.call_later("torch_info", on_result=self.agent_info.update)
+
+    def _send_frees(self, session: RemoteSession) -> None:
+        self._free_bytes = 0
         frees: list[int] = []
         while self._frees:
             owner, handle = self._frees.popleft()
@@ -79,13 +104,6 @@ class TorchClient:
                 frees.append(handle)
         for start in range(0, len(frees), protocol.MAX_TORCH_OUTPUTS):
             session.call("torch_free", frees[start:start + protocol.MAX_TORCH_OUTPUTS])
-        if self._seed is not None:
-            seed, self._seed = self._seed, None
-            session.call("torch_seed", seed)
-        key = (id(session), session.endpoint)
-        if key not in self._checked:
-            self._checked.add(key)
-            session.call_later("torch_info", on_result=self.agent_info.update)
 
     def call(self, op: str, *args: Any) -> None:
         session = self.session()
@@ -106,7 +124,7 @@ class TorchClient:
     def call_sync(self, op: str, *args: Any) -> Any:
         session = self.session()
         try:
-            self.prepare(session)
+            self.prepare(session, sync=True)
             return session.call_sync(op, *args)
         except ShimError as e:
             raise raise_as_torch_error(e) from None

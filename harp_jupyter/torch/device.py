@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils import backend_registration
 
+from harp_jupyter.shim import callsite
 from harp_jupyter.shim.errors import AgentNotConfiguredError
 from harp_jupyter.shim.session import configured_endpoint, get_session
 from harp_jupyter.torch import dispatch
@@ -147,6 +148,9 @@ def register() -> None:
             factories.impl(name, _factory(op), "PrivateUse1")
         _library = (library, factories)
         _registered = True
+        # an operator's call site (errors, %%harp profile) is the user's line, not torch's
+        callsite.skip_directories(os.path.dirname(os.path.abspath(dispatch.__file__)),
+                                  os.path.dirname(os.path.abspath(torch.__file__)))
     # backward runs in the calling thread: torch sizes its per-device autograd threads once, at
     # the first backward of the process, so one run before harp existed left none for harp
     # (an INTERNAL ASSERT in engine.cpp); it also keeps backward's operators under the user's

@@ -18,7 +18,7 @@ host and the device are ``copy_``/``_to_copy`` (``torch_write``/``torch_download
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
@@ -26,23 +26,27 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from gpu_agent import protocol
 from gpu_agent.executors.torch_ops import dtype_name, schema_hash
 from harp_jupyter.torch.client import HarpTorchError, SessionGoneError, client
-from harp_jupyter.torch.tensor import DEVICE_TYPE, HarpTensor, set_dispatcher
+from harp_jupyter.torch.tensor import DEVICE_TYPE, HarpTensor, Layout, set_dispatcher
 
 aten = torch.ops.aten
 
 #: why meta inference can't tell an operator's outputs: then it runs synchronously
 _NO_META = (NotImplementedError, DynamicOutputShapeException, DataDependentOutputException)
 
-_schemas: dict[Any, tuple[str, str]] = {}
+_schemas: dict[Any, tuple[str, str, bool]] = {}
 
 
-def operator_name(op: Any) -> tuple[str, str]:
-    """``("aten::add.Tensor", schema hash)`` of an OpOverload."""
+def operator_name(op: Any) -> tuple[str, str, bool]:
+    """``("aten::add.Tensor", schema hash, whether float values shape its outputs)`` of an
+    OpOverload (computed once per operator)."""
     known = _schemas.get(op)
     if known is None:
         schema = op._schema
         name = schema.name + (f".{schema.overload_name}" if schema.overload_name else "")
-        known = _schemas[op] = (name, schema_hash(str(schema)))
+        if not name.startswith("aten::"):
+            raise NotImplementedError(f"{name}: harp tensors run aten operators only")
+        known = _schemas[op] = (name, schema_hash(str(schema)),
+                                any(word in name for word in _FLOAT_SHAPED))
     return known
 
 
@@ -57,33 +61,57 @@ def run(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _run_remote(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name, digest = operator_name(op)
-    if not name.startswith("aten::"):
-        raise NotImplementedError(f"{name}: harp tensors run aten operators only")
+    name, digest, floats_by_value = operator_name(op)
     session = client.session()
-    meta_args = _to_meta(args, session)
-    meta_kwargs = _to_meta(kwargs, session)
-    try:
-        meta_result = op(*meta_args, **meta_kwargs)
-    except _NO_META:
+    key = signature(op, args, kwargs, session, floats_by_value)
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        plan = _infer(op, args, kwargs, session)
+        if isinstance(plan, _Answer):
+            return plan.value
+        if key is not None:
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    if plan is _SYNC:
         return _run_sync(op, name, digest, args, kwargs)
-    if not any(isinstance(m, torch.Tensor) and m.is_meta for m in _flat(meta_result)):
-        if not _flat(meta_result) or all(not isinstance(m, torch.Tensor)
-                                         for m in _flat(meta_result)):
-            if meta_result is not None and not isinstance(meta_result, tuple | list):
-                return meta_result  # an answer from metadata alone (is_same_size ...)
-        elif all(isinstance(m, torch.Tensor) and m.device.type == "cpu"
-                 for m in _flat(meta_result)):
-            return meta_result  # a host tensor made from metadata (empty_like(device="cpu"))
-    _refuse_metadata_change(op, args, kwargs, meta_args, meta_kwargs)
     handles: list[int | None] = []
-    result = _outputs(op, args, kwargs, meta_result, handles, session)
+    result = _outputs(plan, args, kwargs, handles, session)
     temporaries: list[int] = []
     tree = [_encode(list(args), temporaries), _encode_map(kwargs, temporaries)]
     client.call("torch_op", handles, name, digest, tree)
     if temporaries:
         client.call("torch_free", temporaries)
     return result
+
+
+class _Answer(NamedTuple):
+    """What meta inference answered without the agent (never cached)."""
+
+    value: Any
+
+
+def _infer(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any) -> Any:
+    """The operator's plan by running it on meta tensors, ``_SYNC`` where its outputs depend on
+    data, or an ``_Answer`` from metadata alone; torch's own error for a wrong call."""
+    global _inferred
+    _inferred += 1
+    meta_args = _to_meta(args, session)
+    meta_kwargs = _to_meta(kwargs, session)
+    try:
+        meta_result = op(*meta_args, **meta_kwargs)
+    except _NO_META:
+        return _SYNC
+    if not any(isinstance(m, torch.Tensor) and m.is_meta for m in _flat(meta_result)):
+        if not _flat(meta_result) or all(not isinstance(m, torch.Tensor)
+                                         for m in _flat(meta_result)):
+            if meta_result is not None and not isinstance(meta_result, tuple | list):
+                return _Answer(meta_result)  # from metadata alone (is_same_size ...)
+        elif all(isinstance(m, torch.Tensor) and m.device.type == "cpu"
+                 for m in _flat(meta_result)):
+            return _Answer(meta_result)  # a host tensor from metadata (empty_like(device="cpu"))
+    _refuse_metadata_change(op, args, kwargs, meta_args, meta_kwargs)
+    return _plan_of(op, args, kwargs, meta_result)
 
 
 def _run_sync(op: Any, name: str, digest: str, args: tuple[Any, ...],
@@ -112,35 +140,121 @@ def _rebuild(value: Any, handles: list[int | None], session: Any) -> Any:
         dtype, shape, stride, offset = value[protocol.TORCH_TENSOR]
         handle = handles.pop(0)
         assert handle is not None
-        return HarpTensor(_meta_of(getattr(torch, dtype), shape, stride, offset), handle,
-                          session)
+        return HarpTensor(Layout.contiguous(getattr(torch, dtype), shape, stride, offset),
+                          handle, session)
     if isinstance(value, list):
         return tuple(_rebuild(item, handles, session) for item in value)
     return value
 
 
-def _outputs(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], meta_result: Any,
-             handles: list[int | None], session: Any) -> Any:
-    """The operator's result as the caller sees it; ``handles`` gets one entry per tensor
-    output, in order (None for a written argument, which the agent already has)."""
+# }}}
+
+# {{{ plans: an operator's outputs, inferred once per signature
+
+
+#: signatures whose plans are kept (a plan is a few tuples); past it the cache starts again
+MAX_PLANS = 1 << 14
+
+#: the plan of an operator that runs synchronously (no meta kernel, outputs depend on data)
+_SYNC: Any = object()
+
+#: signature -> plan: ``(single, returns)``, each return ``("w", position, tensors)`` for an
+#: argument the operator writes (``args[position]``, or ``kwargs[position]`` for a name) or
+#: ``("v", tree)`` of ``Layout``s for new tensors and values as they are
+_plans: dict[Any, Any] = {}
+
+#: operators whose output shapes depend on the values of float arguments (elsewhere a float's
+#: type is in the signature, not its value, so a loop with a changing scale reuses one plan)
+_FLOAT_SHAPED = ("arange", "range", "linspace", "logspace", "upsample")
+
+
+_inferred = 0
+
+
+def inferences() -> int:
+    """How many times an operator ran on meta tensors in this process (for tests and
+    profiling: a loop of the same operators infers each once)."""
+    return _inferred
+
+
+class _Uncachable(Exception):
+    pass
+
+
+def signature(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any,
+              floats_by_value: bool) -> Any:
+    """What an operator's output layouts depend on (None when not known: no plan is kept).
+    A harp tensor of another session raises here, before anything is sent."""
+    try:
+        return (op, _signature_of(args, session, floats_by_value),
+                tuple((k, _signature_of(v, session, floats_by_value))
+                      for k, v in kwargs.items()))
+    except _Uncachable:
+        return None
+
+
+def _signature_of(value: Any, session: Any, floats_by_value: bool) -> Any:
+    kind = type(value)
+    if kind is int or kind is bool or kind is str or value is None:
+        return value if kind is not bool else (bool, value)  # True and 1 hash alike
+    if kind is float or kind is complex:
+        return (kind, value) if floats_by_value else kind  # 10.0 == 10, not alike here
+    if isinstance(value, HarpTensor):
+        _check_session(value, session)
+        return value._layout
+    if kind is tuple or kind is list or kind is torch.Size:
+        return tuple(_signature_of(item, session, floats_by_value) for item in value)
+    if kind is torch.dtype or kind is torch.device or kind is torch.layout \
+            or kind is torch.memory_format:
+        return value
+    if isinstance(value, torch.Tensor) and not value.requires_grad:
+        # a host tensor: its layout (a 0-d one's value never shapes an output)
+        return (value.device.type, value.dtype, tuple(value.shape), value.stride())
+    raise _Uncachable
+
+
+def _plan_of(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], meta_result: Any) -> Any:
     returns = op._schema.returns
     if not returns:
-        return meta_result
+        return (True, (("v", meta_result),))
     values = (meta_result,) if len(returns) == 1 else tuple(meta_result)
-    built = []
+    plan = []
     for ret, value in zip(returns, values, strict=True):
         alias = ret.alias_info
         if alias is not None and alias.is_write:
-            argument = _argument_with_alias(op, args, kwargs, alias.before_set)
-            handles.extend(None for _ in _flat(value) if isinstance(_, torch.Tensor))
-            built.append(argument)
+            position = _position_with_alias(op, args, alias.before_set)
+            plan.append(("w", position, sum(isinstance(m, torch.Tensor) for m in _flat(value))))
         else:
-            built.append(_wrap(value, handles, session))
-    return built[0] if len(returns) == 1 else tuple(built)
+            plan.append(("v", _layouts(value)))
+    return (len(returns) == 1, tuple(plan))
+
+
+def _layouts(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return Layout.of(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_layouts(item) for item in value)
+    return value
+
+
+def _outputs(plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             handles: list[int | None], session: Any) -> Any:
+    """The operator's result as the caller sees it; ``handles`` gets one entry per tensor
+    output, in order (None for a written argument, which the agent already has)."""
+    single, returns = plan
+    built = []
+    for item in returns:
+        if item[0] == "w":
+            _, position, count = item
+            handles.extend([None] * count)
+            built.append(args[position] if type(position) is int else kwargs.get(position))
+        else:
+            built.append(_wrap(item[1], handles, session))
+    return built[0] if single else tuple(built)
 
 
 def _wrap(value: Any, handles: list[int | None], session: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    if type(value) is Layout:
         handle = client.new_handle()
         handles.append(handle)
         return HarpTensor(value, handle, session)
@@ -149,14 +263,15 @@ def _wrap(value: Any, handles: list[int | None], session: Any) -> Any:
     return value
 
 
-def _argument_with_alias(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         alias_set: set[str]) -> Any:
+def _position_with_alias(op: Any, args: tuple[Any, ...], alias_set: set[str]) -> int | str:
+    """Where the argument an operator writes and returns is: its index in ``args``, or its
+    name in kwargs (the signature holds how many positional arguments there were)."""
     for position, argument in enumerate(op._schema.arguments):
         info = argument.alias_info
         if info is not None and info.is_write and info.before_set == alias_set:
             if argument.kwarg_only or position >= len(args):
-                return kwargs.get(argument.name)
-            return args[position]
+                return str(argument.name)
+            return position
     raise HarpTorchError(f"{op}: no argument is written as its result says")
 
 
@@ -179,17 +294,10 @@ def _refuse_metadata_change(op: Any, args: tuple[Any, ...], kwargs: dict[str, An
 # {{{ meta tensors and the argument tree
 
 
-def _meta_of(dtype: torch.dtype, shape: Any, stride: Any, offset: int) -> torch.Tensor:
-    extent = 0 if any(n == 0 for n in shape) else 1 + sum(
-        (n - 1) * s for n, s in zip(shape, stride, strict=True))
-    base = torch.empty(offset + extent, dtype=dtype, device="meta")
-    return base.as_strided(shape, stride, offset)
-
-
 def _to_meta(value: Any, session: Any) -> Any:
     if isinstance(value, HarpTensor):
         _check_session(value, session)
-        return value._meta.detach()  # its own metadata: an in-place change must not stick
+        return value._meta  # a new one: an in-place change must not stick
     if isinstance(value, torch.Tensor):
         return value if value.dim() == 0 else value.to("meta")
     if isinstance(value, torch.device) and value.type == DEVICE_TYPE:
@@ -276,7 +384,7 @@ def _encode_host_tensor(host: torch.Tensor, temporaries: list[int]) -> Any:
 def _empty_on_agent(dtype: torch.dtype, shape: list[int]) -> int:
     """A new contiguous tensor on the agent, by handle only (a temporary)."""
     handle = client.new_handle()
-    name, digest = operator_name(aten.empty.memory_format)
+    name, digest, _ = operator_name(aten.empty.memory_format)
     client.call("torch_op", [handle], name, digest,
                 [[shape], {"dtype": {protocol.TORCH_DTYPE: _wire_dtype(dtype)},
                            "device": {protocol.TORCH_DEVICE: 0}}])
@@ -296,7 +404,7 @@ def download(tensor: HarpTensor) -> torch.Tensor:
         client.read(tensor._handle, host)
         return host
     handle = client.new_handle()
-    name, digest = operator_name(aten.clone.default)
+    name, digest, _ = operator_name(aten.clone.default)
     client.call("torch_op", [handle], name, digest,
                 [[{protocol.TORCH_TENSOR: tensor._handle}],
                  {"memory_format": {protocol.TORCH_MEMORY_FORMAT: "contiguous_format"}}])
@@ -317,7 +425,7 @@ def upload(target: HarpTensor, source: torch.Tensor) -> None:
         return
     temporary = _empty_on_agent(target.dtype, list(target.shape))
     client.write(temporary, host)
-    name, digest = operator_name(aten.copy_.default)
+    name, digest, _ = operator_name(aten.copy_.default)
     client.call("torch_op", [None], name, digest,
                 [[{protocol.TORCH_TENSOR: target._handle},
                   {protocol.TORCH_TENSOR: temporary}], {}])
@@ -351,7 +459,7 @@ def _copy(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _item(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    name, digest = operator_name(op)
+    name, digest, _ = operator_name(op)
     return _run_sync(op, name, digest, args, kwargs)
 
 

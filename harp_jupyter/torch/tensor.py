@@ -2,7 +2,8 @@
 
 The local object is a wrapper (``_make_wrapper_subclass``) with no storage: sizes, strides,
 offset and dtype are real, so autograd, modules and optimizers treat it as any device tensor;
-``_meta`` is a meta tensor of the same layout, what shape inference runs on. ``_handle`` names
+``_layout`` is that layout as a hashable ``Layout`` (the key of the dispatcher's cache of output
+layouts), ``_meta`` a meta tensor of it, made only when shape inference runs. ``_handle`` names
 the tensor in the agent's registry, ``_session`` the GPU session it lives in. Every operator on
 it reaches ``__torch_dispatch__``, which hands it to the dispatcher (``dispatch.py`` installs
 itself with ``set_dispatcher``: a hook, so this module needs nothing of that one).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,23 +31,58 @@ def set_dispatcher(dispatcher: Dispatcher) -> None:
     _dispatcher = dispatcher
 
 
+class Layout(NamedTuple):
+    """A tensor's metadata: what an operator's output shapes depend on. ``extent`` is its
+    storage's length in elements (a view's storage is its base's)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    extent: int
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> Layout:
+        """The layout of a meta tensor."""
+        return Layout(tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
+                      tensor.storage_offset(),
+                      tensor.untyped_storage().nbytes() // tensor.element_size())
+
+    @staticmethod
+    def contiguous(dtype: torch.dtype, shape: Any, stride: Any, offset: int) -> Layout:
+        """A layout over the least storage that holds it."""
+        extent = 0 if any(n == 0 for n in shape) else 1 + sum(
+            (n - 1) * s for n, s in zip(shape, stride, strict=True))
+        return Layout(dtype, tuple(shape), tuple(stride), offset, offset + extent)
+
+    def meta(self) -> torch.Tensor:
+        base = torch.empty(self.extent, dtype=self.dtype, device="meta")
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+
 class HarpTensor(torch.Tensor):
     """See the module docstring."""
 
-    _meta: torch.Tensor
+    _layout: Layout
     _handle: int
     _session: RemoteSession
 
     @staticmethod
-    def __new__(cls, meta: torch.Tensor, handle: int, session: RemoteSession) -> HarpTensor:
+    def __new__(cls, layout: Layout, handle: int, session: RemoteSession) -> HarpTensor:
         tensor = torch.Tensor._make_wrapper_subclass(
-            cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
-            dtype=meta.dtype, device=torch.device(DEVICE_TYPE, 0), requires_grad=False)
-        tensor._meta = meta
+            cls, layout.shape, strides=layout.stride, storage_offset=layout.offset,
+            dtype=layout.dtype, device=_device(), requires_grad=False)
+        tensor._layout = layout
         tensor._handle = handle
         tensor._session = session
-        weakref.finalize(tensor, client.free_later, session, handle)
+        weakref.finalize(tensor, client.free_later, session, handle,
+                         layout.extent * layout.dtype.itemsize)
         return tensor
+
+    @property
+    def _meta(self) -> torch.Tensor:
+        """A new meta tensor of this layout (an in-place change of it does not stick)."""
+        return self._layout.meta()
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -82,6 +118,16 @@ class HarpTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: Any) -> Any:
         # torch.save/pickle of a harp tensor keeps its data (on the host) and its device
         return (_from_host, (self.detach().cpu(), self.requires_grad))
+
+
+_harp0: list[torch.device] = []
+
+
+def _device() -> torch.device:
+    """``harp:0`` (made once: it can't exist before the backend is renamed)."""
+    if not _harp0:
+        _harp0.append(torch.device(DEVICE_TYPE, 0))
+    return _harp0[0]
 
 
 def _from_host(host: torch.Tensor, requires_grad: bool) -> torch.Tensor:

@@ -188,3 +188,25 @@ def test_errors_are_torch_errors(harp: Any) -> None:
     with pytest.raises(RuntimeError, match="index"):
         bad.cpu()
     assert a.sum().item() == 6.0  # the session goes on
+
+
+def test_inferred_layouts_are_kept_per_signature_and_stay_right(harp: Any) -> None:
+    """An operator's output layouts are inferred once per signature: a loop runs meta inference
+    once, and whatever changes an output (shapes, dtypes, a scalar's type, a value that sizes
+    a factory's output) gets a plan of its own."""
+    from harp_jupyter.torch import dispatch
+
+    x, local = torch.ones(3, 4, device="harp"), torch.ones(3, 4)
+    before = dispatch.inferences()
+    for scale in (0.25, 2.0, -1.5, 3.0):  # one float type: the same plan, each value sent
+        x = x * scale + 1.0
+        local = local * scale + 1.0
+    assert dispatch.inferences() == before + 2  # mul.Tensor and add.Tensor, once each
+    same(x, local)
+    for start, end, step in ((0, 2.5, 0.5), (0, 3.5, 0.5), (0, 4, 1), (0, 4.0, 1)):
+        same(torch.arange(start, end, step, device="harp"), torch.arange(start, end, step))
+    flags = torch.tensor([True, False]).to("harp")
+    assert (flags + True).dtype == torch.bool and (flags + 1).dtype == torch.int64
+    assert (torch.ones(2, 3, device="harp") + 1).shape == (2, 3)
+    assert (torch.ones(5, device="harp") + 1).shape == (5,)
+    same(torch.ones(2, 3, device="harp")[:, 1:].t() + 1, torch.ones(2, 3)[:, 1:].t() + 1)

@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import zmq
@@ -26,10 +27,11 @@ from gpu_agent import protocol as P
 from gpu_agent.curve import ServerKeys, serve_encrypted
 from gpu_agent.drain import Drain
 from gpu_agent.errors import AgentError
+from gpu_agent.lease_desk import DRAINING_REFUSAL
 from gpu_agent.limits import AgentLimits
 from gpu_agent.metrics import AgentMetrics
 from gpu_agent.parking import ParkStore
-from gpu_agent.tenancy import DRAINING_REFUSAL, Tenancy
+from gpu_agent.tenancy import Tenancy
 from gpu_agent.workers import WorkerConfig, WorkerPool
 
 log = logging.getLogger("harp.agent")
@@ -112,7 +114,7 @@ class Supervisor:
                 # worker reports first, then the tick (which sees exits): a report written
                 # before a worker's exit is read before the exit is acted on
                 for worker, header in self.workers.receive():
-                    self._guarded(lambda w=worker, h=header: self.tenancy.on_worker(w, h))
+                    self._guarded(partial(self.tenancy.lifecycle.on_worker, worker, header))
                 if self.socket in events:
                     for _ in range(256):  # then let the workers and the clock have a turn
                         try:
@@ -142,7 +144,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             if self.workers.socket.poll(100):
                 for worker, header in self.workers.receive():
-                    self.tenancy.on_worker(worker, header)
+                    self.tenancy.lifecycle.on_worker(worker, header)
             if any(w.ready for w in self.workers.workers.values()):
                 self.device = self.device_info()
                 return
@@ -262,7 +264,7 @@ class Supervisor:
             raise AgentError("VersionMismatch", (
                 f"this agent speaks protocol version {P.PROTOCOL_VERSION}, the client "
                 f"{header.get('v')!r}: install the same harp-jupyter version on both sides"))
-        self.tenancy.hello(route, header)
+        self.tenancy.session_desk.hello(route, header)
 
     def _on_status(self, route: bytes, header: dict[str, Any]) -> None:
         if not self._authorised(header):
@@ -280,31 +282,31 @@ class Supervisor:
         self._send(route, reply)
 
     def _on_park(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.park_request(route, header)
+        self.tenancy.session_desk.park_request(route, header)
 
     def _on_bye(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.bye(route)
+        self.tenancy.session_desk.bye(route)
 
     def _on_lease_request(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.request(route, header)
+        self.tenancy.lease_desk.request(route, header)
 
     def _on_lease_renew(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.renew(route, header)
+        self.tenancy.lease_desk.renew(route, header)
 
     def _on_lease_release(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.release(route, header)
+        self.tenancy.lease_desk.release(route, header)
 
     def _on_drop_parked(self, route: bytes, header: dict[str, Any]) -> None:
-        count, nbytes = self.tenancy.drop_kernel(header)
+        count, nbytes = self.tenancy.session_desk.drop_kernel(header)
         self._send(route, {"t": P.DROPPED, "rid": header.get("rid"), "sessions": count,
                            "bytes": nbytes})
 
     def _on_parked_fetch(self, route: bytes, header: dict[str, Any]) -> None:
         self._send(route, {"t": P.PARKED_STATE, "rid": header.get("rid"),
-                           "manifest": self.tenancy.manifest(header)})
+                           "manifest": self.tenancy.handoff.manifest(header)})
 
     def _on_parked_chunk(self, route: bytes, header: dict[str, Any]) -> None:
-        _session, parked = self.tenancy.parked_for(header)
+        _session, parked = self.tenancy.handoff.parked_for(header)
         addr, offset, size = header.get("addr"), header.get("offset"), header.get("size")
         for chunk_addr, chunk_size, path in parked.chunks:
             if (chunk_addr == addr and type(offset) is int and type(size) is int
@@ -319,10 +321,10 @@ class Supervisor:
         raise AgentError("ProtocolError", "parked_chunk names no piece of that parked state")
 
     def _on_parked_adopt(self, route: bytes, header: dict[str, Any]) -> None:
-        self.tenancy.adopt(route, header)
+        self.tenancy.handoff.adopt(route, header)
 
     def _on_parked_forget(self, route: bytes, header: dict[str, Any]) -> None:
-        nbytes = self.tenancy.forget_moved(header)
+        nbytes = self.tenancy.handoff.forget_moved(header)
         self._send(route, {"t": P.DROPPED, "rid": header.get("rid"), "sessions": 1,
                            "bytes": nbytes})
 
@@ -353,8 +355,7 @@ class Supervisor:
         }
 
     def _flush(self) -> None:
-        outbox, self.tenancy.outbox = self.tenancy.outbox, []
-        for route, header, frames in outbox:
+        for route, header, frames in self.tenancy.outbox.take():
             self._send(route, header, frames)
 
     def _send(self, route: bytes, header: dict[str, Any], frames: list[Any] = ()) -> None:

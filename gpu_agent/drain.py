@@ -28,7 +28,8 @@ import zmq
 
 from gpu_agent import protocol as P
 from gpu_agent.curve import ServerKeys, connect_encrypted
-from gpu_agent.tenancy import SessionState, Tenancy
+from gpu_agent.tenancy import Tenancy
+from gpu_agent.tenants import SessionState
 
 log = logging.getLogger("harp.agent.drain")
 
@@ -79,14 +80,14 @@ class Drain:
             return
         self.started_at = self._clock()
         tenancy = self.tenancy
-        tenancy.draining = True
+        tenancy.lease_desk.shutting_down = True
         try:
             self._pool = [p for p in self._peers() if p != self.advertise]
         except OSError as e:
             log.warning("draining: the pool's agents could not be resolved (%s): parked state "
                         "stays here until the grace ends", e)
         for lease in tenancy.leases.queue:
-            tenancy.revoke(lease.lease_id, DRAINING)
+            tenancy.lease_desk.revoke(lease.lease_id, DRAINING)
         log.warning("draining (SIGTERM): no new leases; running cells have %g s; parked state "
                     "moves to %s", self.grace, ", ".join(self._pool) or "no other agent "
                     "(no --pool)")
@@ -98,9 +99,9 @@ class Drain:
         tenancy = self.tenancy
         self._read_answers()
         for lease in list(tenancy.leases.holders):
-            if tenancy.idle_seconds(lease, now) is not None:
-                tenancy.revoke(lease.lease_id, DRAINING)
-        for session in list(tenancy.sessions.values()):
+            if tenancy.lease_desk.idle_seconds(lease, now) is not None:
+                tenancy.lease_desk.revoke(lease.lease_id, DRAINING)
+        for session in list(tenancy.book.sessions.values()):
             if (session.state is SessionState.PARKED and session.session_id not in self._offers
                     and session.session_id not in self._stuck):
                 self._offers[session.session_id] = _Offer(session.session_id, list(self._pool))
@@ -110,7 +111,7 @@ class Drain:
         if now - self.started_at >= self.grace:
             self._end_everything()
             return True
-        busy = any(s.state is not SessionState.PARKED for s in tenancy.sessions.values())
+        busy = any(s.state is not SessionState.PARKED for s in tenancy.book.sessions.values())
         if tenancy.leases.holders or busy or self._offers:
             return False
         # everything that could move has moved; what no agent took is served to fetches
@@ -120,7 +121,7 @@ class Drain:
     # {{{ handing parked state on
 
     def _offer_next(self, offer: _Offer) -> None:
-        session = self.tenancy.sessions.get(offer.session_id)
+        session = self.tenancy.book.get(offer.session_id)
         if session is None or session.state is not SessionState.PARKED:
             del self._offers[offer.session_id]  # restored or fetched meanwhile: gone from here
             return
@@ -133,7 +134,7 @@ class Drain:
         peer = offer.untried.pop(0)
         self._rid += 1
         offer.peer, offer.rid = peer, self._rid
-        manifest = self.tenancy.adoption_offer(session)
+        manifest = self.tenancy.handoff.adoption_offer(session)
         self._socket(peer).send(P.pack_header({
             "t": P.PARKED_ADOPT, "rid": offer.rid, "token": self._token, "from": self.advertise,
             **manifest}))
@@ -176,7 +177,7 @@ class Drain:
         """The grace is over: cells still running are ended, their owners told."""
         why = (f"the GPU agent shut down (its drain grace of {self.grace:g} s, harp-agent "
                "--drain-grace, ran out while this cell ran)")
-        self.tenancy.end_all(why, parked_reason=(
+        self.tenancy.handoff.end_all(why, parked_reason=(
             "the GPU agent shut down and no other agent of its pool took its parked state"))
 
     def close(self) -> None:

@@ -20,27 +20,24 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
 from gpu_agent.batches import BatchRunner
-from gpu_agent.curve import ServerKeys, connect_encrypted, serve_encrypted
+from gpu_agent.curve import ServerKeys, serve_encrypted
 from gpu_agent.datastore import DataStore
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import make_executor
-from gpu_agent.executors.base import Executor, is_object_chunk, object_chunk_address
+from gpu_agent.executors.base import Executor
+from gpu_agent.parked_io import ParkedStateIO
 
 log = logging.getLogger("harp.agent.worker")
 
-#: bytes moved per step when parking, restoring or fetching (bounds the worker's host memory)
-PIECE_BYTES = 64 << 20
 #: how long the worker blocks on its client before it looks at the supervisor's socket again
 _IDLE_SLICE_MS = 10
 
@@ -61,14 +58,16 @@ class Worker:
         self.data.setsockopt(zmq.SNDHWM, args.unread_replies)
         self.data.setsockopt(zmq.RCVHWM, args.unread_replies)
         self.data.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.curve = ServerKeys.load(args.curve_secret_key_file, args.curve_client_keys_dir) \
+        curve = ServerKeys.load(args.curve_secret_key_file, args.curve_client_keys_dir) \
             if args.curve_secret_key_file else None
-        self.authenticator = serve_encrypted(self.context, [self.data], self.curve) \
-            if self.curve is not None else None
+        self.authenticator = serve_encrypted(self.context, [self.data], curve) \
+            if curve is not None else None
+        self.parked_io = ParkedStateIO(self.context, curve, fetch_timeout=args.fetch_timeout,
+                                       max_frame=args.max_frame)
         self.endpoint = _bind(self.data, args.bind, args.ports)
         if args.advertise_host:
             self.endpoint = f"tcp://{args.advertise_host}:{self.endpoint.rsplit(':', 1)[1]}"
-        self.monitor = self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.attachment = ClientAttachment(self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED))
         self.status = W.StatusPage(args.status)
         self.kernel_output = KernelOutput()
         self.executor: Executor = make_executor(args.executor, args.device,
@@ -79,9 +78,7 @@ class Worker:
             self.executor.data_reader_choice = args.data_reader
         self.runner: BatchRunner | None = None
         self.session_id: str | None = None
-        self.attach_token: str | None = None
         self.client: bytes | None = None
-        self.client_fd: int | None = None
         self.running = True
 
     # {{{ loop
@@ -134,15 +131,14 @@ class Worker:
                 "ProtocolError", f"a worker takes attach and batch messages, not {kind!r}")})
 
     def _on_attach(self, route: bytes, header: dict[str, Any], frame: zmq.Frame) -> None:
-        token = header.get("attach")
-        if (self.runner is None or self.attach_token is None or not isinstance(token, str)
-                or header.get("session") != self.session_id
-                or not secrets.compare_digest(token, self.attach_token)):
+        if (self.runner is None or header.get("session") != self.session_id
+                or not self.attachment.admits(header.get("attach"))):
             self._send(route, {"t": P.ERROR, "e": P.error(
                 "AuthError", "this worker serves another session (wrong attach token)")})
             return
         back = self.client is not None and self.client != route
-        self.client, self.client_fd = route, frame.get(zmq.SRCFD)
+        self.client = route
+        self.attachment.attached(frame.get(zmq.SRCFD))
         self._send(route, {"t": P.ATTACHED, "session": self.session_id})
         if back:
             self._tell(W.BACK, session=self.session_id)
@@ -170,11 +166,8 @@ class Worker:
             self.running = False
 
     def _read_monitor(self) -> None:
-        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED and event["value"] == self.client_fd:
-                self.client_fd = None
-                self._tell(W.GONE, session=self.session_id)
+        if self.attachment.dropped():
+            self._tell(W.GONE, session=self.session_id)
 
     # }}}
 
@@ -198,9 +191,10 @@ class Worker:
                                       max_frame=self.args.max_frame)
             restored = 0
             if header.get("restore"):
-                restored = self._restore_from_files(header["restore"])
+                restored = self.parked_io.restore_from_files(self.runner, header["restore"])
             elif header.get("fetch"):
-                restored = self._restore_from_agent(header["fetch"], int(header["base"]))
+                restored = self.parked_io.restore_from_agent(self.runner, header["fetch"],
+                                                             int(header["base"]))
         except AgentError as e:
             self._tell(W.OPEN_FAILED, session=session, e=e.to_wire())
             self.running = False
@@ -211,86 +205,10 @@ class Worker:
                 "StateLost", f"recreating the session failed: {type(e).__name__}: {e}"))
             self.running = False
             return
-        self.session_id, self.attach_token = session, str(header["attach"])
+        self.session_id = session
+        self.attachment.expect(str(header["attach"]))
         self.status.batch_ended(time.monotonic_ns(), 0, 0, self.runner.device_bytes)
         self._tell(W.OPENED, session=session, restored_bytes=restored)
-
-    def _replay(self, calls: list[Any]) -> None:
-        assert self.runner is not None
-        for call in calls:
-            name, args = P.validate_call(call)
-            if P.OPS[name].creates is None and P.OPS[name].configures is None:
-                raise AgentError("StateLost", f"the parked state's log holds {name}, which "
-                                 "creates nothing")
-            self.runner.call(name, args)
-
-    def _restore_from_files(self, restore: dict[str, Any]) -> int:
-        assert self.runner is not None
-        self._replay(restore.get("log") or [])
-        total = 0
-        buffer = np.empty(PIECE_BYTES, np.uint8)
-        objects: list[memoryview] = []
-        for addr, size, path in restore.get("chunks") or []:
-            if is_object_chunk(addr):  # session objects outside device memory (torch tensors)
-                objects.append(_read_object(path, size))
-                total += size
-                continue
-            self.runner.call("alloc", [addr, size])
-            with open(path, "rb", buffering=0) as f:
-                for offset in range(0, size, PIECE_BYTES):
-                    piece = memoryview(buffer)[:min(PIECE_BYTES, size - offset)]
-                    if f.readinto(piece) != piece.nbytes:
-                        raise AgentError("StateLost", f"parked file {path} is short")
-                    self.runner.device.write_from(addr + offset, piece)
-            total += size
-        self.runner.device.restore_objects(objects)
-        return total
-
-    def _restore_from_agent(self, fetch: dict[str, Any], base: int) -> int:
-        """Pull a session parked on another agent, piece by piece, checking that what comes is
-        what was asked for (the session, its kernel, its address range)."""
-        assert self.runner is not None
-        origin = _AgentPeer(self.context, str(fetch["endpoint"]), fetch.get("token"),
-                            self.args.fetch_timeout, self.args.max_frame, self.curve)
-        ask = {"session": fetch["session"], "resume_token": fetch["resume_token"]}
-        try:
-            reply, _ = origin.request({"t": P.PARKED_FETCH, "kernel_id": fetch["kernel_id"],
-                                       **ask})
-            manifest = reply.get("manifest")
-            if (not isinstance(manifest, dict) or manifest.get("session") != fetch["session"]
-                    or manifest.get("kernel_id") != fetch["kernel_id"]
-                    or not isinstance(manifest.get("range"), list)
-                    or manifest["range"][:1] != [base]
-                    or not isinstance(manifest.get("chunks"), list)):
-                raise AgentError("StateLost", "the agent that held the parked state sent a "
-                                 "manifest for something else than was asked")
-            self._replay(manifest.get("log") or [])
-            total = 0
-            objects: list[memoryview] = []
-            for chunk in manifest["chunks"]:
-                if not (type(chunk) is list and len(chunk) == 2
-                        and all(type(x) is int for x in chunk)):
-                    raise AgentError("StateLost", "malformed chunk list in the manifest")
-                addr, size = chunk
-                if is_object_chunk(addr):
-                    whole = bytearray(size)
-                    for offset, piece in origin.pieces(ask, addr, size):
-                        whole[offset:offset + piece.nbytes] = piece
-                    objects.append(memoryview(whole))
-                else:
-                    self.runner.call("alloc", [addr, size])
-                    for offset, piece in origin.pieces(ask, addr, size):
-                        self.runner.device.write_from(addr + offset, piece)
-                total += size
-            self.runner.device.restore_objects(objects)
-            try:
-                origin.request({"t": P.PARKED_FORGET, **ask})
-            except AgentError as e:
-                log.warning("could not tell %s to forget the moved session: %s",
-                            fetch["endpoint"], e)
-            return total
-        finally:
-            origin.close()
 
     def _park(self, header: dict[str, Any]) -> None:
         runner = self.runner
@@ -299,35 +217,11 @@ class Worker:
             self.running = False
             return
         self.client = None  # nothing more runs: the supervisor told the client
-        memory_dir, disk_dir = Path(header["memory_dir"]), Path(header["disk_dir"])
-        memory_room = int(header["memory_room"])
-        chunks: list[list[Any]] = []
-        buffer = np.empty(PIECE_BYTES, np.uint8)
         try:
-            for addr, size in runner.device.mapped_chunks():
-                where = memory_dir if size <= memory_room else disk_dir
-                if where is memory_dir:
-                    memory_room -= size
-                path = where / f"{self.session_id}-{addr:x}.bin"
-                with open(path, "xb", buffering=0) as f:
-                    for offset in range(0, size, PIECE_BYTES):
-                        piece = memoryview(buffer)[:min(PIECE_BYTES, size - offset)]
-                        runner.device.read_into(addr + offset, piece)
-                        f.write(piece)
-                chunks.append([addr, size, str(path)])
-            for index, (name, payload) in enumerate(runner.device.park_objects()):
-                view = memoryview(payload).cast("B")
-                where = memory_dir if view.nbytes <= memory_room else disk_dir
-                if where is memory_dir:
-                    memory_room -= view.nbytes
-                path = where / f"{self.session_id}-object{index}-{name}.bin"
-                with open(path, "xb", buffering=0) as f:
-                    for offset in range(0, view.nbytes, PIECE_BYTES):
-                        f.write(view[offset:offset + PIECE_BYTES])
-                chunks.append([object_chunk_address(index), view.nbytes, str(path)])
+            chunks = self.parked_io.write(runner, str(self.session_id),
+                                          Path(header["memory_dir"]),
+                                          int(header["memory_room"]), Path(header["disk_dir"]))
         except (OSError, AgentError) as e:
-            for _addr, _size, path in chunks:
-                _unlink(path)
             self._tell(W.PARK_FAILED, e=P.error("StateLost", f"writing it failed: {e}"))
             self.running = False
             return
@@ -364,9 +258,43 @@ class Worker:
         self.status.close()
         if self.authenticator is not None:
             self.authenticator.stop()
-        for socket in (self.monitor, self.data, self.control):
+        self.attachment.close()
+        for socket in (self.data, self.control):
             socket.close()
         self.context.term()
+
+
+class ClientAttachment:
+    """Who may attach to this worker's session (the attach token the supervisor gave its
+    client) and whether that client's connection is still there (the data socket's monitor)."""
+
+    def __init__(self, monitor: zmq.Socket) -> None:
+        self.monitor = monitor
+        self.token: str | None = None
+        self.fd: int | None = None
+
+    def expect(self, token: str) -> None:
+        self.token = token
+
+    def admits(self, token: Any) -> bool:
+        return (self.token is not None and isinstance(token, str)
+                and secrets.compare_digest(token, self.token))
+
+    def attached(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def dropped(self) -> bool:
+        """Whether the attached client's connection dropped since the last look."""
+        gone = False
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(self.monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED and event["value"] == self.fd:
+                self.fd = None
+                gone = True
+        return gone
+
+    def close(self) -> None:
+        self.monitor.close()
 
 
 class KernelOutput:
@@ -429,54 +357,6 @@ class KernelOutput:
         return text
 
 
-class _AgentPeer:
-    """A short-lived DEALER to another agent's supervisor, for moving parked state."""
-
-    def __init__(self, context: zmq.Context, endpoint: str, token: str | None, timeout: float,
-                 max_frame: int, curve: ServerKeys | None) -> None:
-        self.endpoint, self.token, self.timeout = endpoint, token, timeout
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            connect_encrypted(self.socket, curve)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame + (1 << 20))
-        self.socket.connect(endpoint)
-        self._rid = 0
-
-    def request(self, header: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-        self._rid += 1
-        self.socket.send(P.pack_header({**header, "rid": self._rid, "token": self.token}))
-        deadline = time.monotonic() + self.timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.socket.poll(int(left * 1000)):
-                raise AgentError("StateLost", f"the agent at {self.endpoint} that holds the "
-                                 f"parked state did not answer within {self.timeout:g} s")
-            reply, frames = P.decode(self.socket.recv_multipart(copy=False))
-            if reply.get("rid") != self._rid:
-                continue
-            if reply.get("t") == P.ERROR:
-                error = reply.get("e") if isinstance(reply.get("e"), dict) else {}
-                raise AgentError("StateLost", f"the agent at {self.endpoint} refused to hand "
-                                 f"over the parked state: {error.get('msg')}")
-            return reply, frames
-
-    def pieces(self, ask: dict[str, Any], addr: int, size: int
-               ) -> Iterator[tuple[int, memoryview]]:
-        """(offset, bytes) of one parked chunk, fetched ``PIECE_BYTES`` at a time."""
-        for offset in range(0, size, PIECE_BYTES):
-            nbytes = min(PIECE_BYTES, size - offset)
-            _, frames = self.request({"t": P.PARKED_CHUNK, "addr": addr, "offset": offset,
-                                      "size": nbytes, **ask})
-            piece = frames[0].buffer if frames else memoryview(b"")
-            if piece.nbytes != nbytes:
-                raise AgentError("StateLost", "a piece of the parked state came short")
-            yield offset, piece
-
-    def close(self) -> None:
-        self.socket.close(0)
-
-
 def _bind(socket: zmq.Socket, bind: str, ports: str | None) -> str:
     """Bind ``tcp://HOST`` on a free port (of ``ports`` "A-B" when given); the endpoint."""
     if ports:
@@ -485,24 +365,6 @@ def _bind(socket: zmq.Socket, bind: str, ports: str | None) -> str:
     else:
         port = socket.bind_to_random_port(bind)
     return f"{bind}:{port}"
-
-
-def _read_object(path: str, size: int) -> memoryview:
-    """A parked object's file, whole (its executor rebuilds the object from these bytes)."""
-    whole = memoryview(bytearray(size))
-    with open(path, "rb", buffering=0) as f:
-        for offset in range(0, size, PIECE_BYTES):
-            piece = whole[offset:offset + PIECE_BYTES]
-            if f.readinto(piece) != piece.nbytes:
-                raise AgentError("StateLost", f"parked file {path} is short")
-    return whole
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -55,6 +56,8 @@ SESSION_SCRIPT = HERE / "elasticity_session.py"
 POLICIES = ("dedicated", "idle-timeout", "reclaim", "reclaim+slots")
 TITLES = {"dedicated": "one GPU per notebook", "idle-timeout": "idle timeout alone",
           "reclaim": "reclaim, 1 lease/GPU", "reclaim+slots": "reclaim + slots"}
+#: keep the agents' and clients' logs even when nothing failed (HARP_BENCH_KEEP=1)
+KEEP_LOGS = os.environ.get("HARP_BENCH_KEEP", "") not in ("", "0")
 #: the keeper's idle timeout and the agent's reclaim_after by default, for 1 s bursts
 IDLE_TIMEOUT_S = 60.0
 RECLAIM_AFTER_S = 3.0
@@ -170,7 +173,10 @@ class PolicyRun:
         self.agent_args = ["--slots", str(self.slots),
                            "--reclaim-after", repr(self.reclaim_after_s)]
         if opts.executor == "emulated":
-            self.agent_args += ["--emulated-memory", str(4 * GiB)]
+            # a slot's share of the emulated GPU must hold the largest session, as an H200's
+            # 139 GiB hold 2 GiB sessions in any of 4 slots
+            memory = max(4 * GiB, 2 * self.slots * opts.memory_max)
+            self.agent_args += ["--emulated-memory", str(memory)]
 
     @property
     def gpus(self) -> int:
@@ -536,8 +542,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             plot(runs, utilisation, calib, opts, plot_path, emulated)
             plotted = True
-    if any(s["errors"] for s in summaries):
-        print(f"elasticity: errors: the logs are kept in {work}", flush=True)
+    if any(s["errors"] for s in summaries) or KEEP_LOGS:
+        print(f"elasticity: the logs are kept in {work}", flush=True)
     else:
         shutil.rmtree(work, ignore_errors=True)
     report("elasticity", f"{device}" + (" (EMULATED: NumPy on the CPU, no GPU)" if emulated

@@ -4,7 +4,8 @@
 port is read from the line it prints); ``scrape`` reads one agent's Prometheus text;
 ``StatusWatch`` polls every agent's status while the replay runs and keeps what it saw: how many
 held and waited, whether a slot ever had two holders, and the slot-seconds held by a session with
-no GPU work past ``reclaim_after`` while someone waited on that agent.
+no GPU work past ``reclaim_after`` while someone waited on that agent for a slot that nothing
+else was freeing.
 """
 
 from __future__ import annotations
@@ -202,7 +203,11 @@ class StatusWatch:
         if len(occupying) > agent.slots:
             self.violations.append(f"{agent.endpoint}: {len(occupying)} sessions on the GPU "
                                    f"with {agent.slots} slot(s)")
-        if queue:
+        # waiters that no slot coming free (free, or its last tenant being parked) will serve:
+        # an idle holder past the threshold counts only while one of these waits for its slot
+        parking = sum(1 for s in sessions if s.get("state") == "parking")
+        uncovered = len(queue) - int(leases.get("free_slots") or 0) - parking
+        if uncovered > 0:
             idle = sum(1 for s in occupying if s.get("state") == "active" and not s.get("busy")
                        and float(s.get("idle_s") or 0) > self.idle_threshold_s)
-            self.idle_while_waiting_s += idle * elapsed
+            self.idle_while_waiting_s += min(idle, uncovered) * elapsed

@@ -146,7 +146,10 @@ class LeaseDesk:
         self.leases.draining = self._draining()
         granted = self.leases.promote()
         for lease in granted:
-            self.metrics.lease_granted(self._clock() - lease.requested_at)
+            waited = self._clock() - lease.requested_at
+            self.metrics.lease_granted(waited)
+            log.info("lease %s of kernel %s granted after %.3f s in the queue", lease.lease_id,
+                     lease.kernel_id, waited)
         told = list(ended)
         for lease in [*changed, *granted, *self.leases.queue]:
             if not lease.active or lease in told:
@@ -189,24 +192,40 @@ class LeaseDesk:
     # {{{ reclaim on demand
 
     def reclaim(self, now: float) -> None:
-        """Reclaim on demand: while kernels wait and no slot is free, a holder whose session has
-        had no GPU work for its ``reclaim_after`` is parked at once (a running batch is never
-        interrupted: a busy holder is reclaimed once it has idled that long)."""
-        waiting = len(self.leases.queue)
-        if not waiting or self.leases.free_slots:
+        """Reclaim on demand: while kernels wait that no slot coming free will serve, holders
+        whose sessions have had no GPU work for their ``reclaim_after`` are parked at once, one
+        per such waiter (a running batch is never interrupted: a busy holder is reclaimed once
+        it has idled that long). The first parked is the one that frees its slot soonest: the
+        fewest device bytes to park (the waiter's wait includes that park, the reclaimed
+        kernel's comeback that restore), the longest idle among equals."""
+        uncovered = self.uncovered_waiters()
+        if not uncovered:
             return
-        idle: list[tuple[float, Lease]] = []
+        for idle_s, lease in self.reclaimable(now)[:uncovered]:
+            log.info("reclaiming lease %s of kernel %s: idle %.3f s while %d wait",
+                     lease.lease_id, lease.kernel_id, idle_s, len(self.leases.queue))
+            self.metrics.reclaimed()
+            self.revoke(lease.lease_id, "reclaimed")
+
+    def uncovered_waiters(self) -> int:
+        """Kernels in the queue that no slot coming free (free, or its last tenant being
+        parked or ended) will serve: only these may take an idle holder's slot."""
+        leases = self.leases
+        return max(len(leases.queue) - leases.free_slots - leases.draining, 0)
+
+    def reclaimable(self, now: float) -> list[tuple[float, Lease]]:
+        """Holders idle for their ``reclaim_after`` and how long, the first to reclaim first."""
+        found: list[tuple[int, float, Lease]] = []
         for lease in self.leases.holders:
             idle_s = self.idle_seconds(lease, now)
             if idle_s is not None and idle_s >= self.reclaim_after(lease):
-                idle.append((idle_s, lease))
-        parking = sum(1 for s in self.book.sessions.values()
-                      if s.state is SessionState.PARKING)
-        for _idle_s, lease in sorted(idle, key=lambda x: -x[0])[:max(waiting - parking, 0)]:
-            log.info("reclaiming lease %s of kernel %s: idle while %d wait", lease.lease_id,
-                     lease.kernel_id, waiting)
-            self.metrics.reclaimed()
-            self.revoke(lease.lease_id, "reclaimed")
+                found.append((self._device_bytes(lease), idle_s, lease))
+        found.sort(key=lambda x: (x[0], -x[1]))
+        return [(idle_s, lease) for _, idle_s, lease in found]
+
+    def _device_bytes(self, lease: Lease) -> int:
+        return sum(int(s.worker.figures().get("device_bytes") or 0)
+                   for s in self.book.of_lease(lease.lease_id) if s.worker is not None)
 
     def idle_seconds(self, lease: Lease, now: float) -> float | None:
         """How long a held lease's GPU has had no work (None while a batch runs)."""

@@ -79,10 +79,11 @@ class Tenancy:
         waits), leases, sessions, parked bytes."""
         elapsed, self._last_tick = now - self._last_tick, now
         holders = self.leases.holders
-        waiting = bool(self.leases.queue)
         desk = self.lease_desk
-        idle = sum(1 for lease in holders if waiting and (
-            desk.idle_seconds(lease, now) or 0) > desk.reclaim_after(lease))
+        # idle past reclaim_after while someone waited, only as many holders as there are
+        # waiters no slot coming free will serve: the others' slots were nobody's to take
+        uncovered = desk.uncovered_waiters()
+        idle = min(len(desk.reclaimable(now)), uncovered) if uncovered else 0
         self.metrics.gpu_seconds(len(holders) * elapsed, idle * elapsed)
         self.metrics.leases(len(holders), len(self.leases.queue))
         states = [s.state for s in self.book.sessions.values()]

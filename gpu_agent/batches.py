@@ -228,6 +228,6 @@ def _resolve_frames(args: list[Any], positions: tuple[int, ...], frames: list[An
 def _context_lost_message(error: str) -> str:
     return (f"{error}. This error ended your GPU session: CUDA keeps such errors for the life "
             "of the context, so your session's device memory, modules and streams are gone. "
-            "Your kernel's CPU state is intact and other notebooks were not affected; the next "
-            "GPU call starts a fresh session, so fix the kernel and re-run the cells that create "
-            "your device arrays.")
+            "Your Python process and its variables are intact and other users of this GPU were "
+            "not affected; the next GPU call starts a fresh session, so fix the CUDA kernel and "
+            "re-run the code that creates your device arrays.")

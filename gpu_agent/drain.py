@@ -213,7 +213,7 @@ class Drain:
     def _end_everything(self) -> None:
         """The grace is over: cells still running are ended, their owners told."""
         why = (f"the GPU agent shut down (its drain grace of {self.grace:g} s, harp-agent "
-               "--drain-grace, ran out while this cell ran)")
+               "--drain-grace, ran out while your GPU work was still running)")
         self.tenancy.handoff.end_all(why, parked_reason=(
             "the GPU agent shut down and no other agent of its pool took its parked state"))
 

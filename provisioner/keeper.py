@@ -410,8 +410,8 @@ class LeaseKeeper:
             elif lease.get("reason") == AGENT_DRAINING:
                 self._lease_ended(held, ParkReason.ENDED, (
                     f"the GPU agent at {endpoint} is shutting down: it ended the lease once "
-                    "the cell finished, and its parked state moves to another agent of the "
-                    "pool (the next GPU call restores it there)"))
+                    "the running GPU work finished, and its parked state moves to another agent "
+                    "of the pool (the next GPU call restores it there)"))
             else:
                 self._lease_ended(held, ParkReason.ENDED, f"the agent at {endpoint} {ended} "
                                                           "the lease")

@@ -149,6 +149,32 @@ def test_a_dead_agent_of_the_pool_is_passed_over_and_the_state_moves_to_the_next
         dead.close(0)
 
 
+def test_state_no_agent_took_is_lost_with_a_reason_that_names_the_drain(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The draining agent has no pool to hand its parked state to and exits: the kernel heard
+    it drain (its lease ended, reason draining), so its next GPU call says the state went with
+    that agent, at once (the other agent would wait --fetch-timeout for the gone one), and the
+    call after starts a fresh session there."""
+    second = agent_starter("--fetch-timeout", "600")
+    first = agent_starter("--drain-grace", GRACE)
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    with pycuda_modules() as (cuda, gpuarray):
+        a = gpuarray.to_gpu(np.arange(1000.0))
+        session = get_session()
+        first.process.send_signal(signal.SIGTERM)
+        exits_zero(first)
+        wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        capsys.readouterr()
+        with pytest.raises(cuda.GPULostError, match="your parked GPU state is gone"):
+            a.get()
+        told = capsys.readouterr().err
+        assert f"The GPU agent at {first.endpoint} shut down (a drain, SIGTERM) and no other " \
+               "agent of its pool took your parked GPU state" in told, told
+        assert np.array_equal(gpuarray.to_gpu(np.arange(5.0)).get(), np.arange(5.0))
+        assert get_session().endpoint == second.endpoint
+
+
 def test_a_queued_kernel_is_served_by_the_other_agent(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
         lease_client: BlockingLeaseClient) -> None:

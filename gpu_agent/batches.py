@@ -21,6 +21,7 @@ from gpu_agent.errors import AgentError
 from gpu_agent.executors.base import Executor, ExecutorSession
 from gpu_agent.memory_map import MappedRanges
 from gpu_agent.sessions import SessionLog
+from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.worker")
 
@@ -141,8 +142,9 @@ class BatchRunner:
             self._check_mapping(name, args)
             return
         if name == "dtoh" and args[1] > self.max_frame:
-            raise AgentError("LogicError", f"dtoh of {args[1]} bytes in one call: at most "
-                             f"{self.max_frame} (harp-agent --max-frame); copy in pieces")
+            raise AgentError("LogicError", f"dtoh of {format_bytes(args[1])} in one call: at "
+                             f"most {format_bytes(self.max_frame)} (harp-agent --max-frame); copy "
+                             "in pieces")
         touches = _TOUCHES.get(name)
         if touches is not None:
             for lo, nbytes in touches(args):
@@ -156,9 +158,9 @@ class BatchRunner:
             if logical > self.memory_cap:
                 raise AgentError(
                     "LogicError", f"an array of shape {tuple(desc[2])} and dtype {desc[1]} "
-                    f"({logical} bytes as laid out by its shape) is larger than this GPU slot's "
-                    f"memory ({self.memory_cap} bytes): its strides make it cover few bytes, "
-                    "but an operation on it would work on every element")
+                    f"({format_bytes(logical)} as laid out by its shape) is larger than this GPU "
+                    f"slot's memory ({format_bytes(self.memory_cap)}): its strides make it cover "
+                    "few bytes, but an operation on it would work on every element")
 
     def _check_mapping(self, name: str, args: list[Any]) -> None:
         ranges = self.ranges
@@ -166,9 +168,9 @@ class BatchRunner:
             ranges.check_new(args[0], args[1])
             if self.device_bytes + args[1] > self.memory_cap:
                 raise AgentError(
-                    "MemoryError", f"out of memory: {args[1]} bytes requested, "
-                    f"{self.memory_cap - self.device_bytes} of this GPU slot's "
-                    f"{self.memory_cap} bytes free (cuMemAlloc: out of memory)",
+                    "MemoryError", f"out of memory: {format_bytes(args[1])} requested, "
+                    f"{format_bytes(self.memory_cap - self.device_bytes)} of this GPU slot's "
+                    f"{format_bytes(self.memory_cap)} free (cuMemAlloc: out of memory)",
                     "CUDA_ERROR_OUT_OF_MEMORY")
         elif name == "free":
             if not ranges.starts_at(args[0]):
@@ -226,6 +228,6 @@ def _resolve_frames(args: list[Any], positions: tuple[int, ...], frames: list[An
 def _context_lost_message(error: str) -> str:
     return (f"{error}. This error ended your GPU session: CUDA keeps such errors for the life "
             "of the context, so your session's device memory, modules and streams are gone. "
-            "Your kernel's CPU state is intact and other notebooks were not affected; the next "
-            "GPU call starts a fresh session, so fix the kernel and re-run the cells that create "
-            "your device arrays.")
+            "Your Python process and its variables are intact and other users of this GPU were "
+            "not affected; the next GPU call starts a fresh session, so fix the CUDA kernel and "
+            "re-run the code that creates your device arrays.")

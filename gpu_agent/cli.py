@@ -19,6 +19,7 @@ from gpu_agent.curve import ServerKeys
 from gpu_agent.executors import gpu_available
 from gpu_agent.limits import AgentLimits
 from gpu_agent.pool_names import checked_pool, expand_endpoints
+from gpu_agent.sizes import format_bytes
 from gpu_agent.supervisor import Supervisor
 from gpu_agent.workers import WorkerConfig
 
@@ -212,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"harp-agent: CurveZMQ encryption on; clients admitted from "
               f"{args.curve_client_keys_dir or '(no directory: agents of this pool only)'}",
               flush=True)
-    print(f"harp-agent: {limits.slots} slot(s) of {memory_cap} bytes; parked state up to "
-          f"{memory} bytes in memory, {limit} in all", flush=True)
+    print(f"harp-agent: {limits.slots} slot(s) of {format_bytes(memory_cap)}; parked state up "
+          f"to {format_bytes(memory)} in host memory, {format_bytes(limit)} in all", flush=True)
     print(f"harp-agent: on SIGTERM it drains for up to {limits.drain_grace:g} s; parked state "
           f"moves to {args.pool or 'no other agent (no --pool)'}", flush=True)
     print(f"harp-agent: serving {supervisor.endpoint} executor={executor} "

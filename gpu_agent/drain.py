@@ -10,8 +10,10 @@
 * every parked session is offered to another agent of the pool (``--pool``) with
   ``parked_adopt``: that agent's worker fetches it from here, as it would for a kernel resuming
   there, parks it in its own store and answers ``parked``; the kernel finds it there at its next
-  cell (the agents' status lists a kernel's own parked state). One that no agent takes stays
-  here, served to fetches, until the grace ends;
+  cell (the agents' status lists a kernel's own parked state). An agent that neither answers
+  nor fetches a piece for ``offer_timeout`` s is passed over (a dead agent of the pool must not
+  hold the state until the grace ends) and the next is offered it. One that no agent takes
+  stays here, served to fetches, until the grace ends;
 * when nothing is left (no lease, no running session, no parked state still here) the agent
   exits; at the grace's end it exits anyway: running cells are ended and their owners told why,
   parked state still here is dropped with a reason the next resume names.
@@ -46,16 +48,21 @@ class _Offer:
     peer: str | None = None
     rid: int = 0
     failures: list[str] = field(default_factory=list)
+    #: when the agent offered it is passed over, unless it answers or fetches before
+    deadline: float = 0.0
+    #: the fetch requests served for this session when ``deadline`` was last set
+    served: int = 0
 
 
 class Drain:
     """See the module docstring."""
 
-    def __init__(self, tenancy: Tenancy, *, grace: float, advertise: str,
+    def __init__(self, tenancy: Tenancy, *, grace: float, offer_timeout: float, advertise: str,
                  peers: Callable[[], list[str]], token: str | None, curve: ServerKeys | None,
                  context: zmq.Context, clock: Callable[[], float] = time.monotonic) -> None:
         self.tenancy = tenancy
         self.grace = grace
+        self.offer_timeout = offer_timeout
         self.advertise = advertise
         self._peers = peers
         self._token = token
@@ -68,6 +75,8 @@ class Drain:
         self._offers: dict[str, _Offer] = {}
         #: parked sessions no agent took (kept here for fetches until the grace ends)
         self._stuck: dict[str, str] = {}
+        #: agents of the pool that let an offer time out: not offered anything more
+        self._silent: set[str] = set()
         self._rid = 0
 
     @property
@@ -98,6 +107,7 @@ class Drain:
         now = self._clock()
         tenancy = self.tenancy
         self._read_answers()
+        self._pass_over_silent(now)
         for lease in list(tenancy.leases.holders):
             if tenancy.lease_desk.idle_seconds(lease, now) is not None:
                 tenancy.lease_desk.revoke(lease.lease_id, DRAINING)
@@ -125,6 +135,8 @@ class Drain:
         if session is None or session.state is not SessionState.PARKED:
             del self._offers[offer.session_id]  # restored or fetched meanwhile: gone from here
             return
+        while offer.untried and offer.untried[0] in self._silent:
+            offer.failures.append(f"{offer.untried.pop(0)}: did not answer an earlier offer")
         if not offer.untried:
             del self._offers[offer.session_id]
             why = "; ".join(offer.failures) or "no other agent in the pool (harp-agent --pool)"
@@ -134,6 +146,8 @@ class Drain:
         peer = offer.untried.pop(0)
         self._rid += 1
         offer.peer, offer.rid = peer, self._rid
+        offer.deadline = self._clock() + self.offer_timeout
+        offer.served = self.tenancy.handoff.served.get(offer.session_id, 0)
         manifest = self.tenancy.handoff.adoption_offer(session)
         self._socket(peer).send(P.pack_header({
             "t": P.PARKED_ADOPT, "rid": offer.rid, "token": self._token, "from": self.advertise,
@@ -160,6 +174,29 @@ class Drain:
                 offer.failures.append(f"{peer}: {error.get('msg')}")
                 offer.peer = None
 
+    def _pass_over_silent(self, now: float) -> None:
+        """Offers whose agent neither answered nor fetched for ``offer_timeout`` s go to the
+        next agent; that agent gets no more offers (its socket, with what is queued, closes)."""
+        served = self.tenancy.handoff.served
+        for offer in self._offers.values():
+            if offer.peer is None:
+                continue
+            count = served.get(offer.session_id, 0)
+            if count != offer.served:  # it is fetching: alive
+                offer.served, offer.deadline = count, now + self.offer_timeout
+            elif now >= offer.deadline:
+                log.warning("draining: %s did not answer the offer of parked session %s within "
+                            "%g s: offering it to the next agent", offer.peer, offer.session_id,
+                            self.offer_timeout)
+                self._silent.add(offer.peer)
+        for peer in self._silent & set(self._sockets):
+            self._sockets.pop(peer).close(0)
+        for offer in self._offers.values():
+            if offer.peer in self._silent:
+                offer.failures.append(f"{offer.peer}: no answer within {self.offer_timeout:g} s "
+                                      "(harp-agent --drain-offer-timeout)")
+                offer.peer = None
+
     def _socket(self, peer: str) -> zmq.Socket:
         socket = self._sockets.get(peer)
         if socket is None:
@@ -176,7 +213,7 @@ class Drain:
     def _end_everything(self) -> None:
         """The grace is over: cells still running are ended, their owners told."""
         why = (f"the GPU agent shut down (its drain grace of {self.grace:g} s, harp-agent "
-               "--drain-grace, ran out while this cell ran)")
+               "--drain-grace, ran out while your GPU work was still running)")
         self.tenancy.handoff.end_all(why, parked_reason=(
             "the GPU agent shut down and no other agent of its pool took its parked state"))
 

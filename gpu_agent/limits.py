@@ -130,6 +130,14 @@ class AgentLimits:
         unit="seconds",
         metavar="SECONDS",
     )
+    drain_offer_timeout: float = _flag(
+        10.0,
+        "during a drain, how long another agent of the pool may go without answering an offer "
+        "of parked state or fetching a piece of it before the next agent is offered it (a dead "
+        "agent of --pool must not hold the state until the grace ends)",
+        unit="seconds",
+        metavar="SECONDS",
+    )
     fetch_timeout: float = _flag(
         30.0,
         "how long moving parked state from another agent may wait for each answer",

@@ -31,6 +31,9 @@ class ParkedHandoff:
         self.parking = parking
         self.limits = limits
         self.endpoint = endpoint
+        #: during a drain, how many fetch requests each parked session was served (a drain's
+        #: offer is alive while the agent that took it keeps fetching)
+        self.served: dict[str, int] = {}
 
     # {{{ serving parked state to another agent
 
@@ -45,6 +48,8 @@ class ParkedHandoff:
         parked = self.parking.get(session.session_id)
         if session.state is not SessionState.PARKED or parked is None:
             raise AgentError("SessionError", f"session {session.session_id} is not parked")
+        if self.desk.shutting_down:
+            self.served[session.session_id] = self.served.get(session.session_id, 0) + 1
         return session, parked
 
     def manifest(self, header: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +64,7 @@ class ParkedHandoff:
         session, parked = self.parked_for(header)
         self.parking.drop(session.session_id, MOVED)
         self.book.forget(session)
+        self.served.pop(session.session_id, None)
         return parked.nbytes
 
     # }}}

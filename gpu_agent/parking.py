@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_agent.errors import AgentError
+from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.parking")
 
@@ -110,12 +111,13 @@ class ParkStore:
         AgentError(StateLost) when it can't fit at all (nothing is dropped then)."""
         if kernel_limit is not None and nbytes > kernel_limit:
             raise AgentError("StateLost", (
-                f"its {nbytes} bytes of device memory are more than its kernel lets the agent "
-                f"keep ({kernel_limit} bytes, park_limit / HARP_PARK_LIMIT)"))
+                f"its {format_bytes(nbytes)} of device memory are more than its kernel lets the "
+                f"agent keep ({format_bytes(kernel_limit)}, park_limit / HARP_PARK_LIMIT)"))
         if nbytes > self.limit:
             raise AgentError("StateLost", (
-                f"its {nbytes} bytes of device memory are more than this agent can keep parked "
-                f"({self.limit} bytes in host memory and on disk, harp-agent --park-limit)"))
+                f"its {format_bytes(nbytes)} of device memory are more than this agent can keep "
+                f"parked ({format_bytes(self.limit)} in host memory and on disk, harp-agent "
+                "--park-limit)"))
         evicted: list[str] = []
         for old in sorted(self._parked.values(), key=lambda p: p.parked_at):
             if self.total_bytes + nbytes <= self.limit:
@@ -156,7 +158,8 @@ class ParkStore:
         if parked is None:
             return 0
         discard(parked)
-        log.info("dropped parked session %s (%d bytes): %s", session_id, parked.nbytes, reason)
+        log.info("dropped parked session %s (%s): %s", session_id, format_bytes(parked.nbytes),
+                 reason)
         return parked.nbytes
 
     def remember(self, session_id: str, reason: str) -> None:

@@ -20,6 +20,7 @@ from gpu_agent.lease_desk import LeaseDesk
 from gpu_agent.limits import AgentLimits
 from gpu_agent.metrics import AgentMetrics
 from gpu_agent.parking import ParkStore
+from gpu_agent.sizes import format_bytes
 from gpu_agent.tenants import Outbox, Session, SessionBook, SessionState, lost_message
 from gpu_agent.workers import WorkerHandle, WorkerPool
 
@@ -109,7 +110,7 @@ class SessionLifecycle:
         session.moving_since = self._clock()
         self.workers.send(session.worker, W.PARK, memory_dir=self.parking.memory_dir,
                           memory_room=plan.memory_room, disk_dir=self.parking.disk_dir)
-        log.info("parking session %s (%d bytes): %s", session.session_id, nbytes, why)
+        log.info("parking session %s (%s): %s", session.session_id, format_bytes(nbytes), why)
 
     def end(self, session: Session, why: str, *, lost: bool = False) -> None:
         """End a session: its worker ends (freeing its memory), its state is forgotten. With

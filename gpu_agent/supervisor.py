@@ -65,6 +65,7 @@ class Supervisor:
                                agent_info=agent_info, device_info=self.device_info,
                                metrics=self.metrics)
         self.drain = Drain(self.tenancy, grace=limits.drain_grace,
+                           offer_timeout=limits.drain_offer_timeout,
                            advertise=advertise or self.endpoint, peers=pool, token=token,
                            curve=curve, context=context)
         self.requests = ClientRequests(socket, authenticator, self.tenancy, self.drain,

@@ -222,8 +222,8 @@ def read_text(header: dict[str, Any], key: str, max_length: int) -> str:
 
 def lost_message(reason: str, *, parked: bool = True) -> str:
     """What an owner is told when its session's GPU state is gone."""
-    what = "the parked GPU state of this kernel is gone" if parked else (
-        "this kernel's GPU session ended")
-    return (f"{what}: {reason}. Its device arrays, modules and streams no longer exist; the "
-            "kernel's CPU state is intact and other notebooks were not affected, and the next "
-            "GPU call starts a fresh session: re-run the cells that create them.")
+    what = "your parked GPU state is gone" if parked else "your GPU session ended"
+    return (f"{what}: {reason}. Its device arrays, modules and streams no longer exist; your "
+            "Python process and its variables are intact and other users of this GPU were not "
+            "affected, and the next GPU call starts a fresh session: re-run the code that "
+            "creates your device arrays.")

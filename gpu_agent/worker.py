@@ -35,6 +35,7 @@ from gpu_agent.errors import AgentError
 from gpu_agent.executors import make_executor
 from gpu_agent.executors.base import Executor
 from gpu_agent.parked_io import ParkedStateIO
+from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.worker")
 
@@ -352,7 +353,8 @@ class KernelOutput:
                 return ""
             text = b"".join(self._chunks).decode(errors="replace")
             if self._dropped:
-                text += f"\n[harp: {self._dropped} more bytes of kernel output were dropped]\n"
+                text += (f"\n[harp: {format_bytes(self._dropped)} more of kernel output were "
+                         "dropped]\n")
             self._chunks, self._size, self._dropped = [], 0, 0
         return text
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from harp_jupyter.profiler.display import format_bytes as _bytes
+from gpu_agent.sizes import format_bytes as _bytes
 from harp_jupyter.shim.notice import show_pending
 from provisioner.lease_record import KeeperState
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gpu_agent.sizes import format_bytes
 from harp_jupyter.shim.callsite import CallSite
 from harp_jupyter.shim.errors import DataError, Error, MemoryError, describe_site
 from harp_jupyter.shim.pycuda import driver as drv
@@ -181,8 +182,8 @@ def _fill(session: RemoteSession, path: str, layout: dict[str, Any]) -> GPUArray
     try:
         allocation = drv.mem_alloc(nbytes)
     except MemoryError as e:
-        e.args = (f"remote.load({path!r}): {dtype} {shape} needs {nbytes} bytes of device "
-                  f"memory, more than the GPU has free. {e.args[0] if e.args else ''}",)
+        e.args = (f"remote.load({path!r}): {dtype} {shape} needs {format_bytes(nbytes)} of "
+                  f"device memory, more than the GPU has free. {e.args[0] if e.args else ''}",)
         raise
     try:
         segments = range(0, nbytes, READ_SEGMENT_BYTES)

@@ -129,6 +129,8 @@ class LeaseKeeper:
         self.closed = False
         #: asking the agent for the bytes it parked after it ended the lease itself
         self._learning: asyncio.Future[None] | None = None
+        #: agents that ended this kernel's lease because they were shutting down (a drain)
+        self._drained: set[str] = set()
 
     # {{{ what the owner reads
 
@@ -262,6 +264,9 @@ class LeaseKeeper:
             agents, statuses = await self._reach_pool(progress)
             # the agents say where this kernel's parked state is (a draining agent hands it on)
             parked_at = where_parked(statuses, self.config.kernel_id, parked_at)
+            gone = self._gone_with_drained_agent(parked_at, statuses)
+            if gone is not None:
+                parked_at = self.record.parked_at = None
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)
         except AgentUnreachable as e:
             await self._failed(str(e))
@@ -278,7 +283,7 @@ class LeaseKeeper:
         self.record.note_session(lease.get("session"))
         self.record.set(KeeperState.HELD, "")
         self._renewals.start()
-        return self._grant(parked_at)
+        return self._grant(parked_at, gone)
 
     async def _reach_pool(self, progress: Progress | None
                           ) -> tuple[list[str], dict[str, dict[str, Any]]]:
@@ -315,12 +320,33 @@ class LeaseKeeper:
         await self._drop_lease(quietly=True)
         self.record.set(KeeperState.NONE, message)
 
-    def _grant(self, parked_at: str | None) -> dict[str, Any]:
+    def _grant(self, parked_at: str | None, gone: str | None = None) -> dict[str, Any]:
+        """The grant; with ``gone`` (the parked state is known lost) its ``from`` is the granted
+        agent itself, so that the kernel's resume fetches from nowhere and is answered StateLost
+        at once, and its ``note`` says why."""
         assert self.lease is not None
         agent = self.lease.agent
         moved = parked_at if parked_at and parked_at != agent else None
-        return {"t": "grant", "agent": agent, "lease": [self.lease.lease_id, self.lease.token],
-                "from": moved}
+        grant = {"t": "grant", "agent": agent, "lease": [self.lease.lease_id, self.lease.token],
+                 "from": agent if gone else moved}
+        if gone:
+            grant["note"] = gone
+        return grant
+
+    def _gone_with_drained_agent(self, parked_at: str | None,
+                                 statuses: dict[str, dict[str, Any]]) -> str | None:
+        """Why the parked state is lost, when the agent that held it told this kernel it was
+        shutting down, no longer answers, and no agent that answers lists the state: it went
+        with that agent (no other agent of its pool took it). None otherwise."""
+        if parked_at is None or parked_at not in self._drained or parked_at in statuses:
+            return None
+        self._drained.discard(parked_at)
+        why = (f"the GPU agent at {parked_at} shut down (a drain, SIGTERM) and no other agent "
+               "of its pool took your parked GPU state, so that state is gone; the next GPU "
+               "call starts a fresh session")
+        self.record.set(KeeperState.ACQUIRING, why)
+        log.warning("kernel %s: %s", self.config.kernel_id, why)
+        return why
 
     # }}}
 
@@ -408,10 +434,11 @@ class LeaseKeeper:
             if lease.get("reason") == AGENT_RECLAIMED:
                 self._lease_ended(held, ParkReason.RECLAIM, "")
             elif lease.get("reason") == AGENT_DRAINING:
+                self._drained.add(endpoint)
                 self._lease_ended(held, ParkReason.ENDED, (
                     f"the GPU agent at {endpoint} is shutting down: it ended the lease once "
-                    "the cell finished, and its parked state moves to another agent of the "
-                    "pool (the next GPU call restores it there)"))
+                    "the running GPU work finished, and its parked state moves to another agent "
+                    "of the pool (the next GPU call restores it there)"))
             else:
                 self._lease_ended(held, ParkReason.ENDED, f"the agent at {endpoint} {ended} "
                                                           "the lease")

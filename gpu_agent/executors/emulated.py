@@ -19,6 +19,7 @@ from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import AgentError, Executor, ExecutorSession
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
 from gpu_agent.executors.torch_ops import TorchOps
+from gpu_agent.sizes import format_bytes
 
 DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 
@@ -287,8 +288,9 @@ class EmulatedExecutor(Executor):
         if self.used + size > self.total:
             raise AgentError(
                 "MemoryError",
-                f"out of memory: {size} bytes requested, {self.total - self.used} of {self.total} "
-                "free on the emulated device (cuMemCreate: out of memory)",
+                f"out of memory: {format_bytes(size)} requested, "
+                f"{format_bytes(self.total - self.used)} of {format_bytes(self.total)} free on "
+                "the emulated device (cuMemCreate: out of memory)",
                 "CUDA_ERROR_OUT_OF_MEMORY")
         self.used += size
 

@@ -28,6 +28,7 @@ from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
+from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.pycuda")
 
@@ -169,8 +170,9 @@ class PycudaSession(TorchOps, ExecutorSession):
             if e.out_of_memory:
                 free, total = cuda.mem_get_info()
                 raise AgentError(
-                    "MemoryError", f"out of memory: {size} bytes requested, {free} of {total} "
-                    f"free on the GPU ({e})", "CUDA_ERROR_OUT_OF_MEMORY") from None
+                    "MemoryError", f"out of memory: {format_bytes(size)} requested, "
+                    f"{format_bytes(free)} of {format_bytes(total)} free on the GPU ({e})",
+                    "CUDA_ERROR_OUT_OF_MEMORY") from None
             raise AgentError("RuntimeError", str(e), e.name) from None
         cuda.memset_d8(addr, 0, size)  # a new tenant never sees an old tenant's data
 

@@ -38,6 +38,7 @@ import msgpack
 
 from gpu_agent import protocol as P
 from gpu_agent.errors import AgentError
+from gpu_agent.sizes import format_bytes
 
 #: live tensors one session may hold (each is a Python object in the worker)
 MAX_TENSORS = 1 << 18
@@ -241,8 +242,9 @@ class TorchOps:
             return
         free = cap - self.slot_chunk_bytes() - self.torch_bytes()
         if nbytes > free:
-            raise AgentError("MemoryError", f"out of memory: harp tensors of {nbytes} bytes, "
-                             f"{max(free, 0)} of this GPU slot's {cap} bytes free: free tensors "
+            raise AgentError("MemoryError", f"out of memory: harp tensors of "
+                             f"{format_bytes(nbytes)}, {format_bytes(max(free, 0))} of this GPU "
+                             f"slot's {format_bytes(cap)} free: free tensors "
                              "(del, or a smaller batch) and run it again",
                              "CUDA_ERROR_OUT_OF_MEMORY")
 

@@ -8,6 +8,7 @@ import html
 import json
 from typing import Any
 
+from gpu_agent.sizes import format_bytes
 from harp_jupyter.profiler import advisor, trace
 from harp_jupyter.profiler.profile import Profile
 
@@ -126,11 +127,3 @@ class ProfileResult:
                 f"xmlns='http://www.w3.org/2000/svg'>{''.join(rows)}</svg>")
 
     # }}}
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

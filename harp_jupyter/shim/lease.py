@@ -76,7 +76,8 @@ CLOSE_TIMEOUT_S = 10.0
 class Grant:
     agent: str
     lease: tuple[str, str]  # (lease_id, lease_token)
-    #: the agent that holds this kernel's parked state, when it is not ``agent``
+    #: the agent that holds this kernel's parked state, when it is not ``agent``; ``agent``
+    #: itself when the keeper knows the state is gone (the resume then fetches from nowhere)
     moved_from: str | None = None
 
 
@@ -121,6 +122,13 @@ class LeaseSource(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def _say_note(grant: dict[str, Any]) -> None:
+    """What the keeper had to say with a grant (the parked state went with a drained agent)."""
+    note = grant.get("note")
+    if isinstance(note, str) and note:
+        notes.say(note[:1].upper() + note[1:] + ".")
 
 
 # {{{ the provisioner's control socket
@@ -269,6 +277,7 @@ class ControlLeaseSource(LeaseSource):
         if reply.get("t") != "grant" or not (isinstance(lease, list) and len(lease) == 2):
             raise GPUUnavailableError(f"unexpected answer to acquire: {reply.get('t')!r}")
         notice.done(str(reply["agent"]))
+        _say_note(reply)
         return Grant(str(reply["agent"]), (str(lease[0]), str(lease[1])), reply.get("from"))
 
     def parked(self, info: dict[str, Any]) -> None:
@@ -390,6 +399,7 @@ class DirectLeaseSource(LeaseSource):
             future.cancel()
             raise
         notice.done(str(grant["agent"]))
+        _say_note(grant)
         lease = grant["lease"]
         return Grant(str(grant["agent"]), (str(lease[0]), str(lease[1])), grant.get("from"))
 

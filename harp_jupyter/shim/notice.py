@@ -41,10 +41,12 @@ def show_pending() -> None:
         texts = list(_pending)
         _pending.clear()
     for text in texts:
-        _show(text)
+        say(text)
 
 
-def _show(text: str) -> None:
+def say(text: str) -> None:
+    """Show ``text`` to the user now: a display output in a kernel, a line on stderr in a
+    script."""
     if in_kernel():
         from IPython.display import display
 

@@ -23,6 +23,7 @@ from typing import Any
 from gpu_agent import protocol
 from harp_jupyter.shim.batch import BatchWriter, CallMeta, PendingBatch
 from harp_jupyter.shim.errors import LeaseLostError, describe_site
+from harp_jupyter.shim.notice import in_kernel
 from harp_jupyter.shim.transport import AgentConnection
 
 #: how long a session whose lease the agent ended waits for the agent's word that its park is
@@ -121,6 +122,7 @@ def _dropped(carry: CarryOver, batches: list[PendingBatch], what: str) -> CarryO
         carry.error = LeaseLostError(
             f"{len(metas)} GPU call{'s' if len(metas) > 1 else ''} {what}: their effects on "
             "device memory and their results are not known. The device memory is as it was "
-            "when the session was parked; re-run the cell that made these calls."
+            f"when the session was parked; re-run the {'cell' if in_kernel() else 'code'} "
+            "that made these calls."
             + (f"\n  the first: {where}" if where else ""))
     return carry

@@ -25,6 +25,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 
 from gpu_agent import protocol
 from gpu_agent.executors.torch_ops import dtype_name, schema_hash
+from harp_jupyter.shim.notice import in_kernel
 from harp_jupyter.torch.client import HarpTorchError, SessionGoneError, client
 from harp_jupyter.torch.tensor import DEVICE_TYPE, HarpTensor, Layout, set_dispatcher
 
@@ -314,10 +315,10 @@ def _to_meta(value: Any, session: Any) -> Any:
 
 def _check_session(tensor: HarpTensor, session: Any) -> None:
     if tensor._session is not session:
+        where = "the cells that create" if in_kernel() else "the code that creates"
         raise SessionGoneError(
-            "this harp tensor lived in a GPU session this kernel lost (its memory is gone): "
-            "re-run the cells that create it (model.to('harp'), torch.randn(..., "
-            "device='harp'))")
+            "this harp tensor lived in a GPU session that was lost (its memory is gone): "
+            f"re-run {where} it (model.to('harp'), torch.randn(..., device='harp'))")
 
 
 def _flat(value: Any) -> list[Any]:

@@ -110,7 +110,7 @@ def test_illegal_address_in_one_slot_leaves_the_neighbour_and_the_parked_intact(
                 print("next", float(gpuarray.to_gpu(np.ones(4)).get().sum()))
             """, tmp_path, "crash.py")
             assert "ERROR" in out and "illegal" in out.lower(), out
-            assert "other notebooks were not affected" in out
+            assert "other users of this GPU were not affected" in out
             assert "cpu state 42" in out and "next 4.0" in out
             for _ in range(3):  # the neighbour's data and work go on
                 reply, frames = neighbour.batch(["dtoh", base_b, 9, None], ["synchronize"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -175,10 +176,19 @@ def test_freed_memory_is_refused_and_sessions_cannot_see_each_other(
 def test_out_of_memory_is_a_memory_error(clients: tuple[RawClient, RawClient]) -> None:
     bad, good = clients
     base = bad.hello()["range"][0]
-    reply, _ = bad.batch(["alloc", base, 64 << 30])  # the emulated device has 16 GiB
-    assert reply["e"]["kind"] == "MemoryError" and "out of memory" in reply["e"]["msg"]
+    reply, _ = bad.batch(["alloc", base, 64 << 30])  # the emulated device has 4 GiB
+    assert reply["e"]["kind"] == "MemoryError"
+    assert re.search(r"out of memory: 64\.0 GiB requested, \d+\.\d GiB of this GPU slot's "
+                     r"4\.0 GiB free", reply["e"]["msg"]), reply["e"]["msg"]
     bad.release()
     good_client_still_served(good)
+
+
+def test_the_start_up_lines_say_sizes_readably(module_emulated_agent: Any) -> None:
+    lines = "".join(module_emulated_agent.output)
+    assert re.search(r"harp-agent: 1 slot\(s\) of 4\.0 GiB; parked state up to "
+                     r"\d+\.\d [KMGT]iB in host memory, \d+\.\d [KMGT]iB in all\n", lines), lines
+    assert not re.search(r"\d{7,}", lines.replace(module_emulated_agent.endpoint, ""))
 
 
 def test_wrong_token_is_refused(agent_starter: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 from gpu_agent import protocol as P
 from harp_jupyter.shim.session import get_session
@@ -116,6 +117,62 @@ def test_an_idle_sessions_arrays_come_back_intact_on_the_other_agent(
         cuda.memcpy_dtoh(back, pointer)
         assert np.array_equal(back, host * 3)
         assert lease_client.status(second.endpoint)["leases"]["parked"] == []
+
+
+def test_a_dead_agent_of_the_pool_is_passed_over_and_the_state_moves_to_the_next(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
+        lease_client: BlockingLeaseClient) -> None:
+    """The first agent of --pool takes the offer's connection and never answers (a hung pod):
+    after --drain-offer-timeout the state goes to the next agent, long before the grace ends
+    (without the timeout it stays offered to the dead one and is dropped at the grace's end)."""
+    context = zmq.Context.instance()
+    dead = context.socket(zmq.ROUTER)
+    dead.setsockopt(zmq.LINGER, 0)
+    port = dead.bind_to_random_port("tcp://127.0.0.1")
+    second = agent_starter()
+    first = agent_starter("--drain-grace", "600", "--drain-offer-timeout", "1",
+                          "--pool", f"tcp://127.0.0.1:{port},{second.endpoint}")
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    try:
+        with pycuda_modules() as (_cuda, gpuarray):
+            host = np.arange(50_000.0)
+            a = gpuarray.to_gpu(host)
+            get_session().release()
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(80) == 0, "".join(first.output)  # not the 600 s grace
+            assert dead.poll(0), "the dead agent was offered the state first"
+            assert [p["bytes"] for p in lease_client.status(second.endpoint)["leases"]["parked"]]
+            assert any("did not answer the offer" in line for line in first.output)
+            assert np.array_equal(a.get(), host)
+            assert get_session().endpoint == second.endpoint
+    finally:
+        dead.close(0)
+
+
+def test_state_no_agent_took_is_lost_with_a_reason_that_names_the_drain(
+        agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The draining agent has no pool to hand its parked state to and exits: the kernel heard
+    it drain (its lease ended, reason draining), so its next GPU call says the state went with
+    that agent, at once (the other agent would wait --fetch-timeout for the gone one), and the
+    call after starts a fresh session there."""
+    second = agent_starter("--fetch-timeout", "600")
+    first = agent_starter("--drain-grace", GRACE)
+    monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
+    with pycuda_modules() as (cuda, gpuarray):
+        a = gpuarray.to_gpu(np.arange(1000.0))
+        session = get_session()
+        first.process.send_signal(signal.SIGTERM)
+        exits_zero(first)
+        wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        capsys.readouterr()
+        with pytest.raises(cuda.GPULostError, match="your parked GPU state is gone"):
+            a.get()
+        told = capsys.readouterr().err
+        assert f"The GPU agent at {first.endpoint} shut down (a drain, SIGTERM) and no other " \
+               "agent of its pool took your parked GPU state" in told, told
+        assert np.array_equal(gpuarray.to_gpu(np.arange(5.0)).get(), np.arange(5.0))
+        assert get_session().endpoint == second.endpoint
 
 
 def test_a_queued_kernel_is_served_by_the_other_agent(

@@ -88,7 +88,7 @@ def test_parked_state_dropped_after_its_ttl_is_a_clear_error(
         a = gpuarray.to_gpu(np.ones(1000))
         get_session().release()
         time.sleep(1.0)
-        with pytest.raises(cuda.GPULostError, match="parked GPU state of this kernel is gone"):
+        with pytest.raises(cuda.GPULostError, match="your parked GPU state is gone"):
             a.get()
         assert np.array_equal(gpuarray.to_gpu(np.arange(5)).get(), np.arange(5))  # afresh
 

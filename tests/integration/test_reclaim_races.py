@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from gpu_agent import protocol as P
+from gpu_agent.sizes import format_bytes
 from harp_jupyter.magics import LeaseStatus
-from harp_jupyter.profiler.display import format_bytes
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient

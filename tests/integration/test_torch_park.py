@@ -77,7 +77,7 @@ def test_a_killed_worker_is_a_clear_error_and_the_next_cell_starts_again(harp: A
     with pytest.raises(harp_torch.HarpTorchError) as failure:
         (x * 2).sum().item()
     assert "worker process died" in str(failure.value)
-    with pytest.raises(harp_torch.SessionGoneError, match="re-run the cells"):
+    with pytest.raises(harp_torch.SessionGoneError, match="re-run the code that creates it"):
         (x + 1).sum().item()
     y = torch.arange(10.0, device="harp")  # the next cell: a fresh session
     assert y.sum().item() == 45.0

@@ -249,17 +249,17 @@ def timed(run: Callable[[], dict[str, Any]], repeats: int = REPEATS) -> dict[str
 
 def map_worker_host(mapping: str) -> None:
     """Bench-only: connect to workers advertised at host A at host B instead (``A=B``)."""
-    import harp_jupyter.shim.session as shim_session
+    import harp_jupyter.shim.agent_link as shim_link
 
     advertised_host, _, reached_host = mapping.partition("=")
-    resolve = shim_session.worker_endpoint
+    resolve = shim_link.worker_endpoint
 
     def through_relay(advertised: str, agent: str) -> str:
         scheme, _, rest = resolve(advertised, agent).partition("://")
         host, _, port = rest.rpartition(":")
         return f"{scheme}://{reached_host if host == advertised_host else host}:{port}"
 
-    shim_session.worker_endpoint = through_relay
+    shim_link.worker_endpoint = through_relay
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ captures the session after some batch and before the next: every batch it ran is
 state, no other is. The agent says how many it ran (``batches`` in its ``lost``/``parked``
 notice), so the client knows, without guessing, which of its unanswered batches did not run.
 Those, and the calls it had not sent yet, are sent again in the same order once the session is
-restored (``RemoteSession._connect``): they run exactly once. A batch that ran but whose reply
+restored (``SessionParking.send_carried``): they run exactly once. A batch that ran but whose reply
 was lost with the worker, a batch whose buffers were the program's again once sent, and every
 call when the agent's notice does not come within ``HARP_PARK_WAIT`` seconds cannot be made
 good: they end in one ``LeaseLostError`` at the next sync point, never silently.

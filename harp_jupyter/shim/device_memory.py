@@ -1,0 +1,114 @@
+"""DeviceMemory: a session's device addresses, chosen on the client (docs/forwarding-design.md).
+
+The addresses come from an ``AddressAllocator`` over the range the agent's welcome gave; a
+restored session must get the same range back, or every device pointer the program holds would
+be wrong. The free device memory is estimated (the welcome's total, each reply's
+``mem_get_info``, minus what was mapped since) so that an allocation larger than it waits for the
+agent and fails at the user's line. Releases that finalizers ask for wait in ``deferred`` for
+the next call on a user thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
+from harp_jupyter.shim.batch import BatchWriter
+from harp_jupyter.shim.callsite import CallSite
+from harp_jupyter.shim.errors import HandleError, MemoryError, ProtocolError
+
+
+class DeviceMemory:
+    """The allocator, the free memory as last known, and the releases queued by finalizers."""
+
+    def __init__(self) -> None:
+        self.allocator: AddressAllocator | None = None
+        self.free_estimate: int | None = None
+        #: (op, *args) of releases from finalizers, sent by the next call on a user thread
+        self.deferred: deque[tuple[Any, ...]] = deque()
+
+    @property
+    def address_range(self) -> tuple[int, int] | None:
+        """The range a restore must get back (None before the first welcome)."""
+        allocator = self.allocator
+        return None if allocator is None else (allocator.base, allocator.size)
+
+    def adopt_range(self, base: int, size: int, total_memory: int | None) -> bool:
+        """Take the welcome's range (and total memory); True when it restored the range this
+        session had. ProtocolError when a restore put the session elsewhere."""
+        allocator = self.allocator
+        restored = allocator is not None
+        if allocator is None:
+            self.allocator = AddressAllocator(base, size)
+        elif (base, size) != (allocator.base, allocator.size):
+            raise ProtocolError(f"the agent restored this session at {base:#x}, not at "
+                                f"{allocator.base:#x}: device pointers would be wrong")
+        self.free_estimate = total_memory
+        return restored
+
+    def allocate(self, writer: BatchWriter, nbytes: int, site: CallSite | None
+                 ) -> tuple[int, list[int], bool]:
+        """Choose the address and queue the chunk maps (lock held): (address, the list the
+        chunks that fail are added to, whether the agent must be waited for)."""
+        allocator = self.allocator
+        assert allocator is not None
+        if nbytes >= allocator.granularity:
+            for chunk, size in allocator.release_spare():
+                writer.add("free", [chunk], site)
+                self.note_unmapped(size)
+        try:
+            addr, chunks = allocator.allocate(nbytes)
+        except AddressSpaceExhausted as e:
+            raise MemoryError(f"cuMemAlloc failed: out of memory ({e})") from None
+        must_wait = False
+        failed: list[int] = []
+        for chunk_addr, size in chunks:
+            estimate = self.free_estimate
+            if estimate is not None:
+                must_wait = must_wait or size > estimate
+                self.free_estimate = estimate - size
+            writer.add("alloc", [chunk_addr, size], site, None,
+                       _chunk_failed(allocator, chunk_addr, failed))
+        return addr, failed, must_wait
+
+    def release(self, writer: BatchWriter, addr: int, site: CallSite | None) -> None:
+        """Queue the unmapping of the allocation at ``addr`` (lock held)."""
+        allocator = self.allocator
+        assert allocator is not None
+        try:
+            chunks = allocator.release(addr)
+        except ValueError:
+            raise HandleError(f"cuMemFree failed: no allocation at {addr:#x}") from None
+        for chunk, size in chunks:
+            writer.add("free", [chunk], site)
+            self.note_unmapped(size)
+
+    def owns(self, addr: int) -> bool:
+        return self.allocator is not None and self.allocator.owns(addr)
+
+    def note_unmapped(self, size: int) -> None:
+        if self.free_estimate is not None:
+            self.free_estimate += size
+
+    def note_mem_info(self, value: Any) -> None:
+        """``on_result`` of a ``mem_get_info``: the agent's free memory, as it replied."""
+        try:
+            self.free_estimate = int(value[0])
+        except (TypeError, ValueError, IndexError):
+            pass
+
+    @property
+    def requested_bytes(self) -> int:
+        allocator = self.allocator
+        return allocator.requested_bytes if allocator is not None else 0
+
+
+def _chunk_failed(allocator: AddressAllocator, chunk_addr: int,
+                  failed: list[int]) -> Callable[[], None]:
+    def forget() -> None:
+        allocator.forget_chunk(chunk_addr)
+        failed.append(chunk_addr)
+
+    return forget

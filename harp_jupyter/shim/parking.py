@@ -1,0 +1,180 @@
+"""SessionParking: a session giving its GPU back (``park``) and the agent taking it first.
+
+A park the session asks for drains its writer, tells the agent ``park`` and waits for
+``parked``. The agent may park the session by itself first (a reclaim, the lease's end): then the
+session's writer is kept as an ``Orphan``, and the next connect settles it (``parked_calls``):
+what did not run is sent again after the restore. When the worker connection drops, the agent's
+word on the control connection says which of the two happened, or that the session is lost.
+
+The session installs itself as the ``ParkingHost``: this class reads its writer and tells it
+when the writer is done with or the session lost; the session never reaches in here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from gpu_agent import protocol
+from harp_jupyter.shim import hooks
+from harp_jupyter.shim.agent_link import AgentLink
+from harp_jupyter.shim.batch import BatchWriter
+from harp_jupyter.shim.errors import Error, GPULostError, error_from_agent
+from harp_jupyter.shim.parked_calls import (
+    CarryOver,
+    Orphan,
+    await_notice,
+    carry_over,
+    park_wait_from_env,
+)
+
+
+class ParkingHost(Protocol):
+    """What parking asks of the session it parks (RemoteSession)."""
+
+    def current_writer(self) -> BatchWriter | None:
+        """The writer calls go through now (None: parked, or not connected yet)."""
+
+    def drop_writer(self) -> None:
+        """The writer is done with (parked): the next GPU call connects again."""
+
+    def note_lost(self, error: Error) -> None:
+        """The session's state on the agent is gone: ``error`` is raised from now on."""
+
+    def note_error(self, error: Error) -> None:
+        """An error to raise at the next sync point (after any recorded before it)."""
+
+
+class SessionParking:
+    """Parks on request, keeps the orphan of a park the agent made, settles it on reconnect."""
+
+    def __init__(self, host: ParkingHost, link: AgentLink) -> None:
+        self._host = host
+        self._link = link
+        #: the writer of a session the agent parked by itself, settled at the next connect
+        self.orphan: Orphan | None = None
+        #: its calls to send again once restored (kept until a connect succeeds)
+        self._carried: CarryOver | None = None
+        #: how long to wait for the agent's word that it parked this session (HARP_PARK_WAIT)
+        self.park_wait = park_wait_from_env()
+        #: times this session was parked, for tests and %harp status
+        self.parks = 0
+
+    def park(self, reason: str) -> dict[str, Any]:
+        """Drain, then have the agent park the session (the session's lock held)."""
+        host, link = self._host, self._link
+        writer, connection, resume = host.current_writer(), link.connection, link.resume
+        if writer is None or connection is None or resume is None:
+            if self.orphan is not None:  # the agent parked it first: already done
+                return self._parked_already(self.orphan.notice)
+            return {"session": None, "agent": None, "bytes": 0}
+        parking = time.monotonic_ns()
+        try:
+            writer.drain()
+        except GPULostError as e:  # its worker is gone: parked by the agent, or lost
+            error = self.explain_loss(e)
+            if error is not None:
+                raise error from None
+            return self._parked_already(self.orphan.notice if self.orphan else None)
+        writer.close()
+        writer.connection.close()
+        try:
+            connection.send({"t": protocol.PARK, "rid": 1, "token": connection.token})
+            while True:
+                reply, _ = connection.recv()
+                if reply.get("t") in (protocol.PARKED, protocol.ERROR, protocol.LOST):
+                    break
+        except GPULostError as e:
+            host.note_lost(e)
+            raise
+        if reply.get("t") != protocol.PARKED:
+            # the agent parked it first (a reclaim, the lease's end): its notice says so,
+            # or the session's loss with its reason
+            notice = reply if reply.get("t") == protocol.LOST else await_notice(
+                connection, str(resume["session"]), self.park_wait)
+            if notice is not None and notice.get("parked"):
+                self.orphan_writer(notice)
+                return self._parked_already(notice)
+            error = (notice or reply).get("e")
+            error = error if isinstance(error, dict) else {}
+            if notice is not None:
+                host.note_lost(GPULostError(str(error.get("msg") or "lost")))
+            raise error_from_agent(error, op="park")
+        host.drop_writer()
+        link.connection = None
+        connection.close()
+        self.parks += 1
+        hooks.note_lease_span(f"park ({reason})", parking, time.monotonic_ns(),
+                              agent=resume["agent"], bytes=int(reply.get("bytes") or 0))
+        return {"session": resume["session"], "agent": resume["agent"],
+                "bytes": int(reply.get("bytes") or 0)}
+
+    def _parked_already(self, notice: dict[str, Any] | None) -> dict[str, Any]:
+        """What a park answers when the agent had parked the session by itself first (a
+        reclaim or the lease's end raced it): a success, marked ``already``."""
+        resume = self._link.resume or {}
+        return {"session": resume.get("session"), "agent": resume.get("agent"),
+                "bytes": int((notice or {}).get("bytes") or 0), "already": True}
+
+    def orphan_writer(self, notice: dict[str, Any] | None) -> None:
+        """The agent parked this session by itself (lock held): keep its writer for the next
+        connect to settle, with the agent's notice once read."""
+        writer, link = self._host.current_writer(), self._link
+        connection, resume = link.connection, link.resume
+        if writer is None or connection is None or resume is None:
+            return
+        self.orphan = Orphan(writer, connection, str(resume["session"]), notice)
+        self._host.drop_writer()
+        link.connection = None
+
+    def settle(self) -> None:
+        """Before leasing again: wait for the agent's word on the parked session (it may still
+        be parking: a restore must not race it) and sort its unanswered calls."""
+        orphan, self.orphan = self.orphan, None
+        if orphan is None:
+            return
+        self._link.retire(orphan.writer, orphan.connection)
+        carried = carry_over(orphan, self.park_wait)
+        if self._carried is None:
+            self._carried = carried
+        else:  # a connect failed in between: the older calls go first
+            self._carried.resend.extend(carried.resend)
+            self._carried.dropped.extend(carried.dropped)
+            self._carried.error = self._carried.error or carried.error
+
+    def send_carried(self, writer: BatchWriter) -> None:
+        """On the restored session's new writer: send again what did not run, free what was
+        dropped, and report the error of what cannot be made good."""
+        carried, self._carried = self._carried, None
+        if carried is None:
+            return
+        for batch in carried.resend:
+            writer.resend(batch)
+        for meta in carried.dropped:
+            if meta[3] is not None:
+                meta[3]()  # e.g. an allocation that did not run: its addresses are free
+        if carried.error is not None:
+            self._host.note_error(carried.error)
+
+    def explain_loss(self, error: GPULostError) -> Error | None:
+        """Why the worker connection dropped, as the agent tells this session's control
+        connection: parked by the agent (None: the writer is orphaned, and the next connect
+        sends its unanswered calls again), or lost with its reason (returned, to raise). Its
+        word is awaited as an event, up to the agent timeout (HARP_AGENT_TIMEOUT: a worker
+        that froze gets no word at all); once the agent is known to have ended the lease, the
+        next connect waits up to ``park_wait`` for the park itself."""
+        connection, resume = self._link.connection, self._link.resume
+        notice = None
+        if connection is not None and resume is not None:
+            notice = await_notice(connection, str(resume["session"]),
+                                  min(connection.timeout, self.park_wait))
+        if notice is None:
+            self._host.note_lost(error)
+            return error
+        agent_error = notice.get("e") if isinstance(notice.get("e"), dict) else {}
+        if notice.get("parked") and self._host.current_writer() is not None:
+            self.orphan_writer(notice)
+            return None
+        lost = GPULostError(str(agent_error.get("msg") or error))
+        self._host.note_lost(lost)
+        return lost

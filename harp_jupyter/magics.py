@@ -177,9 +177,9 @@ class HarpMagics(Magics):
         with run_profiled(gpu_timing, label=code.strip().splitlines()[0][:80]) as box:
             outcome = self.shell.run_cell(code, store_history=False)
         assert box.profile is not None
-        if cell is not None:
-            # the body runs without the %%harp line, which the editor numbers 1
-            box.profile.line_offsets[self._compiled_name(code)] = 1
+        # the profiled code is "cell" on the timeline; a cell's body runs without the %%harp
+        # line, which the editor numbers 1
+        box.profile.line_offsets[self._compiled_name(code)] = 1 if cell is not None else 0
         result = ProfileResult(box.profile)
         if export:
             result.export(export)

@@ -2,7 +2,7 @@
 // fresh settings/workspaces/config dirs), each started by this file and stopped by its pid.
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -134,6 +134,22 @@ export async function startAgent(logDir, extraArgs = []) {
   return agent;
 }
 
+/** The lab extension this checkout built (harp_jupyter/labextension), on a JUPYTER_PATH entry
+ * ahead of the environment's, whose installed copy may be another checkout's or an older build
+ * (the lab takes the first harp-jupyter it finds on its labextensions path). */
+export const BUILT_LABEXTENSION = join(REPO, 'harp_jupyter', 'labextension');
+
+function labextensionPath(base) {
+  const rest = process.env.JUPYTER_PATH ? [process.env.JUPYTER_PATH] : [];
+  if (!existsSync(join(BUILT_LABEXTENSION, 'package.json'))) {
+    return rest.join(':') || undefined;
+  }
+  const dir = join(base, 'jupyter-path');
+  mkdirSync(join(dir, 'labextensions'), { recursive: true });
+  symlinkSync(BUILT_LABEXTENSION, join(dir, 'labextensions', 'harp-jupyter'));
+  return [dir, ...rest].join(':');
+}
+
 const NOTIFICATION_SETTINGS = JSON.stringify({ fetchNews: 'false', checkForUpdates: false });
 
 /** A notebook whose kernelspec is the Elastic GPU one (or another), with the given code cells. */
@@ -177,6 +193,7 @@ export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
 
   const childEnv = {
     ...process.env,
+    JUPYTER_PATH: labextensionPath(base),
     JUPYTER_CONFIG_DIR: dirs.config,
     JUPYTER_DATA_DIR: dirs.data,
     JUPYTER_RUNTIME_DIR: dirs.runtime,

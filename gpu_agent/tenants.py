@@ -120,6 +120,7 @@ class SessionBook:
         return {
             "id": s.session_id, "state": s.state.value,
             "device_bytes": figures.get("device_bytes", 0),
+            "object_bytes": figures.get("object_bytes", 0),
             "parked_bytes": parked.nbytes if parked else 0,
             "idle_s": round(max(time.monotonic() - last_end / 1e9, 0.0), 3) if last_end else 0.0,
             "busy": bool(figures.get("busy_since_ns")),

@@ -156,7 +156,7 @@ class Worker:
         except AgentError as e:
             reply, out = {"t": P.REPLY, "q": header.get("q"), "r": [], "e": e.to_wire()}, []
         self.status.batch_ended(time.monotonic_ns(), runner.batches, runner.calls,
-                                runner.device_bytes)
+                                runner.device_bytes, runner.device.object_bytes())
         printed = self.kernel_output.take()
         if printed:
             reply["out"] = printed
@@ -208,7 +208,8 @@ class Worker:
             return
         self.session_id = session
         self.attachment.expect(str(header["attach"]))
-        self.status.batch_ended(time.monotonic_ns(), 0, 0, self.runner.device_bytes)
+        self.status.batch_ended(time.monotonic_ns(), 0, 0, self.runner.device_bytes,
+                                self.runner.device.object_bytes())
         self._tell(W.OPENED, session=session, restored_bytes=restored)
 
     def _park(self, header: dict[str, Any]) -> None:

@@ -35,7 +35,9 @@ OPEN, PARK, END = "open", "park", "end"
 READY, OPENED, OPEN_FAILED, PARKED, PARK_FAILED, GONE, BACK, FATAL = (
     "ready", "opened", "open_failed", "parked", "park_failed", "gone", "back", "fatal")
 
-_FIELDS = ("busy_since_ns", "last_end_ns", "batches", "calls", "device_bytes")
+#: device_bytes: all the session holds on the device; object_bytes: the part of it in session
+#: objects outside mapped chunks (torch tensors), which the kernel's allocator does not know
+_FIELDS = ("busy_since_ns", "last_end_ns", "batches", "calls", "device_bytes", "object_bytes")
 _LAYOUT = struct.Struct("<" + "q" * len(_FIELDS))
 
 
@@ -64,8 +66,9 @@ class StatusPage:
     def batch_started(self, now_ns: int) -> None:
         struct.pack_into("<q", self._map, 0, now_ns)
 
-    def batch_ended(self, now_ns: int, batches: int, calls: int, device_bytes: int) -> None:
-        _LAYOUT.pack_into(self._map, 0, 0, now_ns, batches, calls, device_bytes)
+    def batch_ended(self, now_ns: int, batches: int, calls: int, device_bytes: int,
+                    object_bytes: int = 0) -> None:
+        _LAYOUT.pack_into(self._map, 0, 0, now_ns, batches, calls, device_bytes, object_bytes)
 
     def close(self, *, remove: bool = False) -> None:
         try:

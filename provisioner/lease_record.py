@@ -218,6 +218,14 @@ class LeaseRecord:
         return idle_left(self._settings()["idle_timeout"], self.session,
                          now - self.reported_at, held_s)
 
+    def _allocated(self, session: dict[str, Any]) -> int | None:
+        """What the user's allocations cover: the kernel's answer (its allocator's arrays) and
+        the session objects only the agent knows (torch tensors: a model on "harp" is not 0 B)."""
+        if self.memory_allocated is None:
+            return None
+        objects = session.get("object_bytes")
+        return self.memory_allocated + (objects if type(objects) is int and objects > 0 else 0)
+
     def lease_state(self) -> dict[str, Any]:
         """The lease state dict of docs/leases-design.md (``%harp status``, the sidebar)."""
         lease = self.lease
@@ -232,7 +240,7 @@ class LeaseRecord:
             "gpu": self.device.get("gpu"),
             "emulated": self.device.get("emulated"),
             "memory_used": session.get("device_bytes") if held else None,
-            "memory_allocated": self.memory_allocated if held else None,
+            "memory_allocated": self._allocated(session) if held else None,
             "memory_total": self.device.get("memory_total"),
             "held_since": granted,
             "held_s": round(self._clock() - granted, 1) if granted is not None else None,

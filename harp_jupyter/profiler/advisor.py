@@ -96,7 +96,8 @@ def advise(profile: Profile) -> list[Advice]:
         total = sum(w.end - w.start for w in waits) / 1e9
         code = linecache.getline(filename, line).strip() if line else ""
         shown = profile.shown_line(filename, line)
-        advice.append(Advice(f"{_short(filename)}:{shown}", code, op, why, len(waits), total,
+        name = profile.cell_name(filename) or _short(filename)
+        advice.append(Advice(f"{name}:{shown}", code, op, why, len(waits), total,
                              _what_to_do(op, why, len(waits))))
     advice.sort(key=lambda a: -a.total_s)
     return advice[:TOP]
@@ -179,6 +180,4 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
 
 
 def _short(filename: str) -> str:
-    if "ipykernel_" in filename or filename.startswith("<"):
-        return "cell"
     return os.path.relpath(filename) if os.path.isabs(filename) else filename

@@ -50,6 +50,22 @@ class Profile:
     def ended(self) -> int:
         return self.recorder.ended or self.recorder.started
 
+    def cell_name(self, filename: str) -> str | None:
+        """A notebook cell's name for the user: "cell" for the profiled one, "In[N]" for the
+        cell N that defined the code it called (a model's forward), as IPython's tracebacks
+        name it, not the kernel's /tmp/ipykernel_*/HASH.py; None for a file of its own."""
+        if not ("ipykernel_" in filename or filename.startswith("<")):
+            return None
+        if filename in self.line_offsets:
+            return "cell"
+        try:
+            from IPython import get_ipython
+
+            named = get_ipython().compile.format_code_name(filename)
+        except Exception:  # no IPython, or one that names cells otherwise: still a cell
+            named = None
+        return str(named[1]) if named else "cell"
+
     def shown_line(self, filename: str, line: int) -> int:
         """``line`` of ``filename`` as the user's editor numbers it."""
         return line + self.line_offsets.get(filename, 0) if line else line

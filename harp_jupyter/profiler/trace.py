@@ -22,11 +22,13 @@ _NOTEBOOK_TRACKS = {API_TID: "API calls", BLOCKED_TID: "blocked at sync points",
 
 
 def where(site: Any, profile: Profile | None = None) -> str:
-    """``file:line`` of a call site, the line as the user's editor numbers it."""
+    """``file:line`` of a call site, the line as the user's editor numbers it (a notebook
+    cell by its name: "cell", "In[3]")."""
     if not site:
         return ""
-    line = profile.shown_line(site[0], site[1]) if profile is not None else site[1]
-    return f"{site[0]}:{line}"
+    if profile is None:
+        return f"{site[0]}:{site[1]}"
+    return f"{profile.cell_name(site[0]) or site[0]}:{profile.shown_line(site[0], site[1])}"
 
 
 def named(op: str, detail: str) -> str:

@@ -211,6 +211,17 @@ def test_the_magic_shows_the_profile_and_exports_it(
     assert loop and loop[0]["count"] == 3 and loop[0]["code"] == "s = b.get().sum()"
     assert loop[0]["site"] == "cell:5"  # as the editor numbers it: the %%harp line is 1
 
+    # code an earlier cell defined is named by that cell, as IPython's tracebacks name it,
+    # never by the kernel's file name for it
+    assert shell.run_cell("def total(v):\n    return v.get().sum()\n", store_history=True).success
+    defined = shell.execution_count - 1
+    outcome = shell.run_cell("%%harp profile\nfor _ in range(2):\n    s = total(b)\n")
+    assert outcome.success, outcome.error_in_exec
+    result = shell.user_ns["_harp_profile"]
+    assert [a["site"] for a in result.advice if a["op"] == "dtoh"] == [f"In[{defined}]:2"]
+    at = {e["args"]["at"] for e in result.trace["traceEvents"] if e.get("args", {}).get("at")}
+    assert f"In[{defined}]:2" in at and not any("ipython-input" in a for a in at), at
+
     outcome = shell.run_cell("%harp profile --no-gpu-timing s2 = b.get().sum()")
     assert outcome.success and shell.user_ns["s2"] == 45.0
     assert shell.user_ns["_harp_profile"].profile.recorder.gpu == {}

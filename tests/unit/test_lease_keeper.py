@@ -166,6 +166,18 @@ def test_lease_state_while_held() -> None:
     assert 0 < state["idle_left_s"] <= 60
 
 
+def test_allocated_bytes_add_the_session_objects_only_the_agent_knows() -> None:
+    """A model on "harp": the kernel's allocator has nothing, the agent holds its tensors."""
+    k = keeper()
+    hold(k, granted_at=990.0, session={"state": "active", "idle_s": 0.0, "busy": False,
+                                       "device_bytes": (2 << 20) + 5000, "object_bytes": 5000})
+    k.note_memory_allocated(1000)
+    assert k.lease_state()["memory_allocated"] == 6000
+    for garbage in (-1, "5000", None, 1.5, [1]):
+        k.record.note_session({"state": "active", "object_bytes": garbage})
+        assert k.lease_state()["memory_allocated"] == 1000, garbage
+
+
 def test_lease_state_when_parked_names_the_agent_holding_the_state() -> None:
     k = keeper()
     hold(k, granted_at=990.0)

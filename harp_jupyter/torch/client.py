@@ -121,11 +121,12 @@ class TorchClient:
         except ShimError as e:
             raise raise_as_torch_error(e) from None
 
-    def call_sync(self, op: str, *args: Any) -> Any:
+    def call_sync(self, op: str, *args: Any,
+                  on_result: Callable[[Any], None] | None = None) -> Any:
         session = self.session()
         try:
             self.prepare(session, sync=True)
-            return session.call_sync(op, *args)
+            return session.call_sync(op, *args, on_result=on_result)
         except ShimError as e:
             raise raise_as_torch_error(e) from None
 

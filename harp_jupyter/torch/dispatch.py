@@ -9,7 +9,10 @@ such as ``torch.empty(..., device="harp")``, which have no tensor argument). It
 2. makes the outputs: an output the schema says is a written argument (``add_``, ``out=``) is
    that argument; any other is a new ``HarpTensor`` with a fresh handle (a view's handle names
    a view on the agent, so aliasing is torch's own there);
-3. queues ``torch_op(handles, name, schema hash, [args, kwargs])`` and returns at once.
+3. queues ``torch_op(handles, name, schema hash, [args, kwargs])`` and returns at once. The new
+   outputs are made only once it is queued: their finalizers free their handles, and the
+   agent must have been sent every handle it is asked to free (it keeps those of an operator
+   that failed there, so their frees are taken too).
 
 Operators whose output shapes depend on data (``nonzero``, ``.item()``) have no meta kernel and
 run synchronously (``torch_op_sync``), their outputs described by the agent. Copies between the
@@ -18,6 +21,7 @@ host and the device are ``copy_``/``_to_copy`` (``torch_write``/``torch_download
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -76,14 +80,18 @@ def _run_remote(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             _plans[key] = plan
     if plan is _SYNC:
         return _run_sync(op, name, digest, args, kwargs)
-    handles: list[int | None] = []
-    result = _outputs(plan, args, kwargs, handles, session)
-    temporaries: list[int] = []
-    tree = [_encode(list(args), temporaries), _encode_map(kwargs, temporaries)]
-    client.call("torch_op", handles, name, digest, tree)
+    # the outputs (whose finalizers free their handles) are made only once the operator is
+    # queued: a handle the agent was never sent must never be freed
+    handles = _output_handles(plan)
+    tree, temporaries = _encode_call(args, kwargs, session)
+    try:
+        client.call("torch_op", handles, name, digest, tree)
+    except BaseException:
+        _free_temporaries(temporaries, session)
+        raise
     if temporaries:
         client.call("torch_free", temporaries)
-    return result
+    return _outputs(plan, args, kwargs, iter(handles), session)
 
 
 class _Answer(NamedTuple):
@@ -127,13 +135,21 @@ def _run_sync(op: Any, name: str, digest: str, args: tuple[Any, ...],
             raise NotImplementedError(f"{name}: a list of tensors whose shapes depend on data "
                                       "is not supported on harp tensors")
     handles: list[int | None] = [client.new_handle() for _ in range(expected)]
-    temporaries: list[int] = []
-    tree = [_encode(list(args), temporaries), _encode_map(kwargs, temporaries)]
-    described = client.call_sync("torch_op_sync", handles, name, digest, tree)
+    tree, temporaries = _encode_call(args, kwargs, session)
+    made: list[Any] = []
+    try:
+        described = client.call_sync("torch_op_sync", handles, name, digest, tree,
+                                     on_result=made.append)
+    except HarpTorchError:
+        if made:  # it worked, but an earlier operator's error is raised: free what it made
+            for handle in handles:
+                if handle is not None:
+                    client.free_later(session, handle)
+        _free_temporaries(temporaries, session)
+        raise
     if temporaries:
         client.call("torch_free", temporaries)
-    queue = list(handles)
-    return _rebuild(described, queue, session)
+    return _rebuild(described, list(handles), session)
 
 
 def _rebuild(value: Any, handles: list[int | None], session: Any) -> Any:
@@ -238,26 +254,47 @@ def _layouts(value: Any) -> Any:
     return value
 
 
+def _output_handles(plan: Any) -> list[int | None]:
+    """One entry per tensor output of ``plan``, in order: a fresh handle for a new tensor, None
+    for a written argument (which the agent already has)."""
+    handles: list[int | None] = []
+    for item in plan[1]:
+        if item[0] == "w":
+            handles.extend([None] * item[2])
+        else:
+            handles.extend(client.new_handle() for _ in range(_count_layouts(item[1])))
+    return handles
+
+
+def _count_layouts(value: Any) -> int:
+    if type(value) is Layout:  # a NamedTuple: checked before the tuples it is one of
+        return 1
+    if isinstance(value, list | tuple):
+        return sum(_count_layouts(item) for item in value)
+    return 0
+
+
 def _outputs(plan: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             handles: list[int | None], session: Any) -> Any:
-    """The operator's result as the caller sees it; ``handles`` gets one entry per tensor
-    output, in order (None for a written argument, which the agent already has)."""
+             handles: Iterator[int | None], session: Any) -> Any:
+    """The operator's result as the caller sees it, its new tensors named by ``handles`` (from
+    ``_output_handles``)."""
     single, returns = plan
     built = []
     for item in returns:
         if item[0] == "w":
             _, position, count = item
-            handles.extend([None] * count)
+            for _ in range(count):
+                next(handles)
             built.append(args[position] if type(position) is int else kwargs.get(position))
         else:
             built.append(_wrap(item[1], handles, session))
     return built[0] if single else tuple(built)
 
 
-def _wrap(value: Any, handles: list[int | None], session: Any) -> Any:
+def _wrap(value: Any, handles: Iterator[int | None], session: Any) -> Any:
     if type(value) is Layout:
-        handle = client.new_handle()
-        handles.append(handle)
+        handle = next(handles)
+        assert handle is not None
         return HarpTensor(value, handle, session)
     if isinstance(value, list | tuple):
         return type(value)(_wrap(item, handles, session) for item in value)
@@ -327,6 +364,25 @@ def _flat(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [leaf for item in value.values() for leaf in _flat(item)]
     return [value]
+
+
+def _encode_call(args: tuple[Any, ...], kwargs: dict[str, Any],
+                 session: Any) -> tuple[list[Any], list[int]]:
+    """An operator's argument tree, and the temporaries uploaded for it (freed here when
+    another argument can't be sent)."""
+    temporaries: list[int] = []
+    try:
+        return [_encode(list(args), temporaries), _encode_map(kwargs, temporaries)], temporaries
+    except BaseException:
+        _free_temporaries(temporaries, session)
+        raise
+
+
+def _free_temporaries(temporaries: list[int], session: Any) -> None:
+    """On an error path: queued with the frees of dead tensors (a call now could raise over the
+    error being raised)."""
+    for handle in temporaries:
+        client.free_later(session, handle)
 
 
 def _encode_map(kwargs: dict[str, Any], temporaries: list[int]) -> dict[str, Any]:

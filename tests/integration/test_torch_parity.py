@@ -190,6 +190,28 @@ def test_errors_are_torch_errors(harp: Any) -> None:
     assert a.sum().item() == 6.0  # the session goes on
 
 
+def test_dropped_tensors_of_failed_or_unsent_operators_free_cleanly(harp: Any) -> None:
+    """A tensor whose operator failed on the agent, or could not be sent at all, is dropped
+    like any other: its free is taken (or never sent), not an error at a later sync point,
+    and the agent holds no more tensors than before."""
+    import gc
+
+    gc.collect()
+    before = torch.harp.agent_torch()["tensors"]
+    a = torch.ones(2, 3, device="harp")
+    bad = torch.index_select(a, 1, torch.tensor([5]).to("harp"))  # fails on the agent
+    with pytest.raises(RuntimeError, match="index"):
+        bad.cpu()
+    with pytest.raises(RuntimeError, match=r"never made: the operator .*index_select.* failed"):
+        bad.cpu()
+    with pytest.raises(RuntimeError, match="move its tensors"):
+        a.to("meta")  # refused before it is sent: its output was never made
+    del a, bad
+    gc.collect()
+    torch.harp.synchronize()  # every free waiting goes out here
+    assert torch.harp.agent_torch()["tensors"] == before
+
+
 def test_inferred_layouts_are_kept_per_signature_and_stay_right(harp: Any) -> None:
     """An operator's output layouts are inferred once per signature: a loop runs meta inference
     once, and whatever changes an output (shapes, dtypes, a scalar's type, a value that sizes

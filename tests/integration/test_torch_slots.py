@@ -64,7 +64,7 @@ def test_tensors_count_against_the_slot_and_in_device_bytes(slotted_agent: Any) 
     wait_for(lambda: session_bytes(slotted_agent, "object_bytes") == 40 * MiB, 20,
              "the session's object bytes to be its tensors")
     assert lease_status()["memory_allocated"] == 40 * MiB
-    with pytest.raises(harp_torch.HarpTorchError, match=r"GPU slot's 67108864 bytes") as failure:
+    with pytest.raises(harp_torch.HarpTorchError, match=r"GPU slot's 64.0 MiB") as failure:
         (big * 2).sum().item()  # 40 MiB more: past the 64 MiB slot
     assert failure.value.kind == "MemoryError"
     del big

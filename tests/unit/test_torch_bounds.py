@@ -111,3 +111,59 @@ def test_park_objects_round_trip_keeps_views_and_rng() -> None:
     torch.testing.assert_close(torch.randn(3), expected)
     with pytest.raises(AgentError, match="damaged"):
         session().restore_objects([memoryview(b"\xc1")])
+
+
+def test_outputs_of_failed_operators_are_freed_once_and_named_when_used() -> None:
+    """The client made an output when it queued the operator and frees it when it dies; the
+    agent refused the operator (for memory here), so it keeps the handle as failed: the free is
+    taken once, a use says which operator failed, a second free is an error."""
+    s = session(1 << 20)
+    empty(s, 1, [4])
+    with pytest.raises(AgentError, match="out of memory"):
+        empty(s, 2, [1 << 18])
+    with pytest.raises(AgentError, match=r"handle 2 was never made.*aten::empty") as used:
+        s.op_torch_download(2, 0, 4)
+    assert used.value.kind == "HandleError"
+    s.op_torch_free([2])
+    with pytest.raises(AgentError, match="unknown tensor handle 2"):
+        s.op_torch_free([2])
+    # a sync operator's outputs are made from its reply: a failed one leaves nothing to free
+    with pytest.raises(AgentError, match="another schema"):
+        s.op_torch_op_sync([3], EMPTY, "0123456789abcdef", [[[2]], {}])
+    with pytest.raises(AgentError, match="unknown tensor handle 3"):
+        s.op_torch_free([3])
+
+
+def test_a_free_of_unknown_handles_frees_the_others_then_refuses() -> None:
+    s = session()
+    empty(s, 1, [4])
+    empty(s, 2, [4])
+    with pytest.raises(AgentError, match=r"unknown tensor handles 98, 99 \(") as refused:
+        s.op_torch_free([1, 98, None, 2, 99])
+    assert refused.value.kind == "HandleError"
+    assert s.op_torch_info()["tensors"] == 0 and s.op_torch_info()["bytes"] == 0
+
+
+def test_one_handle_twice_among_an_operators_outputs_is_refused() -> None:
+    s = session()
+    empty(s, 1, [2, 3])
+    booked = s.op_torch_info()["bytes"]
+    with pytest.raises(AgentError, match="handle 5 is already in use"):
+        s.op_torch_op([5, 5], "aten::max.dim", digest(torch.ops.aten.max.dim),
+                      [[{"t": 1}, 1], {}])
+    assert (s.op_torch_info()["tensors"], s.op_torch_info()["bytes"]) == (1, booked)
+    s.op_torch_free([5])  # kept as a failed operator's output, as the client will free it
+    s.op_torch_free([1])
+    assert s.op_torch_info()["bytes"] == 0
+
+
+def test_failed_outputs_survive_parking() -> None:
+    s = session(1 << 20)
+    empty(s, 1, [4])
+    with pytest.raises(AgentError, match="out of memory"):
+        empty(s, 2, [1 << 18])
+    payloads = [memoryview(bytearray(memoryview(p).cast("B"))) for _, p in s.park_objects()]
+    restored = session(1 << 20)
+    restored.restore_objects(payloads)
+    restored.op_torch_free([2, 1])
+    assert restored.op_torch_info()["tensors"] == 0

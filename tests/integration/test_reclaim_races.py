@@ -22,6 +22,7 @@ import pytest
 from gpu_agent import protocol as P
 from gpu_agent.sizes import format_bytes
 from harp_jupyter.magics import LeaseStatus
+from harp_jupyter.shim.errors import GPULostError
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
@@ -396,4 +397,35 @@ def test_a_copy_whose_send_the_agents_park_cuts_is_sent_again_once_after_the_res
         assert not failures, failures
         assert session.restores == 1
         assert np.array_equal(get(session, big_addr, big), big)
+        assert np.array_equal(get(session, counter_addr, counter), counter + 1)
+
+
+def link_seen_dropped(session: RemoteSession) -> bool:
+    writer = session.current_writer()
+    assert writer is not None
+    try:
+        writer.connection.poll_alive()
+    except GPULostError:
+        return True
+    return False
+
+
+def test_a_call_sent_on_a_link_known_dropped_runs_once_after_the_restore(
+        agent_starter: Any) -> None:
+    """The agent parked the session and its worker is gone, the connection knows, but the
+    agent's word has not reached the session yet: the send of the next call fails in the
+    middle of adding it. That is the park, not a loss: the call runs once after the restore
+    (it used to raise 'lost the GPU agent' and still run after the next restore)."""
+    agent = agent_starter()
+    counter = np.zeros(4)
+    with script_session([agent.endpoint]) as (session, source):
+        counter_addr = put(session, counter)
+        source.holder = None  # the keeper's word that the lease ended is late to the session
+        end_lease_elsewhere(source, agent.endpoint)
+        eventually(lambda: source.status()["state"] == "parked")
+        eventually(lambda: link_seen_dropped(session))
+        source.holder = session
+        session.call_sync("array", "add", desc(counter_addr, 4), [desc(counter_addr, 4), 1.0],
+                          {}, None)
+        assert session.restores == 1
         assert np.array_equal(get(session, counter_addr, counter), counter + 1)

@@ -28,6 +28,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from gpu_agent import protocol
@@ -332,23 +333,24 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            if not self._add(writer, op, args, user_call_site(2), box.append, end_batch=True):
-                writer = self._ensure_connected()  # parked: restored, the call sent again
-            self._wait_all(writer)
+            self._add(writer, op, args, user_call_site(2), box.append, end_batch=True)
+            self._wait_all(self._current_or_restored(writer))
         return box[0] if box else None
 
     def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
-             on_result: Callable[[Any], None] | None = None, *, end_batch: bool = False
-             ) -> bool:
-        """Queue a call on ``writer``; False when its link dropped because the agent parked
-        the session: the call is kept, and sent again after the restore (the next GPU call
-        leases again), as a call queued before the drop is."""
+             on_result: Callable[[Any], None] | None = None,
+             on_error: Callable[[], None] | None = None, *, end_batch: bool = False) -> None:
+        """Queue a call on ``writer``. When its link dropped because the agent parked the
+        session, the call is kept and sent again after the restore (the next GPU call leases
+        again), as a call queued before the drop is; ``writer`` is then no longer current."""
         try:
-            writer.add(op, args, site, on_result, end_batch=end_batch)
-            return True
+            writer.add(op, args, site, on_result, on_error, end_batch=end_batch)
         except GPULostError as e:
             self._parked_meanwhile(writer, e)
-            return False
+
+    def _current_or_restored(self, writer: BatchWriter) -> BatchWriter:
+        """``writer``, or the restored session's when the agent parked it under a send."""
+        return writer if self._writer is writer else self._ensure_connected()
 
     def _send_tracked(self, writer: BatchWriter, calls: list[tuple[str, Any]],
                       site: CallSite | None) -> None:
@@ -455,9 +457,10 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            addr, failed, must_wait = self._memory.allocate(writer, nbytes, site)
+            addr, failed, must_wait = self._memory.allocate(partial(self._add, writer), nbytes,
+                                                            site)
             if must_wait:
-                self._wait_for_alloc(writer, addr, failed)
+                self._wait_for_alloc(self._current_or_restored(writer), addr, failed)
         return addr
 
     def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
@@ -477,7 +480,7 @@ class RemoteSession:
             self._deferred.append(("free", int(addr)))
             return
         with self.lock:
-            self._memory.release(self._writer, int(addr), user_call_site(2))
+            self._memory.release(partial(self._add, writer), int(addr), user_call_site(2))
 
     def release_later(self, op: str, *args: Any) -> None:
         """For finalizers (any thread, even inside the lock's owner): queue ``op(*args)`` (e.g.
@@ -493,7 +496,7 @@ class RemoteSession:
                     if self._memory.owns(args[0]):
                         self.free(args[0])
                 elif self._writer is not None:
-                    self._writer.add(op, args, None)
+                    self._add(self._writer, op, args, None)
 
     def mem_get_info(self) -> tuple[int, int]:
         free, total = self.call_sync("mem_get_info")
@@ -519,7 +522,7 @@ class RemoteSession:
         site = user_call_site(2)
         if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
             # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer
-            writer.add("htod", [int(dst), view.tobytes(), stream], site)
+            self._add(writer, "htod", [int(dst), view.tobytes(), stream], site)
             return
         chunks = [("htod", [int(dst) + offset, view[offset:offset + TRANSFER_CHUNK_BYTES],
                             stream]) for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES)]
@@ -543,14 +546,13 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            parked = False
             for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
                 size = min(TRANSFER_CHUNK_BYTES, nbytes - offset)
-                parked |= not self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
-                                        _copy_into(view[offset:offset + size]),
-                                        end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
+                self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
+                          _copy_into(view[offset:offset + size]),
+                          end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
             if wait:
-                self._wait_all(self._ensure_connected() if parked else writer)
+                self._wait_all(self._current_or_restored(writer))
 
     # }}}
 

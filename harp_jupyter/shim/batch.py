@@ -8,8 +8,11 @@ a loop of a million launches applies back-pressure instead of growing memory.
 Buffer arguments (the ``BUF`` arguments of ``protocol.OPS``) smaller than
 ``protocol.MAX_INLINE_BYTES`` are copied into the header (a snapshot); larger ones travel as
 their own zero-copy frames, referenced by ``FrameRef``. A call added with ``track=True`` ends its
-batch at once and returns a tracker that is done when ZeroMQ no longer reads its frames (the
-caller's buffer may then be reused).
+batch at once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
+live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
+
+A call added after the link dropped is kept with the calls not sent yet, and the drop raised:
+when the agent parked the session (not lost it), they are all sent again after the restore.
 
 Replies arrive in order. Each call's value goes to its ``on_result`` (``FrameRef`` values as
 memoryviews of the reply's frames); a reply's error (the first failed call of its batch) goes to
@@ -72,6 +75,9 @@ class PendingBatch:
     calls: list[list[Any]] = field(default_factory=list)
     frames: list[memoryview] = field(default_factory=list)
     replayable: bool = True
+    #: of a batch sent with ``track``: its frames are still the caller's until ``wait_sent``
+    #: returns, so until then it can be sent again
+    tracker: zmq.MessageTracker | None = None
 
 
 @dataclass
@@ -127,7 +133,8 @@ class BatchWriter:
         """Queue ``[op, *args]``. With ``track`` (or ``end_batch``) the batch is sent now;
         ``track`` returns its tracker (None when nothing went as a frame)."""
         with self.lock:
-            if self._fatal is not None:
+            if self._fatal is not None and (self._closing
+                                            or not isinstance(self._fatal, GPULostError)):
                 raise self._fatal
             positions = BUF_POSITIONS.get(op)
             call = [op, *args]
@@ -140,6 +147,8 @@ class BatchWriter:
                 profiling.active.note_call(op, call[1:], site, self._bytes_of(call, positions))
             self._calls.append(call)
             self._metas.append((op, site, on_result, on_error))
+            if self._fatal is not None:
+                raise self._fatal  # the link dropped: kept with the calls not sent yet
             if (track or end_batch or len(self._calls) >= self.max_calls
                     or self._frame_bytes >= self.flush_bytes):
                 return self._flush_locked(track)
@@ -216,12 +225,10 @@ class BatchWriter:
             self._frame_bytes = sum(f.nbytes for f in frames)
             raise
         self._next_seq += 1
-        # tracked frames are the caller's again once sent: such a batch cannot be sent twice
-        replayable = not (track and frames)
         self._inflight.append(PendingBatch(seq, metas, sent,
                                            [recorder.detail_of(c[0], c[1:]) for c in calls]
                                            if recorder is not None else None,
-                                           calls, frames if replayable else [], replayable))
+                                           calls, frames, tracker=tracker))
         self.batches_sent += 1
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         return tracker
@@ -375,11 +382,24 @@ class BatchWriter:
             self._flush_locked(False)
 
     def wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
-        """Wait until ZeroMQ is done with the frames of ``trackers``; GPULostError if the agent
-        dies meanwhile. The lock is not held while waiting."""
+        """Wait until ZeroMQ sent the frames of ``trackers`` whole; then their buffers are the
+        caller's again, and their batches can no longer be sent again. GPULostError when the
+        link drops first (ZeroMQ lets go of a message it was sending when the link drops: such
+        a batch stays sendable again). The lock is not held while waiting."""
         recorder = profiling.active
         waited = recorder.now() if recorder is not None else 0
         self._wait_sent(trackers)
+        with self.lock:
+            if self._fatal is not None:
+                raise self._fatal
+            try:
+                self.connection.poll_alive()
+            except GPULostError as e:
+                self._fatal = e
+                raise
+            for batch in self._inflight:
+                if batch.tracker is not None and any(batch.tracker is t for t in trackers):
+                    batch.frames, batch.replayable, batch.tracker = [], False, None
         if recorder is not None:
             recorder.note_blocked(waited, recorder.now(), "htod", user_call_site(), "upload")
 

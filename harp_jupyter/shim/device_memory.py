@@ -15,9 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
-from harp_jupyter.shim.batch import BatchWriter
 from harp_jupyter.shim.callsite import CallSite
 from harp_jupyter.shim.errors import HandleError, MemoryError, ProtocolError
+
+#: how memory queues a call: the session's ``_add`` on its writer (op, args, site, on_result,
+#: on_error)
+AddCall = Callable[..., None]
 
 
 class DeviceMemory:
@@ -48,15 +51,16 @@ class DeviceMemory:
         self.free_estimate = total_memory
         return restored
 
-    def allocate(self, writer: BatchWriter, nbytes: int, site: CallSite | None
+    def allocate(self, add: AddCall, nbytes: int, site: CallSite | None
                  ) -> tuple[int, list[int], bool]:
-        """Choose the address and queue the chunk maps (lock held): (address, the list the
-        chunks that fail are added to, whether the agent must be waited for)."""
+        """Choose the address and queue the chunk maps with ``add`` (the session's, lock held):
+        (address, the list the chunks that fail are added to, whether the agent must be waited
+        for)."""
         allocator = self.allocator
         assert allocator is not None
         if nbytes >= allocator.granularity:
             for chunk, size in allocator.release_spare():
-                writer.add("free", [chunk], site)
+                add("free", [chunk], site)
                 self.note_unmapped(size)
         try:
             addr, chunks = allocator.allocate(nbytes)
@@ -69,11 +73,11 @@ class DeviceMemory:
             if estimate is not None:
                 must_wait = must_wait or size > estimate
                 self.free_estimate = estimate - size
-            writer.add("alloc", [chunk_addr, size], site, None,
-                       _chunk_failed(allocator, chunk_addr, failed))
+            add("alloc", [chunk_addr, size], site, None,
+                _chunk_failed(allocator, chunk_addr, failed))
         return addr, failed, must_wait
 
-    def release(self, writer: BatchWriter, addr: int, site: CallSite | None) -> None:
+    def release(self, add: AddCall, addr: int, site: CallSite | None) -> None:
         """Queue the unmapping of the allocation at ``addr`` (lock held)."""
         allocator = self.allocator
         assert allocator is not None
@@ -82,7 +86,7 @@ class DeviceMemory:
         except ValueError:
             raise HandleError(f"cuMemFree failed: no allocation at {addr:#x}") from None
         for chunk, size in chunks:
-            writer.add("free", [chunk], site)
+            add("free", [chunk], site)
             self.note_unmapped(size)
 
     def owns(self, addr: int) -> bool:

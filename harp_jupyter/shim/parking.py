@@ -127,6 +127,17 @@ class SessionParking:
         self._host.drop_writer()
         link.connection = None
 
+    def orphaned(self, writer: BatchWriter) -> bool:
+        """Whether ``writer`` is the one the agent's park left, not settled yet."""
+        return self.orphan is not None and self.orphan.writer is writer
+
+    def copy_carried_frames(self) -> None:
+        """The calls to send again keep copies of their buffers from now on (the caller gets
+        its buffers back before the restore that sends them)."""
+        if self._carried is not None:
+            for batch in self._carried.resend:
+                batch.frames = [memoryview(bytes(frame)) for frame in batch.frames]
+
     def settle(self) -> None:
         """Before leasing again: wait for the agent's word on the parked session (it may still
         be parking: a restore must not race it) and sort its unanswered calls."""

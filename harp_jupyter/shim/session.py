@@ -28,12 +28,13 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from gpu_agent import protocol
 from harp_jupyter.shim.agent_link import AgentLink
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
-from harp_jupyter.shim.callsite import user_call_site
+from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.device_memory import DeviceMemory
 from harp_jupyter.shim.errors import (
     Error,
@@ -303,11 +304,9 @@ class RemoteSession:
             self._send_deferred()
         positions = BUF_POSITIONS.get(op)
         if positions is not None and _has_large_buffer(args, positions):
-            tracker = writer.add(op, args, user_call_site(2), track=True)
-            if tracker is not None:
-                writer.wait_sent([tracker])
+            self._send_tracked(writer, [(op, args)], user_call_site(2))
         else:
-            writer.add(op, args, user_call_site(2))
+            self._add(writer, op, args, user_call_site(2))
 
     def call_async_buffer(self, op: str, *args: Any) -> None:
         """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
@@ -315,7 +314,7 @@ class RemoteSession:
         writer = self._ensure_connected()
         if self._deferred:
             self._send_deferred()
-        writer.add(op, args, user_call_site(2))
+        self._add(writer, op, args, user_call_site(2))
 
     def call_later(self, op: str, *args: Any, on_result: Callable[[Any], None]) -> None:
         """Queue a call whose value is passed to ``on_result`` when its reply arrives (with the
@@ -324,7 +323,7 @@ class RemoteSession:
         writer = self._ensure_connected()
         if self._deferred:
             self._send_deferred()
-        writer.add(op, args, user_call_site(2), on_result)
+        self._add(writer, op, args, user_call_site(2), on_result)
 
     def call_sync(self, op: str, *args: Any,
                   on_result: Callable[[Any], None] | None = None) -> Any:
@@ -342,9 +341,66 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            writer.add(op, args, user_call_site(2), keep, end_batch=True)
-            self._wait_all(writer)
+            self._add(writer, op, args, user_call_site(2), keep, end_batch=True)
+            self._wait_all(self._current_or_restored(writer))
         return box[0] if box else None
+
+    def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
+             on_result: Callable[[Any], None] | None = None,
+             on_error: Callable[[], None] | None = None, *, end_batch: bool = False) -> None:
+        """Queue a call on ``writer``. When its link dropped because the agent parked the
+        session, the call is kept and sent again after the restore (the next GPU call leases
+        again), as a call queued before the drop is; ``writer`` is then no longer current."""
+        try:
+            writer.add(op, args, site, on_result, on_error, end_batch=end_batch)
+        except GPULostError as e:
+            self._parked_meanwhile(writer, e)
+
+    def _current_or_restored(self, writer: BatchWriter) -> BatchWriter:
+        """``writer``, or the restored session's when the agent parked it under a send."""
+        return writer if self._writer is writer else self._ensure_connected()
+
+    def _send_tracked(self, writer: BatchWriter, calls: list[tuple[str, Any]],
+                      site: CallSite | None) -> None:
+        """Send calls whose large buffers go zero-copy, each batch ending with its call, and
+        return once the buffers are on the wire (the caller may then change them). When the
+        agent parks the session meanwhile (a link drop in the middle of a send), the buffers
+        are still the caller's: the session is restored now and they are sent again before
+        this returns, after the calls that did not run (each runs exactly once)."""
+        trackers, added = [], 0
+        try:
+            for op, args in calls:
+                added += 1
+                tracker = writer.add(op, args, site, track=True)
+                if tracker is not None:
+                    trackers.append(tracker)
+            if trackers:
+                writer.wait_sent(trackers)
+            return
+        except GPULostError as e:
+            self._parked_meanwhile(writer, e)
+            # the one whose send failed was kept (``BatchWriter.add``); the rest join it
+            for op, args in calls[added:]:
+                self._add(writer, op, args, site, end_batch=True)
+        try:
+            self._wait_everything(self._ensure_connected())
+        except Error:
+            # not restored now: they go with the next restore, as they are at this call
+            self._parking.copy_carried_frames()
+            raise
+
+    def _parked_meanwhile(self, writer: BatchWriter, error: GPULostError) -> None:
+        """``writer``'s link dropped during a send: return when the agent parked the session
+        (then ``writer`` is orphaned, and its calls not run are sent again after the restore),
+        raise the loss otherwise."""
+        with self.lock:
+            if self._parking.orphaned(writer):
+                return  # the agent's word that it ended the lease came first
+            if self._writer is not writer:
+                raise error
+            loss = self._parking.explain_loss(error)
+            if loss is not None:
+                raise loss from None
 
     def synchronize(self) -> None:
         self.call_sync("synchronize")
@@ -409,9 +465,10 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            addr, failed, must_wait = self._memory.allocate(writer, nbytes, site)
+            addr, failed, must_wait = self._memory.allocate(partial(self._add, writer), nbytes,
+                                                            site)
             if must_wait:
-                self._wait_for_alloc(writer, addr, failed)
+                self._wait_for_alloc(self._current_or_restored(writer), addr, failed)
         return addr
 
     def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
@@ -431,7 +488,7 @@ class RemoteSession:
             self._deferred.append(("free", int(addr)))
             return
         with self.lock:
-            self._memory.release(self._writer, int(addr), user_call_site(2))
+            self._memory.release(partial(self._add, writer), int(addr), user_call_site(2))
 
     def release_later(self, op: str, *args: Any) -> None:
         """For finalizers (any thread, even inside the lock's owner): queue ``op(*args)`` (e.g.
@@ -447,7 +504,7 @@ class RemoteSession:
                     if self._memory.owns(args[0]):
                         self.free(args[0])
                 elif self._writer is not None:
-                    self._writer.add(op, args, None)
+                    self._add(self._writer, op, args, None)
 
     def mem_get_info(self) -> tuple[int, int]:
         free, total = self.call_sync("mem_get_info")
@@ -473,17 +530,15 @@ class RemoteSession:
         site = user_call_site(2)
         if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
             # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer
-            writer.add("htod", [int(dst), view.tobytes(), stream], site)
+            self._add(writer, "htod", [int(dst), view.tobytes(), stream], site)
             return
-        trackers = []
-        for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
-            chunk = view[offset:offset + TRANSFER_CHUNK_BYTES]
-            tracker = writer.add("htod", [int(dst) + offset, chunk, stream], site,
-                                 track=not keep, end_batch=True)
-            if tracker is not None:
-                trackers.append(tracker)
-        if trackers:
-            writer.wait_sent(trackers)
+        chunks = [("htod", [int(dst) + offset, view[offset:offset + TRANSFER_CHUNK_BYTES],
+                            stream]) for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES)]
+        if not keep:
+            self._send_tracked(writer, chunks, site)
+            return
+        for op, args in chunks:
+            self._add(writer, op, args, site, end_batch=True)
 
     def dtoh_into(self, dest: Any, src: int, stream: int | None = None, *,
                   wait: bool = True) -> None:
@@ -501,11 +556,11 @@ class RemoteSession:
                 self._send_deferred()
             for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
                 size = min(TRANSFER_CHUNK_BYTES, nbytes - offset)
-                writer.add("dtoh", [int(src) + offset, size, stream], site,
-                           _copy_into(view[offset:offset + size]),
-                           end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
+                self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
+                          _copy_into(view[offset:offset + size]),
+                          end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
             if wait:
-                self._wait_all(writer)
+                self._wait_all(self._current_or_restored(writer))
 
     # }}}
 

@@ -9,6 +9,8 @@ point.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,9 +22,12 @@ import pytest
 from gpu_agent import protocol as P
 from gpu_agent.sizes import format_bytes
 from harp_jupyter.magics import LeaseStatus
+from harp_jupyter.shim.errors import GPULostError
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
+from tests.conftest import running_agent
+from tests.integration.test_encrypted_wire import free_port_block
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -254,3 +259,173 @@ def test_a_lease_reclaimed_before_hello_tells_the_next_cell_nothing(
         notice._pending.clear()
         session.close()
         source.close()
+
+
+class HoldingProxy:
+    """Forwards 127.0.0.1:PORT to 127.0.0.2:PORT for each port (the agent's workers, which
+    advertise 127.0.0.1). ``hold(n)`` lets about ``n`` more bytes from the kernel through on the
+    connections open now, then reads no more from it: a send then stalls in the middle of its
+    message, which the worker has a part of. A connection ends when its worker's side ends."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.held = threading.Event()
+        self._budgets: list[list[int | None]] = []
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.AbstractServer] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ports, ready), daemon=True)
+        self._thread.start()
+        assert ready.wait(10)
+
+    def hold(self, nbytes: int) -> None:
+        for budget in self._budgets:
+            budget[0] = nbytes
+
+    def _run(self, ports: list[int], ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        for port in ports:
+            self._servers.append(self._loop.run_until_complete(asyncio.start_server(
+                lambda r, w, p=port: self._forward(r, w, p), "127.0.0.1", port)))
+        ready.set()
+        self._loop.run_forever()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       port: int) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.2", port)
+        except OSError:
+            writer.close()
+            return
+        budget: list[int | None] = [None]
+        self._budgets.append(budget)
+
+        async def upward() -> None:
+            while True:
+                if budget[0] is not None and budget[0] <= 0:
+                    self.held.set()
+                    return  # read no more: the kernel's send stalls
+                data = await reader.read(65536 if budget[0] is None else min(65536, budget[0]))
+                if not data:
+                    return
+                if budget[0] is not None:
+                    budget[0] -= len(data)
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downward() -> None:
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+        up = asyncio.ensure_future(upward())
+        try:
+            await downward()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            up.cancel()
+            self._budgets.remove(budget)
+            writer.close()
+            up_writer.close()
+
+    def close(self) -> None:
+        async def shut() -> None:
+            for server in self._servers:
+                server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@contextmanager
+def agent_behind_proxy() -> Iterator[tuple[str, HoldingProxy]]:
+    ports = free_port_block(6)
+    with running_agent("--worker-host", "127.0.0.2", "--worker-ports",
+                       f"{ports[1]}-{ports[-1]}", "--worker-advertise", "127.0.0.1",
+                       listen=f"tcp://127.0.0.2:{ports[0]}") as agent:
+        proxy = HoldingProxy(ports[1:])
+        try:
+            yield agent.endpoint, proxy
+        finally:
+            proxy.close()
+
+
+def end_lease_once_held(source: DirectLeaseSource, endpoint: str, proxy: HoldingProxy,
+                        failures: list[BaseException]) -> threading.Thread:
+    def run() -> None:
+        try:
+            assert proxy.held.wait(30), "the send never started"
+            end_lease_elsewhere(source, endpoint)
+        except BaseException as e:  # reported by the test's thread
+            failures.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["memcpy_htod", "call"])
+def test_a_copy_whose_send_the_agents_park_cuts_is_sent_again_once_after_the_restore(
+        how: str) -> None:
+    """The race a replay under load found: the kernel is in the middle of sending a large
+    host-to-device copy (its worker has a part of the message: to the agent the lease looks
+    idle) when the agent parks the session. The worker exits and the link drops under the
+    send; the copy, and the call batched with it, run exactly once after the restore, and
+    the program never sees a GPULostError."""
+    counter = np.zeros(4)
+    big = np.random.default_rng(7).random(48 * MiB // 8)  # 3 chunks, none fits in the buffers
+    failures: list[BaseException] = []
+    with agent_behind_proxy() as (endpoint, proxy), \
+            script_session([endpoint]) as (session, source):
+        counter_addr = put(session, counter)
+        big_addr = session.alloc(big.nbytes)
+        session.synchronize()
+        proxy.hold(64 << 10)
+        ender = end_lease_once_held(source, endpoint, proxy, failures)
+        session.call("array", "add", desc(counter_addr, 4), [desc(counter_addr, 4), 1.0], {},
+                     None)
+        if how == "memcpy_htod":
+            session.htod(big_addr, big)
+        else:
+            session.call("htod", big_addr, big, None)
+        ender.join(30)
+        assert not failures, failures
+        assert session.restores == 1
+        assert np.array_equal(get(session, big_addr, big), big)
+        assert np.array_equal(get(session, counter_addr, counter), counter + 1)
+
+
+def link_seen_dropped(session: RemoteSession) -> bool:
+    writer = session.current_writer()
+    assert writer is not None
+    try:
+        writer.connection.poll_alive()
+    except GPULostError:
+        return True
+    return False
+
+
+def test_a_call_sent_on_a_link_known_dropped_runs_once_after_the_restore(
+        agent_starter: Any) -> None:
+    """The agent parked the session and its worker is gone, the connection knows, but the
+    agent's word has not reached the session yet: the send of the next call fails in the
+    middle of adding it. That is the park, not a loss: the call runs once after the restore
+    (it used to raise 'lost the GPU agent' and still run after the next restore)."""
+    agent = agent_starter()
+    counter = np.zeros(4)
+    with script_session([agent.endpoint]) as (session, source):
+        counter_addr = put(session, counter)
+        source.holder = None  # the keeper's word that the lease ended is late to the session
+        end_lease_elsewhere(source, agent.endpoint)
+        eventually(lambda: source.status()["state"] == "parked")
+        eventually(lambda: link_seen_dropped(session))
+        source.holder = session
+        session.call_sync("array", "add", desc(counter_addr, 4), [desc(counter_addr, 4), 1.0],
+                          {}, None)
+        assert session.restores == 1
+        assert np.array_equal(get(session, counter_addr, counter), counter + 1)

@@ -9,6 +9,7 @@ is the same, shared by a module's tests.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -167,3 +168,20 @@ def lease_client() -> Iterator[Any]:
 def shim_at() -> Callable[[str], Any]:
     """``with shim_at(endpoint) as cuda:``: the shim on a fresh session with that agent."""
     return shim_driver
+
+
+def free_port_block(count: int) -> list[int]:
+    """``count`` consecutive ports free on both 127.0.0.1 and 127.0.0.2."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000)
+        ports = list(range(base, base + count))
+        try:
+            for host in ("127.0.0.1", "127.0.0.2"):
+                for port in ports:
+                    with socket.socket() as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        return ports
+    raise RuntimeError("no block of free ports")

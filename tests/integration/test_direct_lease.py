@@ -10,51 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 
 from harp_jupyter.shim import notice
-from harp_jupyter.shim.lease import DirectLeaseSource
-from harp_jupyter.shim.session import RemoteSession
+from tests.shim_sessions import eventually, get, put, script_session
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not reached within {timeout} s"
-        time.sleep(0.05)
-    return value
-
-
-@contextmanager
-def script_session(endpoints: list[str]) -> Iterator[tuple[RemoteSession, DirectLeaseSource]]:
-    source = DirectLeaseSource(endpoints)
-    session = RemoteSession(endpoints[0], lease_source=source)
-    source.holder = session
-    try:
-        yield session, source
-    finally:
-        session.close()
-        source.close()
-
-
-def put(session: RemoteSession, data: np.ndarray) -> int:
-    addr = session.alloc(data.nbytes)
-    session.htod(addr, data)
-    session.synchronize()
-    return addr
-
-
-def get(session: RemoteSession, addr: int, like: np.ndarray) -> np.ndarray:
-    out = np.empty_like(like)
-    session.dtoh_into(out, addr)
-    return out
 
 
 def test_an_idle_script_is_reclaimed_for_a_waiting_one_and_comes_back_intact(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +23,7 @@ from typing import Any
 import pytest
 
 from gpu_agent.curve import generate
-from tests.conftest import running_agent
+from tests.conftest import free_port_block, running_agent
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
@@ -80,23 +78,6 @@ class RecordingProxy:
             self._loop.call_soon_threadsafe(server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-
-
-def free_port_block(count: int) -> list[int]:
-    """``count`` consecutive ports free on both 127.0.0.1 and 127.0.0.2."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        ports = list(range(base, base + count))
-        try:
-            for host in ("127.0.0.1", "127.0.0.2"):
-                for port in ports:
-                    with socket.socket() as s:
-                        s.bind((host, port))
-        except OSError:
-            continue
-        return ports
-    raise RuntimeError("no block of free ports")
 
 
 @contextmanager

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,44 +25,11 @@ from harp_jupyter.shim.errors import GPULostError
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
-from tests.conftest import running_agent
-from tests.integration.test_encrypted_wire import free_port_block
+from tests.conftest import free_port_block, running_agent
+from tests.shim_sessions import eventually, get, put, script_session
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
-
-
-def eventually(check: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not reached within {timeout} s"
-        time.sleep(0.02)
-    return value
-
-
-@contextmanager
-def script_session(endpoints: list[str]) -> Iterator[tuple[RemoteSession, DirectLeaseSource]]:
-    source = DirectLeaseSource(endpoints)
-    session = RemoteSession(endpoints[0], lease_source=source)
-    source.holder = session
-    try:
-        yield session, source
-    finally:
-        session.close()
-        source.close()
-
-
-def put(session: RemoteSession, data: np.ndarray) -> int:
-    addr = session.alloc(data.nbytes)
-    session.htod(addr, data)
-    session.synchronize()
-    return addr
-
-
-def get(session: RemoteSession, addr: int, like: np.ndarray) -> np.ndarray:
-    out = np.empty_like(like)
-    session.dtoh_into(out, addr)
-    return out
 
 
 def desc(addr: int, n: int) -> list[Any]:

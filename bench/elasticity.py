@@ -41,6 +41,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from elasticity_policies import (  # noqa: E402
+    POLICIES,
+    TARGET_WAIT_P95_S,
+    TITLES,
+    slowdown_target,
+)
 from elasticity_pool import ENV, Agent, StatusWatch, scrape_all, start_agents  # noqa: E402
 from elasticity_trace import (  # noqa: E402
     GiB,
@@ -53,9 +59,6 @@ from elasticity_trace import (  # noqa: E402
 from forwarding import report  # noqa: E402
 
 SESSION_SCRIPT = HERE / "elasticity_session.py"
-POLICIES = ("dedicated", "idle-timeout", "reclaim", "reclaim+slots")
-TITLES = {"dedicated": "one GPU per notebook", "idle-timeout": "idle timeout alone",
-          "reclaim": "reclaim, 1 lease/GPU", "reclaim+slots": "reclaim + slots"}
 #: keep the agents' and clients' logs even when nothing failed (HARP_BENCH_KEEP=1)
 KEEP_LOGS = os.environ.get("HARP_BENCH_KEEP", "") not in ("", "0")
 #: the keeper's idle timeout and the agent's reclaim_after by default, for 1 s bursts
@@ -63,13 +66,6 @@ IDLE_TIMEOUT_S = 60.0
 RECLAIM_AFTER_S = 3.0
 #: reclaim off: longer than any replay
 NEVER_S = 1e9
-#: the targets of ARCHITECTURE.md section 7
-TARGET_WAIT_P95_S = 1.0
-
-
-def slowdown_target(duty: float) -> float:
-    """p95 burst slowdown target: 2.5x at 10% duty, 2x at 5%."""
-    return 2.5 if duty >= 0.075 else 2.0
 
 
 @dataclass
@@ -540,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ImportError as e:  # matplotlib is the bench extra's
             print(f"elasticity: no plot ({e}); pip install -e '.[bench]'", flush=True)
         else:
-            plot(runs, utilisation, calib, opts, plot_path, emulated)
+            plot(runs, utilisation, bursts_of, calib, opts, plot_path, emulated)
             plotted = True
     if any(s["errors"] for s in summaries) or KEEP_LOGS:
         print(f"elasticity: the logs are kept in {work}", flush=True)

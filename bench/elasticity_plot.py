@@ -5,23 +5,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from elasticity_policies import TARGET_WAIT_P95_S, TITLES, slowdown_target
 
-if TYPE_CHECKING:
-    from elasticity import Options, PolicyRun
+#: a policy's run and the replay's options (bench/elasticity.py's PolicyRun and Options; this
+#: module reads their fields only, and the replay imports it, not the other way round)
+PolicyRun = Any
+Options = Any
 
 #: waits below this are drawn at it (a held lease answers in well under a millisecond)
 FLOOR_S = 1e-4
 
 
 def plot(runs: list[PolicyRun], utilisation: Callable[[PolicyRun], dict[str, list[float]]],
-         calib: dict[str, Any], opts: Options, path: Path, emulated: bool) -> None:
-    from elasticity import TARGET_WAIT_P95_S, TITLES, bursts_of, slowdown_target
+         bursts_of: Callable[[PolicyRun], list[dict[str, Any]]], calib: dict[str, Any],
+         opts: Options, path: Path, emulated: bool) -> None:
 
     alone = calib["alone_s"]
     columns = len(runs)

@@ -10,17 +10,15 @@ Past ``acquire_timeout`` it gives up. Errors are ControlError, as the kernel is 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from provisioner.clock import Clock
 from provisioner.control import ControlError
+from provisioner.keeper_config import KeeperConfig, Progress
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import AGENT_DRAINING, HeldLease, KeeperState, LeaseRecord
 from provisioner.renewals import ENDED
 from provisioner.selection import choose_agent, is_draining, is_free
-
-if TYPE_CHECKING:  # the keeper imports this module
-    from provisioner.keeper import KeeperConfig, Progress
 
 log = logging.getLogger("harp.provisioner.keeper")
 

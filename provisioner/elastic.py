@@ -37,7 +37,7 @@ from traitlets import Float, TraitError, default
 
 from provisioner import background, local_agents
 from provisioner.control import ControlError
-from provisioner.keeper import KeeperConfig
+from provisioner.keeper_config import KeeperConfig
 from provisioner.kernel_lease import KernelLease
 from provisioner.lease_record import HeldLease, ParkReason
 from provisioner.pool import configured_endpoints, resolve_agents

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from provisioner.acquisition import PoolAcquisition
 from provisioner.clock import Clock, SystemClock, within
 from provisioner.control import ControlError
+from provisioner.keeper_config import AgentsSource, KeeperConfig, Progress
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import (
     AGENT_DRAINING,
@@ -64,10 +63,6 @@ log = logging.getLogger("harp.provisioner.keeper")
 #: how often the keeper asks an agent that parked its kernel's session whether it is done
 PARKED_BYTES_POLL_S = 0.2
 
-#: progress(message) while queued: {"state", "position", "agent"}
-Progress = Callable[[dict[str, Any]], Awaitable[None]]
-#: the agent endpoints to choose from, resolved at each acquire (local agents start lazily)
-AgentsSource = Callable[[], Awaitable[list[str]]]
 
 
 class KernelLink(Protocol):
@@ -80,32 +75,6 @@ class KernelLink(Protocol):
     def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
         """The agent ended the held lease ``lease_id`` and parked the session itself; must not
         block."""
-
-
-@dataclass
-class KeeperConfig:
-    kernel_id: str
-    kernel_secret: str
-    user: str = ""
-    lease_ttl: float = 30.0
-    #: seconds without GPU work before the lease is released; <= 0: never on idle
-    idle_timeout: float = 60.0
-    #: seconds without GPU work after which the agent may park this kernel for a waiting one
-    reclaim_after: float = 3.0
-    #: give up waiting in a queue after this long; None: wait as long as it takes
-    acquire_timeout: float | None = None
-    park_timeout: float = 30.0
-    #: how long an agent may take to answer a status message at acquire (a dead agent in the
-    #: pool costs each acquire this much)
-    status_timeout: float = 2.0
-    #: while no agent of the pool answers, acquire asks again (with backoff) for this long, or
-    #: for ``acquire_timeout`` when that is set; an agent restarting is back within it
-    reach_timeout: float = 30.0
-    #: passed in lease_request ``info`` (host, park limits, ...); reclaim_after is added
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def lease_info(self) -> dict[str, Any]:
-        return {**self.info, "reclaim_after": self.reclaim_after}
 
 
 class LeaseKeeper:

@@ -19,7 +19,8 @@ import zmq.asyncio
 
 from provisioner import changes
 from provisioner.control import ControlError, ControlRequest, ControlServer, KernelNotConnected
-from provisioner.keeper import AgentsSource, KeeperConfig, LeaseKeeper
+from provisioner.keeper import LeaseKeeper
+from provisioner.keeper_config import AgentsSource, KeeperConfig
 from provisioner.lease_client import LeaseClient
 from provisioner.lease_record import HOLDING, HeldLease, KeeperState, ParkReason
 

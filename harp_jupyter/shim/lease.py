@@ -42,7 +42,8 @@ from harp_jupyter.shim.notice import WaitNotice
 from harp_jupyter.shim.transport import timeout_from_env
 from provisioner import background
 from provisioner.control import ControlError
-from provisioner.keeper import KeeperConfig, LeaseKeeper
+from provisioner.keeper import LeaseKeeper
+from provisioner.keeper_config import KeeperConfig
 from provisioner.lease_client import LeaseClient
 from provisioner.lease_record import ParkReason
 

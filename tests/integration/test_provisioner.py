@@ -24,7 +24,7 @@ import zmq.asyncio
 from gpu_agent import protocol as P
 from harp_jupyter.shim.lease import ControlLeaseSource
 from provisioner.control import ControlServer, KernelNotConnected
-from provisioner.keeper import KeeperConfig
+from provisioner.keeper_config import KeeperConfig
 from provisioner.kernel_lease import KernelLease
 from provisioner.lease_client import (
     AgentUnreachable,

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from provisioner.control import ControlError
-from provisioner.keeper import KeeperConfig, LeaseKeeper
+from provisioner.keeper import LeaseKeeper
+from provisioner.keeper_config import KeeperConfig
 from provisioner.lease_record import (
     HeldLease,
     KeeperState,

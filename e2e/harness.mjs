@@ -96,6 +96,15 @@ class Child {
     );
   }
 
+  /** SIGKILL to its process group at once (an agent whose machine died: no drain, no goodbye). */
+  async kill() {
+    if (this.alive) {
+      process.kill(-this.process.pid, 'SIGKILL');
+      await this.exited;
+    }
+    writeFileSync(this.logPath, this.output);
+  }
+
   /** SIGTERM, then SIGKILL to its process group (its kernels) if it does not exit in time. */
   async stop(graceMs = 15_000) {
     if (this.alive) {

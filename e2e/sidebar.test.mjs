@@ -469,7 +469,8 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
   });
 
   test('a dead agent shows as unreachable and the holder’s card as lost, with what to do', STEP, async () => {
-    await agent.stop();
+    // killed, not stopped: SIGTERM makes an agent drain (park, hand over, exit), a test of its own
+    await agent.kill();
     await waitForState(page, 'alpha.ipynb', 'lost', 90_000);
     const alpha = card(page, 'alpha.ipynb');
     assert.match(await alpha.locator('.harp-KernelCard-note').textContent(), /press Lease/);

@@ -57,29 +57,34 @@ def test_small_copies_are_not_staged() -> None:
 
 
 def test_a_buffer_zeromq_still_holds_is_not_reused() -> None:
-    """A zero-copy frame keeps its buffer alive until ZeroMQ is done with it (here: queued for a
-    peer that never comes), and the pool sees that reference."""
+    """A zero-copy frame keeps its buffer alive until ZeroMQ is done with it (here: waiting,
+    unread, in an inproc pipe), and the pool sees that reference."""
     staging, allocated = pool(8 * MiB)
     context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    free_port = context.socket(zmq.PULL)
-    port = free_port.bind_to_random_port("tcp://127.0.0.1")
-    free_port.close(0)  # nobody listens there: the message waits in the socket's queue
-    push.connect(f"tcp://127.0.0.1:{port}")
-    out = staging.take(MiB)
-    queued = id(out.base)
-    push.send(out, copy=False)
-    del out
-    gc.collect()
-    assert id(staging.take(MiB).base) != queued and len(allocated) == 2
-    push.close(0)  # the queued message is dropped: ZeroMQ lets go of the buffer
-    context.term()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    try:
+        pull.bind("inproc://staging")
+        push.connect("inproc://staging")
+        out = staging.take(MiB)
+        out[:] = 7
+        queued = id(out.base)
+        push.send(out, copy=False)
+        del out
         gc.collect()
-        again = staging.take(MiB)
-        if id(again.base) == queued:
-            break
-        del again
-        time.sleep(0.01)
-    assert id(again.base) == queued and len(allocated) == 2
+        assert id(staging.take(MiB).base) != queued and len(allocated) == 2
+        frame = pull.recv(copy=False)  # read: ZeroMQ lets go once the frame is dropped
+        assert bytes(frame.buffer[:4]) == b"\x07" * 4
+        del frame
+        deadline = time.monotonic() + 10
+        while True:
+            gc.collect()
+            again = staging.take(MiB)
+            if id(again.base) == queued or time.monotonic() > deadline:
+                break
+            del again
+            time.sleep(0.01)
+        assert id(again.base) == queued and len(allocated) == 2
+    finally:
+        pull.close(0)
+        push.close(0)
+        context.term()

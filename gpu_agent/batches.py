@@ -30,13 +30,14 @@ class BatchRunner:
     """One session's device objects and the checks around them; see the module docstring."""
 
     def __init__(self, executor: Executor, device: ExecutorSession, base: int, size: int, *,
-                 memory_cap: int, max_frame: int) -> None:
+                 memory_cap: int, max_frame: int, max_objects: int = 4096) -> None:
         self.executor = executor
         self.device = device
         self.ranges = MappedRanges(base, size)
         self.log = SessionLog()
         self.memory_cap = memory_cap
         self.max_frame = max_frame
+        self.max_objects = max_objects
         self.calls = 0
         self.batches = 0
         #: set when the device context is unusable: every later call fails with it
@@ -141,6 +142,10 @@ class BatchRunner:
         if name in _MAPPING_OPS:
             self._check_mapping(name, args)
             return
+        if name in _CREATING_OPS and len(self.log) >= self.max_objects:
+            raise AgentError("LogicError", f"this session holds {len(self.log)} device objects "
+                             f"(modules, kernels, streams, events, generators), the most one "
+                             f"session may (harp-agent --session-objects): free some first")
         if name == "dtoh" and args[1] > self.max_frame:
             raise AgentError("LogicError", f"dtoh of {format_bytes(args[1])} in one call: at "
                              f"most {format_bytes(self.max_frame)} (harp-agent --max-frame); copy "
@@ -201,6 +206,7 @@ class BatchRunner:
 #: explicit ranges of the ops that name any
 _RESULT_OPS = frozenset(name for name, op in P.OPS.items() if op.result)
 _MAPPING_OPS = frozenset(("alloc", "free", "get_global"))
+_CREATING_OPS = frozenset(name for name, op in P.OPS.items() if op.creates is not None)
 _TOUCHES = {name: op.touches for name, op in P.OPS.items() if op.touches is not None}
 
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             executor=executor, device=args.device, bind_host=host or "127.0.0.1",
             memory_cap=memory_cap, max_frame=limits.max_frame,
             unread_replies=limits.unread_replies, fetch_timeout=limits.fetch_timeout,
-            pinned_staging=limits.pinned_staging,
+            pinned_staging=limits.pinned_staging, session_objects=limits.session_objects,
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             advertise_host=args.worker_advertise,

@@ -53,6 +53,12 @@ class AgentLimits:
         unit="bytes",
         metavar="BYTES",
     )
+    session_objects: int = _flag(
+        4096,
+        "device objects one session may hold at once (modules, kernels, streams, events, cuRAND "
+        "generators); creating one more is refused",
+        metavar="N",
+    )
     pinned_staging: int = _flag(
         64 * MiB,
         "page-locked host memory each worker keeps for device-to-host copies of 64 KiB and more "

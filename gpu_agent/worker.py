@@ -189,7 +189,8 @@ class Worker:
             device = self.executor.open_session(int(header["base"]), int(header["size"]))
             self.runner = BatchRunner(self.executor, device, int(header["base"]),
                                       int(header["size"]), memory_cap=int(header["cap"]),
-                                      max_frame=self.args.max_frame)
+                                      max_frame=self.args.max_frame,
+                                      max_objects=self.args.session_objects)
             restored = 0
             if header.get("restore"):
                 restored = self.parked_io.restore_from_files(self.runner, header["restore"])
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-frame", type=int, required=True)
     parser.add_argument("--unread-replies", type=int, default=8)
     parser.add_argument("--pinned-staging", type=int, default=0)
+    parser.add_argument("--session-objects", type=int, default=4096)
     parser.add_argument("--fetch-timeout", type=float, default=30.0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--data-writable", action="store_true")

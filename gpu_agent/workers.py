@@ -45,6 +45,7 @@ class WorkerConfig:
     unread_replies: int
     fetch_timeout: float
     pinned_staging: int = 0
+    session_objects: int = 4096
     ports: str | None = None
     data_root: str | None = None
     data_writable: bool = False
@@ -114,6 +115,7 @@ class WorkerPool:
                 "--max-frame", str(c.max_frame), "--unread-replies", str(c.unread_replies),
                 "--fetch-timeout", str(c.fetch_timeout), "--log-level", c.log_level,
                 "--pinned-staging", str(c.pinned_staging),
+                "--session-objects", str(c.session_objects),
                 "--data-reader", c.data_reader]
         if c.ports:
             argv += ["--ports", c.ports]

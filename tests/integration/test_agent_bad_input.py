@@ -241,3 +241,26 @@ def test_calls_after_the_lease_ended_do_not_run(clients: tuple[RawClient, RawCli
     assert notice["parked"] is True and notice["e"]["kind"] == "LeaseError"
     assert "parked" in notice["e"]["msg"] and "restores it" in notice["e"]["msg"]
     good_client_still_served(good)
+
+
+def test_a_session_holds_at_most_its_objects_and_the_refusal_is_its_own(
+        agent_starter: Any) -> None:
+    """--session-objects bounds the device objects one session may hold (each costs the agent
+    host memory and replay log): one more create is a clear error to that session alone, and a
+    destroyed object makes room again."""
+    agent = agent_starter("--session-objects", "3", "--slots", "2")
+    bad, good = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    try:
+        bad.hello()
+        good.hello()
+        reply, _ = bad.batch(*(["stream_create", h, 0] for h in (1, 2, 3)))
+        assert reply["e"] is None
+        reply, _ = bad.batch(["stream_create", 4, 0])
+        assert reply["e"]["kind"] == "LogicError" and "--session-objects" in reply["e"]["msg"]
+        reply, _ = good.batch(*(["stream_create", h, 0] for h in (1, 2, 3)))
+        assert reply["e"] is None  # the other session's count is its own
+        reply, _ = bad.batch(["stream_destroy", 2], ["stream_create", 4, 0])
+        assert reply["e"] is None
+    finally:
+        bad.close()
+        good.close()

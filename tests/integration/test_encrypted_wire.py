@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from gpu_agent.curve import generate
 from tests.conftest import free_port_block, running_agent
+from tests.worker_proxy import WorkerProxy
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
@@ -31,35 +31,15 @@ TOKEN = "token-that-must-never-be-seen-0451"
 MARKER = "HARP-DATA-MARKER-7731"
 
 
-class RecordingProxy:
-    """Forwards 127.0.0.1:PORT to 127.0.0.2:PORT for each port, keeping every byte."""
+class RecordingProxy(WorkerProxy):
+    """Forwards the workers' ports, keeping every byte."""
 
     def __init__(self, ports: list[int]) -> None:
-        self.ports = ports
         self.recorded = bytearray()
-        self._loop = asyncio.new_event_loop()
-        self._servers: list[asyncio.AbstractServer] = []
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        for port in self.ports:
-            self._servers.append(self._loop.run_until_complete(asyncio.start_server(
-                lambda r, w, p=port: self._forward(r, w, p), "127.0.0.1", port)))
-        ready.set()
-        self._loop.run_forever()
+        super().__init__(ports)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       port: int) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.2", port)
-        except OSError:
-            writer.close()
-            return
-
+                       up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
@@ -72,12 +52,6 @@ class RecordingProxy:
                 sink.close()
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    def close(self) -> None:
-        for server in self._servers:
-            self._loop.call_soon_threadsafe(server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 @contextmanager

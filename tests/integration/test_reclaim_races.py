@@ -27,6 +27,7 @@ from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
 from tests.conftest import free_port_block, running_agent
 from tests.shim_sessions import eventually, get, put, script_session
+from tests.worker_proxy import WorkerProxy
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -227,41 +228,23 @@ def test_a_lease_reclaimed_before_hello_tells_the_next_cell_nothing(
         source.close()
 
 
-class HoldingProxy:
-    """Forwards 127.0.0.1:PORT to 127.0.0.2:PORT for each port (the agent's workers, which
-    advertise 127.0.0.1). ``hold(n)`` lets about ``n`` more bytes from the kernel through on the
-    connections open now, then reads no more from it: a send then stalls in the middle of its
-    message, which the worker has a part of. A connection ends when its worker's side ends."""
+class HoldingProxy(WorkerProxy):
+    """Forwards the workers' ports. ``hold(n)`` lets about ``n`` more bytes from the kernel
+    through on the connections open now, then reads no more from it: a send then stalls in the
+    middle of its message, which the worker has a part of. A connection ends when its worker's
+    side ends."""
 
     def __init__(self, ports: list[int]) -> None:
         self.held = threading.Event()
         self._budgets: list[list[int | None]] = []
-        self._loop = asyncio.new_event_loop()
-        self._servers: list[asyncio.AbstractServer] = []
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ports, ready), daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
+        super().__init__(ports)
 
     def hold(self, nbytes: int) -> None:
         for budget in self._budgets:
             budget[0] = nbytes
 
-    def _run(self, ports: list[int], ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        for port in ports:
-            self._servers.append(self._loop.run_until_complete(asyncio.start_server(
-                lambda r, w, p=port: self._forward(r, w, p), "127.0.0.1", port)))
-        ready.set()
-        self._loop.run_forever()
-
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       port: int) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.2", port)
-        except OSError:
-            writer.close()
-            return
+                       up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
         budget: list[int | None] = [None]
         self._budgets.append(budget)
 
@@ -293,19 +276,6 @@ class HoldingProxy:
             self._budgets.remove(budget)
             writer.close()
             up_writer.close()
-
-    def close(self) -> None:
-        async def shut() -> None:
-            for server in self._servers:
-                server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
 
 @contextmanager

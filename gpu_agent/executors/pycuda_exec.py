@@ -23,7 +23,7 @@ from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays, pycuda_curand
-from gpu_agent.executors.base import Executor, ExecutorSession
+from gpu_agent.executors.base import Executor, ExecutorSession, resident_threads
 from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
@@ -71,6 +71,14 @@ def _curand_version() -> list[int] | None:
         return None
     version = get_curand_version()
     return None if version is None else [int(x) for x in version]
+
+
+def _limit(name: str) -> Any:
+    """pycuda's ``limit`` member of a name ``ContextLimits`` knows."""
+    which = getattr(cuda.limit, name, None)
+    if which is None:
+        raise AgentError("LogicError", f"this agent's pycuda has no limit {name}")
+    return which
 
 
 def _link_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +232,19 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def op_ping(self) -> int:
         return profiling.now_ns()
+
+    def op_limit_get(self, name: str) -> int:
+        self.limits.get(name)  # a name the agent knows
+        return int(cuda.Context.get_limit(_limit(name)))
+
+    def op_limit_set(self, name: str, value: int) -> None:
+        self.limits.check_set(name, value)  # what this tenant may set, and its slot's room
+        which = _limit(name)
+        cuda.Context.set_limit(which, value)
+        self.limits.set(name, int(cuda.Context.get_limit(which)))  # as CUDA rounded it
+
+    def object_bytes(self) -> int:
+        return self.torch_bytes() + self.limit_bytes()
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
         if self._reference is None:
@@ -539,6 +560,7 @@ class PycudaExecutor(Executor):
             raise AgentError("RuntimeError", f"cannot reserve this session's address range "
                                 f"{base:#x}+{size:#x}: {e}") from None
         session = PycudaSession(self, memory)
+        session.resident_threads = resident_threads(self._info)
         self.sessions.add(session)
         self.attach_data(session)
         return session

@@ -99,7 +99,7 @@ class ContextLimits:
             raise AgentError("LogicError", f"Context.set_limit({name}, {value}) is refused by "
                              f"this GPU agent: {limit.refuse_above_default}")
         self._check_room(self.extra_bytes({**self.values, name: value}) - self.extra_bytes(),
-                         f"Context.set_limit({name}, {value})")
+                         f"Context.set_limit({name}, {value}) (memory the driver reserves)")
 
     def set(self, name: str, value: int) -> None:
         self.values[name] = value
@@ -109,10 +109,9 @@ class ContextLimits:
         if more <= 0 or room is None or more <= room:
             return
         raise AgentError(
-            "MemoryError", f"out of memory: {what} makes the driver reserve "
-            f"{format_bytes(more)} more device memory, {format_bytes(max(room, 0))} of this GPU "
-            "slot is free: free device memory first, or ask for less",
-            "CUDA_ERROR_OUT_OF_MEMORY")
+            "MemoryError", f"out of memory: {what} needs {format_bytes(more)} more device "
+            f"memory, {format_bytes(max(room, 0))} of this GPU slot is free: free device memory "
+            "first, or ask for less", "CUDA_ERROR_OUT_OF_MEMORY")
 
     @contextmanager
     def scratch(self, nbytes: int, what: str) -> Iterator[None]:

@@ -424,7 +424,10 @@ class PycudaSession(TorchOps, ExecutorSession):
     def op_curand_new(self, generator: int, kind: str, options: dict[str, Any]) -> list[int]:
         if options:
             raise AgentError("ProtocolError", f"curand_new: unknown options {sorted(options)}")
-        made = pycuda_curand.new_generator(kind, self._x.pool.allocate)
+        attributes = self._x.device_info()["attributes"]
+        made = pycuda_curand.new_generator(
+            kind, self.limits,
+            attributes["MULTIPROCESSOR_COUNT"] * attributes["MAX_THREADS_PER_BLOCK"])
         self.curands[generator] = made
         return [made.count, made.state_bytes, int(made.rng.block_count),
                 int(made.rng.generators_per_block)]
@@ -432,7 +435,8 @@ class PycudaSession(TorchOps, ExecutorSession):
     def op_curand_call(self, generator: int, method: str, state: int, state_bytes: int,
                        params: list[Any], stream: int | None) -> None:
         pycuda_curand.call(self._get(self.curands, generator, "cuRAND generator"), method,
-                           state, state_bytes, params, self._stream(stream), self.view)
+                           state, state_bytes, params, self._stream(stream), self.view,
+                           self.limits)
 
     def op_curand_free(self, generator: int) -> None:
         self.curands.pop(generator, None)

@@ -73,8 +73,8 @@ def test_memory_a_limit_reserves_counts_against_the_slot(slotted: tuple[Any, Any
         cuda.Context.synchronize()
     kept = cuda.mem_alloc(30 * MiB)
     cuda.Context.synchronize()
-    with pytest.raises(cuda.MemoryError, match=r"Context.set_limit\(MALLOC_HEAP_SIZE, "
-                                               r"1073741824\) makes the driver reserve"):
+    with pytest.raises(cuda.MemoryError, match=r"Context.set_limit\(MALLOC_HEAP_SIZE, 1073741824"
+                                               r"\) \(memory the driver reserves\) needs"):
         cuda.Context.set_limit(cuda.limit.MALLOC_HEAP_SIZE, 1 << 30)
     with pytest.raises(cuda.MemoryError, match=r"set_limit\(STACK_SIZE"):
         cuda.Context.set_limit(cuda.limit.STACK_SIZE, 1 << 40)

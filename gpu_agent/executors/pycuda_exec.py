@@ -18,7 +18,7 @@ from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool, get_or_register_dtype
 
-from gpu_agent import nvcc_sandbox, nvml, profiling
+from gpu_agent import nvcc_limits, nvcc_sandbox, nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
@@ -498,15 +498,19 @@ class PycudaExecutor(Executor):
     name = "pycuda"
     emulated = False
 
-    def __init__(self, device: int = 0, *, pinned_staging: int = 0) -> None:
+    def __init__(self, device: int = 0, *, pinned_staging: int = 0, nvcc: str = "") -> None:
         cuda.init()
         self.device_index = device
         self.device = cuda.Device(device)
         self.context = self.device.retain_primary_context()
         self.context.push()
-        #: Landlock ABI nvcc runs under (0: none, and CUDA C from clients is refused)
-        self.nvcc_sandbox = nvcc_sandbox.install()
-        if not self.nvcc_sandbox:
+        policy = nvcc_limits.NvccPolicy.parse(nvcc) if nvcc else nvcc_limits.DEFAULT_POLICY
+        #: Landlock ABI nvcc runs under (0: none, and CUDA C from clients is refused unless the
+        #: operator chose to compile it unsandboxed)
+        self.nvcc_sandbox = nvcc_sandbox.install(policy)
+        if policy.mode == nvcc_limits.UNSAFE:
+            log.warning("%s", nvcc_limits.UNSAFE_WARNING)
+        elif not self.nvcc_sandbox and policy.mode == nvcc_limits.SANDBOXED:
             log.warning("nvcc runs unsandboxed here: %s", nvcc_sandbox.UNAVAILABLE)
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()

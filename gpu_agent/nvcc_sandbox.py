@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from gpu_agent import nvcc_limits
+from gpu_agent import compile_cache, nvcc_limits
 from gpu_agent.errors import AgentError
 from gpu_agent.nvcc_limits import NvccPolicy
 
@@ -190,7 +190,6 @@ def install(policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> int:
     ``sandboxed``) and ``policy``'s limits; the Landlock ABI version in use (0: none, and user
     sources are refused unless the operator chose ``unsafe-unsandboxed``)."""
     import pycuda.compiler as compiler
-    from pytools.prefork import ExecError
 
     original: Callable[..., Any] = getattr(compiler, "_harp_unsandboxed",
                                            compiler.call_capture_output)
@@ -211,11 +210,14 @@ def install(policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> int:
         if error is not None:
             raise error
         if error_on_nonzero and result[0] != 0:
+            from pytools.prefork import ExecError  # what pycuda's own call raises
+
             raise ExecError(f"process '{cmdline[0]}' terminated with return code {result[0]}")
         return result
 
     compiler._harp_unsandboxed = original
     compiler.call_capture_output = call_capture_output
+    compile_cache.route(compiler, lambda: getattr(_local, "user", False))
     return abi
 
 

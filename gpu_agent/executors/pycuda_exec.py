@@ -1,8 +1,9 @@
 """The real-GPU executor: forwarded calls run through pycuda on one device.
 
 Device memory of sessions lives at client-chosen addresses (``vmm``); modules are compiled with
-pycuda's SourceModule (nvcc, cached by pycuda by source and options); launches use the argument
-buffer the client packed, so a launch costs the agent no argument parsing.
+pycuda's SourceModule (nvcc; a client's sources cached per session, gpu_agent/compile_cache.py);
+launches use the argument buffer the client packed, so a launch costs the agent no argument
+parsing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool, get_or_register_dtype
 
-from gpu_agent import nvcc_limits, nvcc_sandbox, nvml, profiling
+from gpu_agent import compile_cache, nvcc_limits, nvcc_sandbox, nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
@@ -480,6 +481,7 @@ class PycudaSession(TorchOps, ExecutorSession):
     def close(self) -> None:
         if not self._x.context_lost:
             self.torch_close()
+        compile_cache.SESSION.forget()  # the next session of this process must not hit them
         self.kernels.clear()
         self.curands.clear()
         self.functions.clear()

@@ -2,9 +2,13 @@
 template bomb in one tenant's SourceModule is a CompileError at that call naming the limit, the
 same session compiles and runs the next kernel, and a neighbour in the other slot never notices;
 with ``refuse`` clients' CUDA C is refused with the reason while the agent's own kernels (gpuarray)
-still compile. The launcher alone, without a GPU: tests/integration/test_nvcc_sandbox.py."""
+still compile; a client's cubins never land in pycuda's shared compile cache. The launcher
+alone, without a GPU: tests/integration/test_nvcc_sandbox.py."""
 
 from __future__ import annotations
+
+import secrets
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,3 +62,28 @@ def test_refuse_refuses_clients_cuda_c_and_keeps_array_operations() -> None:
             SourceModule(SMALL)
         a = gpuarray.to_gpu(np.arange(10, dtype=np.float32))
         assert np.array_equal((a * 3).get(), 3 * np.arange(10, dtype=np.float32))
+
+
+def test_clients_cuda_c_never_reaches_the_shared_compile_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_agent/compile_cache.py: another tenant could read (by timing) or substitute (by an
+    MD5 collision) what a shared entry holds; a client's cubins stay in its worker."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("PYCUDA_CACHE_DIR", raising=False)
+    name = f"harp_cache_probe_{secrets.token_hex(6)}"
+    source = f'extern "C" __global__ void {name}(float *x) {{ x[threadIdx.x] += 1; }}'
+    with running_agent(executor="pycuda", timeout=180) as agent:
+        for _ in range(2):  # two sessions, one after the other: each compiles it itself
+            with shim_driver(agent.endpoint) as cuda:
+                from pycuda import gpuarray
+                from pycuda.compiler import SourceModule
+
+                kernel = SourceModule(source).get_function(name)
+                x = np.zeros(32, np.float32)
+                kernel(cuda.InOut(x), block=(32, 1, 1), grid=(1, 1))
+                assert np.array_equal(x, np.ones(32, np.float32))
+                a = gpuarray.to_gpu(np.arange(8, dtype=np.float32))
+                assert np.array_equal((a * 3).get(), 3 * np.arange(8, dtype=np.float32))
+    cached = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert cached, "the agent's own gpuarray kernels use pycuda's cache under XDG_CACHE_HOME"
+    assert not [p for p in cached if name.encode() in p.read_bytes()]

@@ -13,14 +13,28 @@ from pycuda.compiler import SourceModule
 out: dict[str, object] = {}
 names = ["STACK_SIZE", "PRINTF_FIFO_SIZE", "MALLOC_HEAP_SIZE", "DEV_RUNTIME_SYNC_DEPTH",
          "DEV_RUNTIME_PENDING_LAUNCH_COUNT"]
-out["defaults"] = {name: drv.Context.get_limit(getattr(drv.limit, name)) for name in names}
+
+
+def limits() -> dict[str, object]:
+    """Each limit's value, or the error class its query raised (CUDA may not support a limit
+    on this GPU: the shim must raise the same)."""
+    found: dict[str, object] = {}
+    for name in names:
+        try:
+            found[name] = drv.Context.get_limit(getattr(drv.limit, name))
+        except drv.Error as e:
+            found[name] = type(e).__name__
+    return found
+
+
+out["defaults"] = limits()
 
 MiB = 1 << 20
 drv.Context.set_limit(drv.limit.MALLOC_HEAP_SIZE, 64 * MiB)
 drv.Context.set_limit(drv.limit.STACK_SIZE, 4096)
 drv.Context.set_limit(drv.limit.PRINTF_FIFO_SIZE, 4 * MiB)
 drv.Context.set_limit(drv.limit.DEV_RUNTIME_PENDING_LAUNCH_COUNT, 4096)
-out["set"] = {name: drv.Context.get_limit(getattr(drv.limit, name)) for name in names}
+out["set"] = limits()
 
 module = SourceModule("""
 __global__ void grab(int *ok, size_t nbytes)

@@ -57,7 +57,7 @@ LIMITS: dict[str, Limit] = {
 
 
 def _unknown(name: str) -> AgentError:
-    return AgentError("LogicError", f"cuCtxGetLimit failed: unknown limit {name!r} (one of "
+    return AgentError("LogicError", f"cuCtxGetLimit failed: unknown limit {name[:64]!r} (one of "
                       f"{', '.join(LIMITS)})")
 
 

@@ -114,7 +114,12 @@ def run_limited(command: list[str], policy: NvccPolicy) -> int:
             written[0] += len(data)
             if stream is child.stderr:
                 tail = (tail + data)[-4096:]
-    if timed_out:
+    if not timed_out:
+        try:  # its output is closed; nvcc itself may still be finishing
+            child.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    if timed_out:  # nvcc is not reaped yet, so its process group is still the compile's
         os.killpg(child.pid, signal.SIGKILL)
     status = child.wait()
     for out, written in relay.values():

@@ -73,7 +73,8 @@ class Worker:
         self.kernel_output = KernelOutput()
         self.executor: Executor = make_executor(args.executor, args.device,
                                                 emulated_memory=args.memory_cap,
-                                                pinned_staging=args.pinned_staging)
+                                                pinned_staging=args.pinned_staging,
+                                                nvcc=args.nvcc)
         if args.data_root:
             self.executor.data_store = DataStore(args.data_root, writable=args.data_writable)
             self.executor.data_reader_choice = args.data_reader
@@ -387,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unread-replies", type=int, default=8)
     parser.add_argument("--pinned-staging", type=int, default=0)
     parser.add_argument("--session-objects", type=int, default=4096)
+    parser.add_argument("--nvcc", default="", help="NvccPolicy.to_arg() (gpu_agent.nvcc_limits)")
     parser.add_argument("--fetch-timeout", type=float, default=30.0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--data-writable", action="store_true")

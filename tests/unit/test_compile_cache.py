@@ -1,15 +1,25 @@
 """gpu_agent.compile_cache: a client's CUDA C never reaches pycuda's shared compile cache, and
-its own compiles are kept for its session only. pycuda.compiler is stood in for by a namespace
-with its compile_plain's signature (which directory it was given, what it compiled); the real
-thing on a GPU: tests/gpu/test_nvcc_limits_gpu.py."""
+its own compiles are kept for its session only, and travel with its parked state (written and
+read back by gpu_agent/parked_io.py, with the emulated executor's session). pycuda.compiler is
+stood in for by a namespace with its compile_plain's signature (which directory it was given,
+what it compiled); the real thing on a GPU: tests/gpu/test_nvcc_limits_gpu.py and
+tests/gpu/test_park_gpu.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+import zmq
+
 from gpu_agent import compile_cache
+from gpu_agent import protocol as P
+from gpu_agent.batches import BatchRunner
 from gpu_agent.compile_cache import SessionCompileCache
+from gpu_agent.executors.emulated import EmulatedExecutor
+from gpu_agent.parked_io import ParkedStateIO
 
 
 def _compiler() -> SimpleNamespace:
@@ -59,3 +69,89 @@ def test_the_cache_keeps_its_bound_least_recently_used_first() -> None:
     assert cache.get_or_compile("b", lambda: b"BBBB") == b"BBBB"  # compiled again
     assert cache.get_or_compile("big", lambda: b"x" * 11) == b"x" * 11  # too big to keep
     assert len(cache) <= 2
+
+
+# {{{ compiled code in parked state (gpu_agent/parked_io.py)
+
+def _runner() -> BatchRunner:
+    executor = EmulatedExecutor()
+    base = P.ADDRESS_SPACE_BASE
+    return BatchRunner(executor, executor.open_session(base, P.SESSION_RANGE_SIZE), base,
+                       P.SESSION_RANGE_SIZE, memory_cap=1 << 30, max_frame=1 << 20)
+
+
+def _io() -> ParkedStateIO:
+    return ParkedStateIO(zmq.Context.instance(), None, fetch_timeout=5, max_frame=1 << 20)
+
+
+def test_a_restored_session_loads_its_parked_code_without_compiling_again(tmp_path: Path
+                                                                          ) -> None:
+    compiler = _compiler()
+    compile_cache.route(compiler, lambda: True)
+    compile_cache.SESSION.forget()
+    try:
+        made = compiler.compile_plain("kernel A", ["-arch", "sm_90"], False, "nvcc", None)
+        runner = _runner()
+        runner.call("alloc", [P.ADDRESS_SPACE_BASE, 2 << 20])
+        chunks = _io().write(runner, "s1", tmp_path, 1 << 30, tmp_path)
+        code = [c for c in chunks if c[0] == compile_cache.PARKED_CHUNK]
+        assert code and code[0][1] == compile_cache.SESSION.parked_bytes
+        runner.device.close()
+        compile_cache.SESSION.forget()  # the worker that parked it ended with its cache
+        _io().restore_from_files(_runner(), {"chunks": chunks, "log": []})
+        again = compiler.compile_plain("kernel A", ["-arch", "sm_90"], False, "nvcc", None)
+        assert again == made
+        assert compiler.calls == [("kernel A", None)]  # nvcc ran once, before the park
+        compiler.compile_plain("kernel A", ["-arch", "sm_80"], False, "nvcc", None)
+        assert len(compiler.calls) == 2  # other options: no hit
+    finally:
+        compile_cache.SESSION.forget()
+
+
+def test_parked_code_is_served_only_for_the_compile_its_key_names() -> None:
+    """A tampered record (another agent's, or altered on disk) keyed for source A with other
+    code stands in for A alone: never for a compile of B, nor for A by another nvcc."""
+    compiler = _compiler()
+    compile_cache.route(compiler, lambda: True)
+    parked = SessionCompileCache()
+    parked.get_or_compile(SessionCompileCache.key("kernel A", [], "nvcc", "cubin"),
+                          lambda: b"someone else's code")
+    compile_cache.SESSION.forget()
+    try:
+        compile_cache.SESSION.seed(b"".join(parked.records()))
+        assert compiler.compile_plain("kernel B", [], False, "nvcc", None) == b"cubin of kernel B"
+        compiler.get_nvcc_version = lambda nvcc: "release 13.0"
+        assert compiler.compile_plain("kernel A", [], False, "nvcc", None) == b"cubin of kernel A"
+        assert [source for source, _ in compiler.calls] == ["kernel B", "kernel A"]
+    finally:
+        compile_cache.SESSION.forget()
+
+
+def test_malformed_parked_code_is_refused_whole() -> None:
+    good = SessionCompileCache()
+    good.get_or_compile("ab" * 32, lambda: b"code")
+    records = b"".join(good.records())
+    for bad in (records[:-1],  # cut short
+                records + b"\0" * 39,  # a header cut short
+                records[:32] + (1 << 40).to_bytes(8, "little") + records[40:]):  # too long
+        cache = SessionCompileCache()
+        with pytest.raises(ValueError):
+            cache.seed(bad)
+        assert len(cache) == 0
+    small = SessionCompileCache(max_bytes=8, max_entries=1)
+    with pytest.raises(ValueError, match="more than a session keeps"):
+        small.seed(records + records)
+    assert small.seed(records) == 1 and len(small) == 1
+
+
+def test_parked_code_keeps_the_caches_bounds() -> None:
+    many = SessionCompileCache(max_entries=100)
+    for i in range(5):
+        many.get_or_compile(f"{i:064x}", lambda i=i: bytes([i]) * 4)
+    few = SessionCompileCache(max_bytes=1 << 20, max_entries=3)
+    few.seed(b"".join(many.records()))
+    assert len(few) == 3  # the least recently used went first, as in a worker
+    assert few.get_or_compile(f"{4:064x}", lambda: b"again") == b"\x04" * 4
+    assert few.get_or_compile(f"{0:064x}", lambda: b"again") == b"again"
+
+# }}}

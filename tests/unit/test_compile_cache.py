@@ -7,6 +7,7 @@ tests/gpu/test_park_gpu.py."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -155,3 +156,75 @@ def test_parked_code_keeps_the_caches_bounds() -> None:
     assert few.get_or_compile(f"{0:064x}", lambda: b"again") == b"again"
 
 # }}}
+
+
+class _Origin:
+    """The agent a drained session is fetched from, on a real ZeroMQ socket: it serves what the
+    test gives it (its manifest's chunks, their bytes), as a faulty or hostile agent could."""
+
+    def __init__(self, chunks: dict[int, bytes], sizes: dict[int, int] | None = None) -> None:
+        self.chunks = chunks
+        self.sizes = sizes or {addr: len(data) for addr, data in chunks.items()}
+        self.asked: list[int] = []
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            route, data = self.socket.recv_multipart()
+            header = P.unpack_header(data)
+            reply: dict[str, Any] = {"rid": header["rid"], "t": P.PARKED_STATE}
+            frames: list[bytes] = []
+            if header["t"] == P.PARKED_FETCH:
+                reply["manifest"] = {
+                    "session": "s1", "kernel_id": "k1", "log": [],
+                    "range": [P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE],
+                    "chunks": [[addr, size] for addr, size in self.sizes.items()]}
+            elif header["t"] == P.PARKED_CHUNK:
+                self.asked.append(header["addr"])
+                start = header["offset"]
+                frames = [self.chunks[header["addr"]][start:start + header["size"]]]
+            else:
+                reply["t"] = P.DROPPED
+            self.socket.send_multipart([route, P.pack_header(reply), *frames])
+            if header["t"] == P.PARKED_FORGET:
+                return
+
+    def close(self) -> None:
+        self.thread.join(timeout=10)
+        self.socket.close(0)
+
+
+def _fetch(origin: _Origin) -> int:
+    fetch = {"endpoint": origin.endpoint, "session": "s1", "resume_token": "r",
+             "kernel_id": "k1", "token": None}
+    try:
+        return _io().restore_from_agent(_runner(), fetch, P.ADDRESS_SPACE_BASE)
+    finally:
+        origin.close()
+
+
+def test_code_fetched_from_another_agent_is_checked_before_it_is_kept() -> None:
+    parked = SessionCompileCache()
+    key = SessionCompileCache.key("kernel A", [], "nvcc", "cubin")
+    parked.get_or_compile(key, lambda: b"cubin of kernel A")
+    records = b"".join(parked.records())
+    compile_cache.SESSION.forget()
+    try:
+        _fetch(_Origin({compile_cache.PARKED_CHUNK: records}))
+        assert compile_cache.SESSION.get_or_compile(key, lambda: b"nvcc") == b"cubin of kernel A"
+        compile_cache.SESSION.forget()
+        # malformed records: the session is restored all the same, its code compiles again
+        assert _fetch(_Origin({compile_cache.PARKED_CHUNK: records[:-1]})) == len(records) - 1
+        assert len(compile_cache.SESSION) == 0
+        # a size past what a session keeps is never fetched (no host memory spent on it)
+        huge = compile_cache.SESSION.max_parked_bytes + 1
+        origin = _Origin({compile_cache.PARKED_CHUNK: records}, {compile_cache.PARKED_CHUNK: huge})
+        _fetch(origin)
+        assert origin.asked == [] and len(compile_cache.SESSION) == 0
+    finally:
+        compile_cache.SESSION.forget()

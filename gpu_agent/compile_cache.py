@@ -146,16 +146,24 @@ def route(compiler: Any, is_client_source: Callable[[], bool]) -> None:
                       target: str = "cubin") -> bytes:
         if not is_client_source():
             return original(source, options, keep, nvcc, cache_dir, target)
-        return SESSION.get_or_compile(
-            SessionCompileCache.key(source, options, nvcc_identity(compiler, nvcc), target),
-            lambda: original(source, options, keep, nvcc, None, target))
+        identity = nvcc_identity(compiler, nvcc)
+        if identity is None:  # the compile itself says what is wrong with nvcc
+            return original(source, options, keep, nvcc, None, target)
+        return SESSION.get_or_compile(SessionCompileCache.key(source, options, identity, target),
+                                      lambda: original(source, options, keep, nvcc, None, target))
 
     compiler._harp_compile_plain = original
     compiler.compile_plain = compile_plain
 
 
-def nvcc_identity(compiler: Any, nvcc: str) -> str:
+def nvcc_identity(compiler: Any, nvcc: str) -> str | None:
     """``nvcc`` and the version it reports (pycuda's ``get_nvcc_version``, asked once per
-    process): code parked by another agent's toolkit is no hit for this one's."""
+    process): code parked by another agent's toolkit is no hit for this one's. None when nvcc
+    cannot say (nothing is cached then)."""
     version = getattr(compiler, "get_nvcc_version", None)
-    return nvcc if version is None else f"{nvcc}\0{version(nvcc)}"
+    if version is None:
+        return nvcc
+    try:
+        return f"{nvcc}\0{version(nvcc)}"
+    except Exception:  # an nvcc that fails here fails its compile too, with the reason
+        return None

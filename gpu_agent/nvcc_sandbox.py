@@ -226,10 +226,8 @@ def install(policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> int:
         # asked now, in a worker waiting for a session, not when a restore looks up its code
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no nvcc: compiles will say so
-            try:
-                compile_cache.nvcc_identity(compiler, "nvcc")
-            except Exception as e:  # only a probe: a compile reports it
-                log.info("nvcc --version failed: %s", e)
+            if compile_cache.nvcc_identity(compiler, "nvcc") is None:
+                log.info("nvcc --version failed: clients' compiles are not cached")
     return abi
 
 

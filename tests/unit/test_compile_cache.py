@@ -228,3 +228,21 @@ def test_code_fetched_from_another_agent_is_checked_before_it_is_kept() -> None:
         assert origin.asked == [] and len(compile_cache.SESSION) == 0
     finally:
         compile_cache.SESSION.forget()
+
+
+def test_an_nvcc_that_cannot_tell_its_version_compiles_uncached() -> None:
+    compiler = _compiler()
+
+    def no_version(nvcc: str) -> str:
+        raise OSError("nvcc: not found")
+
+    compiler.get_nvcc_version = no_version
+    compile_cache.route(compiler, lambda: True)
+    compile_cache.SESSION.forget()
+    try:
+        for _ in range(2):
+            compiler.compile_plain("kernel A", [], False, "nvcc", "/shared")
+        assert compiler.calls == [("kernel A", None)] * 2  # never the shared directory
+        assert len(compile_cache.SESSION) == 0
+    finally:
+        compile_cache.SESSION.forget()

@@ -137,6 +137,8 @@ class ParkedStateIO:
                 if not (type(chunk) is list and len(chunk) == 2
                         and all(type(x) is int for x in chunk) and chunk[1] >= 0):
                     raise AgentError("StateLost", "malformed chunk list in the manifest")
+            if [c[0] for c in manifest["chunks"]].count(compile_cache.PARKED_CHUNK) > 1:
+                raise AgentError("StateLost", "the manifest lists the compiled code twice")
             total = 0
             for addr, size in manifest["chunks"]:
                 if addr == compile_cache.PARKED_CHUNK:

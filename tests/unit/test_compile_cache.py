@@ -19,6 +19,7 @@ from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent.batches import BatchRunner
 from gpu_agent.compile_cache import SessionCompileCache
+from gpu_agent.errors import AgentError
 from gpu_agent.executors.emulated import EmulatedExecutor
 from gpu_agent.parked_io import ParkedStateIO
 
@@ -166,6 +167,8 @@ class _Origin:
         self.chunks = chunks
         self.sizes = sizes or {addr: len(data) for addr, data in chunks.items()}
         self.asked: list[int] = []
+        self.manifest_chunks = [[addr, size] for addr, size in self.sizes.items()]
+        self.forgets = True  # it serves until told to forget (else only the manifest)
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         port = self.socket.bind_to_random_port("tcp://127.0.0.1")
@@ -183,7 +186,7 @@ class _Origin:
                 reply["manifest"] = {
                     "session": "s1", "kernel_id": "k1", "log": [],
                     "range": [P.ADDRESS_SPACE_BASE, P.SESSION_RANGE_SIZE],
-                    "chunks": [[addr, size] for addr, size in self.sizes.items()]}
+                    "chunks": self.manifest_chunks}
             elif header["t"] == P.PARKED_CHUNK:
                 self.asked.append(header["addr"])
                 start = header["offset"]
@@ -191,7 +194,7 @@ class _Origin:
             else:
                 reply["t"] = P.DROPPED
             self.socket.send_multipart([route, P.pack_header(reply), *frames])
-            if header["t"] == P.PARKED_FORGET:
+            if header["t"] == P.PARKED_FORGET or not self.forgets:
                 return
 
     def close(self) -> None:
@@ -199,7 +202,10 @@ class _Origin:
         self.socket.close(0)
 
 
-def _fetch(origin: _Origin) -> int:
+def _fetch(origin: _Origin, *, forgets: bool = True) -> int:
+    """Restore from ``origin``; ``forgets``: the restore gets as far as telling it to forget
+    (else it ends after the manifest)."""
+    origin.forgets = forgets
     fetch = {"endpoint": origin.endpoint, "session": "s1", "resume_token": "r",
              "kernel_id": "k1", "token": None}
     try:
@@ -226,6 +232,12 @@ def test_code_fetched_from_another_agent_is_checked_before_it_is_kept() -> None:
         origin = _Origin({compile_cache.PARKED_CHUNK: records}, {compile_cache.PARKED_CHUNK: huge})
         _fetch(origin)
         assert origin.asked == [] and len(compile_cache.SESSION) == 0
+        # nor is it fetched twice (each would be within the bound, their sum without end)
+        origin = _Origin({compile_cache.PARKED_CHUNK: records})
+        origin.manifest_chunks = [[compile_cache.PARKED_CHUNK, len(records)]] * 2
+        with pytest.raises(AgentError, match="compiled code twice"):
+            _fetch(origin, forgets=False)
+        assert origin.asked == []
     finally:
         compile_cache.SESSION.forget()
 

@@ -160,8 +160,10 @@ class AgentLimits:
     )
     park_limit: int | None = _flag(
         None,
-        "all parked state, memory and disk: a park that can't fit is dropped and its kernel "
-        "told (default: --park-memory plus what --park-dir has free, at most 4x --park-memory)",
+        "all parked state, memory and disk (sessions' device memory, and the code nvcc made "
+        "for them, which a restore loads instead of compiling again): a park that can't fit is "
+        "dropped and its kernel told (default: --park-memory plus what --park-dir has free, at "
+        "most 4x --park-memory)",
         unit="bytes",
         metavar="BYTES",
     )

@@ -24,17 +24,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from gpu_agent import compile_cache, nvcc_limits
 from gpu_agent.errors import AgentError
 from gpu_agent.nvcc_limits import NvccPolicy
+
+log = logging.getLogger("harp.agent.nvcc")
 
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same on every architecture
 _CREATE_RULESET_VERSION = 1
@@ -218,6 +222,12 @@ def install(policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> int:
     compiler._harp_unsandboxed = original
     compiler.call_capture_output = call_capture_output
     compile_cache.route(compiler, lambda: getattr(_local, "user", False))
+    if refusal is None:
+        # asked now, in a worker waiting for a session, not when a restore looks up its code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no nvcc: compiles will say so
+            if compile_cache.nvcc_identity(compiler, "nvcc") is None:
+                log.info("nvcc --version failed: clients' compiles are not cached")
     return abi
 
 

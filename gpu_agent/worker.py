@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
 from gpu_agent.batches import BatchRunner
@@ -157,7 +158,8 @@ class Worker:
         except AgentError as e:
             reply, out = {"t": P.REPLY, "q": header.get("q"), "r": [], "e": e.to_wire()}, []
         self.status.batch_ended(time.monotonic_ns(), runner.batches, runner.calls,
-                                runner.device_bytes, runner.device.object_bytes())
+                                runner.device_bytes, runner.device.object_bytes(),
+                                compile_cache.SESSION.parked_bytes)
         printed = self.kernel_output.take()
         if printed:
             reply["out"] = printed
@@ -211,7 +213,8 @@ class Worker:
         self.session_id = session
         self.attachment.expect(str(header["attach"]))
         self.status.batch_ended(time.monotonic_ns(), 0, 0, self.runner.device_bytes,
-                                self.runner.device.object_bytes())
+                                self.runner.device.object_bytes(),
+                                compile_cache.SESSION.parked_bytes)
         self._tell(W.OPENED, session=session, restored_bytes=restored)
 
     def _park(self, header: dict[str, Any]) -> None:

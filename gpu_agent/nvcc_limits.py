@@ -5,9 +5,14 @@ exponentially, or an unrolled loop of a billion iterations, makes nvcc (cudafe++
 the host compiler) run for hours or take all the machine's memory. Each compile therefore runs
 with limits (``NvccPolicy``: flags of harp-agent, gpu_agent/limits.py): CPU seconds and address
 space for every process of it (setrlimit, inherited through nvcc's execs), a wall-clock limit
-on the whole compile (its process group is killed), and its output kept to ``MAX_OUTPUT`` bytes
-a stream. Crossing one ends that compile as a CompileError to that client, naming the limit and
-the flag that raises it; the worker, and every other tenant, go on.
+on the whole compile (its process group is killed), its diagnostics (stderr) kept to
+``MAX_OUTPUT`` bytes and its stdout, which pycuda reads as data (``nvcc --preprocess`` output
+that keys pycuda's compile cache, ``--version``), relayed whole up to ``MAX_STDOUT`` bytes and
+the compile stopped past that: a cut stdout would be wrong data, not a shorter message (a
+preprocessed source cut to its first MiB of headers gives every kernel including those headers
+one cache key, and one tenant's cubin for another's kernel). Crossing a limit ends that compile
+as a CompileError to that client, naming the limit and the flag that raises it; the worker, and
+every other tenant, go on.
 
 The launcher (``python -m gpu_agent.nvcc_sandbox``) runs ``run_limited`` after it restricted
 itself with Landlock; the worker turns its exit (``LIMIT_EXIT``) into the client's error.
@@ -36,8 +41,11 @@ MODES = (SANDBOXED, REFUSE, UNSAFE)
 #: the launcher's exit status when a compile crossed a limit (its last stderr line says which)
 LIMIT_EXIT = 86
 LIMIT_MARK = "harp-nvcc-limit: "
-#: bytes of each of the compile's output streams kept (a template's errors can run to gigabytes)
+#: bytes of the compile's diagnostics (stderr) kept (a template's errors can run to gigabytes)
 MAX_OUTPUT = 1 << 20
+#: bytes of stdout relayed whole; past it the compile is stopped (preprocessed CUDA headers such
+#: as curand_kernel.h are megabytes; nothing legitimate comes near this)
+MAX_STDOUT = 256 << 20
 
 UNSAFE_WARNING = (
     "--client-cuda-source unsafe-unsandboxed: nvcc compiles CUDA C that clients send WITHOUT "
@@ -90,12 +98,13 @@ def run_limited(command: list[str], policy: NvccPolicy) -> int:
         start_new_session=True,
         preexec_fn=lambda: _limit_child(policy.cpu_seconds, policy.memory))
     assert child.stdout is not None and child.stderr is not None
-    relay = {child.stdout: (sys.stdout.buffer, [0]), child.stderr: (sys.stderr.buffer, [0])}
+    relay = {child.stdout: (sys.stdout.buffer, [0], MAX_STDOUT),
+             child.stderr: (sys.stderr.buffer, [0], MAX_OUTPUT)}
     selector = selectors.DefaultSelector()
     for stream in relay:
         selector.register(stream, selectors.EVENT_READ)
     deadline = started + policy.wall_seconds
-    timed_out = False
+    timed_out = stdout_over = False
     tail = bytearray()  # the end of stderr, where compilers say they ran out of memory
     while selector.get_map():
         left = deadline - time.monotonic()
@@ -108,25 +117,35 @@ def run_limited(command: list[str], policy: NvccPolicy) -> int:
             if not data:
                 selector.unregister(stream)
                 continue
-            out, written = relay[stream]
-            keep = data[:max(MAX_OUTPUT - written[0], 0)]
-            out.write(keep)
+            out, written, bound = relay[stream]
+            if stream is child.stdout and written[0] + len(data) > bound:
+                stdout_over = True  # never relayed cut: pycuda would take it for the whole
+                break
+            out.write(data[:max(bound - written[0], 0)])
             written[0] += len(data)
             if stream is child.stderr:
                 tail = (tail + data)[-4096:]
-    if not timed_out:
+        if stdout_over:
+            break
+    if not timed_out and not stdout_over:
         try:  # its output is closed; nvcc itself may still be finishing
             child.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
             timed_out = True
-    if timed_out:  # nvcc is not reaped yet, so its process group is still the compile's
+    if timed_out or stdout_over:  # not reaped yet: its process group is still the compile's
         os.killpg(child.pid, signal.SIGKILL)
     status = child.wait()
-    for out, written in relay.values():
-        if written[0] > MAX_OUTPUT:
-            out.write(f"\n[harp: {format_bytes(written[0] - MAX_OUTPUT)} more of nvcc's output "
-                      "not shown]\n".encode())
+    stderr_out, stderr_written, _ = relay[child.stderr]
+    if stderr_written[0] > MAX_OUTPUT:
+        stderr_out.write(f"\n[harp: {format_bytes(stderr_written[0] - MAX_OUTPUT)} more of "
+                         "nvcc's output not shown]\n".encode())
+    for out, _, _ in relay.values():
         out.flush()
+    if stdout_over:
+        sys.stderr.write(f"\n{LIMIT_MARK}nvcc wrote more than {format_bytes(MAX_STDOUT)} to its "
+                         "output (a preprocessed source that large is not a kernel)\n")
+        sys.stderr.flush()
+        return LIMIT_EXIT
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every process of it, reaped
     reason = _which_limit(status, timed_out, usage.ru_utime + usage.ru_stime, bytes(tail),
                           policy)

@@ -137,4 +137,37 @@ def test_a_compiles_output_is_kept_to_a_bound(tmp_path: Path) -> None:
     assert "more of nvcc's output not shown" in done.stderr
 
 
+def test_a_preprocessed_source_comes_back_whole(tmp_path: Path) -> None:
+    """pycuda keys its compile cache by ``nvcc --preprocess``'s stdout: cut to its first MiB (all
+    headers), every kernel including curand_kernel.h had one key, and the agent's cuRAND and
+    reduction kernels came back as each other's cubins (seen on an H200)."""
+    work, scratch = tmp_path / "work", tmp_path / "tmp"
+    work.mkdir()
+    scratch.mkdir()
+    # cuda_fp16.h: 1.5 MB preprocessed here (curand_kernel.h is more, where it is installed)
+    (work / "kernel.cu").write_text('#include <cuda_fp16.h>\n'
+                                    'extern "C" __global__ void the_last_line(int *x) {}\n')
+    command = ["nvcc", "--preprocess", "-arch", "sm_80", "kernel.cu"]
+    direct = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=240)
+    assert direct.returncode == 0, direct.stderr
+    assert len(direct.stdout) > nvcc_limits.MAX_OUTPUT  # what made the cut matter
+    launched = _run(command, work, scratch)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout == direct.stdout
+    assert "the_last_line" in launched.stdout
+
+
+def test_stdout_past_its_bound_stops_the_compile_instead_of_being_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    monkeypatch.setattr(nvcc_limits, "MAX_STDOUT", 1 << 20)
+    status = nvcc_limits.run_limited(["sh", "-c", "head -c 3000000 /dev/zero"],
+                                     nvcc_limits.DEFAULT_POLICY)
+    out, err = capfdbinary.readouterr()
+    assert status == nvcc_limits.LIMIT_EXIT
+    assert len(out) <= 1 << 20
+    error = nvcc_limits.limit_error(status, err)
+    assert error is not None and "more than 1.0 MiB to its output" in str(error)
+
+
 # }}}

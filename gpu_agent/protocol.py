@@ -181,9 +181,16 @@ _COMPLEX = struct.Struct("<dd")
 _U32 = struct.Struct("<I")
 
 
+#: the encodings of the first frame references (a reply's result frames), made once
+_FRAME_EXTS = tuple(msgpack.ExtType(_EXT_FRAME, _U32.pack(i)) for i in range(64))
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, FrameRef):
-        return msgpack.ExtType(_EXT_FRAME, _U32.pack(obj.index))
+        index = obj.index
+        if 0 <= index < len(_FRAME_EXTS):
+            return _FRAME_EXTS[index]
+        return msgpack.ExtType(_EXT_FRAME, _U32.pack(index))
     if isinstance(obj, complex):
         return msgpack.ExtType(_EXT_COMPLEX, _COMPLEX.pack(obj.real, obj.imag))
     # numpy scalars and tuples reach here from careless callers; be strict

@@ -181,8 +181,14 @@ _COMPLEX = struct.Struct("<dd")
 _U32 = struct.Struct("<I")
 
 
-#: the encodings of the first frame references (a reply's result frames), made once
+#: the first frame references and their encodings (a reply's result frames), made once
+_FRAME_REFS = tuple(FrameRef(i) for i in range(64))
 _FRAME_EXTS = tuple(msgpack.ExtType(_EXT_FRAME, _U32.pack(i)) for i in range(64))
+
+
+def frame_ref(index: int) -> FrameRef:
+    """``FrameRef(index)``, without making one for each reply."""
+    return _FRAME_REFS[index] if 0 <= index < len(_FRAME_REFS) else FrameRef(index)
 
 
 def _default(obj: Any) -> Any:
@@ -202,7 +208,7 @@ def _default(obj: Any) -> Any:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_FRAME and len(data) == 4:
-        return FrameRef(_U32.unpack(data)[0])
+        return frame_ref(_U32.unpack(data)[0])
     if code == _EXT_COMPLEX and len(data) == 16:
         re, im = _COMPLEX.unpack(data)
         return complex(re, im)

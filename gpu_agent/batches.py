@@ -93,11 +93,6 @@ class BatchRunner:
                 first_error = first_error or P.error(
                     "RuntimeError", f"the agent failed running {op}: {type(e).__name__}: {e} "
                     "(a bug in harp-agent: please report it)", index=index, op=op)
-        if self.lost is None:
-            try:
-                self.device.batch_done()
-            except Exception:
-                log.exception("batch_done")
         reply: dict[str, Any] = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
         if timer is not None:
             reply["p"] = timer.reply()

@@ -275,9 +275,15 @@ def bursts_of(run: PolicyRun) -> list[dict[str, Any]]:
 
 
 def max_overlap(run: PolicyRun) -> dict[str, int]:
-    """Per agent, the most bursts that ran at once as the clients saw them (granted..done)."""
+    """Per agent, the most bursts that ran at once as the clients saw them (granted..done).
+
+    A burst whose session was parked inside it (reclaimed while it stalled between two calls)
+    did not hold its slot from granted to done, so it is left out here; the agents' own status
+    polls (``max_holders_per_slot``) still see every holder."""
     events: dict[str, list[tuple[float, int]]] = {}
     for b in bursts_of(run):
+        if b.get("parked_inside"):
+            continue
         events.setdefault(b["agent"], []).extend([(b["t_granted"], 1), (b["t_done"], -1)])
     most = {}
     for agent, marks in events.items():

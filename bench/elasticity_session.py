@@ -249,8 +249,13 @@ def replay(spec: dict[str, Any]) -> dict[str, Any]:
             break
         granted = time.monotonic()
         agent = notebook.session.endpoint
+        parks, restores_before = notebook.session.parks, notebook.session.restores
         dropped = notebook.work(spec["n_ops"][step["size_class"]])
         done = time.monotonic()
+        # reclaimed inside the burst (its client stalled past reclaim_after between two calls,
+        # as a loaded machine can make it): it did not hold its slot from granted to done
+        parked_inside = (notebook.session.parks > parks
+                         or notebook.session.restores > restores_before)
         dropped += notebook.bump(step["bump"])
         problem = notebook.check()
         if problem is not None:
@@ -260,7 +265,7 @@ def replay(spec: dict[str, Any]) -> dict[str, Any]:
             "burst": number, "size_class": step["size_class"], "agent": agent,
             "t_want": want, "t_granted": granted, "t_done": done,
             "restored": notebook.session.restores > restores, "lease_retries": retries,
-            "dropped_by_reclaim": dropped,
+            "dropped_by_reclaim": dropped, "parked_inside": parked_inside,
             "acquire_s": spans.get("acquire", 0.0), "restore_s": spans.get("restore", 0.0)})
         done_at = time.monotonic()
     # the end: every element of the data, whatever the policy (waiting as long as it takes)

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from gpu_agent import nvcc_limits
 from gpu_agent.curve import ServerKeys
 from gpu_agent.executors import gpu_available
 from gpu_agent.limits import AgentLimits
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-reader", choices=["auto", "kvikio", "pipeline"], default="auto",
                         help="how files reach device memory: auto (GPUDirect Storage through "
                              "kvikio where it works, else pipelined pinned reads), or force one")
+    parser.add_argument("--client-cuda-source", choices=nvcc_limits.MODES,
+                        default=nvcc_limits.SANDBOXED,
+                        help="CUDA C that clients send (SourceModule, ElementwiseKernel, ...): "
+                             "sandboxed (nvcc under Linux Landlock, refused where the kernel "
+                             "has none; the default), refuse, or unsafe-unsandboxed (nvcc may "
+                             "read every file this agent can: only for trusted clients)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
     return parser
 
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             advertise_host=args.worker_advertise,
+            nvcc=nvcc_limits.NvccPolicy(args.client_cuda_source, limits.nvcc_cpu,
+                                        limits.nvcc_memory, limits.nvcc_wall).to_arg(),
             curve_secret_file=args.curve_secret_key_file,
             curve_clients_dir=args.curve_client_keys_dir,
             log_level="WARNING" if args.log_level.upper() == "INFO" else args.log_level)
@@ -205,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.token is None and not os.environ.get("HARP_TOKEN") and not _loopback(args.listen):
         print("harp-agent: WARNING: no --token and listening beyond loopback: anyone who can "
               "reach this port can use the GPU", flush=True)
+    if args.client_cuda_source == nvcc_limits.UNSAFE:
+        print(f"harp-agent: WARNING: {nvcc_limits.UNSAFE_WARNING}", flush=True)
+    elif args.client_cuda_source == nvcc_limits.REFUSE:
+        print("harp-agent: CUDA C from clients is refused (--client-cuda-source refuse)",
+              flush=True)
     if curve is None:
         print("harp-agent: the wire is NOT encrypted (no --curve-secret-key-file)"
               + ("" if _loopback(args.listen) else ": tokens and data cross the network in "

@@ -160,8 +160,10 @@ class AgentLimits:
     )
     park_limit: int | None = _flag(
         None,
-        "all parked state, memory and disk: a park that can't fit is dropped and its kernel "
-        "told (default: --park-memory plus what --park-dir has free, at most 4x --park-memory)",
+        "all parked state, memory and disk (sessions' device memory, and the code nvcc made "
+        "for them, which a restore loads instead of compiling again): a park that can't fit is "
+        "dropped and its kernel told (default: --park-memory plus what --park-dir has free, at "
+        "most 4x --park-memory)",
         unit="bytes",
         metavar="BYTES",
     )
@@ -175,6 +177,27 @@ class AgentLimits:
         None,
         "directory parked state spills to past --park-memory (default: a temporary directory)",
         metavar="DIR",
+    )
+    nvcc_cpu: float = _flag(
+        300.0,
+        "CPU time each process of one nvcc compile (the agent's, or a client's CUDA C) may "
+        "use; past it the compile is a CompileError to that client",
+        unit="seconds",
+        metavar="SECONDS",
+    )
+    nvcc_memory: int = _flag(
+        8 * GiB,
+        "address space each process of one nvcc compile may use (a template that instantiates "
+        "itself without end); past it the compile is a CompileError to that client",
+        unit="bytes",
+        metavar="BYTES",
+    )
+    nvcc_wall: float = _flag(
+        300.0,
+        "wall-clock time one nvcc compile may take (keep it below --watchdog, which ends the "
+        "whole session); past it the compile is stopped, a CompileError to that client",
+        unit="seconds",
+        metavar="SECONDS",
     )
     slots: int = _flag(
         1,

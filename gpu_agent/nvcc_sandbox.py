@@ -13,23 +13,32 @@ filtering options; NVRTC would not help, since it also reads headers from the fi
 
 pycuda starts nvcc through ``pycuda.compiler.call_capture_output``; ``install`` routes that
 through this module's ``main`` (``python -m gpu_agent.nvcc_sandbox ... -- nvcc ...``), which
-restricts itself and execs nvcc. Where Landlock is missing, CUDA C sent by a client is refused
-(``user_source``), while the agent's own kernels (pycuda's gpuarray ops) still compile.
+restricts itself and runs nvcc within the limits of gpu_agent/nvcc_limits.py (CPU, memory,
+wall clock). Where Landlock is missing, CUDA C sent by a client is refused (``user_source``),
+while the agent's own kernels (pycuda's gpuarray ops) still compile; the operator may also
+refuse it everywhere, or compile it unsandboxed (``--client-cuda-source``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from gpu_agent import compile_cache, nvcc_limits
 from gpu_agent.errors import AgentError
+from gpu_agent.nvcc_limits import NvccPolicy
+
+log = logging.getLogger("harp.agent.nvcc")
 
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446  # the same on every architecture
 _CREATE_RULESET_VERSION = 1
@@ -141,15 +150,18 @@ def pycuda_headers() -> list[str]:
     return [os.path.join(os.path.dirname(spec.origin), "cuda")]
 
 
-def sandboxed(cmdline: Sequence[str], cwd: str | None, tmp: str) -> list[str]:
+def sandboxed(cmdline: Sequence[str], cwd: str | None, tmp: str,
+              policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> list[str]:
     """The command that runs ``cmdline`` (an nvcc invocation pycuda built) in the sandbox:
     reading the system, the toolkit, pycuda's headers and the files the command names, writing
-    only ``cwd`` (pycuda's compile directory) and ``tmp`` (nvcc's TMPDIR)."""
+    only ``cwd`` (pycuda's compile directory) and ``tmp`` (nvcc's TMPDIR), within ``policy``'s
+    limits (gpu_agent/nvcc_limits.py; its mode ``unsafe-unsandboxed`` skips Landlock)."""
     read = [*SYSTEM_READ, *toolkit_dirs(cmdline[0]), *pycuda_headers()]
     # pycuda's preprocess step names its source file by its absolute path
     read += [a for a in cmdline[1:] if a.endswith(".cu") and os.path.isabs(a)]
     write = [tmp, *DEVICES, *([os.path.abspath(cwd)] if cwd else [])]
-    args = [sys.executable, "-m", "gpu_agent.nvcc_sandbox", "--tmp", tmp]
+    args = [sys.executable, "-m", "gpu_agent.nvcc_sandbox", "--tmp", tmp,
+            "--policy", policy.to_arg()]
     for path in read:
         args += ["--read", path]
     for path in write:
@@ -177,34 +189,54 @@ UNAVAILABLE = ("this GPU agent cannot sandbox nvcc (Linux Landlock, kernel 5.13 
                "operations still work; ask the agent's operator for a kernel with Landlock")
 
 
-def install() -> int:
-    """Route every nvcc pycuda starts in this process through the sandbox; the Landlock ABI
-    version (0: none, and user sources are refused)."""
+def install(policy: NvccPolicy = nvcc_limits.DEFAULT_POLICY) -> int:
+    """Route every nvcc pycuda starts in this process through the launcher: Landlock (mode
+    ``sandboxed``) and ``policy``'s limits; the Landlock ABI version in use (0: none, and user
+    sources are refused unless the operator chose ``unsafe-unsandboxed``)."""
     import pycuda.compiler as compiler
 
     original: Callable[..., Any] = getattr(compiler, "_harp_unsandboxed",
                                            compiler.call_capture_output)
-    abi = abi_version()
+    abi = abi_version() if policy.mode != nvcc_limits.UNSAFE else 0
+    refusal = (nvcc_limits.REFUSED if policy.mode == nvcc_limits.REFUSE
+               else UNAVAILABLE if policy.mode == nvcc_limits.SANDBOXED and abi < 1 else None)
 
     def call_capture_output(cmdline: Sequence[str], cwd: str | None = None,
                             error_on_nonzero: bool = True) -> Any:
-        if abi < 1:
-            if getattr(_local, "user", False):
-                raise AgentError("NotSupported", UNAVAILABLE)
-            return original(list(cmdline), cwd, error_on_nonzero)
+        if refusal is not None and getattr(_local, "user", False):
+            raise AgentError("NotSupported", refusal)
         with tempfile.TemporaryDirectory(prefix="harp-nvcc-") as tmp:
-            return original(sandboxed(cmdline, cwd, tmp), cwd, error_on_nonzero)
+            # without Landlock (refused user sources, or the operator's unsafe choice) the
+            # launcher still applies the limits
+            limited = policy if abi >= 1 else dataclasses.replace(policy, mode=nvcc_limits.UNSAFE)
+            result = original(sandboxed(cmdline, cwd, tmp, limited), cwd, False)
+        error = nvcc_limits.limit_error(result[0], result[2])
+        if error is not None:
+            raise error
+        if error_on_nonzero and result[0] != 0:
+            from pytools.prefork import ExecError  # what pycuda's own call raises
+
+            raise ExecError(f"process '{cmdline[0]}' terminated with return code {result[0]}")
+        return result
 
     compiler._harp_unsandboxed = original
     compiler.call_capture_output = call_capture_output
+    compile_cache.route(compiler, lambda: getattr(_local, "user", False))
+    if refusal is None:
+        # asked now, in a worker waiting for a session, not when a restore looks up its code
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no nvcc: compiles will say so
+            if compile_cache.nvcc_identity(compiler, "nvcc") is None:
+                log.info("nvcc --version failed: clients' compiles are not cached")
     return abi
 
 
 def main(argv: list[str]) -> None:
-    """``python -m gpu_agent.nvcc_sandbox --tmp DIR [--read P]... [--write P]... -- cmd...``"""
+    """``python -m gpu_agent.nvcc_sandbox --tmp DIR --policy P [--read P]... [--write P]...
+    -- cmd...``"""
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1:]
-    read, write, tmp = [], [], None
+    read, write, tmp, policy = [], [], None, NvccPolicy()
     for flag, value in zip(options[::2], options[1::2], strict=True):
         if flag == "--read":
             read.append(value)
@@ -212,10 +244,13 @@ def main(argv: list[str]) -> None:
             write.append(value)
         elif flag == "--tmp":
             tmp = value
+        elif flag == "--policy":
+            policy = NvccPolicy.parse(value)
     if tmp is not None:
         os.environ["TMPDIR"] = tmp
-    restrict(read, write)
-    os.execvp(command[0], command)
+    if policy.mode != nvcc_limits.UNSAFE:
+        restrict(read, write)
+    sys.exit(nvcc_limits.run_limited(command, policy))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ agent that holds it.
 
 ``ParkedStateIO`` moves a session's device memory and objects ``PIECE_BYTES`` at a time, so a
 worker never holds a second copy of a whole session in host memory, and replays the calls that
-recreate its objects. What comes from another agent is checked against what was asked for (the
-session, its kernel, its address range) before any of it is used.
+recreate its objects. The session's compiled code (gpu_agent/compile_cache.py) goes along as one
+more chunk and is read back before the replay, so its modules load without nvcc. What comes from
+another agent is checked against what was asked for (the session, its kernel, its address range)
+before any of it is used.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent.batches import BatchRunner
 from gpu_agent.curve import ServerKeys, connect_encrypted
@@ -70,6 +73,13 @@ class ParkedStateIO:
                     for offset in range(0, view.nbytes, PIECE_BYTES):
                         f.write(view[offset:offset + PIECE_BYTES])
                 chunks.append([object_chunk_address(index), view.nbytes, str(path)])
+            code = compile_cache.SESSION
+            if len(code):
+                where = memory_dir if code.parked_bytes <= memory_room else disk_dir
+                path = where / f"{session_id}-compiled.bin"
+                with open(path, "xb") as f:
+                    f.writelines(code.records())
+                chunks.append([compile_cache.PARKED_CHUNK, code.parked_bytes, str(path)])
         except (OSError, AgentError):
             for _addr, _size, path in chunks:
                 _unlink(path)
@@ -78,11 +88,19 @@ class ParkedStateIO:
 
     def restore_from_files(self, runner: BatchRunner, restore: dict[str, Any]) -> int:
         """Recreate a session parked here; the bytes restored."""
-        _replay(runner, restore.get("log") or [])
+        chunks = restore.get("chunks") or []
         total = 0
+        for addr, size, path in chunks:
+            if addr == compile_cache.PARKED_CHUNK:
+                total += size
+                if size <= compile_cache.SESSION.max_parked_bytes:
+                    _seed(_read_object(path, size))
+        _replay(runner, restore.get("log") or [])
         buffer = np.empty(PIECE_BYTES, np.uint8)
         objects: list[memoryview] = []
-        for addr, size, path in restore.get("chunks") or []:
+        for addr, size, path in chunks:
+            if addr == compile_cache.PARKED_CHUNK:
+                continue
             if is_object_chunk(addr):  # session objects outside device memory (torch tensors)
                 objects.append(_read_object(path, size))
                 total += size
@@ -115,14 +133,29 @@ class ParkedStateIO:
                     or not isinstance(manifest.get("chunks"), list)):
                 raise AgentError("StateLost", "the agent that held the parked state sent a "
                                  "manifest for something else than was asked")
-            _replay(runner, manifest.get("log") or [])
-            total = 0
-            objects: list[memoryview] = []
             for chunk in manifest["chunks"]:
                 if not (type(chunk) is list and len(chunk) == 2
-                        and all(type(x) is int for x in chunk)):
+                        and all(type(x) is int for x in chunk) and chunk[1] >= 0):
                     raise AgentError("StateLost", "malformed chunk list in the manifest")
-                addr, size = chunk
+            if [c[0] for c in manifest["chunks"]].count(compile_cache.PARKED_CHUNK) > 1:
+                raise AgentError("StateLost", "the manifest lists the compiled code twice")
+            total = 0
+            for addr, size in manifest["chunks"]:
+                if addr == compile_cache.PARKED_CHUNK:
+                    total += size
+                    if size > compile_cache.SESSION.max_parked_bytes:
+                        log.warning("the session's compiled code (%d bytes) is more than a "
+                                    "session keeps: its modules compile again", size)
+                        continue
+                    whole = bytearray(size)
+                    for offset, piece in origin.pieces(ask, addr, size):
+                        whole[offset:offset + piece.nbytes] = piece
+                    _seed(whole)
+            _replay(runner, manifest.get("log") or [])
+            objects: list[memoryview] = []
+            for addr, size in manifest["chunks"]:
+                if addr == compile_cache.PARKED_CHUNK:
+                    continue
                 if is_object_chunk(addr):
                     whole = bytearray(size)
                     for offset, piece in origin.pieces(ask, addr, size):
@@ -199,6 +232,16 @@ def _replay(runner: BatchRunner, calls: list[Any]) -> None:
             raise AgentError("StateLost", f"the parked state's log holds {name}, which "
                              "creates nothing")
         runner.call(name, args)
+
+
+def _seed(packed: bytes | bytearray | memoryview) -> None:
+    """Give the restored session its compiled code back; what is not well-formed is left out
+    (its modules compile again: the parked code is a cache, never needed)."""
+    try:
+        compile_cache.SESSION.seed(packed)
+    except ValueError as e:
+        log.warning("the parked state's compiled code is left out (%s): its modules compile "
+                    "again", e)
 
 
 def _read_object(path: str, size: int) -> memoryview:

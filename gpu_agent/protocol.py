@@ -580,6 +580,12 @@ OPS: dict[str, Op] = {
     "synchronize": Op((), True, "cuCtxSynchronize; result None"),
     "mem_get_info": Op((), True, "-> [free, total]"),
     "ping": Op((), True, "-> agent monotonic time in ns (clock offset, liveness)"),
+    "limit_get": Op((STR,), True, "limit_get(NAME) -> the context's limit NAME (a member of"
+                                  " pycuda.driver.limit: STACK_SIZE, MALLOC_HEAP_SIZE, ...)"),
+    "limit_set": Op((STR, UINT), False,
+                    "limit_set(NAME, value): cuCtxSetLimit in this session's own context; device"
+                    " memory the value reserves beyond CUDA's default counts against the slot"
+                    " (gpu_agent/context_limits.py); kept for replay", creates="limit"),
     # profiling (gpu_agent/profiling.py)
     "profile_gpu": Op((), True, "-> GPU timings since the last call: [[op, stream, start_ns, "
                                 "end_ns, batch seq, call index], ...], agent clock"),

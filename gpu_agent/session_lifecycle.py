@@ -98,7 +98,8 @@ class SessionLifecycle:
         can't fit the park store, its state is dropped and its owner told (StateLost)."""
         if session.state is not SessionState.ACTIVE or session.worker is None:
             return
-        nbytes = session.worker.figures().get("device_bytes", 0)
+        figures = session.worker.figures()
+        nbytes = figures.get("device_bytes", 0) + figures.get("code_bytes", 0)
         try:
             plan = self.parking.plan(session.session_id, nbytes, session.park_limit)
         except AgentError as e:

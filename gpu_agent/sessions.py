@@ -12,8 +12,9 @@ from typing import Any
 
 from gpu_agent import protocol as P
 
-#: the order objects are recreated in (functions need their module)
-_REPLAY_ORDER = {"module": 0, "function": 1, "stream": 2, "event": 2, "kernel": 2}
+#: the order objects are recreated in (functions need their module; the context's limits come
+#: first, as the malloc heap's size must be set before a kernel that uses it is launched)
+_REPLAY_ORDER = {"limit": -1, "module": 0, "function": 1, "stream": 2, "event": 2, "kernel": 2}
 
 
 class SessionLog:

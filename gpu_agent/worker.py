@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from gpu_agent import multipart
+from gpu_agent import compile_cache, multipart
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
 from gpu_agent.batches import BatchRunner
@@ -80,7 +80,8 @@ class Worker:
         self.kernel_output = KernelOutput()
         self.executor: Executor = make_executor(args.executor, args.device,
                                                 emulated_memory=args.memory_cap,
-                                                pinned_staging=args.pinned_staging)
+                                                pinned_staging=args.pinned_staging,
+                                                nvcc=args.nvcc)
         if args.data_root:
             self.executor.data_store = DataStore(args.data_root, writable=args.data_writable)
             self.executor.data_reader_choice = args.data_reader
@@ -159,7 +160,8 @@ class Worker:
         except AgentError as e:
             reply, out = {"t": P.REPLY, "q": header.get("q"), "r": [], "e": e.to_wire()}, []
         self.status.batch_ended(time.monotonic_ns(), runner.batches, runner.calls,
-                                runner.device_bytes, runner.device.object_bytes())
+                                runner.device_bytes, runner.device.object_bytes(),
+                                compile_cache.SESSION.parked_bytes)
         printed = self.kernel_output.take()
         if printed:
             reply["out"] = printed
@@ -209,7 +211,8 @@ class Worker:
         self.session_id = session
         self.attachment.expect(str(header["attach"]))
         self.status.batch_ended(time.monotonic_ns(), 0, 0, self.runner.device_bytes,
-                                self.runner.device.object_bytes())
+                                self.runner.device.object_bytes(),
+                                compile_cache.SESSION.parked_bytes)
         self._tell(W.OPENED, session=session, restored_bytes=restored)
 
     def _park(self, header: dict[str, Any]) -> None:
@@ -385,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unread-replies", type=int, default=8)
     parser.add_argument("--pinned-staging", type=int, default=0)
     parser.add_argument("--session-objects", type=int, default=4096)
+    parser.add_argument("--nvcc", default="", help="NvccPolicy.to_arg() (gpu_agent.nvcc_limits)")
     parser.add_argument("--fetch-timeout", type=float, default=30.0)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--data-writable", action="store_true")

@@ -36,8 +36,10 @@ READY, OPENED, OPEN_FAILED, PARKED, PARK_FAILED, GONE, BACK, FATAL = (
     "ready", "opened", "open_failed", "parked", "park_failed", "gone", "back", "fatal")
 
 #: device_bytes: all the session holds on the device; object_bytes: the part of it in session
-#: objects outside mapped chunks (torch tensors), which the kernel's allocator does not know
-_FIELDS = ("busy_since_ns", "last_end_ns", "batches", "calls", "device_bytes", "object_bytes")
+#: objects outside mapped chunks (torch tensors), which the kernel's allocator does not know;
+#: code_bytes: its compiled code as parked state keeps it (gpu_agent/compile_cache.py)
+_FIELDS = ("busy_since_ns", "last_end_ns", "batches", "calls", "device_bytes", "object_bytes",
+           "code_bytes")
 _LAYOUT = struct.Struct("<" + "q" * len(_FIELDS))
 
 
@@ -67,8 +69,9 @@ class StatusPage:
         struct.pack_into("<q", self._map, 0, now_ns)
 
     def batch_ended(self, now_ns: int, batches: int, calls: int, device_bytes: int,
-                    object_bytes: int = 0) -> None:
-        _LAYOUT.pack_into(self._map, 0, 0, now_ns, batches, calls, device_bytes, object_bytes)
+                    object_bytes: int = 0, code_bytes: int = 0) -> None:
+        _LAYOUT.pack_into(self._map, 0, 0, now_ns, batches, calls, device_bytes, object_bytes,
+                          code_bytes)
 
     def close(self, *, remove: bool = False) -> None:
         try:

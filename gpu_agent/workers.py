@@ -55,6 +55,8 @@ class WorkerConfig:
     advertise_host: str | None = None
     curve_secret_file: str | None = None
     curve_clients_dir: str | None = None
+    #: how nvcc runs (gpu_agent.nvcc_limits.NvccPolicy.to_arg)
+    nvcc: str = ""
 
 
 @dataclass
@@ -117,6 +119,8 @@ class WorkerPool:
                 "--pinned-staging", str(c.pinned_staging),
                 "--session-objects", str(c.session_objects),
                 "--data-reader", c.data_reader]
+        if c.nvcc:
+            argv += ["--nvcc", c.nvcc]
         if c.ports:
             argv += ["--ports", c.ports]
         if c.data_root:

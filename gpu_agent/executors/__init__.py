@@ -30,7 +30,8 @@ def make_executor(name: str | None, device: int = 0, **options: Any) -> Executor
     if name == "pycuda":
         from gpu_agent.executors.pycuda_exec import PycudaExecutor
 
-        return PycudaExecutor(device, pinned_staging=int(options.get("pinned_staging") or 0))
+        return PycudaExecutor(device, pinned_staging=int(options.get("pinned_staging") or 0),
+                              nvcc=options.get("nvcc") or "")
     if name == "emulated":
         from gpu_agent.executors.emulated import EmulatedExecutor
 

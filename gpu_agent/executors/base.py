@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gpu_agent import profiling
+from gpu_agent.context_limits import ContextLimits
 from gpu_agent.datastore import (
     DataError,
     DataStore,
@@ -40,6 +41,13 @@ from gpu_agent.datastore import (
     write_all,
 )
 from gpu_agent.errors import AgentError
+
+
+def resident_threads(info: dict[str, Any]) -> int:
+    """Threads a device can hold resident at once, from its ``device_info()``'s attributes."""
+    attributes = info.get("attributes") or {}
+    return (max(int(attributes.get("MULTIPROCESSOR_COUNT", 1)), 1)
+            * max(int(attributes.get("MAX_THREADS_PER_MULTIPROCESSOR", 2048)), 1))
 
 
 @contextlib.contextmanager
@@ -76,9 +84,34 @@ class ExecutorSession(ABC):
         """Device memory this session has mapped, in bytes."""
 
     def object_bytes(self) -> int:
-        """Device memory of session objects outside mapped chunks (torch tensors), in bytes:
-        counted against the slot and reported with ``device_bytes``."""
-        return 0
+        """Device memory of session objects outside mapped chunks (torch tensors, what the
+        context's limits reserve), in bytes: counted against the slot and reported with
+        ``device_bytes``."""
+        return self.limit_bytes()
+
+    # {{{ the context's limits (gpu_agent/context_limits.py)
+
+    #: threads the device can hold resident (SMs x threads per SM): each gets a stack
+    resident_threads: int = 2048
+    _limits: ContextLimits | None = None
+
+    @property
+    def limits(self) -> ContextLimits:
+        if self._limits is None:
+            self._limits = ContextLimits(self.resident_threads, self.slot_room)
+        return self._limits
+
+    def limit_bytes(self) -> int:
+        """Device bytes the context's limits (and scratch of an operation now running) reserve
+        beyond CUDA's defaults."""
+        return 0 if self._limits is None else self._limits.extra_bytes()
+
+    def slot_room(self) -> int | None:
+        """Free bytes of this session's slot, or None where it has no cap."""
+        cap = self.slot_cap
+        return None if cap is None else cap - self.slot_chunk_bytes() - self.object_bytes()
+
+    # }}}
 
     @abstractmethod
     def mapped_chunks(self) -> list[tuple[int, int]]:

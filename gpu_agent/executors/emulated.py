@@ -16,7 +16,7 @@ import numpy as np
 from gpu_agent import profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
-from gpu_agent.executors.base import AgentError, Executor, ExecutorSession
+from gpu_agent.executors.base import AgentError, Executor, ExecutorSession, resident_threads
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
 from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.torch_ops import TorchOps
@@ -110,6 +110,18 @@ class EmulatedSession(TorchOps, ExecutorSession):
 
     def op_ping(self) -> int:
         return profiling.now_ns()
+
+    # emulated: no context to apply them to, the values are remembered (from CUDA's defaults)
+    # and what they would reserve counts against the slot as on a GPU
+    def op_limit_get(self, name: str) -> int:
+        return self.limits.get(name)
+
+    def op_limit_set(self, name: str, value: int) -> None:
+        self.limits.check_set(name, value)
+        self.limits.set(name, value)
+
+    def object_bytes(self) -> int:
+        return self.torch_bytes() + self.limit_bytes()
 
     # the emulated device runs each op on the host before the next: its "GPU time" is the
     # NumPy time of the op (the timeline names the track as emulated)
@@ -334,5 +346,6 @@ class EmulatedExecutor(Executor):
 
     def open_session(self, base: int, size: int) -> EmulatedSession:
         session = EmulatedSession(self)
+        session.resident_threads = resident_threads(self.device_info())
         self.attach_data(session)
         return session

@@ -18,6 +18,7 @@ import pycuda.curandom as curandom
 import pycuda.driver as cuda
 import pycuda.gpuarray as gpuarray
 
+from gpu_agent.context_limits import ContextLimits
 from gpu_agent.errors import AgentError
 
 _PSEUDO = ("XORWOW", "MRG32k3a")
@@ -30,6 +31,10 @@ _SOBOL: dict[str, tuple[str, Any, str | None]] = {
 }
 #: pycuda's own stack limit while a generator initialises (curand_init's scratch space)
 _INIT_STACK = 1 << 14
+#: device bytes each generator needs while it is set up, besides its state: its seed
+#: (pseudo-random kinds) or its direction vectors and scramble constant (Sobol kinds)
+_SETUP_BYTES = {"XORWOW": 4, "MRG32k3a": 4, "Sobol32": 32 * 4, "Sobol64": 64 * 8,
+                "ScrambledSobol32": 32 * 4 + 4, "ScrambledSobol64": 64 * 8 + 8}
 
 
 class DevicePointer(int):
@@ -52,23 +57,32 @@ def _user_error(what: str, error: Exception) -> AgentError:
     return AgentError("LogicError", f"{what}: {type(error).__name__}: {error}")
 
 
-def new_generator(kind: str, pool_allocate: Callable[[int], Any]) -> Generator:
-    cls = getattr(curandom, f"{kind}RandomNumberGenerator")
-    if kind in _PSEUDO:
-        # its constructor seeds a state of its own: with zeros, the client's seeds come later
-        rng = cls(seed_getter=lambda n: gpuarray.zeros(n, np.int32, allocator=pool_allocate))
-    else:
-        rng = cls()
+def new_generator(kind: str, limits: ContextLimits, most_generators: int) -> Generator:
+    """pycuda's generator of ``kind``. Its constructor sets up a state of its own (never used
+    again: the client's state is in session memory), with seeds or direction vectors and the
+    stack raised; that memory is outside the slot's chunks, so it counts against the slot while
+    it is held. How many generators there are is known only once pycuda built the module: the
+    count reserved is the most there can be, one per thread of a block on every multiprocessor
+    (``most_generators``)."""
     from pycuda.characterize import sizeof
 
-    state_bytes = int(rng.block_count * rng.generators_per_block
-                      * sizeof(rng.state_type, "#include <curand_kernel.h>"))
-    rng._state = None  # the constructor's own state: never used again
+    cls = getattr(curandom, f"{kind}RandomNumberGenerator")
+    state_size = int(sizeof(f"curandState{kind}", "#include <curand_kernel.h>"))
+    scratch = (most_generators * (state_size + _SETUP_BYTES[kind])
+               + limits.stack_scratch(_INIT_STACK))
+    with limits.scratch(scratch, f"setting up a cuRAND {kind} generator"):
+        if kind in _PSEUDO:
+            # seeded with zeros: the client's seeds come with its init call; freed on return
+            rng = cls(seed_getter=lambda n: gpuarray.zeros(n, np.int32))
+        else:
+            rng = cls()
+        rng._state = None  # frees the constructor's own state
+    state_bytes = int(rng.block_count * rng.generators_per_block * state_size)
     return Generator(kind, rng, state_bytes)
 
 
 def call(generator: Generator, method: str, state: int, state_bytes: int, params: list[Any],
-         stream: Any, view: Callable[[list[Any]], Any]) -> None:
+         stream: Any, view: Callable[[list[Any]], Any], limits: ContextLimits) -> None:
     if state_bytes != generator.state_bytes:
         raise AgentError("LogicError", f"curand_call: the state of a {generator.kind} generator "
                          f"is {generator.state_bytes} bytes, not {state_bytes}")
@@ -77,7 +91,10 @@ def call(generator: Generator, method: str, state: int, state_bytes: int, params
     args = [view(p) if isinstance(p, list) else p for p in params]
     try:
         if method == "init":
-            _init(generator, args, stream)
+            setup = 0 if generator.kind in _PSEUDO else _SETUP_BYTES[generator.kind]
+            with limits.scratch(generator.count * setup + limits.stack_scratch(_INIT_STACK),
+                                f"initialising a cuRAND {generator.kind} generator"):
+                _init(generator, args, stream)
         elif method.startswith("fill_"):
             getattr(rng, method)(*args, stream=stream)
         else:

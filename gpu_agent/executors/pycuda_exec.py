@@ -1,8 +1,9 @@
 """The real-GPU executor: forwarded calls run through pycuda on one device.
 
 Device memory of sessions lives at client-chosen addresses (``vmm``); modules are compiled with
-pycuda's SourceModule (nvcc, cached by pycuda by source and options); launches use the argument
-buffer the client packed, so a launch costs the agent no argument parsing.
+pycuda's SourceModule (nvcc; a client's sources cached per session, gpu_agent/compile_cache.py);
+launches use the argument buffer the client packed, so a launch costs the agent no argument
+parsing.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pycuda.elementwise import ElementwiseKernel
 from pycuda.reduction import ReductionKernel
 from pycuda.tools import DeviceMemoryPool, get_or_register_dtype
 
-from gpu_agent import nvcc_sandbox, nvml, profiling
+from gpu_agent import compile_cache, nvcc_limits, nvcc_sandbox, nvml, profiling
 from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays, pycuda_curand
-from gpu_agent.executors.base import Executor, ExecutorSession
+from gpu_agent.executors.base import Executor, ExecutorSession, resident_threads
 from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
@@ -71,6 +72,14 @@ def _curand_version() -> list[int] | None:
         return None
     version = get_curand_version()
     return None if version is None else [int(x) for x in version]
+
+
+def _limit(name: str) -> Any:
+    """pycuda's ``limit`` member of a name ``ContextLimits`` knows."""
+    which = getattr(cuda.limit, name, None)
+    if which is None:
+        raise AgentError("LogicError", f"this agent's pycuda has no limit {name}")
+    return which
 
 
 def _link_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +232,19 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def op_ping(self) -> int:
         return profiling.now_ns()
+
+    def op_limit_get(self, name: str) -> int:
+        self.limits.get(name)  # a name the agent knows
+        return int(cuda.Context.get_limit(_limit(name)))
+
+    def op_limit_set(self, name: str, value: int) -> None:
+        self.limits.check_set(name, value)  # what this tenant may set, and its slot's room
+        which = _limit(name)
+        cuda.Context.set_limit(which, value)
+        self.limits.set(name, int(cuda.Context.get_limit(which)))  # as CUDA rounded it
+
+    def object_bytes(self) -> int:
+        return self.torch_bytes() + self.limit_bytes()
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
         if self._reference is None:
@@ -402,7 +424,10 @@ class PycudaSession(TorchOps, ExecutorSession):
     def op_curand_new(self, generator: int, kind: str, options: dict[str, Any]) -> list[int]:
         if options:
             raise AgentError("ProtocolError", f"curand_new: unknown options {sorted(options)}")
-        made = pycuda_curand.new_generator(kind, self._x.pool.allocate)
+        attributes = self._x.device_info()["attributes"]
+        made = pycuda_curand.new_generator(
+            kind, self.limits,
+            attributes["MULTIPROCESSOR_COUNT"] * attributes["MAX_THREADS_PER_BLOCK"])
         self.curands[generator] = made
         return [made.count, made.state_bytes, int(made.rng.block_count),
                 int(made.rng.generators_per_block)]
@@ -410,7 +435,8 @@ class PycudaSession(TorchOps, ExecutorSession):
     def op_curand_call(self, generator: int, method: str, state: int, state_bytes: int,
                        params: list[Any], stream: int | None) -> None:
         pycuda_curand.call(self._get(self.curands, generator, "cuRAND generator"), method,
-                           state, state_bytes, params, self._stream(stream), self.view)
+                           state, state_bytes, params, self._stream(stream), self.view,
+                           self.limits)
 
     def op_curand_free(self, generator: int) -> None:
         self.curands.pop(generator, None)
@@ -446,6 +472,7 @@ class PycudaSession(TorchOps, ExecutorSession):
     def close(self) -> None:
         if not self._x.context_lost:
             self.torch_close()
+        compile_cache.SESSION.forget()  # the next session of this process must not hit them
         self.kernels.clear()
         self.curands.clear()
         self.functions.clear()
@@ -464,15 +491,19 @@ class PycudaExecutor(Executor):
     name = "pycuda"
     emulated = False
 
-    def __init__(self, device: int = 0, *, pinned_staging: int = 0) -> None:
+    def __init__(self, device: int = 0, *, pinned_staging: int = 0, nvcc: str = "") -> None:
         cuda.init()
         self.device_index = device
         self.device = cuda.Device(device)
         self.context = self.device.retain_primary_context()
         self.context.push()
-        #: Landlock ABI nvcc runs under (0: none, and CUDA C from clients is refused)
-        self.nvcc_sandbox = nvcc_sandbox.install()
-        if not self.nvcc_sandbox:
+        policy = nvcc_limits.NvccPolicy.parse(nvcc) if nvcc else nvcc_limits.DEFAULT_POLICY
+        #: Landlock ABI nvcc runs under (0: none, and CUDA C from clients is refused unless the
+        #: operator chose to compile it unsandboxed)
+        self.nvcc_sandbox = nvcc_sandbox.install(policy)
+        if policy.mode == nvcc_limits.UNSAFE:
+            log.warning("%s", nvcc_limits.UNSAFE_WARNING)
+        elif not self.nvcc_sandbox and policy.mode == nvcc_limits.SANDBOXED:
             log.warning("nvcc runs unsandboxed here: %s", nvcc_sandbox.UNAVAILABLE)
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
@@ -530,6 +561,7 @@ class PycudaExecutor(Executor):
             raise AgentError("RuntimeError", f"cannot reserve this session's address range "
                                 f"{base:#x}+{size:#x}: {e}") from None
         session = PycudaSession(self, memory)
+        session.resident_threads = resident_threads(self._info)
         self.sessions.add(session)
         self.attach_data(session)
         return session

@@ -274,7 +274,7 @@ class TorchOps:
         cap = self.slot_cap
         if cap is None:
             return
-        free = cap - self.slot_chunk_bytes() - self.torch_bytes()
+        free = cap - self.slot_chunk_bytes() - self.object_bytes()
         if nbytes > free:
             raise AgentError("MemoryError", f"out of memory: harp tensors of "
                              f"{format_bytes(nbytes)}, {format_bytes(max(free, 0))} of this GPU "

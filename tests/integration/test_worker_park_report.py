@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import zmq
 
+from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
+from gpu_agent.compile_cache import SessionCompileCache
 
 pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
@@ -103,3 +105,33 @@ def test_the_park_report_carries_the_batches_the_worker_ran() -> None:
         assert report["t"] == W.PARKED, report
         assert report["batches"] == 3
         assert report["bytes"] == sum(chunk[1] for chunk in report["chunks"]) > 0
+
+
+def test_a_sessions_compiled_code_goes_back_into_parked_state_and_counts_on_its_page() -> None:
+    """gpu_agent/compile_cache.py: a worker restoring a session takes its parked code (the
+    emulated executor compiles nothing, so the test gives it some), says how much on its status
+    page (the supervisor's park plan counts it), and parks it again with the session."""
+    parked = SessionCompileCache()
+    parked.get_or_compile(SessionCompileCache.key("kernel A", ["-arch", "sm_90"], "nvcc", "cubin"),
+                          lambda: b"\x7fELF cubin of kernel A")
+    records = b"".join(parked.records())
+    with worker_process() as (supervisor, process):
+        assert supervisor.next()["t"] == W.READY
+        code = Path(supervisor.directory) / "s1-compiled.bin"
+        code.write_bytes(records)
+        base, size = P.session_range(0)
+        supervisor.send(W.OPEN, session="s1", base=base, size=size, cap=64 << 20,
+                        attach="secret-attach", restore={
+                            "chunks": [[compile_cache.PARKED_CHUNK, len(records), str(code)]],
+                            "log": []})
+        assert supervisor.next()["t"] == W.OPENED
+        assert supervisor.status.read()["code_bytes"] == len(records)
+        code.unlink()  # the supervisor discards a restored state's files
+        supervisor.send(W.PARK, memory_dir=supervisor.directory, memory_room=1 << 30,
+                        disk_dir=supervisor.directory)
+        report = supervisor.next()
+        assert report["t"] == W.PARKED, report
+        assert process.wait(20) == 0
+        [chunk] = report["chunks"]
+        assert chunk[:2] == [compile_cache.PARKED_CHUNK, len(records)]
+        assert Path(chunk[2]).read_bytes() == records

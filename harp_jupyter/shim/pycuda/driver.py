@@ -83,6 +83,14 @@ def _unsupported(what: str) -> NotSupportedError:
 # {{{ devices and contexts
 
 
+def _limit_name(which: limit | int) -> str:
+    try:
+        return limit(int(which)).name
+    except (TypeError, ValueError):
+        raise LogicError(f"cuCtxGetLimit failed: invalid value ({which!r} is not a member of "
+                         "pycuda.driver.limit)") from None
+
+
 class Device:
     """A device of the agent (an agent serves one: ordinal 0). Queries need no round trip
     after the session's welcome; creating ``Device(0)`` needs none at all."""
@@ -255,12 +263,20 @@ class Context:
             current._shared_config = shared_config(int(config))
 
     @staticmethod
+    @user_facing
     def get_limit(which: limit | int) -> int:
-        raise _unsupported("Context.get_limit")
+        return int(get_session().call_sync("limit_get", _limit_name(which)))
 
     @staticmethod
+    @user_facing
     def set_limit(which: limit | int, value: int) -> None:
-        raise _unsupported("Context.set_limit")
+        """Set in this session's own context on the agent (other tenants keep theirs); device
+        memory the value makes CUDA reserve (stack, heap, printf FIFO) counts against this
+        session's GPU memory, and the agent refuses what it cannot count."""
+        value = int(value)
+        if value < 0:
+            raise LogicError(f"cuCtxSetLimit failed: invalid value (limit {value} < 0)")
+        get_session().call_sync("limit_set", _limit_name(which), value)
 
     def __repr__(self) -> str:
         kind = "primary " if self._primary else ""

@@ -4,10 +4,11 @@
 
 Runs bench/workloads.py through the shim twice in one run, against a local harp-agent without
 and with CurveZMQ (``--curve-secret-key-file`` on the agent, ``HARP_CURVE_*`` on the client):
-the sync read's latency (a 4-byte ``memcpy_dtoh``, p50 and p99) and H2D/D2H throughput at 1, 64
-and 256 MiB. The table gives each figure both ways and the cost of encryption as a ratio (time
-with Curve over time without: 1.00 is free). The executor is emulated unless ``--gpu``; the
-emulated device is host memory, so its rows are the wire's and the agent's cost alone.
+the sync read's latency (a 4-byte ``memcpy_dtoh``, p50 and p99) and H2D/D2H throughput at
+``workloads.COPY_SIZES`` (4 KiB to 256 MiB). The table gives each figure both ways and the cost
+of encryption as a ratio (time with Curve over time without: 1.00 is free). The executor is
+emulated unless ``--gpu``; the emulated device is host memory, so its rows are the wire's and
+the agent's cost alone.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from forwarding import ENV, HERE, report, run_json, start_agent
+from workloads import COPY_SIZES, copy_key
 
 from gpu_agent.curve import generate
 
 READS = ("read4_p50_us", "read4_p99_us")
-COPIES = [f"{way}_{mib}MiB_GBps" for mib in (1, 64, 256) for way in ("h2d", "d2h")]
+COPIES = [copy_key(way, nbytes) for nbytes, _reps in COPY_SIZES for way in ("h2d", "d2h")]
 
 
 def machine() -> str:

@@ -1,7 +1,8 @@
 """Raw pyzmq baseline: bulk frames over TCP loopback, DEALER to ROUTER, zero-copy both ways.
 
 ``python bench/raw_zmq.py OUT.json`` starts its own ROUTER process and measures what plain pyzmq
-moves per second for 1, 64 and 256 MiB, in each direction, and a small request/reply round trip.
+moves per second at the sizes of ``workloads.COPY_SIZES`` (4 KiB to 256 MiB), in each direction,
+and a small request/reply round trip (p50, p99).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import time
 
 import numpy as np
 import zmq
-
-MIB = 1 << 20
+from workloads import COPY_SIZES, copy_key
 
 
 def serve(endpoint: str) -> None:
     socket = zmq.Context.instance().socket(zmq.ROUTER)
     socket.bind(endpoint)
-    blobs = {mib: np.ones(mib * MIB, np.uint8) for mib in (1, 64, 256)}
+    blobs = {nbytes: np.ones(nbytes, np.uint8) for nbytes, _reps in COPY_SIZES}
     while True:
         ident, command, *_payload = socket.recv_multipart(copy=False)
         kind = command.bytes
@@ -48,20 +48,21 @@ def main() -> None:
         socket.recv()
         samples.append((time.perf_counter() - start) * 1e6)
     results["rtt_p50_us"] = float(np.percentile(samples[200:], 50))
-    for mib in (1, 64, 256):
-        data = np.ones(mib * MIB, np.uint8)
+    results["rtt_p99_us"] = float(np.percentile(samples[200:], 99))
+    for nbytes, reps in COPY_SIZES:
+        data = np.ones(nbytes, np.uint8)
         for name, once in (
             ("h2d", lambda d=data: (socket.send_multipart([b"put", d], copy=False),
                                     socket.recv())),
-            ("d2h", lambda m=mib: (socket.send(b"get%d" % m), socket.recv(copy=False))),
+            ("d2h", lambda n=nbytes: (socket.send(b"get%d" % n), socket.recv(copy=False))),
         ):
             once()
             times = []
-            for _ in range(5 if mib < 256 else 3):
+            for _ in range(reps):
                 start = time.perf_counter()
                 once()
                 times.append(time.perf_counter() - start)
-            results[f"{name}_{mib}MiB_GBps"] = data.nbytes / min(times) / 1e9
+            results[copy_key(name, nbytes)] = data.nbytes / min(times) / 1e9
     socket.send(b"stop")
     socket.recv()
     server.join(5)

@@ -77,9 +77,9 @@ class BatchRunner:
                     args = _resolve_frames(args, positions, frames)
                 value = self.call(name, args, timer, seq, index)
                 if name in _RESULT_OPS:
-                    if isinstance(value, bytes | bytearray | memoryview | np.ndarray):
+                    if isinstance(value, _BUFFER_TYPES):
                         out_frames.append(value)
-                        value = P.FrameRef(len(out_frames))
+                        value = P.frame_ref(len(out_frames))
                     results.append([index, value])
             except AgentError as e:
                 if e.kind == "ContextLost" or self.executor.context_lost:
@@ -93,11 +93,6 @@ class BatchRunner:
                 first_error = first_error or P.error(
                     "RuntimeError", f"the agent failed running {op}: {type(e).__name__}: {e} "
                     "(a bug in harp-agent: please report it)", index=index, op=op)
-        if self.lost is None:
-            try:
-                self.device.batch_done()
-            except Exception:
-                log.exception("batch_done")
         reply: dict[str, Any] = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
         if timer is not None:
             reply["p"] = timer.reply()
@@ -208,6 +203,8 @@ _RESULT_OPS = frozenset(name for name, op in P.OPS.items() if op.result)
 _MAPPING_OPS = frozenset(("alloc", "free", "get_global"))
 _CREATING_OPS = frozenset(name for name, op in P.OPS.items() if op.creates is not None)
 _TOUCHES = {name: op.touches for name, op in P.OPS.items() if op.touches is not None}
+#: results that travel as frames of their own
+_BUFFER_TYPES = (bytes, bytearray, memoryview, np.ndarray)
 
 
 def _op_name(call: Any) -> str | None:

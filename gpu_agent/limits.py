@@ -62,7 +62,7 @@ class AgentLimits:
     pinned_staging: int = _flag(
         64 * MiB,
         "page-locked host memory each worker keeps for device-to-host copies of 64 KiB and more "
-        "(reused once sent; 0: pageable buffers only)",
+        "(reused once sent; 0: pageable buffers only; the emulated executor keeps pageable ones)",
         unit="bytes",
         metavar="BYTES",
     )

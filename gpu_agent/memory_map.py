@@ -27,10 +27,13 @@ class MappedRanges:
         self.limit = base + size
         self._starts: list[int] = []
         self._sizes: dict[int, int] = {}
+        # kept as ranges come and go: the worker reads it after every batch (a sum over the
+        # ranges would cost a session with many allocations time on each round trip)
+        self._mapped = 0
 
     @property
     def mapped_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._mapped
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -64,12 +67,14 @@ class MappedRanges:
         self.check_new(addr, size)
         bisect.insort(self._starts, addr)
         self._sizes[addr] = size
+        self._mapped += size
 
     def add_external(self, addr: int, size: int) -> None:
         """Memory the session may address but did not allocate (a module's ``__device__``
         globals): checked like an allocation, never freed by the client."""
         if addr not in self._sizes:
             bisect.insort(self._starts, addr)
+        self._mapped += size - self._sizes.get(addr, 0)
         self._sizes[addr] = size
 
     def remove(self, addr: int) -> int:
@@ -79,6 +84,7 @@ class MappedRanges:
             raise AddressError(
                 f"free of {addr:#x}: no allocation starts there ({self._near(addr)})")
         self._starts.remove(addr)
+        self._mapped -= size
         return size
 
     def check(self, lo: int, hi: int) -> None:

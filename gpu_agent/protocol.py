@@ -181,9 +181,22 @@ _COMPLEX = struct.Struct("<dd")
 _U32 = struct.Struct("<I")
 
 
+#: the first frame references and their encodings (a reply's result frames), made once
+_FRAME_REFS = tuple(FrameRef(i) for i in range(64))
+_FRAME_EXTS = tuple(msgpack.ExtType(_EXT_FRAME, _U32.pack(i)) for i in range(64))
+
+
+def frame_ref(index: int) -> FrameRef:
+    """``FrameRef(index)``, without making one for each reply."""
+    return _FRAME_REFS[index] if 0 <= index < len(_FRAME_REFS) else FrameRef(index)
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, FrameRef):
-        return msgpack.ExtType(_EXT_FRAME, _U32.pack(obj.index))
+        index = obj.index
+        if 0 <= index < len(_FRAME_EXTS):
+            return _FRAME_EXTS[index]
+        return msgpack.ExtType(_EXT_FRAME, _U32.pack(index))
     if isinstance(obj, complex):
         return msgpack.ExtType(_EXT_COMPLEX, _COMPLEX.pack(obj.real, obj.imag))
     # numpy scalars and tuples reach here from careless callers; be strict
@@ -195,7 +208,7 @@ def _default(obj: Any) -> Any:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_FRAME and len(data) == 4:
-        return FrameRef(_U32.unpack(data)[0])
+        return frame_ref(_U32.unpack(data)[0])
     if code == _EXT_COMPLEX and len(data) == 16:
         re, im = _COMPLEX.unpack(data)
         return complex(re, im)

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from gpu_agent import compile_cache
+from gpu_agent import compile_cache, multipart
 from gpu_agent import protocol as P
 from gpu_agent import worker_link as W
 from gpu_agent.batches import BatchRunner
@@ -37,11 +36,13 @@ from gpu_agent.executors import make_executor
 from gpu_agent.executors.base import Executor
 from gpu_agent.parked_io import ParkedStateIO
 from gpu_agent.sizes import format_bytes
+from gpu_agent.worker_bridge import CONTROL, DROPPED, ORPHANED, ControlBridge
 
 log = logging.getLogger("harp.agent.worker")
 
-#: how long the worker blocks on its client before it looks at the supervisor's socket again
-_IDLE_SLICE_MS = 10
+#: how long a reply the client leaves unread waits before the worker looks whether the
+#: supervisor wants it (back-pressure in ``_send``)
+_SEND_SLICE_MS = 10
 
 
 class Worker:
@@ -50,10 +51,10 @@ class Worker:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.context = zmq.Context()
-        self.control = self.context.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.IDENTITY, args.worker_id.encode())
-        self.control.setsockopt(zmq.LINGER, 2000)
-        self.control.connect(args.control)
+        control = self.context.socket(zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, args.worker_id.encode())
+        control.setsockopt(zmq.LINGER, 2000)
+        control.connect(args.control)
         self.data = self.context.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, args.max_frame + (1 << 20))
@@ -69,7 +70,12 @@ class Worker:
         self.endpoint = _bind(self.data, args.bind, args.ports)
         if args.advertise_host:
             self.endpoint = f"tcp://{args.advertise_host}:{self.endpoint.rsplit(':', 1)[1]}"
-        self.attachment = ClientAttachment(self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+        self.attachment = ClientAttachment()
+        # the supervisor, the client's connection and the supervisor's life reach the loop on
+        # the data socket (worker_bridge): the loop has one blocking receive
+        self.bridge = ControlBridge(self.context, self.data, control,
+                                    self.data.get_monitor_socket(zmq.EVENT_DISCONNECTED),
+                                    args.supervisor_pid)
         self.status = W.StatusPage(args.status)
         self.kernel_output = KernelOutput()
         self.executor: Executor = make_executor(args.executor, args.device,
@@ -87,38 +93,34 @@ class Worker:
     # {{{ loop
 
     def serve(self) -> None:
+        self.bridge.start()
         free, total = self.executor.mem_info()
         self._tell(W.READY, pid=os.getpid(), endpoint=self.endpoint,
                    device=self.executor.device_info(), memory=[free, total],
                    data=self.executor.data_status())
-        self.data.setsockopt(zmq.RCVTIMEO, _IDLE_SLICE_MS)
+        data, bridge, receive = self.data, self.bridge, multipart.receive
         while self.running:
-            if self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._on_control(*P.decode(self.control.recv_multipart(copy=False)))
-                continue
-            if self.runner is None:
-                # a spare: nothing comes on the data socket before ``open``, so wait for the
-                # supervisor instead (an acquire does not pay the data socket's time slice)
-                if not self.control.poll(_IDLE_SLICE_MS):
-                    self._check_supervisor()
-                continue
-            try:
-                parts = self.data.recv_multipart(copy=False)
-            except zmq.Again:
-                self._read_monitor()
-                self._check_supervisor()
-                continue
-            self._on_data(parts)
+            parts = receive(data)
+            route = parts[0].bytes
+            if bridge.is_bridge(route):
+                self._on_bridge(parts[1:])
+            else:
+                self._on_data(route, parts)
 
-    def _check_supervisor(self) -> None:
-        """End when the supervisor is gone (the kernel's parent-death signal covers most
-        cases; this covers a supervisor that died while this worker was still starting)."""
-        if os.getppid() != self.args.supervisor_pid:
+    def _on_bridge(self, parts: list[Any]) -> None:
+        tag = parts[0].bytes
+        if tag == CONTROL:
+            self.bridge.handled()
+            self._on_control(*P.decode(parts[1:]))
+        elif tag == DROPPED:
+            if self.attachment.dropped(int(parts[1].bytes)):
+                self._tell(W.GONE, session=self.session_id)
+        elif tag == ORPHANED:
+            self.bridge.handled()
             log.warning("the supervisor is gone: this worker ends")
             self.running = False
 
-    def _on_data(self, parts: list[Any]) -> None:
-        route = parts[0].bytes
+    def _on_data(self, route: bytes, parts: list[Any]) -> None:
         try:
             header, frames = P.decode(parts[1:])
         except P.ProtocolError as e:
@@ -168,10 +170,6 @@ class Worker:
             self._tell(W.FATAL, session=self.session_id, e=P.error(
                 "ContextLost", f"a fatal GPU error in it ({runner.lost_cause})"))
             self.running = False
-
-    def _read_monitor(self) -> None:
-        if self.attachment.dropped():
-            self._tell(W.GONE, session=self.session_id)
 
     # }}}
 
@@ -244,18 +242,18 @@ class Worker:
     # }}}
 
     def _tell(self, kind: str, **fields: Any) -> None:
-        self.control.send(P.pack_header({"t": kind, **fields}))
+        self.bridge.tell(P.pack_header({"t": kind, **fields}))
 
     def _send(self, route: bytes, header: dict[str, Any], frames: list[Any] = ()) -> None:
         message = [route, P.pack_header(header), *frames]
         while True:
             try:
-                self.data.send_multipart(message, copy=False, flags=zmq.NOBLOCK)
+                multipart.send(self.data, message, multipart.NOBLOCK)
                 return
             except zmq.Again:
                 # the client leaves replies unread: wait for it (back-pressure), never pile up
-                if not self.data.poll(_IDLE_SLICE_MS, zmq.POLLOUT):
-                    if self.control.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if not self.data.poll(_SEND_SLICE_MS, zmq.POLLOUT):
+                    if self.bridge.supervisor_waiting():
                         return  # the supervisor wants us (park, end): the client is too slow
             except zmq.ZMQError as e:  # the client is gone (EHOSTUNREACH)
                 log.info("could not answer %s: %s", route.hex(), e)
@@ -263,20 +261,19 @@ class Worker:
 
     def close(self) -> None:
         self.status.close()
+        self.bridge.stop()  # after the last tell; it closes the control socket, lingering
         if self.authenticator is not None:
             self.authenticator.stop()
-        self.attachment.close()
-        for socket in (self.data, self.control):
-            socket.close()
+        self.data.close()
         self.context.term()
 
 
 class ClientAttachment:
     """Who may attach to this worker's session (the attach token the supervisor gave its
-    client) and whether that client's connection is still there (the data socket's monitor)."""
+    client) and whether that client's connection is still there (the data socket's monitor,
+    read by the bridge)."""
 
-    def __init__(self, monitor: zmq.Socket) -> None:
-        self.monitor = monitor
+    def __init__(self) -> None:
         self.token: str | None = None
         self.fd: int | None = None
 
@@ -290,18 +287,12 @@ class ClientAttachment:
     def attached(self, fd: int | None) -> None:
         self.fd = fd
 
-    def dropped(self) -> bool:
-        """Whether the attached client's connection dropped since the last look."""
-        gone = False
-        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = recv_monitor_message(self.monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED and event["value"] == self.fd:
-                self.fd = None
-                gone = True
-        return gone
-
-    def close(self) -> None:
-        self.monitor.close()
+    def dropped(self, fd: int) -> bool:
+        """Whether the connection on ``fd`` that dropped was the attached client's."""
+        if fd != self.fd:
+            return False
+        self.fd = None
+        return True
 
 
 class KernelOutput:
@@ -313,6 +304,7 @@ class KernelOutput:
 
     def __init__(self, limit: int = 1 << 20) -> None:
         import ctypes
+        import select
         import threading
 
         read_fd, write_fd = os.pipe()
@@ -320,6 +312,10 @@ class KernelOutput:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self._fd = read_fd
+        # every reply asks whether the pipe holds anything: a poll answers without the
+        # exception an empty non-blocking read raises (a third of a small batch's cost)
+        self._readable = select.poll()
+        self._readable.register(read_fd, select.POLLIN)
         self._libc = ctypes.CDLL(None)
         self._limit = limit
         self._lock = threading.Lock()
@@ -354,7 +350,8 @@ class KernelOutput:
         """What kernels printed since the last call (C's stdio buffer flushed first)."""
         self._libc.fflush(None)
         with self._lock:
-            self._read_available()
+            if self._readable.poll(0):
+                self._read_available()
             if not self._size and not self._dropped:
                 return ""
             text = b"".join(self._chunks).decode(errors="replace")

@@ -36,5 +36,7 @@ def make_executor(name: str | None, device: int = 0, **options: Any) -> Executor
         from gpu_agent.executors.emulated import EmulatedExecutor
 
         memory = options.get("emulated_memory")
-        return EmulatedExecutor(memory) if memory else EmulatedExecutor()
+        staging = int(options.get("pinned_staging") or 0)
+        return (EmulatedExecutor(memory, staging=staging) if memory
+                else EmulatedExecutor(staging=staging))
     raise ValueError(f"unknown executor {name!r}: use 'pycuda' or 'emulated'")

@@ -126,10 +126,6 @@ class ExecutorSession(ABC):
     def write_from(self, addr: int, data: memoryview) -> None:
         """Copy ``data`` to device memory at ``addr`` (mapped): how parked state comes back."""
 
-    def busy(self) -> bool:
-        """Whether GPU work this session issued may still be running."""
-        return False
-
     def park_objects(self) -> Iterable[tuple[str, Any]]:
         """Session state that is not in mapped chunks (torch tensors), as ``(name, payload)``
         pairs the worker writes to park files after the chunks, one payload at a time (a
@@ -141,9 +137,6 @@ class ExecutorSession(ABC):
         if payloads:
             raise AgentError("StateLost", "the parked state holds objects this executor cannot "
                              "restore")
-
-    def batch_done(self) -> None:  # noqa: B027 - optional hook
-        """Called after each batch ran (executors that track ``busy`` mark it here)."""
 
     # {{{ the agent's data tree (gpu_agent/datastore.py, docs/remote-data.md)
 

@@ -18,6 +18,7 @@ from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import AgentError, Executor, ExecutorSession, resident_threads
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
+from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.sizes import format_bytes
 
@@ -85,8 +86,10 @@ class EmulatedSession(TorchOps, ExecutorSession):
         src = np.frombuffer(data, np.uint8)
         self._bytes(dst, src.size)[:] = src
 
-    def op_dtoh(self, src: int, nbytes: int, stream: int | None) -> bytes:
-        return self._bytes(src, nbytes).tobytes()
+    def op_dtoh(self, src: int, nbytes: int, stream: int | None) -> np.ndarray:
+        out = self._executor.staging.take(nbytes)
+        out[:] = self._bytes(src, nbytes)
+        return out
 
     def op_dtod(self, dst: int, src: int, nbytes: int, stream: int | None) -> None:
         self._bytes(dst, nbytes)[:] = self._bytes(src, nbytes)
@@ -292,9 +295,12 @@ class EmulatedExecutor(Executor):
     name = "emulated"
     emulated = True
 
-    def __init__(self, memory: int = 16 << 30) -> None:
+    def __init__(self, memory: int = 16 << 30, *, staging: int = 0) -> None:
         self.total = memory
         self.used = 0
+        # host buffers for device-to-host copies, reused once their reply is sent (what the
+        # pycuda executor does with page-locked ones): a copy does not pay for fresh pages
+        self.staging = PinnedStaging(staging, lambda nbytes: np.empty(nbytes, np.uint8))
 
     def reserve(self, size: int) -> None:
         if self.used + size > self.total:

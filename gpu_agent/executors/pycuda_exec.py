@@ -139,7 +139,6 @@ class PycudaSession(TorchOps, ExecutorSession):
         self.events: dict[int, cuda.Event] = {}
         self.kernels: dict[int, Any] = {}
         self.curands: dict[int, pycuda_curand.Generator] = {}
-        self._done: cuda.Event | None = None
         #: profiling: a reference event and its host time, and the timed ops not yet collected
         self._reference: tuple[cuda.Event, int] | None = None
         self._timed: list[tuple[str, int | None, cuda.Event, cuda.Event, int, int]] = []
@@ -466,14 +465,6 @@ class PycudaSession(TorchOps, ExecutorSession):
 
     def write_from(self, addr: int, data: memoryview) -> None:
         cuda.memcpy_htod(addr, np.frombuffer(data, np.uint8))
-
-    def batch_done(self) -> None:
-        if self._done is None:
-            self._done = cuda.Event(cuda.event_flags.DISABLE_TIMING)
-        self._done.record()  # on the legacy default stream: after all blocking streams' work
-
-    def busy(self) -> bool:
-        return self._done is not None and not self._done.query()
 
     def torch_context_lost(self) -> None:
         self._x.context_lost = True

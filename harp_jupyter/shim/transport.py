@@ -31,7 +31,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from gpu_agent import protocol
+from gpu_agent import multipart, protocol
 from harp_jupyter.shim.errors import (
     AuthError,
     Error,
@@ -239,7 +239,7 @@ class AgentConnection:
             self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
             self._receive_timeout_ms = wait_ms
         try:
-            return self._socket.recv_multipart(copy=False)
+            return multipart.receive(self._socket)
         except zmq.Again:
             return None
 

@@ -60,3 +60,14 @@ def test_registered_dtypes_are_validated() -> None:
                 [["x" * 129, "<f4"]]):
         with pytest.raises(P.ProtocolError, match="dtypes"):
             P.registered_dtypes(bad)
+
+
+@pytest.mark.parametrize("index", [0, 1, 63, 64, 65, 4096])
+def test_frame_references_round_trip_on_both_sides_of_the_encoding_cache(index: int) -> None:
+    header = P.unpack_header(P.pack_header({"t": P.REPLY, "r": [[0, P.FrameRef(index)]]}))
+    assert header["r"] == [[0, P.FrameRef(index)]]
+
+
+@pytest.mark.parametrize("index", [0, 63, 64, 1000])
+def test_frame_ref_is_a_frame_reference_of_that_index(index: int) -> None:
+    assert P.frame_ref(index) == P.FrameRef(index)

@@ -131,9 +131,14 @@ class Worker:
             self._on_attach(route, header, parts[0])
         elif kind == P.BATCH:
             self._on_batch(route, header, frames)
+        elif kind == P.STATUS:
+            # the shim's liveness probe after a quiet spell (a long compile or kernel): it was
+            # read only once the batch before it ended, which is the answer it needs
+            self._send(route, {"t": P.STATUS})
         else:
             self._send(route, {"t": P.ERROR, "e": P.error(
-                "ProtocolError", f"a worker takes attach and batch messages, not {kind!r}")})
+                "ProtocolError",
+                f"a worker takes attach, batch and status messages, not {kind!r}")})
 
     def _on_attach(self, route: bytes, header: dict[str, Any], frame: zmq.Frame) -> None:
         if (self.runner is None or header.get("session") != self.session_id

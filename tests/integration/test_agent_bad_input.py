@@ -47,6 +47,19 @@ def test_garbage_gets_an_error_reply(clients: tuple[RawClient, RawClient],
     good_client_still_served(good)
 
 
+def test_a_liveness_probe_to_the_worker_is_answered_and_the_session_goes_on(
+        clients: tuple[RawClient, RawClient]) -> None:
+    """The shim probes its worker with STATUS when a batch (a long compile) stays unanswered
+    past HARP_AGENT_TIMEOUT; an error reply to it was read as the answer to the next call."""
+    _, good = clients
+    good.hello()
+    assert good.data is not None
+    good.data.send(P.pack_header({"t": P.STATUS}))
+    reply, _ = P.decode(good.data.recv_multipart())
+    assert reply == {"t": P.STATUS}
+    good_client_still_served(good)
+
+
 def test_wrong_protocol_version_and_batch_before_hello(
         clients: tuple[RawClient, RawClient]) -> None:
     bad, good = clients

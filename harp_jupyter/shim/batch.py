@@ -156,6 +156,30 @@ class BatchWriter:
                 self._wake.set()  # the linger thread sends it if nobody else does soon
             return None
 
+    def add_inline(self, call: list[Any], site: CallSite | None) -> None:
+        """``add(call[0], call[1:], site)`` for a call whose buffer arguments are all ``bytes``
+        shorter than ``protocol.MAX_INLINE_BYTES`` (the caller knows): nothing to convert, no
+        callbacks, no tracker. ``call`` becomes the queue's."""
+        with self.lock:
+            fatal = self._fatal
+            if fatal is not None and (self._closing or not isinstance(fatal, GPULostError)):
+                raise fatal
+            op = call[0]
+            if op in profiling.NAMING_OPS:
+                profiling.note_kernel_name(op, call[1:])
+            if profiling.active is not None:
+                profiling.active.note_call(op, call[1:], site,
+                                           self._bytes_of(call, BUF_POSITIONS.get(op)))
+            calls = self._calls
+            calls.append(call)
+            self._metas.append((op, site, None, None))
+            if fatal is not None:
+                raise fatal  # the link dropped: kept with the calls not sent yet
+            if len(calls) >= self.max_calls or self._frame_bytes >= self.flush_bytes:
+                self._flush_locked(False)
+            elif len(calls) == 1:
+                self._wake.set()  # the linger thread sends it if nobody else does soon
+
     def _buffer_argument(self, value: Any) -> Any:
         if type(value) is bytes and len(value) < protocol.MAX_INLINE_BYTES:
             return value  # the common case (a kernel's packed arguments): inline as it is

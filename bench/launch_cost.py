@@ -9,9 +9,10 @@ queued (the batches go out on the way, by size and by the linger thread); then w
 replies, which are not timed. The emulated agent refuses raw kernels, so each batch is answered
 with an error the shim records and this script ignores: the client's side of a launch (argument
 packing, queueing, the call site, batching, serialising, the send) is what is measured. Prints
-the median and the spread of ``--runs`` runs in µs per launch, wall time and the CPU time of
-the client's threads (steadier where other processes share the cores); ``--profile`` prints a
-cProfile of one run instead.
+the median and the spread of ``--runs`` runs in µs per launch, wall time, the CPU time of
+the client's threads and of the calling thread alone (steadier where other processes share the
+cores; the rest is the batches' serialising and sending on the linger thread, and ZeroMQ's);
+``--profile`` prints a cProfile of one run instead.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def run(endpoint: str, args: argparse.Namespace) -> None:
     x = cuda.mem_alloc(4 * 1024)
     block, grid = (32, 1, 1), (1, 1)
 
-    def launches(n: int) -> tuple[float, float]:
-        start, cpu = time.perf_counter(), time.process_time()
+    def launches(n: int) -> tuple[float, float, float]:
+        start, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
         if args.prepared:
             for _ in range(n):
                 tiny.prepared_async_call(grid, block, stream, x)
@@ -76,11 +77,12 @@ def run(endpoint: str, args: argparse.Namespace) -> None:
             for _ in range(n):
                 tiny(x, block=block, grid=grid)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        own = time.thread_time() - own
         try:
             cuda.Context.synchronize()
         except cuda.Error:
             pass  # the refusal of the stand-in kernel
-        return elapsed / n * 1e6, cpu / n * 1e6
+        return elapsed / n * 1e6, cpu / n * 1e6, own / n * 1e6
 
     launches(1000)  # warm: connection, caches
     if args.profile:
@@ -92,7 +94,8 @@ def run(endpoint: str, args: argparse.Namespace) -> None:
         return
     runs = [launches(args.launches) for _ in range(args.runs)]
     what = "prepared_async_call" if args.prepared else "__call__"
-    for i, kind in enumerate(("wall", "CPU (all threads of the client)")):
+    for i, kind in enumerate(("wall", "CPU (all threads of the client)",
+                              "CPU (the calling thread)")):
         samples = [r[i] for r in runs]
         print(f"{what}, {kind}: median {statistics.median(samples):.2f} µs per launch "
               f"(min {min(samples):.2f}, max {max(samples):.2f}; {args.runs} runs of "

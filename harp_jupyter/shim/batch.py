@@ -165,7 +165,7 @@ class BatchWriter:
             raise
         self._next_seq += 1
         self._inflight.append(PendingBatch(seq, metas, sent,
-                                           [recorder.detail_of(c[0], c[1:]) for c in calls]
+                                           [recorder.detail_of(c) for c in calls]
                                            if recorder is not None else None,
                                            calls, frames, tracker=tracker))
         self.batches_sent += 1

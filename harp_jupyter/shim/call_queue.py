@@ -61,7 +61,7 @@ class CallQueue:
         if op in profiling.NAMING_OPS:
             profiling.note_kernel_name(op, call[1:])
         if profiling.active is not None:
-            profiling.active.note_call(op, call[1:], site, self._bytes_of(call, positions))
+            profiling.active.note_call(call, site, self._bytes_of(call, positions))
         self.calls.append(call)
         self.metas.append((op, site, on_result, on_error))
 
@@ -72,8 +72,7 @@ class CallQueue:
         if op in profiling.NAMING_OPS:
             profiling.note_kernel_name(op, call[1:])
         if profiling.active is not None:
-            profiling.active.note_call(op, call[1:], site,
-                                       self._bytes_of(call, BUF_POSITIONS.get(op)))
+            profiling.active.note_call(call, site, self._bytes_of(call, BUF_POSITIONS.get(op)))
         self.calls.append(call)
         self.metas.append((op, site, None, None))
 

@@ -110,3 +110,24 @@ def test_a_bad_argument_fails_as_in_pycuda_every_time(packer: _kernel_args.ArgPa
 ])
 def test_a_prepared_packer_packs_as_pack(fmt: str, values: tuple[Any, ...]) -> None:
     assert _kernel_args.packer_for(fmt)(*values) == _kernel_args.pack(fmt, *values)
+
+
+class IndexedPointer(Pointer):
+    __index__ = Pointer.__int__
+
+
+class OverridingPointer(IndexedPointer):
+    """Changes __int__ only: its inherited __index__ is not its pointer."""
+
+    def __int__(self) -> int:
+        return self.address + 8
+
+
+def test_a_pointer_is_what_int_says_whether_or_not_the_struct_may_take_it_as_it_is(
+        packer: _kernel_args.ArgPacker) -> None:
+    for pointer, address in ((IndexedPointer(0x5000), 0x5000),
+                             (OverridingPointer(0x5000), 0x5008)):
+        for _ in range(2):
+            _, buf = packer.pack_call((pointer, np.int32(1)))
+            assert buf == general([pointer, np.int32(1)])[1]
+            assert struct.unpack("P", buf[:8]) == (address,)

@@ -164,7 +164,10 @@ class ArgPacker:
                 converters.append(None)
             elif issubclass(cls, self._pointer_types):
                 fmt.append("P")
-                converters.append(int)
+                # the struct takes an object whose __index__ is its __int__ as it is
+                to_int = getattr(cls, "__int__", None)
+                converters.append(None if to_int is not None
+                                  and getattr(cls, "__index__", None) is to_int else int)
             elif cls in _POINTER_GETTERS and not issubclass(cls, self._handler_type):
                 fmt.append("P")
                 converters.append(_POINTER_GETTERS[cls])

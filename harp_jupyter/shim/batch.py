@@ -109,9 +109,10 @@ class BatchWriter:
             queue.add_inline(call, site)
             if fatal is not None:
                 raise fatal  # the link dropped: kept with the calls not sent yet
-            if len(queue) >= self.max_calls or queue.frame_bytes >= self.flush_bytes:
+            queued = len(queue.calls)  # (the hot path: not through CallQueue.__len__)
+            if queued >= self.max_calls or queue.frame_bytes >= self.flush_bytes:
                 self._flush_locked(False)
-            elif len(queue) == 1:
+            elif queued == 1:
                 self._linger.wake()  # the linger thread sends it if nobody else does soon
 
     @property

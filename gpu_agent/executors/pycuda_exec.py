@@ -33,6 +33,9 @@ from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.pycuda")
 
+#: CUDA events kept for the next profile's timings (a few hundred KiB of driver state at most)
+_SPARE_EVENTS = 8192
+
 # errors after which the CUDA context is unusable ("sticky"): the context must be recreated
 _STICKY = ("ILLEGAL_ADDRESS", "illegal memory access", "LAUNCH_FAILED", "unspecified launch",
            "MISALIGNED_ADDRESS", "misaligned address", "ILLEGAL_INSTRUCTION", "illegal instruction",
@@ -142,6 +145,9 @@ class PycudaSession(TorchOps, ExecutorSession):
         #: profiling: a reference event and its host time, and the timed ops not yet collected
         self._reference: tuple[cuda.Event, int] | None = None
         self._timed: list[tuple[str, int | None, cuda.Event, cuda.Event, int, int]] = []
+        #: events whose timings were collected, recorded again by the next profile: a profiled
+        #: launch-bound loop pays two event records per op, not two creations as well
+        self._spare_events: list[cuda.Event] = []
 
     # {{{ helpers
 
@@ -255,13 +261,13 @@ class PycudaSession(TorchOps, ExecutorSession):
             reference.record()
             reference.synchronize()
             self._reference = (reference, profiling.now_ns())
-        start = cuda.Event()
+        start = self._spare_events.pop() if self._spare_events else cuda.Event()
         start.record(self._stream(stream))
         return op, stream, start
 
     def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:
         op, stream, start = token
-        end = cuda.Event()
+        end = self._spare_events.pop() if self._spare_events else cuda.Event()
         end.record(self._stream(stream))
         self._timed.append((op, stream, start, end, seq, index))
 
@@ -271,11 +277,16 @@ class PycudaSession(TorchOps, ExecutorSession):
             return []
         reference, at = self._reference
         self._reference = None
+        last_on_stream = {stream: end for _, stream, _, end, _, _ in timed}
+        for end in last_on_stream.values():
+            end.synchronize()  # the events of one stream complete in order: the last is enough
         timings = []
         for op, stream, start, end, seq, index in timed:
-            end.synchronize()
             timings.append([op, stream, at + int(reference.time_till(start) * 1e6),
                             at + int(reference.time_till(end) * 1e6), seq, index])
+        spare = self._spare_events
+        for _, _, start, end, _, _ in timed[:max(0, (_SPARE_EVENTS - len(spare)) // 2)]:
+            spare += (start, end)
         return timings
 
     # }}}

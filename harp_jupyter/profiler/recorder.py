@@ -25,6 +25,8 @@ AGENT_TIMING, GPU_TIMING = 1, 2
 #: compiled in an earlier cell than the one profiled)
 KERNEL_NAMES: dict[int, str] = {}
 NAMING_OPS = frozenset({"get_function", "elementwise_new", "reduction_new"})
+#: calls that run the kernel of the handle in their first argument
+KERNEL_CALLS = frozenset({"launch", "elementwise_call", "reduction_call"})
 #: calls that run an aten operator named by their second argument (harp tensors)
 TORCH_OPERATOR_CALLS = frozenset({"torch_op", "torch_op_sync"})
 
@@ -107,19 +109,26 @@ class Recorder:
     def now() -> int:
         return time.monotonic_ns()
 
-    def note_call(self, op: str, args: list[Any], site: CallSite | None, bytes_up: int) -> None:
-        bytes_down = int(args[1]) if op == "dtoh" and len(args) > 1 else 0
-        self.calls.append(ApiCall(self.now(), op, site, bytes_up, bytes_down,
-                                  self.detail_of(op, args)))
+    def note_call(self, call: list[Any], site: CallSite | None, bytes_up: int) -> None:
+        """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``."""
+        op = call[0]
+        bytes_down = int(call[2]) if op == "dtoh" and len(call) > 2 else 0
+        self.calls.append(ApiCall(time.monotonic_ns(), op, site, bytes_up, bytes_down,
+                                  self.detail_of(call)))
 
-    def detail_of(self, op: str, args: list[Any]) -> str:
-        """The kernel a call runs, where there is one (its function or operation name)."""
-        if op in ("launch", "elementwise_call", "reduction_call") and args:
-            return KERNEL_NAMES.get(args[0], "")
-        if op == "array" and args:
-            return str(args[0])
-        if op in TORCH_OPERATOR_CALLS and len(args) > 1:
-            return str(args[1])  # "aten::add.Tensor"
+    @staticmethod
+    def detail_of(call: list[Any]) -> str:
+        """The kernel a wire call ``[op, *args]`` runs, where there is one (its function or
+        operation name)."""
+        op = call[0]
+        if len(call) < 2:
+            return ""
+        if op in KERNEL_CALLS:
+            return KERNEL_NAMES.get(call[1], "")
+        if op == "array":
+            return str(call[1])
+        if op in TORCH_OPERATOR_CALLS and len(call) > 2:
+            return str(call[2])  # "aten::add.Tensor"
         return ""
 
     def note_blocked(self, start: int, end: int, op: str, site: CallSite | None,

@@ -40,15 +40,26 @@ def build(profile: Profile) -> dict[str, Any]:
     rec = profile.recorder
     t0, t_end = profile.started, profile.ended
     events: list[dict[str, Any]] = []
+    # a profile of a loop has thousands of events from a few lines: each line is named once
+    locations: dict[Any, str] = {}
 
+    def at(site: Any) -> str:
+        try:
+            return locations[site]
+        except KeyError:
+            location = locations[site] = where(site, profile)
+            return location
+
+    # times are integer ns: ns / 1000 is already the float nearest to the µs with 3 decimals
+    # (what round(..., 3) would give), without a round() per event
     def us(ns: int) -> float:
-        return round((ns - t0) / 1000.0, 3)
+        return (ns - t0) / 1000.0
 
     def span(pid: int, tid: int, name: str, start: int, end: int, cat: str,
              **args: Any) -> None:
-        events.append({"name": name, "cat": cat, "ph": "X", "ts": us(start),
-                       "dur": round(max(0, end - start) / 1000.0, 3), "pid": pid, "tid": tid,
-                       "args": args})
+        events.append({"name": name, "cat": cat, "ph": "X", "ts": (start - t0) / 1000.0,
+                       "dur": (end - start) / 1000.0 if end > start else 0.0, "pid": pid,
+                       "tid": tid, "args": args})
 
     def meta(pid: int, tid: int | None, kind: str, name: str) -> None:
         event: dict[str, Any] = {"name": kind, "ph": "M", "pid": pid, "args": {"name": name}}
@@ -64,7 +75,7 @@ def build(profile: Profile) -> dict[str, Any]:
     for call in rec.calls:
         if call.at > t_end:
             continue  # the profiler's own clock samples
-        args: dict[str, Any] = {"at": where(call.site, profile)}
+        args: dict[str, Any] = {"at": at(call.site)}
         if call.bytes_up:
             args["bytes_up"] = call.bytes_up
         if call.bytes_down:
@@ -79,7 +90,7 @@ def build(profile: Profile) -> dict[str, Any]:
             continue
         span(NOTEBOOK_PID, BLOCKED_TID, f"wait: {named(blocked.op, blocked.detail)}",
              blocked.start, blocked.end,
-             "sync", at=where(blocked.site, profile), why=blocked.why)
+             "sync", at=at(blocked.site), why=blocked.why)
     for s in rec.spans:
         tid = NVTX_TID if s.track == "nvtx" else LEASE_TID
         span(NOTEBOOK_PID, tid, s.name, s.start, s.end, s.track,
@@ -107,7 +118,7 @@ def build(profile: Profile) -> dict[str, Any]:
                     detail = batch.details[index] if index < len(batch.details) else ""
                     span(n, EXEC_TID, named(batch.ops[index], detail), to_nb(start),
                          to_nb(end), "agent",
-                         at=where(batch.sites[index], profile), batch=batch.seq)
+                         at=at(batch.sites[index]), batch=batch.seq)
         streams: dict[Any, int] = {}
         for op, stream, start, end, seq, index in rec.gpu.get(endpoint, ()):
             if stream not in streams:
@@ -118,7 +129,7 @@ def build(profile: Profile) -> dict[str, Any]:
                      f"{label}")
             name = kernel_names.get((endpoint, seq, index)) or op
             span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
-                 at=_site(sites.get((endpoint, seq)), index, profile))
+                 at=_site(sites.get((endpoint, seq)), index, at))
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
@@ -134,5 +145,5 @@ def _kernel_names_by_call(profile: Profile) -> dict[tuple[str, int, int], str]:
             for index, detail in enumerate(batch.details) if detail}
 
 
-def _site(sites: list[Any] | None, index: int, profile: Profile) -> str:
-    return where(sites[index], profile) if sites is not None and 0 <= index < len(sites) else ""
+def _site(sites: list[Any] | None, index: int, at: Any) -> str:
+    return at(sites[index]) if sites is not None and 0 <= index < len(sites) else ""

@@ -5,9 +5,10 @@ A batch goes out when a sync point needs it (``flush``), when it holds ``max_cal
 ``max_inflight`` batches are unacknowledged: the sender receives replies before it sends more, so
 a loop of a million launches applies back-pressure instead of growing memory.
 
-Buffer arguments (the ``BUF`` arguments of ``protocol.OPS``) smaller than
-``protocol.MAX_INLINE_BYTES`` are copied into the header (a snapshot); larger ones travel as
-their own zero-copy frames, referenced by ``FrameRef``. A call added with ``track=True`` ends its
+The calls not sent yet are a ``CallQueue`` (call_queue.py: small buffers copied into the call,
+large ones zero-copy frames), the linger timer a ``LingerThread`` (linger.py), and what a
+reply's values and error do a ``ReplyDelivery`` (replies.py); this module sends the batches,
+keeps the window of those unanswered and receives. A call added with ``track=True`` ends its
 batch at once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
 live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
 
@@ -27,66 +28,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from gpu_agent import protocol
 from harp_jupyter.profiler import recorder as profiling
+from harp_jupyter.shim.call_queue import BUF_POSITIONS, CallMeta, CallQueue, byte_view
 from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError, error_from_agent
-from harp_jupyter.shim.kernel_output import note_reply_output
+from harp_jupyter.shim.linger import LingerThread
+from harp_jupyter.shim.replies import PendingBatch, ReplyDelivery, Unanswered
 from harp_jupyter.shim.transport import AgentConnection
 
-#: (op, call site, on_result, on_error) of one queued call
-CallMeta = tuple[str, CallSite | None, Callable[[Any], None] | None, Callable[[], None] | None]
+__all__ = ["BUF_POSITIONS", "BatchWriter", "CallMeta", "PendingBatch", "Unanswered",
+           "byte_view"]
 
 DEFAULT_LINGER_S = 0.001
 DEFAULT_FLUSH_BYTES = 8 << 20
-
-BUF_POSITIONS = protocol.BUF_POSITIONS
-
-
-def byte_view(buffer: Any) -> memoryview:
-    """A flat unsigned-byte view of a contiguous buffer (bytes, bytearray, memoryview, ndarray)."""
-    view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
-    if view.ndim == 1 and view.format == "B":
-        return view
-    if view.c_contiguous:
-        return view.cast("B")
-    if view.contiguous:  # Fortran order: its bytes in memory order
-        import numpy as np
-
-        return memoryview(np.asarray(buffer).ravel(order="K").view(np.uint8))
-    raise TypeError("buffer must be contiguous (numpy.ascontiguousarray makes it so)")
-
-
-@dataclass(slots=True)
-class PendingBatch:
-    """A sent batch waiting for its reply. Its calls and frames are kept until then, so that a
-    batch the agent never ran (its session was parked first) can be sent again after the
-    restore; not ``replayable`` when its frames were the caller's to reuse once sent."""
-
-    seq: int
-    metas: list[CallMeta]
-    sent: int = 0  # monotonic ns, when profiled
-    details: list[str] | None = None  # kernel names, when profiled
-    calls: list[list[Any]] = field(default_factory=list)
-    frames: list[memoryview] = field(default_factory=list)
-    replayable: bool = True
-    #: of a batch sent with ``track``: its frames are still the caller's until ``wait_sent``
-    #: returns, so until then it can be sent again
-    tracker: zmq.MessageTracker | None = None
-
-
-@dataclass
-class Unanswered:
-    """What a writer whose session the agent parked had not had answered (``take_unanswered``):
-    the batches sent, oldest first, then the calls not sent yet (with their frames)."""
-
-    batches: list[PendingBatch]
-    queued: PendingBatch
 
 
 class BatchWriter:
@@ -101,28 +60,19 @@ class BatchWriter:
                  max_inflight: int = protocol.MAX_INFLIGHT_BATCHES) -> None:
         self.connection = connection
         self.lock = lock or threading.RLock()
-        self.linger = linger
         self.flush_bytes = flush_bytes
         self.max_calls = min(max_calls, protocol.MAX_CALLS_PER_BATCH)
         self.max_inflight = max(1, min(max_inflight, protocol.MAX_INFLIGHT_BATCHES))
-        self._on_call_error = on_call_error
-        self._calls: list[list[Any]] = []
-        self._metas: list[CallMeta] = []
-        self._frames: list[memoryview] = []
-        self._frame_bytes = 0
+        self._queue = CallQueue()
         self._next_seq = 1
         self._inflight: deque[PendingBatch] = deque()
         self._fatal: Error | None = None  # raised by every later use
         self._closing = False
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._linger_loop, name="harp-batch-linger",
-                                        daemon=True)
-        self._thread.start()
+        self._replies = ReplyDelivery(connection.label, on_call_error, self._record_fatal)
+        self._linger = LingerThread(linger, self._on_linger)
         #: figures for tests and profiling
         self.batches_sent = 0
         self.peak_inflight = 0
-        self.peak_queued_calls = 0
 
     # {{{ adding calls
 
@@ -136,49 +86,42 @@ class BatchWriter:
             if self._fatal is not None and (self._closing
                                             or not isinstance(self._fatal, GPULostError)):
                 raise self._fatal
-            positions = BUF_POSITIONS.get(op)
-            call = [op, *args]
-            if positions:
-                for i in positions:
-                    call[i + 1] = self._buffer_argument(call[i + 1])
-            if op in profiling.NAMING_OPS:
-                profiling.note_kernel_name(op, call[1:])
-            if profiling.active is not None:
-                profiling.active.note_call(op, call[1:], site, self._bytes_of(call, positions))
-            self._calls.append(call)
-            self._metas.append((op, site, on_result, on_error))
+            queue = self._queue
+            queue.add(op, args, site, on_result, on_error)
             if self._fatal is not None:
                 raise self._fatal  # the link dropped: kept with the calls not sent yet
-            if (track or end_batch or len(self._calls) >= self.max_calls
-                    or self._frame_bytes >= self.flush_bytes):
+            if (track or end_batch or len(queue) >= self.max_calls
+                    or queue.frame_bytes >= self.flush_bytes):
                 return self._flush_locked(track)
-            if len(self._calls) == 1:
-                self._wake.set()  # the linger thread sends it if nobody else does soon
+            if len(queue) == 1:
+                self._linger.wake()  # the linger thread sends it if nobody else does soon
             return None
 
-    def _buffer_argument(self, value: Any) -> Any:
-        if type(value) is bytes and len(value) < protocol.MAX_INLINE_BYTES:
-            return value  # the common case (a kernel's packed arguments): inline as it is
-        if isinstance(value, protocol.FrameRef):
-            return value
-        view = byte_view(value)
-        if view.nbytes < protocol.MAX_INLINE_BYTES:
-            return value if isinstance(value, bytes) else view.tobytes()
-        self._frames.append(view)
-        self._frame_bytes += view.nbytes
-        return protocol.FrameRef(len(self._frames))
-
-    def _bytes_of(self, call: list[Any], positions: tuple[int, ...] | None) -> int:
-        total = 0
-        for i in positions or ():
-            value = call[i + 1]
-            total += (self._frames[value.index - 1].nbytes
-                      if isinstance(value, protocol.FrameRef) else len(value))
-        return total
+    def add_inline(self, call: list[Any], site: CallSite | None) -> None:
+        """``add(call[0], call[1:], site)`` for a call whose buffer arguments are all ``bytes``
+        shorter than ``protocol.MAX_INLINE_BYTES`` (the caller knows): nothing to convert, no
+        callbacks, no tracker. ``call`` becomes the queue's."""
+        with self.lock:
+            fatal = self._fatal
+            if fatal is not None and (self._closing or not isinstance(fatal, GPULostError)):
+                raise fatal
+            queue = self._queue
+            queue.add_inline(call, site)
+            if fatal is not None:
+                raise fatal  # the link dropped: kept with the calls not sent yet
+            queued = len(queue.calls)  # (the hot path: not through CallQueue.__len__)
+            if queued >= self.max_calls or queue.frame_bytes >= self.flush_bytes:
+                self._flush_locked(False)
+            elif queued == 1:
+                self._linger.wake()  # the linger thread sends it if nobody else does soon
 
     @property
     def queued_calls(self) -> int:
-        return len(self._calls)
+        return len(self._queue)
+
+    @property
+    def peak_queued_calls(self) -> int:
+        return self._queue.peak
 
     @property
     def inflight(self) -> int:
@@ -197,7 +140,7 @@ class BatchWriter:
             return self._next_seq - 1
 
     def _flush_locked(self, track: bool) -> zmq.MessageTracker | None:
-        if not self._calls:
+        if not self._queue:
             return None
         recorder = profiling.active
         if len(self._inflight) >= self.max_inflight:
@@ -205,12 +148,10 @@ class BatchWriter:
             while len(self._inflight) >= self.max_inflight:
                 self._receive_one_locked()
             if recorder is not None:
-                recorder.note_blocked(waited, recorder.now(), self._metas[-1][0],
+                recorder.note_blocked(waited, recorder.now(), self._queue.metas[-1][0],
                                       user_call_site(), "window")
         seq = self._next_seq
-        calls, metas, frames = self._calls, self._metas, self._frames
-        self.peak_queued_calls = max(self.peak_queued_calls, len(calls))
-        self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
+        calls, metas, frames = self._queue.take()
         header: dict[str, Any] = {"t": protocol.BATCH, "q": seq, "c": calls}
         sent = 0
         if recorder is not None:
@@ -221,12 +162,11 @@ class BatchWriter:
         except GPULostError as e:
             self._fatal = e
             # kept: if the agent parked the session, they are sent again after the restore
-            self._calls, self._metas, self._frames = calls, metas, frames
-            self._frame_bytes = sum(f.nbytes for f in frames)
+            self._queue.put_back(calls, metas, frames)
             raise
         self._next_seq += 1
         self._inflight.append(PendingBatch(seq, metas, sent,
-                                           [recorder.detail_of(c[0], c[1:]) for c in calls]
+                                           [recorder.detail_of(c) for c in calls]
                                            if recorder is not None else None,
                                            calls, frames, tracker=tracker))
         self.batches_sent += 1
@@ -284,15 +224,7 @@ class BatchWriter:
                     f"{header.get('q')!r}, expected {expected!r}")
                 raise self._fatal
             self._inflight.popleft()
-            if "out" in header:
-                note_reply_output(header)
-            if pending.details is not None and profiling.active is not None:
-                profiling.active.note_batch(profiling.BatchTiming(
-                    pending.seq, self.connection.label, pending.sent, profiling.active.now(),
-                    [m[0] for m in pending.metas], [m[1] for m in pending.metas],
-                    pending.details,
-                    header.get("p") if isinstance(header.get("p"), dict) else None))
-            self._deliver(pending, header, frames)
+            self._replies.accept(pending, header, frames, profiled=True)
         elif kind == protocol.ERROR:
             # An error message, not a reply: the agent could not take a batch as one, so the
             # in-order accounting is broken; nothing more can be sent on this connection.
@@ -303,29 +235,6 @@ class BatchWriter:
             raise self._fatal
         # anything else (a late welcome, an unknown type) is ignored
         return True
-
-    def _deliver(self, pending: PendingBatch, header: dict[str, Any],
-                 frames: list[zmq.Frame]) -> None:
-        metas = pending.metas
-        try:
-            for index, value in header.get("r") or ():
-                on_result = metas[index][2]
-                if on_result is not None:
-                    on_result(_resolve(value, frames))
-        except (TypeError, ValueError, IndexError) as e:
-            self._fatal = ProtocolError(
-                f"malformed reply from the agent at {self.connection.label}: {e!r}")
-            raise self._fatal from None
-        error = header.get("e")
-        if not error:
-            return
-        if not isinstance(error, dict):
-            error = {"kind": "ProtocolError", "msg": f"malformed error in reply: {error!r}"}
-        index = error.get("i")
-        meta = metas[index] if type(index) is int and 0 <= index < len(metas) else None
-        if meta is not None and meta[3] is not None:
-            meta[3]()
-        self._on_call_error(meta, error)
 
     def answered_through(self) -> int:
         """The sequence number of the last batch whose reply arrived (0: none yet)."""
@@ -348,9 +257,7 @@ class BatchWriter:
                     return
                 if header.get("t") == protocol.REPLY and header.get("q") == self._inflight[0].seq:
                     pending = self._inflight.popleft()
-                    if "out" in header:
-                        note_reply_output(header)
-                    self._deliver(pending, header, frames)
+                    self._replies.accept(pending, header, frames, profiled=False)
 
     def take_unanswered(self) -> Unanswered:
         """Stop this writer without sending anything more, and hand over the batches it sent
@@ -358,13 +265,11 @@ class BatchWriter:
         agent: the session decides what runs again after the restore)."""
         with self.lock:
             self._closing = True
-            self._stop.set()
-            self._wake.set()
+            self._linger.stop()
             batches, self._inflight = list(self._inflight), deque()
-            queued = PendingBatch(0, self._metas, calls=self._calls, frames=self._frames)
-            self._calls, self._metas, self._frames, self._frame_bytes = [], [], [], 0
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=1.0)
+            calls, metas, frames = self._queue.take()
+            queued = PendingBatch(0, metas, calls=calls, frames=frames)
+        self._linger.join(timeout=1.0)
         return Unanswered(batches, queued)
 
     def resend(self, batch: PendingBatch) -> None:
@@ -376,9 +281,7 @@ class BatchWriter:
             if self._fatal is not None:
                 raise self._fatal
             self._flush_locked(False)
-            self._calls, self._metas = list(batch.calls), list(batch.metas)
-            self._frames = list(batch.frames)
-            self._frame_bytes = sum(f.nbytes for f in self._frames)
+            self._queue.put_back(list(batch.calls), list(batch.metas), list(batch.frames))
             self._flush_locked(False)
 
     def wait_sent(self, trackers: Sequence[zmq.MessageTracker]) -> None:
@@ -422,33 +325,37 @@ class BatchWriter:
 
     # {{{ the linger thread
 
-    def _linger_loop(self) -> None:
-        while True:
-            self._wake.wait()
-            if self._stop.wait(self.linger):
-                return
-            with self.lock:
-                if self._closing:
-                    return
-                self._wake.clear()
-                if self._fatal is not None or not self._calls:
-                    continue
-                try:
-                    self._reap_locked()
-                    if len(self._inflight) < self.max_inflight:
-                        self._flush_locked(False)
-                    else:
-                        self._wake.set()  # window full: try again after another linger
-                except Error as e:
-                    self._fatal = self._fatal or e
-                except Exception as e:  # never let the thread die silently
-                    self._fatal = Error(f"internal error in the shim's batch sender: {e!r}")
+    def _on_linger(self) -> bool:
+        """Send what is queued (the linger thread, ``linger`` after a batch's first call);
+        True when the writer is closing."""
+        with self.lock:
+            if self._closing:
+                return True
+            self._linger.clear()
+            if self._fatal is not None or not self._queue:
+                return False
+            try:
+                self._reap_locked()
+                if len(self._inflight) < self.max_inflight:
+                    self._flush_locked(False)
+                else:
+                    self._linger.wake()  # window full: try again after another linger
+            except Error as e:
+                self._fatal = self._fatal or e
+            except Exception as e:  # never let the thread die silently
+                self._fatal = Error(f"internal error in the shim's batch sender: {e!r}")
+            return False
 
     # }}}
 
     @property
     def fatal(self) -> Error | None:
         return self._fatal
+
+    def _record_fatal(self, error: Error) -> Error:
+        """``error`` ends this writer: every later use raises it."""
+        self._fatal = error
+        return error
 
     def close(self) -> None:
         """Stop the linger thread; queued calls are sent (best effort) first."""
@@ -461,15 +368,5 @@ class BatchWriter:
             except Error:
                 pass
             self._closing = True
-            self._stop.set()
-            self._wake.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=1.0)
-
-
-def _resolve(value: Any, frames: list[zmq.Frame]) -> Any:
-    if isinstance(value, protocol.FrameRef):
-        if not 1 <= value.index <= len(frames):
-            raise IndexError(f"reply refers to frame {value.index}, it has {len(frames)}")
-        return frames[value.index - 1].buffer
-    return value
+            self._linger.stop()
+        self._linger.join(timeout=1.0)

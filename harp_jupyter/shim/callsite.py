@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import CodeType
 
 #: (filename, line number, function name)
 CallSite = tuple[str, int, str]
@@ -32,6 +33,14 @@ def is_shim_file(filename: str) -> bool:
     return filename.startswith(_SHIM_DIR)
 
 
+#: (id of a code object, instruction offset) -> (that code object, its line): ``f_lineno`` scans
+#: the code's line table from its start at every call (thousands of instructions inside a long
+#: cell), while a loop asks for the same few sites again and again. The entry holds the code
+#: object, so its id cannot pass to another (a cell compiled anew) while the entry exists.
+_LINES: dict[tuple[int, int], tuple[CodeType, int]] = {}
+_MAX_LINES = 4096
+
+
 def user_call_site(skip: int = 1) -> CallSite | None:
     """The innermost frame whose code is not part of harp_jupyter.shim or a skipped directory
     (None if there is none)."""
@@ -43,6 +52,14 @@ def user_call_site(skip: int = 1) -> CallSite | None:
     while frame is not None:
         code = frame.f_code
         if not code.co_filename.startswith(skipped):
-            return code.co_filename, frame.f_lineno, code.co_name
+            key = (id(code), frame.f_lasti)
+            known = _LINES.get(key)
+            if known is not None and known[0] is code:
+                return code.co_filename, known[1], code.co_name
+            line = frame.f_lineno
+            if len(_LINES) >= _MAX_LINES:
+                _LINES.clear()
+            _LINES[key] = (code, line)
+            return code.co_filename, line, code.co_name
         frame = frame.f_back
     return None

@@ -308,6 +308,19 @@ class RemoteSession:
         else:
             self._add(writer, op, args, user_call_site(2))
 
+    def call_inline(self, op: str, *args: Any) -> None:
+        """``call`` for a call whose buffer arguments are all ``bytes`` shorter than
+        ``protocol.MAX_INLINE_BYTES`` (a kernel's packed arguments): queued as it is, the hot
+        path of a launch."""
+        writer = self._writer
+        if writer is None or writer.fatal is not None or self._deferred:
+            self.call(op, *args)  # connects, or sends what waits first
+            return
+        try:
+            writer.add_inline([op, *args], user_call_site(2))
+        except GPULostError as e:
+            self._parked_meanwhile(writer, e)
+
     def call_async_buffer(self, op: str, *args: Any) -> None:
         """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
         kept alive until sent, and must not change before the call executes (``*_async``)."""

@@ -224,6 +224,54 @@ def test_kernel_arguments_are_packed_as_pycuda_packs_them(cuda: ModuleType) -> N
                                    cuda.ArgumentHandler.get_device_alloc)
 
 
+def test_a_refused_launch_is_reported_at_the_users_line_on_each_launch_path(
+        cuda: ModuleType) -> None:
+    # the emulated agent refuses raw kernels when they run: a stand-in kernel (a handle the
+    # agent never made) shows where the shim says a launch was made
+    session = get_session()
+    kernel = cuda.Function(cuda.Module(session, session.new_handle()), session.new_handle(), "k")
+    dev = cuda.mem_alloc(64)
+    stream = cuda.Stream()
+    kernel.prepare("Pi")
+    for path in ("__call__", "prepared_call", "prepared_async_call"):
+        if path == "__call__":
+            line = line_of_next_statement()
+            kernel(dev, np.int32(3), block=(32, 1, 1), grid=(2, 1))
+        elif path == "prepared_call":
+            line = line_of_next_statement()
+            kernel.prepared_call((2, 1), (32, 1, 1), dev, 3)
+        else:
+            line = line_of_next_statement()
+            kernel.prepared_async_call((2, 1), (32, 1, 1), stream, dev, 3)
+        with pytest.raises(cuda.NotSupportedError) as failure:
+            cuda.Context.synchronize()
+        assert failure.value.site[:2] == (__file__, line), path
+        assert "launch" in str(failure.value) and f"{__file__}:{line}" in str(failure.value)
+
+
+def test_launch_argument_mistakes_are_pycudas_errors(cuda: ModuleType) -> None:
+    import struct
+
+    session = get_session()
+    kernel = cuda.Function(cuda.Module(session, session.new_handle()), session.new_handle(), "k")
+    dev = cuda.mem_alloc(64)
+    with pytest.raises(ValueError, match="extra keyword arguments: blocks"):
+        kernel(dev, blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match="must specify block size"):
+        kernel(dev, grid=(1, 1))
+    with pytest.raises(TypeError, match="parameter #1"):
+        kernel(dev, 3, block=(1, 1, 1))
+    with pytest.raises(AttributeError, match="arg_format"):
+        kernel.prepared_call((1, 1), (1, 1, 1), dev)
+    kernel.prepare([np.intp])
+    kernel.arg_format = "PiD"  # set by hand, as pycuda allows: the prepared calls follow it
+    with pytest.raises(struct.error):
+        kernel.prepared_call((1, 1), (1, 1, 1), dev)
+    with pytest.raises(ValueError, match="block size as a tuple"):
+        kernel.prepared_call((1, 1), 32, dev, 1, 2j)
+    cuda.Context.synchronize()  # none of them was queued: the stand-in's refusal would raise
+
+
 def _python(code: str, tmp_path: Path, **env: str) -> str:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HARP_")}
     environ.update(env)

@@ -190,3 +190,25 @@ def test_byte_view_of_fortran_and_noncontiguous_arrays() -> None:
     assert bytes(view) == fortran.tobytes(order="F")
     with pytest.raises(TypeError):
         byte_view(np.arange(10)[::2])
+
+
+def test_an_inline_call_goes_out_as_add_sends_it_and_the_profiler_sees_it(
+        peer: ScriptedPeer) -> None:
+    from harp_jupyter.profiler import recorder
+
+    writer = make_writer(peer, linger=60, max_calls=3)
+    launch = [7, [2, 1, 1], [32, 1, 1], 0, None, b"\x01\x02\x03\x04"]
+    site = ("notebook.py", 12, "<module>")
+    rec = recorder.Recorder()
+    recorder.active = rec
+    try:
+        writer.add("launch", launch, site)
+        writer.add_inline(["launch", *launch], site)
+        writer.add_inline(["launch", *launch], site)  # the third call fills the batch
+    finally:
+        recorder.active = None
+    peer.wait_for_batches(1)
+    assert peer.calls() == [["launch", *launch]] * 3
+    assert [(c.op, c.site, c.bytes_up) for c in rec.calls] == [("launch", site, 4)] * 3
+    writer.drain()
+    close(writer)

@@ -3,10 +3,15 @@
 pycuda packs launch arguments with its ``_pvt_struct`` module: Python's ``struct`` format language
 with native alignment, plus ``F``/``D`` for complex64/complex128 (NumPy's type characters). The
 packed buffer is what ``cuLaunchKernel`` receives, so the agent launches it as it is.
+
+A launch is the hot path: ``ArgPacker`` keeps, per tuple of argument types, the packing a call
+with those types needs (where the types alone decide it: NumPy scalars and pointer objects), so
+a loop of launches finds its plan with one lookup instead of classifying every argument again.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Callable, Sequence
@@ -98,6 +103,89 @@ def format_for_types(arg_types: Sequence[Any]) -> str:
         else:
             fmt += np.dtype(np.uintp).char
     return fmt
+
+
+def packer_for(fmt: str) -> Callable[..., bytes]:
+    """A function packing values as ``pack(fmt, *values)`` does (for ``Function.prepare``):
+    the struct's own ``pack`` when the format has no complex or ``s`` items."""
+    packer, complex_values, string_values = _plan(fmt)
+    if complex_values is None and not string_values:
+        return packer.pack
+    return functools.partial(pack, fmt)
+
+
+#: types passed to kernels as a device pointer read by a getter (exact types: a subclass may
+#: change how it presents its pointer), registered by the modules that define them
+_POINTER_GETTERS: dict[type, Callable[[Any], int]] = {}
+_MAX_PLANS = 1024
+
+
+def register_pointer_type(cls: type, pointer_of: Callable[[Any], int]) -> None:
+    """Objects of exactly ``cls`` go to kernels as ``pointer_of(obj)`` (what the general rules
+    of ``build_arg_buf`` would find for them, found without looking)."""
+    _POINTER_GETTERS[cls] = pointer_of
+
+
+class ArgPacker:
+    """``build_arg_buf`` for one set of pointer and handler types, with a plan per tuple of
+    argument types (None: the general path, for calls with handlers, arrays by value, ...)."""
+
+    def __init__(self, pointer_types: tuple[type, ...], handler_type: type,
+                 device_alloc_of: Callable[[Any], Any]) -> None:
+        self._pointer_types = pointer_types
+        self._handler_type = handler_type
+        self._device_alloc_of = device_alloc_of
+        self._plans: dict[tuple[type, ...],
+                          tuple[Callable[..., bytes], tuple[Any, ...] | None] | None] = {}
+
+    def pack_call(self, args: tuple[Any, ...]) -> tuple[list[Any], bytes]:
+        """``(argument handlers, packed buffer)``, as ``build_arg_buf`` returns them."""
+        key = tuple(map(type, args))
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._plan_for(key)
+        if plan is None:
+            return build_arg_buf(args, self._pointer_types, self._handler_type,
+                                 self._device_alloc_of)
+        pack_values, converters = plan
+        if converters is None:
+            return [], pack_values(*args)
+        return [], pack_values(*[value if convert is None else convert(value)
+                                 for value, convert in zip(args, converters, strict=True)])
+
+    def _plan_for(self, key: tuple[type, ...]
+                  ) -> tuple[Callable[..., bytes], tuple[Any, ...] | None] | None:
+        fmt: list[str] = []
+        converters: list[Any] = []
+        for cls in key:  # in build_arg_buf's order of tests
+            if issubclass(cls, np.number):
+                fmt.append(np.dtype(cls).char)
+                converters.append(None)
+            elif issubclass(cls, self._pointer_types):
+                fmt.append("P")
+                # the struct takes an object whose __index__ is its __int__ as it is
+                to_int = getattr(cls, "__int__", None)
+                converters.append(None if to_int is not None
+                                  and getattr(cls, "__index__", None) is to_int else int)
+            elif cls in _POINTER_GETTERS and not issubclass(cls, self._handler_type):
+                fmt.append("P")
+                converters.append(_POINTER_GETTERS[cls])
+            else:
+                return self._remember(key, None)
+        try:
+            packer, complex_values, string_values = _plan("".join(fmt))
+        except struct.error:
+            return self._remember(key, None)  # the general path raises it, as pycuda does
+        if complex_values is not None or string_values:
+            return self._remember(key, None)
+        return self._remember(key, (packer.pack, tuple(converters)
+                                    if any(c is not None for c in converters) else None))
+
+    def _remember(self, key: tuple[type, ...], plan: Any) -> Any:
+        if len(self._plans) < _MAX_PLANS:
+            self._plans[key] = plan
+        return plan
 
 
 def build_arg_buf(args: Sequence[Any], pointer_types: tuple[type, ...],

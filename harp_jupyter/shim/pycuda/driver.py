@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu_agent.protocol import align_up
+from gpu_agent.protocol import MAX_INLINE_BYTES, align_up
 from harp_jupyter.shim.errors import (
     CompileError,
     Error,
@@ -553,6 +553,10 @@ class InOut(In, Out):
     pass
 
 
+#: how ``Function.__call__`` packs its arguments
+_ARGS = _kernel_args.ArgPacker(_POINTER_TYPES, ArgumentHandler, ArgumentHandler.get_device_alloc)
+
+
 # }}}
 
 # {{{ streams and events
@@ -693,33 +697,40 @@ class Function:
 
     def _launch_kernel(self, grid: Any, block: Any, arg_buf: bytes, shared: int,
                        stream: Any) -> None:
-        self._session.call("launch", self.handle, _dims(grid, "grid"), _dims(block, "block"),
-                           int(shared or 0), _stream_handle(stream), bytes(arg_buf))
+        # the hot path: a kernel's packed arguments are almost always a small bytes object,
+        # queued as it is
+        arg_buf = bytes(arg_buf)
+        args = (self.handle, _dims(grid, "grid"), _dims(block, "block"), int(shared or 0),
+                None if stream is None else _stream_handle(stream), arg_buf)
+        if len(arg_buf) < MAX_INLINE_BYTES:
+            self._session.call_inline("launch", *args)
+        else:
+            self._session.call("launch", *args)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> float | None:
+    def __call__(self, *args: Any, grid: Any = (1, 1), stream: Any = None, block: Any = None,
+                 shared: int = 0, texrefs: Any = None, time_kernel: bool = False,
+                 **extra: Any) -> float | None:
         __tracebackhide__ = True  # IPython hides frames that set it
         # not @user_facing: a launch is the hot path, and try costs nothing until it raises
         try:
-            return self._call(args, kwargs)
+            if extra:
+                raise ValueError("extra keyword arguments: {}".format(",".join(extra)))
+            if block is None:
+                raise ValueError("must specify block size")
+            if texrefs:
+                raise _unsupported("texture references (texrefs=)")
+            handlers, arg_buf = _ARGS.pack_call(args)
+            if handlers or time_kernel:
+                return self._call_with_handlers(handlers, arg_buf, grid, block, shared, stream,
+                                                time_kernel)
+            self._launch_kernel(grid, block, arg_buf, shared, stream)
+            return None
         except Error as e:
             e.__traceback__ = without_shim_frames(e.__traceback__)
             raise
 
-    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        grid = kwargs.pop("grid", (1, 1))
-        stream = kwargs.pop("stream", None)
-        block = kwargs.pop("block", None)
-        shared = kwargs.pop("shared", 0)
-        texrefs = kwargs.pop("texrefs", [])
-        time_kernel = kwargs.pop("time_kernel", False)
-        if kwargs:
-            raise ValueError("extra keyword arguments: {}".format(",".join(kwargs)))
-        if block is None:
-            raise ValueError("must specify block size")
-        if texrefs:
-            raise _unsupported("texture references (texrefs=)")
-        handlers, arg_buf = _kernel_args.build_arg_buf(
-            args, _POINTER_TYPES, ArgumentHandler, ArgumentHandler.get_device_alloc)
+    def _call_with_handlers(self, handlers: list[Any], arg_buf: bytes, grid: Any, block: Any,
+                            shared: int, stream: Any, time_kernel: bool) -> float | None:
         for handler in handlers:
             handler.pre_call(stream)
         post_handlers = [h for h in handlers if hasattr(h, "post_call")]
@@ -749,6 +760,24 @@ class Function:
         self.arg_format = _kernel_args.format_for_types(arg_types)
         return self
 
+    @property
+    def arg_format(self) -> str:
+        return self._arg_format
+
+    @arg_format.setter
+    def arg_format(self, fmt: str) -> None:
+        # the prepared calls' packer, found once here rather than at every call
+        self._pack = _kernel_args.packer_for(fmt)
+        self._arg_format = fmt
+
+    def _prepared_pack(self, args: tuple[Any, ...]) -> bytes:
+        try:
+            pack = self._pack
+        except AttributeError:
+            raise AttributeError("'Function' object has no attribute 'arg_format': call "
+                                 "prepare(arg_types) before the prepared_* calls") from None
+        return pack(*args)
+
     @staticmethod
     def _check_block(block: Any, method: str) -> None:
         if not isinstance(block, tuple | list):
@@ -756,14 +785,14 @@ class Function:
                              " deprecated since pycuda 2011.1, is not supported)")
 
     def prepared_call(self, grid: Any, block: Any, *args: Any, shared_size: int = 0) -> None:
-        self._check_block(block, "prepared_call")
-        arg_buf = _kernel_args.pack(self.arg_format, *args)
-        self._launch_kernel(grid, block, arg_buf, shared_size, None)
+        if type(block) is not tuple:
+            self._check_block(block, "prepared_call")
+        self._launch_kernel(grid, block, self._prepared_pack(args), shared_size, None)
 
     def prepared_timed_call(self, grid: Any, block: Any, *args: Any,
                             shared_size: int = 0) -> Callable[[], float]:
         self._check_block(block, "prepared_timed_call")
-        arg_buf = _kernel_args.pack(self.arg_format, *args)
+        arg_buf = self._prepared_pack(args)
         start, end = Event(), Event()
         start.record()
         self._launch_kernel(grid, block, arg_buf, shared_size, None)
@@ -777,9 +806,9 @@ class Function:
 
     def prepared_async_call(self, grid: Any, block: Any, stream: Any, *args: Any,
                             shared_size: int = 0) -> None:
-        self._check_block(block, "prepared_async_call")
-        arg_buf = _kernel_args.pack(self.arg_format, *args)
-        self._launch_kernel(grid, block, arg_buf, shared_size, stream)
+        if type(block) is not tuple:
+            self._check_block(block, "prepared_async_call")
+        self._launch_kernel(grid, block, self._prepared_pack(args), shared_size, stream)
 
     @user_facing
     def get_attribute(self, attr: function_attribute | int) -> int:

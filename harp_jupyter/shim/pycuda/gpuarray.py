@@ -17,6 +17,7 @@ import numpy as np
 
 from gpu_agent.protocol import dtype_text
 from harp_jupyter.shim.errors import user_facing
+from harp_jupyter.shim.pycuda import _kernel_args
 from harp_jupyter.shim.pycuda import driver as drv
 from harp_jupyter.shim.pycuda.characterize import has_double_support  # noqa: F401 - pycuda's
 from harp_jupyter.shim.session import RemoteSession, get_session
@@ -534,6 +535,10 @@ class _Offset:
         return self._address
 
     __index__ = __int__
+
+
+# a GPUArray passed to a kernel is its pointer (what its __cuda_array_interface__ says)
+_kernel_args.register_pointer_type(GPUArray, lambda array: array.ptr)
 
 
 # {{{ creation

@@ -1,0 +1,68 @@
+"""The timeline of a profile (``trace.build``) from a recorder filled by hand: every call, batch
+and GPU span at its user's line, times in µs since the profile began as exact as the ns they
+come from."""
+
+from __future__ import annotations
+
+import random
+
+from harp_jupyter.profiler import clock, trace
+from harp_jupyter.profiler.profile import AgentInfo, Profile
+from harp_jupyter.profiler.recorder import ApiCall, BatchTiming, Blocked, Recorder
+
+AGENT = "tcp://gpu:5555"
+
+
+def profile_of_a_loop(launches: int) -> Profile:
+    rec = Recorder()
+    t0 = rec.started
+    loop = ("/tmp/ipykernel_1/cell.py", 3, "<module>")
+    other = ("/home/me/model.py", 40, "step")
+    sites = [loop if i % 3 else other for i in range(launches)]
+    for i, site in enumerate(sites):
+        rec.calls.append(ApiCall(t0 + 1000 * i + 7, "launch", site, 8, 0, "add_one"))
+    rec.blocked.append(Blocked(t0 + 1000 * launches, t0 + 1000 * launches + 123_456,
+                               "synchronize", loop, "sync"))
+    agent_ns = -5_000_000  # the agent's clock reads 5 ms behind the notebook's
+    rec.batches.append(BatchTiming(
+        1, AGENT, t0 + 10, t0 + 1000 * launches + 50, ["launch"] * launches, sites,
+        ["add_one"] * launches,
+        {"recv": t0 + 20 + agent_ns, "end": t0 + 900 * launches + agent_ns,
+         "calls": [[i, t0 + 30 + 900 * i + agent_ns, t0 + 500 + 900 * i + agent_ns]
+                   for i in range(launches)]}))
+    rec.gpu[AGENT] = [["launch", None, t0 + 600 + 900 * i + agent_ns,
+                       t0 + 1601 + 900 * i + agent_ns, 1, i] for i in range(launches)]
+    rec.ended = t0 + 1000 * launches + 200_000
+    profile = Profile(rec, line_offsets={"/tmp/ipykernel_1/cell.py": 1})
+    profile.agents[AGENT] = AgentInfo(AGENT, False, "H200",
+                                      clock.ClockOffset(agent_ns, 10, 3))
+    return profile
+
+
+def test_every_event_names_its_users_line_and_exact_times() -> None:
+    launches = 50
+    profile = profile_of_a_loop(launches)
+    events = trace.build(profile)["traceEvents"]
+    by_cat: dict[str, list[dict]] = {}
+    for e in events:
+        by_cat.setdefault(e.get("cat", "meta"), []).append(e)
+    expected_at = ["/home/me/model.py:40" if i % 3 == 0 else "cell:4" for i in range(launches)]
+    assert [e["args"]["at"] for e in by_cat["api"]] == expected_at
+    assert [e["ts"] for e in by_cat["api"]] == [round((1000 * i + 7) / 1000, 3)
+                                                for i in range(launches)]
+    assert [e["args"]["at"] for e in by_cat["agent"]] == expected_at
+    gpu = by_cat["gpu"]
+    assert [e["args"]["at"] for e in gpu] == expected_at
+    assert [e["name"] for e in gpu] == ["add_one"] * launches
+    assert [(e["ts"], e["dur"]) for e in gpu] == [
+        (round((600 + 900 * i) / 1000, 3), 1.001) for i in range(launches)]
+    (wait,) = by_cat["sync"]
+    assert wait["args"]["at"] == "cell:4" and wait["dur"] == 123.456
+
+
+def test_ns_over_1000_is_what_rounding_to_3_decimals_gives() -> None:
+    # trace.build divides without round(): the same float, for any ns a profile can hold
+    rng = random.Random(16)
+    for ns in [0, 1, 999, 1000, 123_456_789, 2**53 - 1] + [
+            rng.randrange(2**53) for _ in range(20_000)]:
+        assert ns / 1000.0 == round(ns / 1000.0, 3), ns

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from provisioner.acquisition import PoolAcquisition
 from provisioner.clock import Clock, SystemClock, within
 from provisioner.control import ControlError
+from provisioner.drained_state import DrainedState
 from provisioner.keeper_config import AgentsSource, KeeperConfig, Progress
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import (
@@ -98,8 +99,8 @@ class LeaseKeeper:
         self.closed = False
         #: asking the agent for the bytes it parked after it ended the lease itself
         self._learning: asyncio.Future[None] | None = None
-        #: agents that ended this kernel's lease because they were shutting down (a drain)
-        self._drained: set[str] = set()
+        #: where the parked state goes when the agent holding it drains
+        self._drains = DrainedState(config, client, agents, self._clock, self.record)
 
     # {{{ what the owner reads
 
@@ -233,9 +234,11 @@ class LeaseKeeper:
             agents, statuses = await self._reach_pool(progress)
             # the agents say where this kernel's parked state is (a draining agent hands it on)
             parked_at = where_parked(statuses, self.config.kernel_id, parked_at)
-            gone = self._gone_with_drained_agent(parked_at, statuses)
+            gone = self._drains.gone(parked_at, statuses)
             if gone is not None:
                 parked_at = self.record.parked_at = None
+                self.record.set(KeeperState.ACQUIRING, f"{gone}, so that state is gone; the "
+                                "next GPU call starts a fresh session")
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)
         except AgentUnreachable as e:
             await self._failed(str(e))
@@ -299,23 +302,10 @@ class LeaseKeeper:
         grant = {"t": "grant", "agent": agent, "lease": [self.lease.lease_id, self.lease.token],
                  "from": agent if gone else moved}
         if gone:
-            grant["note"] = gone
+            grant["note"] = (f"{gone}, so that state is gone; the next GPU call starts a fresh "
+                             "session")
+            grant["state_lost"] = gone
         return grant
-
-    def _gone_with_drained_agent(self, parked_at: str | None,
-                                 statuses: dict[str, dict[str, Any]]) -> str | None:
-        """Why the parked state is lost, when the agent that held it told this kernel it was
-        shutting down, no longer answers, and no agent that answers lists the state: it went
-        with that agent (no other agent of its pool took it). None otherwise."""
-        if parked_at is None or parked_at not in self._drained or parked_at in statuses:
-            return None
-        self._drained.discard(parked_at)
-        why = (f"the GPU agent at {parked_at} shut down (a drain, SIGTERM) and no other agent "
-               "of its pool took your parked GPU state, so that state is gone; the next GPU "
-               "call starts a fresh session")
-        self.record.set(KeeperState.ACQUIRING, why)
-        log.warning("kernel %s: %s", self.config.kernel_id, why)
-        return why
 
     # }}}
 
@@ -403,11 +393,11 @@ class LeaseKeeper:
             if lease.get("reason") == AGENT_RECLAIMED:
                 self._lease_ended(held, ParkReason.RECLAIM, "")
             elif lease.get("reason") == AGENT_DRAINING:
-                self._drained.add(endpoint)
                 self._lease_ended(held, ParkReason.ENDED, (
                     f"the GPU agent at {endpoint} is shutting down: it ended the lease once "
                     "the running GPU work finished, and its parked state moves to another agent "
                     "of the pool (the next GPU call restores it there)"))
+                self._drains.follow(endpoint)
             else:
                 self._lease_ended(held, ParkReason.ENDED, f"the agent at {endpoint} {ended} "
                                                           "the lease")
@@ -501,6 +491,7 @@ class LeaseKeeper:
             log.debug("drop_parked at %s: %s", agent, e)
 
     def _stop_learning(self) -> None:
+        self._drains.stop()
         learning, self._learning = self._learning, None
         if learning is not None and learning is not asyncio.current_task():
             learning.cancel()

@@ -92,10 +92,15 @@ def test_calls_waiting_behind_a_running_batch_run_once_after_the_agent_parks_the
 
 def test_a_release_racing_the_agents_park_is_a_quiet_success(agent_starter: Any) -> None:
     """``%harp release`` just as the agent parked the session by itself (a reclaim, the lease's
-    end), before word of it reached the session: 'already parked', not a SessionError."""
-    agent = agent_starter()
+    end), before word of it reached the session: 'already parked', not a SessionError.
+
+    The keeper hears that the lease ended from the agent's push to its connection, at once (the
+    lease was released from another connection): with a 600 s ttl its next renewal, which also
+    says so, is 200 s away."""
+    agent = agent_starter("--lease-ttl", "600")
     data = np.arange(1000, dtype=np.float64)
     with script_session([agent.endpoint]) as (session, source):
+        source.keeper.config.lease_ttl = 600.0
         addr = put(session, data)
         source.holder = None  # the keeper's word that the lease ended is late to the session
         end_lease_elsewhere(source, agent.endpoint)

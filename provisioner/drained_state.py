@@ -37,6 +37,12 @@ def drained_reason(agent: str) -> str:
             "pool took your parked GPU state")
 
 
+def lost_note(why: str) -> str:
+    """What the kernel is told with the grant after such a loss (and the keeper shows while it
+    leases): ``why`` and what follows."""
+    return f"{why}, so that state is gone; the next GPU call starts a fresh session"
+
+
 class DrainedState:
     """See the module docstring."""
 

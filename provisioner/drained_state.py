@@ -8,6 +8,10 @@ agent every ``FOLLOW_S`` whether it still holds the state; once it does not (or 
 answers) it asks the pool's other agents, and the state is parked where one of them lists it, or
 lost, with the reason and what to do, when the draining agent is gone and none lists it.
 
+A kernel whose state was already parked there without a lease (released, or idle) hears of no
+drain: ``watch`` asks that agent every ``lease_ttl / 3`` s, follows it once it drains, and
+concludes the same way once it no longer answers.
+
 The kernel's next acquire asks ``gone()``: a grant made after such a loss carries the reason, so
 that the kernel's cell says what happened instead of trying to fetch the state from nowhere.
 """
@@ -23,7 +27,7 @@ from provisioner.control import ControlError
 from provisioner.keeper_config import AgentsSource, KeeperConfig
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import KeeperState, LeaseRecord
-from provisioner.selection import where_parked
+from provisioner.selection import is_draining, where_parked
 
 log = logging.getLogger("harp.provisioner.keeper")
 
@@ -55,6 +59,8 @@ class DrainedState:
         self._record = record
         #: agents that ended this kernel's lease because they were shutting down
         self._drained: set[str] = set()
+        #: agent -> why the kernel's state parked there is known lost
+        self._lost_at: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def follow(self, agent: str) -> None:
@@ -63,51 +69,93 @@ class DrainedState:
         self.stop()
         self._task = asyncio.ensure_future(self._follow(agent))
 
+    def watch(self, agent: str) -> None:
+        """The kernel's state is parked on ``agent`` and it holds no lease there (released, or
+        idle): nothing would tell it of a drain, so ask ``agent`` every ``lease_ttl / 3`` s;
+        once it says it drains, follow it; once it no longer answers, conclude at once."""
+        self.stop()
+        self._task = asyncio.ensure_future(self._watch(agent))
+
     def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
     def gone(self, parked_at: str | None, statuses: dict[str, dict[str, Any]]) -> str | None:
-        """At acquire: why the parked state is lost, when the agent that held it drained, no
-        longer answers, and no agent that answers lists the state (``statuses``); else None."""
-        if parked_at is None or parked_at not in self._drained or parked_at in statuses:
+        """At acquire: why the parked state is lost, when the agent that held it drained (or was
+        found gone), no longer answers, and no agent that answers lists the state
+        (``statuses``); else None."""
+        if parked_at is None or parked_at in statuses:
             return None
+        why = self._lost_at.pop(parked_at, None)
+        if why is None and parked_at in self._drained:
+            why = drained_reason(parked_at)
         self._drained.discard(parked_at)
-        return drained_reason(parked_at)
+        return why
 
     def _still_parked_at(self, agent: str) -> bool:
         return self._record.state == KeeperState.PARKED and self._record.parked_at == agent
 
+    async def _watch(self, agent: str) -> None:
+        while self._still_parked_at(agent):
+            await self._clock.sleep(self._config.lease_ttl / 3)
+            if not self._still_parked_at(agent):
+                return
+            status = await self._status(agent)
+            if status is None:
+                await self._conclude(agent, gone=True, drained=False)
+                return
+            if is_draining(status):
+                self._drained.add(agent)
+                await self._follow(agent)
+                return
+
     async def _follow(self, agent: str) -> None:
-        c = self._config
         while self._still_parked_at(agent):
             await self._clock.sleep(FOLLOW_S)
             if not self._still_parked_at(agent):
                 return
-            try:
-                status: dict[str, Any] | None = await self._client.status(agent,
-                                                                           c.status_timeout)
-            except AgentUnreachable:
-                status = None  # exited: the state moved, or went with it
-            except LeaseRefused as e:  # it answers: ask again
-                log.debug("kernel %s: status of draining %s: %s", c.kernel_id, agent, e)
-                continue
-            if status is not None and where_parked({agent: status}, c.kernel_id, None):
+            status = await self._status(agent)
+            if status is not None and where_parked({agent: status}, self._config.kernel_id,
+                                                   None):
                 continue  # still there (being offered, or kept for fetches until its grace)
-            elsewhere = await self._listed_elsewhere(agent)
-            if not self._still_parked_at(agent):
-                return
-            if elsewhere is not None:
-                self._record.parked_at = elsewhere
-                self._record.set(KeeperState.PARKED, (
-                    f"The GPU agent at {agent} shut down (a drain) and handed your parked device "
-                    f"memory to {elsewhere}: the next GPU call restores it there"))
-                return
-            if status is None:
-                self._lost(agent)
+            if await self._conclude(agent, gone=status is None, drained=True):
                 return
             # it answers and lists it no more, and nobody lists it yet: on its way; ask again
+
+    async def _status(self, agent: str) -> dict[str, Any] | None:
+        """``agent``'s status for this kernel; None when it does not answer (it exited)."""
+        c = self._config
+        while True:
+            try:
+                return await self._client.status(agent, c.status_timeout)
+            except AgentUnreachable:
+                return None
+            except LeaseRefused as e:  # it answers: ask again
+                log.debug("kernel %s: status of %s: %s", c.kernel_id, agent, e)
+                await self._clock.sleep(FOLLOW_S)
+
+    async def _conclude(self, agent: str, *, gone: bool, drained: bool) -> bool:
+        """``agent`` no longer lists the kernel's parked state (``gone``: it no longer answers):
+        parked where another agent lists it, else lost when ``agent`` is gone. False when
+        nothing can be said yet (it answers, and no other agent lists the state yet)."""
+        elsewhere = await self._listed_elsewhere(agent)
+        if not self._still_parked_at(agent):
+            return True
+        if elsewhere is not None:
+            self._record.parked_at = elsewhere
+            self._record.set(KeeperState.PARKED, (
+                f"The GPU agent at {agent} shut down (a drain) and handed your parked device "
+                f"memory to {elsewhere}: the next GPU call restores it there" if drained else
+                f"Your parked device memory is on {elsewhere} (the GPU agent at {agent} no "
+                "longer has it): the next GPU call restores it there"))
+            return True
+        if gone:
+            self._lost(agent, drained_reason(agent) if drained else (
+                f"the GPU agent at {agent} that held your parked GPU state no longer answers "
+                "(it shut down or restarted) and no other agent of the pool lists that state"))
+            return True
+        return False
 
     async def _listed_elsewhere(self, agent: str) -> str | None:
         try:
@@ -117,8 +165,8 @@ class DrainedState:
         statuses = await self._client.statuses(agents, self._config.status_timeout)
         return where_parked(statuses, self._config.kernel_id, None)
 
-    def _lost(self, agent: str) -> None:
-        why = drained_reason(agent)
+    def _lost(self, agent: str, why: str) -> None:
+        self._lost_at[agent] = why
         log.warning("kernel %s: %s", self._config.kernel_id, why)
         self._record.parked_at = None
         self._record.parked_bytes = 0

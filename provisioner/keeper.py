@@ -149,6 +149,7 @@ class LeaseKeeper:
             self.record.set(KeeperState.PARKED, released_message(
                 ParkReason.RELEASE, self.config.idle_timeout,
                 self.parked_at or (lease.agent if lease else "the agent")))
+            self._watch_parked()
 
     async def lost(self, reason: str) -> None:
         """The agent died under the kernel: forget the lease (released best effort, in case
@@ -304,7 +305,13 @@ class LeaseKeeper:
         self.record.parked_reason = reason
         self.record.set(KeeperState.PARKED, released_message(
             reason, self.config.idle_timeout, self.parked_at or lease.agent))
+        self._watch_parked()
         return True
+
+    def _watch_parked(self) -> None:
+        """Parked without a lease: no push would say that its agent drains (DrainedState)."""
+        if self.parked_at:
+            self._ends.drains.watch(self.parked_at)
 
     # }}}
 

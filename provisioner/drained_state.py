@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from provisioner.clock import Clock
@@ -67,14 +68,23 @@ class DrainedState:
         """``agent`` ended the lease while draining, the kernel's state parked there."""
         self._drained.add(agent)
         self.stop()
-        self._task = asyncio.ensure_future(self._follow(agent))
+        self._task = asyncio.ensure_future(self._logged(self._follow(agent)))
 
     def watch(self, agent: str) -> None:
         """The kernel's state is parked on ``agent`` and it holds no lease there (released, or
         idle): nothing would tell it of a drain, so ask ``agent`` every ``lease_ttl / 3`` s;
         once it says it drains, follow it; once it no longer answers, conclude at once."""
         self.stop()
-        self._task = asyncio.ensure_future(self._watch(agent))
+        self._task = asyncio.ensure_future(self._logged(self._watch(agent)))
+
+    async def _logged(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not pass unseen (the next acquire finds out anyway)
+            log.exception("following the parked state of kernel %s failed",
+                          self._config.kernel_id)
 
     def stop(self) -> None:
         task, self._task = self._task, None

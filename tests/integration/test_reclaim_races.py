@@ -380,18 +380,26 @@ def test_a_call_sent_on_a_link_known_dropped_runs_once_after_the_restore(
         assert np.array_equal(get(session, counter_addr, counter), counter + 1)
 
 
-def park_twice(source: DirectLeaseSource, endpoint: str, proxy: HoldingProxy,
-               failures: list[BaseException]) -> threading.Thread:
-    """Ends the lease once a send stalls, and again once a send of the restored session
-    stalls; the restore after that sends freely."""
+def window_full(session: RemoteSession, other_than: Any = None) -> bool:
+    """The session's writer (a new one, when ``other_than`` is given) has as many batches on
+    their way as it may: the next one waits for a reply (none comes: the proxy holds them)."""
+    writer = session.current_writer()
+    return (writer is not None and writer is not other_than
+            and writer.inflight >= writer.max_inflight)
+
+
+def park_twice(session: RemoteSession, source: DirectLeaseSource, endpoint: str,
+               proxy: HoldingProxy, failures: list[BaseException]) -> threading.Thread:
+    """Ends the lease once the session's window is full (its sends stalled in the proxy), and
+    again once the restored session's is; the restore after that sends freely."""
     def run() -> None:
         try:
-            for park in (1, 2):
-                assert proxy.held.wait(30), f"no send stalled before park {park}"
-                proxy.held.clear()
-                if park == 2:
-                    proxy.hold(None, new_connections=True)
-                end_lease_elsewhere(source, endpoint)
+            eventually(lambda: window_full(session))
+            first = session.current_writer()
+            end_lease_elsewhere(source, endpoint)
+            eventually(lambda: window_full(session, other_than=first))
+            proxy.hold(None, new_connections=True)
+            end_lease_elsewhere(source, endpoint)
         except BaseException as e:  # reported by the test's thread
             failures.append(e)
 
@@ -413,7 +421,7 @@ def test_a_second_park_during_the_restores_resend_restores_again() -> None:
         session.synchronize()
         proxy.hold(64 << 10)
         proxy.hold(64 << 10, new_connections=True)
-        ender = park_twice(source, endpoint, proxy, failures)
+        ender = park_twice(session, source, endpoint, proxy, failures)
         session.htod(big_addr, big, keep=True)  # ten batches, one per chunk
         back = get(session, big_addr, big)
         ender.join(30)
@@ -435,7 +443,7 @@ def test_parks_during_restores_are_bounded_and_then_said(monkeypatch: pytest.Mon
         session.synchronize()
         proxy.hold(64 << 10)
         proxy.hold(64 << 10, new_connections=True)
-        ender = park_twice(source, endpoint, proxy, failures)
+        ender = park_twice(session, source, endpoint, proxy, failures)
         session.htod(big_addr, big, keep=True)
         with pytest.raises(LeaseLostError) as raised:
             get(session, big_addr, big)

@@ -85,6 +85,7 @@ class LeaseEnds:
         record.set(KeeperState.PARKED, message)
         self._renewals.stop()
         self._learning = asyncio.ensure_future(self._learn_parked_bytes(lease.agent))
+        self.drains.watch(lease.agent)  # parked there without a lease (a drain follows it)
         try:
             self._kernel.lease_ended(reason, message, lease.lease_id)
         except Exception:  # the kernel finds out at its next call anyway

@@ -132,7 +132,8 @@ export function describeState(kernel: IKernelLease): string {
         : 'No GPU held; the next GPU cell leases one.';
     case 'lost':
       return (
-        'The GPU agent stopped answering. The kernel and its CPU state are fine; ' +
+        'The GPU agent stopped answering, or shut down without handing on this kernel’s ' +
+        'parked state (the message says which). The kernel and its CPU state are fine; ' +
         'device arrays on that agent are gone. Run a GPU cell or press Lease to get a GPU again, ' +
         'and tell your GPU operator if the agent stays unreachable.'
       );

@@ -9,16 +9,17 @@ Past ``acquire_timeout`` it gives up. Errors are ControlError, as the kernel is 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from provisioner.clock import Clock
 from provisioner.control import ControlError
-from provisioner.keeper_config import KeeperConfig, Progress
+from provisioner.keeper_config import AgentsSource, KeeperConfig, Progress
 from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
 from provisioner.lease_record import AGENT_DRAINING, HeldLease, KeeperState, LeaseRecord
 from provisioner.renewals import ENDED
-from provisioner.selection import choose_agent, is_draining, is_free
+from provisioner.selection import choose_agent, is_draining, is_free, likely_agent
 
 log = logging.getLogger("harp.provisioner.keeper")
 
@@ -30,14 +31,59 @@ class PoolAcquisition:
     """One of a keeper's helpers; ``provisioner.keeper.LeaseKeeper._acquire`` calls ``run``
     under the keeper's lock and handles what it raises."""
 
-    def __init__(self, config: KeeperConfig, client: LeaseClient, clock: Clock,
-                 record: LeaseRecord, agents_seen: set[str]) -> None:
+    def __init__(self, config: KeeperConfig, client: LeaseClient, agents: AgentsSource,
+                 clock: Clock, record: LeaseRecord, agents_seen: set[str]) -> None:
         self._config = config
         self._client = client
+        self._agents = agents
         self._clock = clock
         self._record = record
         #: every agent this kernel requested a lease from (its parked state can only be there)
         self._agents_seen = agents_seen
+
+    async def reach_pool(self, progress: Progress | None
+                         ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The pool's agents and the statuses of those that answer; while none does, ask again
+        with backoff (saying what it waits for) up to ``reach_timeout`` (or the acquire
+        timeout), then raise ControlError saying why."""
+        c = self._config
+        limit = c.acquire_timeout if c.acquire_timeout else c.reach_timeout
+        deadline = self._clock.now() + limit
+        pause = 0.25
+        while True:
+            agents = await self._agents()
+            statuses = await self._client.statuses(agents, c.status_timeout)
+            if statuses:
+                return agents, statuses
+            reasons = [why for why in self._client.unanswered.values()
+                       if "did not answer within" not in why]
+            where = ", ".join(agents) or "(none configured)"
+            why = "; ".join(reasons) if reasons else (
+                f"no GPU agent answered at {where}: is harp-agent running there? (HARP_AGENTS "
+                "names the agents)")
+            left = deadline - self._clock.now()
+            if reasons or not agents or left <= 0:  # refused, or nothing to wait for
+                raise ControlError("GPUUnavailable", why if reasons or not agents else
+                                   f"{why} (asked again for {limit:g} s)")
+            self._record.set(KeeperState.ACQUIRING, f"waiting for a GPU agent to answer at "
+                                                    f"{where}")
+            if progress is not None:
+                await progress({"state": "unreachable", "agent": where, "position": None})
+            await self._clock.sleep(min(pause, left))
+            pause = min(pause * 2, 4.0)
+
+    async def device_facts(self, preferred: str | None) -> dict[str, Any] | None:
+        """The device_info of the agent a lease would most likely be served by (``preferred``:
+        the held lease's or parked state's agent), from the agents' status: none is taken."""
+        try:
+            agents = await self._agents()
+        except ControlError:
+            return None
+        statuses = await self._client.statuses(agents, self._config.status_timeout)
+        if not statuses:
+            return None
+        device = statuses[likely_agent(statuses, preferred)].get("device")
+        return device if isinstance(device, dict) else None
 
     async def run(self, agents: list[str], statuses: dict[str, dict[str, Any]],
                   parked_at: str | None, progress: Progress | None) -> dict[str, Any]:
@@ -169,6 +215,17 @@ class PoolAcquisition:
         log.info("kernel %s: %s is draining: queued again at %s", self._config.kernel_id,
                  draining, agent)
         return self._record.lease, reply
+
+    async def drop_parked(self, agents: list[str]) -> None:
+        """Drop this kernel's parked state on ``agents`` (the kernel is gone)."""
+        await asyncio.gather(*(self._drop_parked_at(a) for a in agents))
+
+    async def _drop_parked_at(self, agent: str) -> None:
+        c = self._config
+        try:
+            await self._client.drop_parked(agent, c.kernel_id, c.kernel_secret)
+        except (AgentUnreachable, LeaseRefused) as e:
+            log.debug("drop_parked at %s: %s", agent, e)
 
     async def release_at_agent(self, lease: HeldLease, *, quietly: bool = True) -> None:
         try:

@@ -1,7 +1,7 @@
 """LeaseKeeper: one kernel's GPU lease, from acquire to release (docs/leases-design.md).
 
 The one implementation of lease keeping on the kernels' side. Its users give it a way to reach
-the kernel (``KernelLink``) and a lease client:
+the kernel (``keeper_config.KernelLink``) and a lease client:
 
 * ``provisioner.kernel_lease.KernelLease`` (ElasticGPUProvisioner): the kernel is another process
   reached over its control socket;
@@ -26,6 +26,11 @@ session itself). The agent may end the lease first: reclaimed for a waiting kern
 kernel's ``reclaim_after`` in the lease request), expired, revoked. The kernel is then told
 (``KernelLink.lease_ended``) so that its next GPU call leases again and restores its state.
 
+The keeper decides and holds the lock; its parts do one job each: ``PoolAcquisition`` finds the
+pool and gets a held lease in it, ``Renewals`` keeps it alive and watches the idle countdown,
+``LeaseEnds`` follows the agent's own end of it (and, after a drain, ``DrainedState`` where the
+parked state went), and ``LeaseRecord`` holds the facts and the state the sidebar shows.
+
 Every public coroutine runs on one event loop; an asyncio lock makes acquire, park and release
 one at a time, so a kernel's acquire never slips between a park and the release that follows it.
 All time comes from one injected ``Clock`` (tests run whole contention histories on a fake one).
@@ -35,17 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 from provisioner.acquisition import PoolAcquisition
 from provisioner.clock import Clock, SystemClock, within
 from provisioner.control import ControlError
-from provisioner.keeper_config import AgentsSource, KeeperConfig, Progress
-from provisioner.lease_client import AgentUnreachable, LeaseClient, LeaseRefused
+from provisioner.drained_state import lost_note
+from provisioner.keeper_config import AgentsSource, KeeperConfig, KernelLink, Progress
+from provisioner.lease_client import AgentUnreachable, LeaseClient
+from provisioner.lease_ends import LeaseEnds
 from provisioner.lease_record import (
-    AGENT_DRAINING,
-    AGENT_RECLAIMED,
-    HOLDING,
     HeldLease,
     KeeperState,
     LeaseRecord,
@@ -54,27 +58,10 @@ from provisioner.lease_record import (
     applied_reclaim_after,
     released_message,
 )
-from provisioner.renewals import ENDED, Renewals
-from provisioner.selection import likely_agent, where_parked
+from provisioner.renewals import Renewals
+from provisioner.selection import where_parked
 
 log = logging.getLogger("harp.provisioner.keeper")
-
-
-#: how often the keeper asks an agent that parked its kernel's session whether it is done
-PARKED_BYTES_POLL_S = 0.2
-
-
-
-class KernelLink(Protocol):
-    """How the keeper reaches the kernel it leases for."""
-
-    async def ask_park(self, reason: ParkReason) -> dict[str, Any]:
-        """The kernel's answer: {"t": "parked", session, agent, bytes} or {"t": "busy"};
-        raises when the kernel cannot be asked (the agent then parks the session itself)."""
-
-    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
-        """The agent ended the held lease ``lease_id`` and parked the session itself; must not
-        block."""
 
 
 class LeaseKeeper:
@@ -85,21 +72,19 @@ class LeaseKeeper:
         self.client = client
         if client is not None:  # its status requests prove the kernel (its parked state)
             client.kernel = (config.kernel_id, config.kernel_secret)
-        self._agents = agents
         self._kernel = kernel
         self._clock = clock or SystemClock()
         self.record = LeaseRecord(config.kernel_id, self._clock.now, self._settings, on_change)
         self._lock = asyncio.Lock()
         self._acquiring: asyncio.Task[Any] | None = None
         self.agents_seen: set[str] = set()
-        self._acquisition = PoolAcquisition(config, client, self._clock, self.record,
+        self._acquisition = PoolAcquisition(config, client, agents, self._clock, self.record,
                                             self.agents_seen)
         self._renewals = Renewals(self, client, self._clock, self.record, config.lease_ttl)
+        #: the agent's own end of the held lease (reclaim, expiry, drain)
+        self._ends = LeaseEnds(config, client, agents, self._clock, self.record, kernel,
+                               self._renewals)
         self.closed = False
-        #: asking the agent for the bytes it parked after it ended the lease itself
-        self._learning: asyncio.Future[None] | None = None
-        #: agents that ended this kernel's lease because they were shutting down (a drain)
-        self._drained: set[str] = set()
 
     # {{{ what the owner reads
 
@@ -142,7 +127,7 @@ class LeaseKeeper:
                 await self._drop_lease(quietly=True)
                 self.record.parked_at = parked_at
             if self.record.holding and self.state == KeeperState.HELD:
-                return self._grant(None)
+                return grant(self.lease, None)
             parked_at = (resume or {}).get("agent") or self.parked_at
             self._acquiring = asyncio.current_task()
             try:
@@ -164,6 +149,7 @@ class LeaseKeeper:
             self.record.set(KeeperState.PARKED, released_message(
                 ParkReason.RELEASE, self.config.idle_timeout,
                 self.parked_at or (lease.agent if lease else "the agent")))
+            self._watch_parked()
 
     async def lost(self, reason: str) -> None:
         """The agent died under the kernel: forget the lease (released best effort, in case
@@ -177,15 +163,7 @@ class LeaseKeeper:
         """The device_info of the agent this kernel's next acquire would most likely get (its
         own lease's, else the pool's choice), from the agents' status: no lease is taken."""
         preferred = self.lease.agent if self.lease is not None else (parked_at or self.parked_at)
-        try:
-            agents = await self._agents()
-        except ControlError:
-            return None
-        statuses = await self.client.statuses(agents, self.config.status_timeout)
-        if not statuses:
-            return None
-        device = statuses[likely_agent(statuses, preferred)].get("device")
-        return device if isinstance(device, dict) else None
+        return await self._acquisition.device_facts(preferred)
 
     def set_idle(self, seconds: float) -> None:
         """``%harp idle``: a new idle timeout, effective at once (call on the keeper's loop)."""
@@ -230,12 +208,13 @@ class LeaseKeeper:
                        ) -> dict[str, Any]:
         self.record.set(KeeperState.ACQUIRING, "")
         try:
-            agents, statuses = await self._reach_pool(progress)
+            agents, statuses = await self._acquisition.reach_pool(progress)
             # the agents say where this kernel's parked state is (a draining agent hands it on)
             parked_at = where_parked(statuses, self.config.kernel_id, parked_at)
-            gone = self._gone_with_drained_agent(parked_at, statuses)
+            gone = self._ends.drains.gone(parked_at, statuses)
             if gone is not None:
                 parked_at = self.record.parked_at = None
+                self.record.set(KeeperState.ACQUIRING, lost_note(gone))
             lease = await self._acquisition.run(agents, statuses, parked_at, progress)
         except AgentUnreachable as e:
             await self._failed(str(e))
@@ -252,70 +231,11 @@ class LeaseKeeper:
         self.record.note_session(lease.get("session"))
         self.record.set(KeeperState.HELD, "")
         self._renewals.start()
-        return self._grant(parked_at, gone)
-
-    async def _reach_pool(self, progress: Progress | None
-                          ) -> tuple[list[str], dict[str, dict[str, Any]]]:
-        """The pool's agents and the statuses of those that answer; while none does, ask again
-        with backoff (saying what it waits for) up to ``reach_timeout`` (or the acquire
-        timeout), then raise ControlError saying why."""
-        c = self.config
-        limit = c.acquire_timeout if c.acquire_timeout else c.reach_timeout
-        deadline = self._clock.now() + limit
-        pause = 0.25
-        while True:
-            agents = await self._agents()
-            statuses = await self.client.statuses(agents, c.status_timeout)
-            if statuses:
-                return agents, statuses
-            reasons = [why for why in self.client.unanswered.values()
-                       if "did not answer within" not in why]
-            where = ", ".join(agents) or "(none configured)"
-            why = "; ".join(reasons) if reasons else (
-                f"no GPU agent answered at {where}: is harp-agent running there? (HARP_AGENTS "
-                "names the agents)")
-            left = deadline - self._clock.now()
-            if reasons or not agents or left <= 0:  # refused, or nothing to wait for
-                raise ControlError("GPUUnavailable", why if reasons or not agents else
-                                   f"{why} (asked again for {limit:g} s)")
-            self.record.set(KeeperState.ACQUIRING, f"waiting for a GPU agent to answer at "
-                                                   f"{where}")
-            if progress is not None:
-                await progress({"state": "unreachable", "agent": where, "position": None})
-            await self._clock.sleep(min(pause, left))
-            pause = min(pause * 2, 4.0)
+        return grant(self.lease, parked_at, gone)
 
     async def _failed(self, message: str) -> None:
         await self._drop_lease(quietly=True)
         self.record.set(KeeperState.NONE, message)
-
-    def _grant(self, parked_at: str | None, gone: str | None = None) -> dict[str, Any]:
-        """The grant; with ``gone`` (the parked state is known lost) its ``from`` is the granted
-        agent itself, so that the kernel's resume fetches from nowhere and is answered StateLost
-        at once, and its ``note`` says why."""
-        assert self.lease is not None
-        agent = self.lease.agent
-        moved = parked_at if parked_at and parked_at != agent else None
-        grant = {"t": "grant", "agent": agent, "lease": [self.lease.lease_id, self.lease.token],
-                 "from": agent if gone else moved}
-        if gone:
-            grant["note"] = gone
-        return grant
-
-    def _gone_with_drained_agent(self, parked_at: str | None,
-                                 statuses: dict[str, dict[str, Any]]) -> str | None:
-        """Why the parked state is lost, when the agent that held it told this kernel it was
-        shutting down, no longer answers, and no agent that answers lists the state: it went
-        with that agent (no other agent of its pool took it). None otherwise."""
-        if parked_at is None or parked_at not in self._drained or parked_at in statuses:
-            return None
-        self._drained.discard(parked_at)
-        why = (f"the GPU agent at {parked_at} shut down (a drain, SIGTERM) and no other agent "
-               "of its pool took your parked GPU state, so that state is gone; the next GPU "
-               "call starts a fresh session")
-        self.record.set(KeeperState.ACQUIRING, why)
-        log.warning("kernel %s: %s", self.config.kernel_id, why)
-        return why
 
     # }}}
 
@@ -335,9 +255,9 @@ class LeaseKeeper:
         async with self._lock:
             if self.lease is lease:
                 if info is not None:
-                    self.on_push(lease.agent, {**info, "id": lease.lease_id})
+                    self._ends.on_push(lease.agent, {**info, "id": lease.lease_id})
                 else:
-                    self._lease_ended(lease, ParkReason.ENDED, why)
+                    self._ends.ended(lease, ParkReason.ENDED, why)
 
     async def idle_due(self, lease: HeldLease) -> None:
         """Renewals: the idle countdown ran out; park unless something changed meanwhile."""
@@ -385,72 +305,20 @@ class LeaseKeeper:
         self.record.parked_reason = reason
         self.record.set(KeeperState.PARKED, released_message(
             reason, self.config.idle_timeout, self.parked_at or lease.agent))
+        self._watch_parked()
         return True
 
-    # }}}
+    def _watch_parked(self) -> None:
+        """Parked without a lease: no push would say that its agent drains (DrainedState)."""
+        if self.parked_at:
+            self._ends.drains.watch(self.parked_at)
 
-    # {{{ pushes from the agent
+    # }}}
 
     def on_push(self, endpoint: str, lease: dict[str, Any]) -> None:
-        """A lease change the agent pushed (the lease client's callback, on the keeper's loop);
-        only the end of our held lease matters here (queue moves are awaited by the acquire
-        itself)."""
-        held = self.lease
-        ended = lease.get("state")
-        if held is None or lease.get("id") != held.lease_id or ended not in ENDED:
-            return
-        if self.state in HOLDING:
-            if lease.get("reason") == AGENT_RECLAIMED:
-                self._lease_ended(held, ParkReason.RECLAIM, "")
-            elif lease.get("reason") == AGENT_DRAINING:
-                self._drained.add(endpoint)
-                self._lease_ended(held, ParkReason.ENDED, (
-                    f"the GPU agent at {endpoint} is shutting down: it ended the lease once "
-                    "the running GPU work finished, and its parked state moves to another agent "
-                    "of the pool (the next GPU call restores it there)"))
-            else:
-                self._lease_ended(held, ParkReason.ENDED, f"the agent at {endpoint} {ended} "
-                                                          "the lease")
-
-    def _lease_ended(self, lease: HeldLease, reason: ParkReason, why: str) -> None:
-        """The agent ended our lease (reclaimed, expired, revoked): it parked the session."""
-        self.record.lease = None
-        self.record.parked_at = lease.agent
-        self.record.parked_reason = reason
-        message = (f"{why}: device memory parked on {lease.agent}" if reason == ParkReason.ENDED
-                   else released_message(reason, self.config.idle_timeout, lease.agent))
-        self.record.parked_bytes = 0
-        self.record.set(KeeperState.PARKED, message)
-        self._renewals.stop()
-        self._learning = asyncio.ensure_future(self._learn_parked_bytes(lease.agent))
-        try:
-            self._kernel.lease_ended(reason, message, lease.lease_id)
-        except Exception:  # the kernel finds out at its next call anyway
-            log.exception("telling kernel %s its lease ended failed", self.config.kernel_id)
-
-    async def _learn_parked_bytes(self, agent: str) -> None:
-        """The agent parked the session itself: ask it, until the park is done (at most
-        ``park_timeout``), how many bytes it holds parked for this kernel, for the lease state
-        (``%harp status``, the sidebar) while the kernel stays parked there."""
-        c = self.config
-        deadline = self._clock.now() + c.park_timeout
-        while self.state == KeeperState.PARKED and self.parked_at == agent:
-            try:
-                nbytes = await self.client.parked_bytes(agent, c.kernel_id, c.kernel_secret,
-                                                        c.status_timeout)
-            except (AgentUnreachable, LeaseRefused) as e:
-                log.debug("parked bytes of kernel %s at %s: %s", c.kernel_id, agent, e)
-                nbytes = None
-            if nbytes is not None:
-                if self.state == KeeperState.PARKED and self.parked_at == agent:
-                    self.record.parked_bytes = nbytes
-                    self.record.changed()
-                return
-            if self._clock.now() >= deadline:
-                return
-            await self._clock.sleep(PARKED_BYTES_POLL_S)
-
-    # }}}
+        """A lease change the agent pushed (the lease client's callback, on the keeper's loop):
+        see LeaseEnds.on_push."""
+        self._ends.on_push(endpoint, lease)
 
     async def _drop_lease(self, *, quietly: bool = False) -> None:
         """Release our lease at its agent (held or queued) and forget it."""
@@ -466,7 +334,7 @@ class LeaseKeeper:
         owner renews it."""
         self.closed = True
         self._renewals.stop()
-        self._stop_learning()
+        self._ends.stop()
         acquiring = self._acquiring
         if acquiring is not None and acquiring is not asyncio.current_task():
             acquiring.cancel()
@@ -478,7 +346,7 @@ class LeaseKeeper:
         if self.closed:
             return
         self.closed = True
-        self._stop_learning()
+        self._ends.stop()
         acquiring = self._acquiring
         if acquiring is not None and acquiring is not asyncio.current_task():
             acquiring.cancel()
@@ -490,21 +358,27 @@ class LeaseKeeper:
             agents = set(self.agents_seen)
             if self.parked_at:
                 agents.add(self.parked_at)
-            await asyncio.gather(*(self._drop_parked(a) for a in sorted(agents)))
+            await self._acquisition.drop_parked(sorted(agents))
             self.record.parked_at = None
             self.record.set(KeeperState.NONE, "the kernel ended")
-
-    async def _drop_parked(self, agent: str) -> None:
-        try:
-            await self.client.drop_parked(agent, self.config.kernel_id, self.config.kernel_secret)
-        except (AgentUnreachable, LeaseRefused) as e:
-            log.debug("drop_parked at %s: %s", agent, e)
-
-    def _stop_learning(self) -> None:
-        learning, self._learning = self._learning, None
-        if learning is not None and learning is not asyncio.current_task():
-            learning.cancel()
 
     def _check_open(self) -> None:
         if self.closed:
             raise ControlError("GPUUnavailable", "this kernel is shutting down")
+
+
+def grant(lease: HeldLease | None, parked_at: str | None, gone: str | None = None
+          ) -> dict[str, Any]:
+    """The grant of the held ``lease``; with ``gone`` (the parked state is known lost) its
+    ``from`` is the granted agent itself, so that the kernel's resume fetches from nowhere and
+    is answered StateLost at once, its ``note`` says why and ``state_lost`` the reason the
+    kernel's error gives."""
+    assert lease is not None
+    agent = lease.agent
+    moved = parked_at if parked_at and parked_at != agent else None
+    answer = {"t": "grant", "agent": agent, "lease": [lease.lease_id, lease.token],
+              "from": agent if gone else moved}
+    if gone:
+        answer["note"] = lost_note(gone)
+        answer["state_lost"] = gone
+    return answer

@@ -6,12 +6,26 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from provisioner.lease_record import ParkReason
 
 #: progress(message) while queued: {"state", "position", "agent"}
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 #: the agent endpoints to choose from, resolved at each acquire (local agents start lazily)
 AgentsSource = Callable[[], Awaitable[list[str]]]
+
+
+class KernelLink(Protocol):
+    """How the keeper reaches the kernel it leases for."""
+
+    async def ask_park(self, reason: ParkReason) -> dict[str, Any]:
+        """The kernel's answer: {"t": "parked", session, agent, bytes} or {"t": "busy"};
+        raises when the kernel cannot be asked (the agent then parks the session itself)."""
+
+    def lease_ended(self, reason: ParkReason, message: str, lease_id: str) -> None:
+        """The agent ended the held lease ``lease_id`` and parked the session itself; must not
+        block."""
 
 
 @dataclass

@@ -132,6 +132,11 @@ class AgentLink:
                 refused = grant.lease[0]
             except Error as e:
                 connection.close()
+                if isinstance(e, StateLostError) and grant.state_lost:
+                    # the agent can only say it has no such state: say why there is none
+                    lost = StateLostError(drained_state_message(grant.state_lost))
+                    self._on_state_lost(lost)
+                    raise lost from None
                 if isinstance(e, StateLostError | GPULostError):
                     self._on_state_lost(e)
                 raise
@@ -187,6 +192,14 @@ class AgentLink:
             writer.close()
             writer.connection.close()
             connection.close()
+
+
+def drained_state_message(why: str) -> str:
+    """The error of the first GPU call after the keeper learned that the parked state went with
+    a drained agent (``why``)."""
+    return (f"your parked GPU state is gone: {why}. Its device arrays, modules and streams no "
+            "longer exist; your Python process and its variables are intact, and the next GPU "
+            "call starts a fresh session: re-run the code that creates your device arrays.")
 
 
 def worker_endpoint(advertised: str, agent: str) -> str:

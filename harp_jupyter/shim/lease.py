@@ -80,6 +80,8 @@ class Grant:
     #: the agent that holds this kernel's parked state, when it is not ``agent``; ``agent``
     #: itself when the keeper knows the state is gone (the resume then fetches from nowhere)
     moved_from: str | None = None
+    #: why the keeper knows the parked state is gone (its agent drained and no other took it)
+    state_lost: str | None = None
 
 
 class LeaseSource(ABC):
@@ -125,11 +127,16 @@ class LeaseSource(ABC):
         pass
 
 
-def _say_note(grant: dict[str, Any]) -> None:
-    """What the keeper had to say with a grant (the parked state went with a drained agent)."""
+def _grant(grant: dict[str, Any]) -> Grant:
+    """The keeper's grant; what it had to say with it (the parked state went with a drained
+    agent) is said now."""
     note = grant.get("note")
     if isinstance(note, str) and note:
         notes.say(note[:1].upper() + note[1:] + ".")
+    lease = grant["lease"]
+    lost = grant.get("state_lost")
+    return Grant(str(grant["agent"]), (str(lease[0]), str(lease[1])), grant.get("from"),
+                 lost if isinstance(lost, str) and lost else None)
 
 
 # {{{ the provisioner's control socket
@@ -278,8 +285,7 @@ class ControlLeaseSource(LeaseSource):
         if reply.get("t") != "grant" or not (isinstance(lease, list) and len(lease) == 2):
             raise GPUUnavailableError(f"unexpected answer to acquire: {reply.get('t')!r}")
         notice.done(str(reply["agent"]))
-        _say_note(reply)
-        return Grant(str(reply["agent"]), (str(lease[0]), str(lease[1])), reply.get("from"))
+        return _grant(reply)
 
     def parked(self, info: dict[str, Any]) -> None:
         self._request({"t": "parked", **info})
@@ -400,9 +406,7 @@ class DirectLeaseSource(LeaseSource):
             future.cancel()
             raise
         notice.done(str(grant["agent"]))
-        _say_note(grant)
-        lease = grant["lease"]
-        return Grant(str(grant["agent"]), (str(lease[0]), str(lease[1])), grant.get("from"))
+        return _grant(grant)
 
     def parked(self, info: dict[str, Any]) -> None:
         background.call(self.keeper.parked(info))

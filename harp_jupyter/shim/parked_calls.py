@@ -7,7 +7,11 @@ captures the session after some batch and before the next: every batch it ran is
 state, no other is. The agent says how many it ran (``batches`` in its ``lost``/``parked``
 notice), so the client knows, without guessing, which of its unanswered batches did not run.
 Those, and the calls it had not sent yet, are sent again in the same order once the session is
-restored (``SessionParking.send_carried``): they run exactly once. A batch that ran but whose reply
+restored (``SessionParking.send_carried``): they run exactly once. When the agent parks the restored
+session again while it sends them (another kernel waits), what its new writer took settles like any
+orphan's calls and what it had not taken follows them at the next restore; a session parked
+``RESTORE_PARKS`` times in a row while restoring gives up with an error naming the calls that did
+not run (``SessionParking.give_up``). A batch that ran but whose reply
 was lost with the worker, a batch whose buffers were the program's again once sent, and every
 call when the agent's notice does not come within ``HARP_PARK_WAIT`` seconds cannot be made
 good: they end in one ``LeaseLostError`` at the next sync point, never silently.
@@ -17,7 +21,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpu_agent import protocol
@@ -77,9 +82,12 @@ def await_notice(connection: AgentConnection, session: str, timeout: float
     return None
 
 
-def carry_over(orphan: Orphan, timeout: float) -> CarryOver:
+def carry_over(orphan: Orphan, timeout: float,
+               later: Sequence[PendingBatch] = ()) -> CarryOver:
     """Settle an orphan: wait for the agent's notice (unless read already) and for the replies
-    its worker sent before parking, then sort what is left (see the module docstring)."""
+    its worker sent before parking, then sort what is left (see the module docstring).
+    ``later``: batches the orphan's restore had still to send again when it was parked too
+    (they follow the orphan's own, never sent on its link)."""
     notice = orphan.notice or await_notice(orphan.connection, orphan.session, timeout)
     ran = notice.get("batches") if notice is not None and notice.get("parked") else None
     writer = orphan.writer
@@ -87,7 +95,8 @@ def carry_over(orphan: Orphan, timeout: float) -> CarryOver:
     if type(ran) is int:
         writer.receive_through(ran, timeout)
     left = writer.take_unanswered()
-    pending = [*left.batches, *([left.queued] if left.queued.calls else [])]
+    pending = [*left.batches, *([left.queued] if left.queued.calls else []),
+               *(replace(batch, seq=0) for batch in later)]
     carry = CarryOver()
     if not pending:
         return carry

@@ -18,8 +18,15 @@ from typing import Any, Protocol
 from gpu_agent import protocol
 from harp_jupyter.shim import hooks
 from harp_jupyter.shim.agent_link import AgentLink
-from harp_jupyter.shim.batch import BatchWriter
-from harp_jupyter.shim.errors import Error, GPULostError, error_from_agent
+from harp_jupyter.shim.batch import BatchWriter, PendingBatch
+from harp_jupyter.shim.errors import (
+    Error,
+    GPULostError,
+    LeaseLostError,
+    describe_site,
+    error_from_agent,
+)
+from harp_jupyter.shim.notice import in_kernel
 from harp_jupyter.shim.parked_calls import (
     CarryOver,
     Orphan,
@@ -55,6 +62,8 @@ class SessionParking:
         self.orphan: Orphan | None = None
         #: its calls to send again once restored (kept until a connect succeeds)
         self._carried: CarryOver | None = None
+        #: of those, the ones a restore had not sent again when the agent parked it too
+        self._not_resent: list[PendingBatch] = []
         #: how long to wait for the agent's word that it parked this session (HARP_PARK_WAIT)
         self.park_wait = park_wait_from_env()
         #: times this session was parked, for tests and %harp status
@@ -134,9 +143,8 @@ class SessionParking:
     def copy_carried_frames(self) -> None:
         """The calls to send again keep copies of their buffers from now on (the caller gets
         its buffers back before the restore that sends them)."""
-        if self._carried is not None:
-            for batch in self._carried.resend:
-                batch.frames = [memoryview(bytes(frame)) for frame in batch.frames]
+        for batch in [*(self._carried.resend if self._carried else ()), *self._not_resent]:
+            batch.frames = [memoryview(bytes(frame)) for frame in batch.frames]
 
     def settle(self) -> None:
         """Before leasing again: wait for the agent's word on the parked session (it may still
@@ -145,7 +153,8 @@ class SessionParking:
         if orphan is None:
             return
         self._link.retire(orphan.writer, orphan.connection)
-        carried = carry_over(orphan, self.park_wait)
+        carried = carry_over(orphan, self.park_wait, self._not_resent)
+        self._not_resent = []
         if self._carried is None:
             self._carried = carried
         else:  # a connect failed in between: the older calls go first
@@ -154,18 +163,50 @@ class SessionParking:
             self._carried.error = self._carried.error or carried.error
 
     def send_carried(self, writer: BatchWriter) -> None:
-        """On the restored session's new writer: send again what did not run, free what was
-        dropped, and report the error of what cannot be made good."""
+        """On the restored session's new writer: free what was dropped, report the error of
+        what cannot be made good, and send again what did not run. GPULostError when the link
+        drops under that (the agent parked the restored session too, or it is lost): the
+        batches ``writer`` did not take are kept for the next restore, after its own."""
         carried, self._carried = self._carried, None
         if carried is None:
             return
-        for batch in carried.resend:
-            writer.resend(batch)
         for meta in carried.dropped:
             if meta[3] is not None:
                 meta[3]()  # e.g. an allocation that did not run: its addresses are free
         if carried.error is not None:
             self._host.note_error(carried.error)
+        for index, batch in enumerate(carried.resend):
+            try:
+                writer.resend(batch)
+            except GPULostError:
+                # nothing was queued before it: its calls are queued now if the writer took it
+                taken = writer.queued_calls > 0
+                self._not_resent = carried.resend[index + 1 if taken else index:]
+                raise
+
+    def give_up(self, parks: int) -> LeaseLostError:
+        """The agent parked the session ``parks`` times in a row while it was being restored:
+        the calls still to send again are dropped (the program runs them again), and this is
+        the error that says so; the session stays parked."""
+        self.settle()
+        carried, self._carried = self._carried or CarryOver(), None
+        not_run = [meta for batch in carried.resend for meta in batch.metas]
+        for meta in [*carried.dropped, *not_run]:
+            if meta[3] is not None:
+                meta[3]()  # e.g. an allocation that did not run: its addresses are free
+        if carried.error is not None:
+            self._host.note_error(carried.error)
+        where = describe_site(not_run[0][0], not_run[0][1]) if not_run else ""
+        return LeaseLostError(
+            f"the agent parked this kernel's GPU session {parks} time{'s' if parks > 1 else ''} "
+            "in a row while it was "
+            "being restored (other kernels were waiting for the GPU each time)"
+            + (f", so {len(not_run)} GPU call{'s' if len(not_run) > 1 else ''} did not run"
+               if not_run else "")
+            + ". The device memory stays parked as it was, and the next GPU call restores it: "
+            f"re-run the {'cell' if in_kernel() else 'code'}. If this keeps happening, the GPU "
+            "serves more notebooks than it can: ask your GPU operator for more agents or slots."
+            + (f"\n  the first call that did not run: {where}" if where else ""))
 
     def explain_loss(self, error: GPULostError) -> Error | None:
         """Why the worker connection dropped, as the agent tells this session's control

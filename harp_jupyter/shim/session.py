@@ -56,6 +56,10 @@ TRANSFER_CHUNK_BYTES = 16 << 20
 #: a larger one goes zero-copy and returns when its data is on the wire
 SNAPSHOT_COPY_BYTES = 4 << 20
 
+#: how many times in a row a restore may be parked again while it sends the calls that did not
+#: run before the error says so (each park means another kernel was waiting for the GPU)
+RESTORE_PARKS = 5
+
 #: how long the lease source's word that the agent ended the lease waits for a user thread to
 #: finish with the session (past it, the next call's LeaseError does the same)
 LEASE_ENDED_LOCK_S = 5.0
@@ -125,25 +129,36 @@ class RemoteSession:
         self._ensure_connected()
 
     def _connect(self) -> None:
-        """Lease a GPU and open (or restore) the session on its agent."""
-        self._parking.settle()
-        self._link.close_stale()
-        opened = self._link.open(self._memory.address_range)
-        try:
-            device = opened.welcome.get("device") or {}
-            restored = self._memory.adopt_range(opened.base, opened.size,
-                                                device.get("total_memory"))
-        except ProtocolError:
-            opened.close()
-            raise
-        if restored:
-            self.restores += 1
-        self._link.commit(opened)
-        self._writer = BatchWriter(opened.data, self._on_call_error, lock=self.lock)
-        self._parking.send_carried(self._writer)
-        # learn the real free memory with the first reply, at no extra round trip
-        self._writer.add("mem_get_info", [], None, self._memory.note_mem_info)
-        atexit.register(self.close)
+        """Lease a GPU and open (or restore) the session on its agent; when the agent parks
+        it again while it sends its unanswered calls again, restore again (at most
+        ``RESTORE_PARKS`` times in a row)."""
+        for _ in range(RESTORE_PARKS):
+            self._parking.settle()
+            self._link.close_stale()
+            opened = self._link.open(self._memory.address_range)
+            try:
+                device = opened.welcome.get("device") or {}
+                restored = self._memory.adopt_range(opened.base, opened.size,
+                                                    device.get("total_memory"))
+            except ProtocolError:
+                opened.close()
+                raise
+            if restored:
+                self.restores += 1
+            self._link.commit(opened)
+            writer = self._writer = BatchWriter(opened.data, self._on_call_error, lock=self.lock)
+            try:
+                self._parking.send_carried(writer)
+                # learn the real free memory with the first reply, at no extra round trip
+                writer.add("mem_get_info", [], None, self._memory.note_mem_info)
+            except GPULostError as e:
+                loss = self._parking.explain_loss(e)
+                if loss is not None:
+                    raise loss from None
+                continue  # parked again: what it had not sent goes with the next restore
+            atexit.register(self.close)
+            return
+        raise self._parking.give_up(RESTORE_PARKS)
 
     def park(self, reason: str = "release") -> dict[str, Any] | None:
         """Give the GPU back, keeping the device state: what is queued is sent, every reply is

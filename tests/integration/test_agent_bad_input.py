@@ -277,3 +277,20 @@ def test_a_session_holds_at_most_its_objects_and_the_refusal_is_its_own(
     finally:
         bad.close()
         good.close()
+
+
+def test_an_oversized_lease_request_is_refused_in_readable_sizes_naming_the_flag(
+        clients: tuple[RawClient, RawClient]) -> None:
+    """--max-lease-info defaults to 16 KiB: a 20 000-character info map is refused, in KiB (not
+    a raw byte count) and naming the flag; so is a user name past --max-secret."""
+    bad, good = clients
+    reply, _ = bad.request({"t": P.LEASE_REQUEST, "rid": 1, "kernel_id": "k",
+                            "kernel_secret": "s", "info": {"note": "x" * 20_000}})
+    message = reply["e"]["msg"]
+    assert reply["e"]["kind"] == "ProtocolError"
+    assert "(19.5 KiB packed) is larger than the 16.0 KiB" in message, message
+    assert "harp-agent --max-lease-info" in message and not re.search(r"\d{4,}", message)
+    reply, _ = bad.request({"t": P.LEASE_REQUEST, "rid": 2, "kernel_id": "k",
+                            "kernel_secret": "s", "user": "u" * 300})
+    assert "harp-agent --max-secret" in reply["e"]["msg"], reply
+    good_client_still_served(good)

@@ -102,6 +102,7 @@ def test_an_idle_sessions_arrays_come_back_intact_on_the_other_agent(
         pointer = int(b.gpudata)
         session = get_session()
         assert session.endpoint == first.endpoint
+        session.lease_source.keeper.config.lease_ttl = 3.0  # type: ignore[attr-defined]
         if released:
             session.release()
         first.process.send_signal(signal.SIGTERM)
@@ -109,6 +110,11 @@ def test_an_idle_sessions_arrays_come_back_intact_on_the_other_agent(
         parked = lease_client.status(second.endpoint)["leases"]["parked"]
         assert [p["bytes"] for p in parked] and parked[0]["bytes"] >= 2 * host.nbytes
         wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        # its keeper heard the drain (or, parked already, asks its agent every 1 s): it shows
+        # where the state went before any GPU call
+        state = wait_for(lambda: (lambda s: s if s["agent"] == second.endpoint else None)(
+            session.lease_source.status()), "the keeper to show the state moved")
+        assert state["state"] == "parked" and second.endpoint in state["message"], state
 
         assert np.array_equal((a + b).get(), host * 4)  # the next cell restores on the other
         assert session.endpoint == second.endpoint
@@ -149,28 +155,47 @@ def test_a_dead_agent_of_the_pool_is_passed_over_and_the_state_moves_to_the_next
         dead.close(0)
 
 
+@pytest.mark.parametrize("released", [False, True], ids=["held-idle", "already-parked"])
 def test_state_no_agent_took_is_lost_with_a_reason_that_names_the_drain(
         agent_starter: Any, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """The draining agent has no pool to hand its parked state to and exits: the kernel heard
-    it drain (its lease ended, reason draining), so its next GPU call says the state went with
-    that agent, at once (the other agent would wait --fetch-timeout for the gone one), and the
-    call after starts a fresh session there."""
+        capsys: pytest.CaptureFixture[str], released: bool) -> None:
+    """The draining agent has no pool to hand its parked state to and exits. Its keeper shows
+    the state lost as soon as the agent is gone, before any GPU call (not "parked" until the
+    next call finds out), with the reason and what to do: a kernel holding a lease heard the
+    drain (its lease ended, reason draining); one parked already asks its agent every
+    lease_ttl / 3 s (here 1 s) and finds it gone. The next GPU call says the state went with
+    that agent, at once (the other agent would wait --fetch-timeout for the gone one), in those
+    words, and the call after starts a fresh session there."""
     second = agent_starter("--fetch-timeout", "600")
     first = agent_starter("--drain-grace", GRACE)
     monkeypatch.setenv("HARP_AGENTS", f"{first.endpoint},{second.endpoint}")
     with pycuda_modules() as (cuda, gpuarray):
         a = gpuarray.to_gpu(np.arange(1000.0))
         session = get_session()
+        session.lease_source.keeper.config.lease_ttl = 3.0  # type: ignore[attr-defined]
+        if released:
+            session.release()
         first.process.send_signal(signal.SIGTERM)
         exits_zero(first)
         wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        agent = f"the GPU agent at {first.endpoint}"
+        drained = (f"{agent} shut down (a drain, SIGTERM) and no other agent of its pool took "
+                   "your parked GPU state")
+        state = wait_for(lambda: (lambda s: s if s["state"] == "lost" else None)(
+            session.lease_source.status()), "the keeper to show the state lost")
+        assert agent in state["message"] and "re-run" in state["message"], state
+        assert released or drained in state["message"], state
+        assert state["agent"] is None and state["parked_bytes"] == 0, state
         capsys.readouterr()
-        with pytest.raises(cuda.GPULostError, match="your parked GPU state is gone"):
+        with pytest.raises(cuda.GPULostError) as raised:
             a.get()
+        assert str(raised.value).startswith(f"your parked GPU state is gone: {agent}"), \
+            raised.value
+        assert released or str(raised.value).startswith(f"your parked GPU state is gone: "
+                                                        f"{drained}"), raised.value
+        assert "re-run the code that creates your device arrays" in str(raised.value)
         told = capsys.readouterr().err
-        assert f"The GPU agent at {first.endpoint} shut down (a drain, SIGTERM) and no other " \
-               "agent of its pool took your parked GPU state" in told, told
+        assert f"The GPU agent at {first.endpoint}" in told, told
         assert np.array_equal(gpuarray.to_gpu(np.arange(5.0)).get(), np.arange(5.0))
         assert get_session().endpoint == second.endpoint
 

@@ -21,7 +21,8 @@ import pytest
 from gpu_agent import protocol as P
 from gpu_agent.sizes import format_bytes
 from harp_jupyter.magics import LeaseStatus
-from harp_jupyter.shim.errors import GPULostError
+from harp_jupyter.shim import session as session_module
+from harp_jupyter.shim.errors import GPULostError, LeaseLostError
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
 from tests.agent_client import RawClient
@@ -92,10 +93,15 @@ def test_calls_waiting_behind_a_running_batch_run_once_after_the_agent_parks_the
 
 def test_a_release_racing_the_agents_park_is_a_quiet_success(agent_starter: Any) -> None:
     """``%harp release`` just as the agent parked the session by itself (a reclaim, the lease's
-    end), before word of it reached the session: 'already parked', not a SessionError."""
-    agent = agent_starter()
+    end), before word of it reached the session: 'already parked', not a SessionError.
+
+    The keeper hears that the lease ended from the agent's push to its connection, at once (the
+    lease was released from another connection): with a 600 s ttl its next renewal, which also
+    says so, is 200 s away."""
+    agent = agent_starter("--lease-ttl", "600")
     data = np.arange(1000, dtype=np.float64)
     with script_session([agent.endpoint]) as (session, source):
+        source.keeper.config.lease_ttl = 600.0
         addr = put(session, data)
         source.holder = None  # the keeper's word that the lease ended is late to the session
         end_lease_elsewhere(source, agent.endpoint)
@@ -237,15 +243,22 @@ class HoldingProxy(WorkerProxy):
     def __init__(self, ports: list[int]) -> None:
         self.held = threading.Event()
         self._budgets: list[list[int | None]] = []
+        #: the budget connections opened from now on start with (None: not held)
+        self._new_budget: int | None = None
         super().__init__(ports)
 
-    def hold(self, nbytes: int) -> None:
+    def hold(self, nbytes: int | None, *, new_connections: bool = False) -> None:
+        """Let ``nbytes`` more through on the open connections, or (``new_connections``) on
+        those opened from now on only; None: forward freely."""
+        if new_connections:
+            self._new_budget = nbytes
+            return
         for budget in self._budgets:
             budget[0] = nbytes
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
-        budget: list[int | None] = [None]
+        budget: list[int | None] = [self._new_budget]
         self._budgets.append(budget)
 
         async def upward() -> None:
@@ -365,3 +378,83 @@ def test_a_call_sent_on_a_link_known_dropped_runs_once_after_the_restore(
                           {}, None)
         assert session.restores == 1
         assert np.array_equal(get(session, counter_addr, counter), counter + 1)
+
+
+def window_full(session: RemoteSession, other_than: Any = None) -> bool:
+    """The session's writer (a new one, when ``other_than`` is given) has as many batches on
+    their way as it may: the next one waits for a reply (none comes: the proxy holds them)."""
+    writer = session.current_writer()
+    return (writer is not None and writer is not other_than
+            and writer.inflight >= writer.max_inflight)
+
+
+def park_twice(session: RemoteSession, source: DirectLeaseSource, endpoint: str,
+               proxy: HoldingProxy, failures: list[BaseException]) -> threading.Thread:
+    """Ends the lease once the session's window is full (its sends stalled in the proxy), and
+    again once the restored session's is; the restore after that sends freely."""
+    def run() -> None:
+        try:
+            eventually(lambda: window_full(session))
+            first = session.current_writer()
+            end_lease_elsewhere(source, endpoint)
+            eventually(lambda: window_full(session, other_than=first))
+            proxy.hold(None, new_connections=True)
+            end_lease_elsewhere(source, endpoint)
+        except BaseException as e:  # reported by the test's thread
+            failures.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_second_park_during_the_restores_resend_restores_again() -> None:
+    """The agent parks the session while ten 16 MiB copies are on their way (8 sent, the window
+    full), and again while the restored session sends them again: its 9th must wait for a
+    reply, and the link drops under that wait. The session waits and restores once more
+    (it used to raise GPULostError from the restore); every copy runs exactly once."""
+    big = np.random.default_rng(11).random(160 * MiB // 8)
+    failures: list[BaseException] = []
+    with agent_behind_proxy() as (endpoint, proxy), \
+            script_session([endpoint]) as (session, source):
+        big_addr = session.alloc(big.nbytes)
+        session.synchronize()
+        proxy.hold(64 << 10)
+        proxy.hold(64 << 10, new_connections=True)
+        ender = park_twice(session, source, endpoint, proxy, failures)
+        session.htod(big_addr, big, keep=True)  # ten batches, one per chunk
+        back = get(session, big_addr, big)
+        ender.join(30)
+        assert not failures, failures
+        assert session.restores == 2 and session.parks == 0
+        assert np.array_equal(back, big)
+
+
+def test_parks_during_restores_are_bounded_and_then_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``RESTORE_PARKS`` parks in a row during restores (here 1, so the second park ends
+    it), the GPU call says what happened, and which calls did not run, instead of restoring
+    forever; the session stays parked, and the program's next GPU call restores it."""
+    monkeypatch.setattr(session_module, "RESTORE_PARKS", 1)
+    big = np.random.default_rng(12).random(160 * MiB // 8)
+    failures: list[BaseException] = []
+    with agent_behind_proxy() as (endpoint, proxy), \
+            script_session([endpoint]) as (session, source):
+        big_addr = session.alloc(big.nbytes)
+        session.synchronize()
+        proxy.hold(64 << 10)
+        proxy.hold(64 << 10, new_connections=True)
+        ender = park_twice(session, source, endpoint, proxy, failures)
+        session.htod(big_addr, big, keep=True)
+        with pytest.raises(LeaseLostError) as raised:
+            get(session, big_addr, big)
+        ender.join(30)
+        assert not failures, failures
+        message = str(raised.value)
+        assert message.startswith("the agent parked this kernel's GPU session 1 time in a row "
+                                  "while it was being restored"), message
+        assert "GPU calls did not run" in message and "re-run the code" in message
+        assert "test_reclaim_races.py" in message  # the first call that did not run: here
+        assert session.parked
+        session.htod(big_addr, big, keep=True)  # run again: once
+        assert np.array_equal(get(session, big_addr, big), big)
+        assert session.restores == 2  # the one the second park cut, and this one

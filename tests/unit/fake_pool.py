@@ -168,6 +168,10 @@ class FakeLeaseClient:
     def _agent(self, endpoint: str) -> FakeAgent:
         return self.pool.agents[endpoint]
 
+    async def status(self, endpoint: str, timeout: float | None = None) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return self._agent(endpoint).status()
+
     async def statuses(self, endpoints: list[str], timeout: float | None = None
                        ) -> dict[str, dict[str, Any]]:
         await asyncio.sleep(0)

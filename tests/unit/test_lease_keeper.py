@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from provisioner.control import ControlError
-from provisioner.keeper import LeaseKeeper
+from provisioner.keeper import LeaseKeeper, grant
 from provisioner.keeper_config import KeeperConfig
 from provisioner.lease_record import (
     HeldLease,
@@ -259,10 +259,10 @@ def test_pushes_about_other_leases_or_live_states_change_nothing() -> None:
 def test_grant_names_the_agent_the_state_moves_from() -> None:
     k = keeper()
     hold(k, granted_at=990.0)
-    assert k._grant("tcp://other:1") == {"t": "grant", "agent": AGENT,
-                                         "lease": ["lease-1", "token-1"],
-                                         "from": "tcp://other:1"}
-    assert k._grant(AGENT)["from"] is None and k._grant(None)["from"] is None
+    assert grant(k.lease, "tcp://other:1") == {"t": "grant", "agent": AGENT,
+                                               "lease": ["lease-1", "token-1"],
+                                               "from": "tcp://other:1"}
+    assert grant(k.lease, AGENT)["from"] is None and grant(k.lease, None)["from"] is None
 
 
 # {{{ histories on a fake pool

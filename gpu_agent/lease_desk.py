@@ -20,6 +20,7 @@ from gpu_agent.errors import AgentError
 from gpu_agent.leases import Lease, LeaseState, LeaseTable
 from gpu_agent.limits import AgentLimits
 from gpu_agent.metrics import AgentMetrics
+from gpu_agent.sizes import format_bytes
 from gpu_agent.tenants import Outbox, Session, SessionBook, SessionState, read_text
 from gpu_agent.workers import WorkerPool
 
@@ -65,11 +66,13 @@ class LeaseDesk:
         secret = self._text(header, "kernel_secret")
         user = header.get("user") if isinstance(header.get("user"), str) else ""
         if len(user) > self.limits.max_secret:
-            raise AgentError("ProtocolError", "user name too long")
+            raise AgentError("ProtocolError", f"user name of {len(user)} characters: this agent "
+                             f"takes at most {self.limits.max_secret} (harp-agent --max-secret)")
         info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        if len(msgpack.packb(info, default=str)) > self.limits.max_lease_info:
-            raise AgentError("ProtocolError", f"lease info larger than "
-                             f"{self.limits.max_lease_info} bytes (harp-agent --max-lease-info)")
+        if (packed := len(msgpack.packb(info, default=str))) > self.limits.max_lease_info:
+            raise AgentError("ProtocolError", (
+                f"lease info of {format_bytes(packed)}: this agent takes at most "
+                f"{format_bytes(self.limits.max_lease_info)} (harp-agent --max-lease-info)"))
         self.book.check_secret(kernel_id, secret)
         for lease in self.active_leases():
             if lease.kernel_id == kernel_id:  # a resent request: the same lease again

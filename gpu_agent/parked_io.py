@@ -205,7 +205,8 @@ class AgentPeer:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(int(left * 1000)):
                 raise AgentError("StateLost", f"the agent at {self.endpoint} that holds the "
-                                 f"parked state did not answer within {self.timeout:g} s")
+                                 f"parked state did not answer within {self.timeout:g} s "
+                                 "(harp-agent --fetch-timeout)")
             reply, frames = P.decode(self.socket.recv_multipart(copy=False))
             if reply.get("rid") != self._rid:
                 continue

@@ -214,16 +214,26 @@ class SessionBook:
     # }}}
 
 
+#: the ids and tokens the agent makes itself (leases, sessions) are at most this long whatever
+#: --max-secret says: that flag bounds what clients choose, and must not refuse the agent's own
+AGENT_TOKEN_CHARS = 64
+_AGENT_MADE = frozenset({"lease_id", "token", "session", "resume_token"})
+
+
 def read_text(header: dict[str, Any], key: str, max_length: int) -> str:
-    """``header[key]`` when it is a non-empty string of at most ``max_length`` characters."""
+    """``header[key]`` when it is a non-empty string of at most ``max_length`` characters
+    (``AGENT_TOKEN_CHARS`` for the ids and tokens the agent made)."""
     value = header.get(key)
+    agent_made = key in _AGENT_MADE
+    if agent_made:
+        max_length = AGENT_TOKEN_CHARS
     if isinstance(value, str) and len(value) > max_length:
-        raise AgentError("ProtocolError", f"{header.get('t')}'s {key} is {len(value)} "
-                         f"characters: this agent takes at most {max_length} characters "
-                         "(harp-agent --max-secret)")
+        raise AgentError("ProtocolError", (
+            f"{key} of {len(value)} characters: this agent takes at most {max_length} "
+            "characters" + ("" if agent_made else " (harp-agent --max-secret)")))
     if not (isinstance(value, str) and value):
-        raise AgentError("ProtocolError", f"{header.get('t')} needs a string {key} of at "
-                         f"most {max_length} characters")
+        raise AgentError("ProtocolError", f"{header.get('t') or 'this message'} needs a string "
+                         f"{key} of at most {max_length} characters")
     return value
 
 

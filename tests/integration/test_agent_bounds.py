@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,36 +212,100 @@ def test_disconnect_grace_ends_a_session_whose_client_vanished(agent_starter: An
         neighbour.close()
 
 
-def test_unread_replies_bound_a_slow_readers_replies_in_the_worker(agent_starter: Any) -> None:
-    """Past --unread-replies the worker stops reading that client's batches: its replies wait
-    in its client, not in the agent's memory, and the tenant in the other slot is served."""
+class SlowReader:
+    """A client that sends batches and then reads nothing: it speaks ZeroMQ's wire protocol
+    (ZMTP 3.0, NULL mechanism, as a DEALER) on a plain TCP socket with a small receive buffer,
+    so no ZeroMQ I/O thread on this side drains the worker's replies while the test looks."""
+
+    def __init__(self, endpoint: str) -> None:
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+        self.sock.settimeout(30)
+        self.sock.connect((host, int(port)))
+        self.sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0")
+                          + b"\0" * 32)
+        self._exactly(64)  # the worker's greeting
+        name, value = b"Socket-Type", b"DEALER"
+        body = (b"\x05READY" + bytes([len(name)]) + name + len(value).to_bytes(4, "big")
+                + value)
+        self.sock.sendall(b"\x04" + bytes([len(body)]) + body)
+        self._frame()  # the worker's READY
+
+    def send(self, frames: list[Any]) -> None:
+        out = bytearray()
+        for i, frame in enumerate(frames):
+            data = bytes(frame)
+            more = 1 if i < len(frames) - 1 else 0
+            if len(data) < 256:
+                out += bytes([more]) + bytes([len(data)]) + data
+            else:
+                out += bytes([more | 2]) + len(data).to_bytes(8, "big") + data
+        self.sock.sendall(out)
+
+    def receive(self) -> list[bytes]:
+        frames = []
+        while True:
+            flags, data = self._frame()
+            frames.append(data)
+            if not flags & 1:
+                return frames
+
+    def _frame(self) -> tuple[int, bytes]:
+        flags = self._exactly(1)[0]
+        size = int.from_bytes(self._exactly(8 if flags & 2 else 1), "big")
+        return flags, self._exactly(size)
+
+    def _exactly(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            got = self.sock.recv(min(n - len(data), 1 << 20))
+            assert got, "the worker closed the connection"
+            data += got
+        return bytes(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_unread_replies_bound_a_slow_readers_replies_in_the_worker(
+        agent_starter: Any) -> None:
+    """Past --unread-replies the worker stops reading a client's batches: the replies it leaves
+    unread wait in its own socket buffers, not in the agent's memory; the other slot's tenant
+    is served meanwhile, and the slow reader gets everything, in order, once it reads."""
     agent = agent_starter("--unread-replies", "2", "--slots", "2")
-    slow, neighbour = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    client, neighbour = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    slow: SlowReader | None = None
     try:
-        base = stored(slow, b"\x07" * 16)
+        base = stored(client, b"\x07" * 16)
         neighbour_base = stored(neighbour, b"neighbour")
-        worker = _worker_serving(agent, slow.welcome)
+        welcome = client.welcome
+        assert welcome is not None
+        worker = _worker_listening_on(agent, int(welcome["worker"].rsplit(":", 1)[1]))
         rss = worker.memory_info().rss
-        assert slow.data is not None
-        for seq in range(1, 201):  # 200 MiB of replies nobody reads
-            slow.data.send_multipart(P.encode(
-                {"t": P.BATCH, "q": 1000 + seq, "c": [["dtoh", base, MiB, None]]}))
-        assert slow.data.poll(10_000)  # the worker is answering (and then blocks)
+        slow = SlowReader(welcome["worker"])
+        slow.send([P.pack_header({"t": P.ATTACH, "session": welcome["session"],
+                                  "attach": welcome["attach"]})])
+        assert P.decode(slow.receive())[0]["t"] == P.ATTACHED
+        for seq in range(1, 201):  # 200 MiB of replies, which it does not read
+            slow.send(P.encode({"t": P.BATCH, "q": seq, "c": [["dtoh", base, MiB, None]]}))
         samples = []
-        for _ in range(20):  # sampled while it runs into the bound
+        for _ in range(300):  # sampled while the worker runs into the bound (unbounded, it
+            # holds past 48 MiB of replies well before the neighbour's 300th round trip)
             samples.append(worker.memory_info().rss - rss)
             assert read_back(neighbour, neighbour_base, 9) == b"neighbour"
         assert max(samples) < 48 * MiB, samples
         for seq in range(1, 201):  # everything still arrives, in order
-            reply, frames = P.decode(slow.data.recv_multipart())
-            assert reply["q"] == 1000 + seq and len(frames[0]) == MiB
+            reply, frames = P.decode(slow.receive())
+            assert reply["q"] == seq and len(frames[0]) == MiB, reply
     finally:
-        slow.close()
+        if slow is not None:
+            slow.close()
+        client.close()
         neighbour.close()
 
 
-def _worker_serving(agent: Any, welcome: dict) -> psutil.Process:
-    port = int(welcome["worker"].rsplit(":", 1)[1])
+def _worker_listening_on(agent: Any, port: int) -> psutil.Process:
     for child in psutil.Process(agent.process.pid).children():
         for connection in child.net_connections(kind="tcp"):
             if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:

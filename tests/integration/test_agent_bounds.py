@@ -412,3 +412,21 @@ def _continue_workers(agent: Any) -> None:
             child.send_signal(signal.SIGCONT)
         except psutil.NoSuchProcess:
             pass
+
+
+def test_park_memory_dir_is_where_parked_state_lives_in_memory(agent_starter: Any,
+                                                                 tmp_path: Path) -> None:
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    agent = agent_starter("--park-memory-dir", str(memory), "--park-memory", "8MiB")
+    client = RawClient(agent.endpoint)
+    try:
+        parked = park(client, b"parked")
+        files = [p for p in memory.rglob("*") if p.is_file()]
+        assert files and all(parked["session"] in p.name for p in files), files
+        assert resume(client, parked)["t"] == P.WELCOME
+        assert read_back(client, parked["base"], 6) == b"parked"
+        wait_for(lambda: not any(p.is_file() for p in memory.rglob("*")),
+                 what="the restored session's files to go")
+    finally:
+        client.close()

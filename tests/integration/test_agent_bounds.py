@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,9 @@ import psutil
 import pytest
 import zmq
 
+from gpu_agent import compile_cache
 from gpu_agent import protocol as P
+from gpu_agent.compile_cache import SessionCompileCache
 from tests.agent_client import RawClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -430,3 +433,69 @@ def test_park_memory_dir_is_where_parked_state_lives_in_memory(agent_starter: An
                  what="the restored session's files to go")
     finally:
         client.close()
+
+
+def test_a_park_counts_the_sessions_compiled_code_against_park_limit(
+        agent_starter: Any) -> None:
+    """The park plan adds the code nvcc made for a session (its worker's status page
+    ``code_bytes``) to its device memory. The emulated executor compiles nothing, so the
+    session gets its code as a moved one does: fetched, with its parked state, from an agent
+    that drained (here a socket answering as one)."""
+    code = SessionCompileCache()
+    code.get_or_compile(SessionCompileCache.key("kernel", [], "nvcc", "cubin"),
+                        lambda: b"\x7fcubin" * (1 << 20))  # 6 MiB of compiled code
+    records = b"".join(code.records())
+    agent = agent_starter("--park-memory", "4MiB", "--park-limit", "4MiB", "--slots", "2")
+    moved, neighbour = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    origin = zmq.Context.instance().socket(zmq.ROUTER)
+    origin.setsockopt(zmq.LINGER, 0)
+    origin_endpoint = f"tcp://127.0.0.1:{origin.bind_to_random_port('tcp://127.0.0.1')}"
+    base = P.ADDRESS_SPACE_BASE + 9 * P.SESSION_RANGE_SIZE
+    device = b"\x05" * P.GRANULARITY
+
+    def serve_as_origin() -> None:
+        while origin.poll(20_000):
+            route, raw = origin.recv_multipart()
+            request = P.unpack_header(raw)
+            reply: dict[str, Any] = {"t": P.PARKED_STATE, "rid": request["rid"]}
+            frames: list[bytes] = []
+            if request["t"] == P.PARKED_FETCH:
+                reply["manifest"] = {
+                    "session": "moved-1", "kernel_id": moved.kernel_id, "log": [],
+                    "range": [base, P.SESSION_RANGE_SIZE],
+                    "chunks": [[compile_cache.PARKED_CHUNK, len(records)],
+                               [base, len(device)]]}
+            elif request["t"] == P.PARKED_CHUNK:
+                data = records if request["addr"] == compile_cache.PARKED_CHUNK else device
+                frames = [data[request["offset"]:request["offset"] + request["size"]]]
+            else:
+                reply["t"] = P.DROPPED
+            origin.send_multipart([route, P.pack_header(reply), *frames])
+            if request["t"] == P.PARKED_FORGET:
+                return
+
+    thread = threading.Thread(target=serve_as_origin, daemon=True)
+    thread.start()
+    try:
+        neighbour_base = stored(neighbour, b"neighbour")
+        moved.take_lease()
+        welcome = moved.request({
+            "t": P.HELLO, "v": P.PROTOCOL_VERSION, "client": {}, "rid": 3,
+            "lease": [moved.lease["id"], moved.lease["token"]], "range": [base, 0],
+            "resume": {"session": "moved-1", "resume_token": "t", "from": origin_endpoint}})[0]
+        assert welcome["t"] == P.WELCOME and welcome["resumed"], welcome
+        moved.attach(welcome)
+        assert read_back(moved, base, 4) == b"\x05" * 4
+        thread.join(20)
+        # 2 MiB of device memory fit --park-limit; with its 6 MiB of code the session does not
+        moved.release()
+        notice = moved.next_push(P.LOST)
+        assert notice["e"]["kind"] == "StateLost", notice
+        message = notice["e"]["msg"]
+        assert "device memory and compiled code" in message and "--park-limit" in message
+        assert "8.0 MiB" in message and "4.0 MiB" in message, message
+        assert read_back(neighbour, neighbour_base, 9) == b"neighbour"
+    finally:
+        moved.close()
+        neighbour.close()
+        origin.close(0)

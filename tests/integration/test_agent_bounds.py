@@ -382,15 +382,16 @@ def test_worker_start_timeout_ends_a_worker_that_never_gets_ready(
     switch = tmp_path / "hang"
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("HARP_TEST_HANG_WORKERS_WHEN", str(switch))
-    agent = agent_starter("--worker-start-timeout", "3", "--slots", "2")
-    neighbour, late = RawClient(agent.endpoint), RawClient(agent.endpoint, timeout_ms=30_000)
+    # long enough for a worker to start on a loaded machine (the agent's first must, too)
+    agent = agent_starter("--worker-start-timeout", "10", "--slots", "2")
+    neighbour, late = RawClient(agent.endpoint), RawClient(agent.endpoint, timeout_ms=60_000)
     try:
         switch.touch()  # every worker started from now on hangs
         base = stored(neighbour, b"neighbour")  # takes the warm spare, ready before
         reply = late.hello()
         assert reply["e"]["kind"] == "StateLost", reply
         message = reply["e"]["msg"]
-        assert "did not get ready within 3 s" in message, message
+        assert "did not get ready within 10 s" in message, message
         assert "--worker-start-timeout" in message, message
         assert read_back(neighbour, base, 9) == b"neighbour"
         assert agent.process.poll() is None
@@ -402,7 +403,7 @@ def test_worker_start_timeout_ends_a_worker_that_never_gets_ready(
             assert reply["t"] == P.WELCOME or "--worker-start-timeout" in reply["e"]["msg"]
             return reply["t"] == P.WELCOME
 
-        wait_for(served, 60, "a session on a worker that got ready")
+        wait_for(served, 90, "a session on a worker that got ready")
     finally:
         neighbour.close()
         late.close()

@@ -189,6 +189,8 @@ class AgentPeer:
     def __init__(self, context: zmq.Context, endpoint: str, token: str | None, timeout: float,
                  max_frame: int, curve: ServerKeys | None) -> None:
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
+        #: bytes asked for at once: a piece comes as one frame, within --max-frame
+        self.piece_bytes = min(PIECE_BYTES, max_frame)
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
@@ -218,9 +220,9 @@ class AgentPeer:
 
     def pieces(self, ask: dict[str, Any], addr: int, size: int
                ) -> Iterator[tuple[int, memoryview]]:
-        """(offset, bytes) of one parked chunk, fetched ``PIECE_BYTES`` at a time."""
-        for offset in range(0, size, PIECE_BYTES):
-            nbytes = min(PIECE_BYTES, size - offset)
+        """(offset, bytes) of one parked chunk, fetched ``piece_bytes`` at a time."""
+        for offset in range(0, size, self.piece_bytes):
+            nbytes = min(self.piece_bytes, size - offset)
             _, frames = self.request({"t": P.PARKED_CHUNK, "addr": addr, "offset": offset,
                                       "size": nbytes, **ask})
             piece = frames[0].buffer if frames else memoryview(b"")

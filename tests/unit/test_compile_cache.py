@@ -242,6 +242,15 @@ def test_code_fetched_from_another_agent_is_checked_before_it_is_kept() -> None:
         compile_cache.SESSION.forget()
 
 
+def test_device_memory_is_fetched_in_pieces_within_max_frame() -> None:
+    """A piece of parked state comes as one frame: an agent with a --max-frame below
+    PIECE_BYTES asks for pieces it can take (_io()'s is 1 MiB)."""
+    data = bytes(range(256)) * (16 << 10)  # 4 MiB
+    origin = _Origin({P.ADDRESS_SPACE_BASE: data})
+    assert _fetch(origin) == len(data)
+    assert origin.asked == [P.ADDRESS_SPACE_BASE] * 4
+
+
 def test_objects_fetched_from_another_agent_are_bounded_before_any_is_fetched() -> None:
     """Torch objects are held whole in host memory while rebuilt: a hostile agent's manifest
     that lists more of them, or more bytes, than a session of this slot can have is refused

@@ -66,15 +66,13 @@ class LeaseDesk:
         secret = self._text(header, "kernel_secret")
         user = header.get("user") if isinstance(header.get("user"), str) else ""
         if len(user) > self.limits.max_secret:
-            raise AgentError("ProtocolError", f"the user name is longer than the "
-                             f"{self.limits.max_secret} characters this agent accepts "
-                             "(harp-agent --max-secret)")
+            raise AgentError("ProtocolError", f"user name of {len(user)} characters: this agent "
+                             f"takes at most {self.limits.max_secret} (harp-agent --max-secret)")
         info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        size = len(msgpack.packb(info, default=str))
-        if size > self.limits.max_lease_info:
-            raise AgentError("ProtocolError", f"the lease info ({format_bytes(size)} packed) is "
-                             f"larger than the {format_bytes(self.limits.max_lease_info)} this "
-                             "agent accepts (harp-agent --max-lease-info)")
+        if (packed := len(msgpack.packb(info, default=str))) > self.limits.max_lease_info:
+            raise AgentError("ProtocolError", (
+                f"lease info of {format_bytes(packed)}: this agent takes at most "
+                f"{format_bytes(self.limits.max_lease_info)} (harp-agent --max-lease-info)"))
         self.book.check_secret(kernel_id, secret)
         for lease in self.active_leases():
             if lease.kernel_id == kernel_id:  # a resent request: the same lease again
@@ -97,13 +95,8 @@ class LeaseDesk:
     def release(self, route: bytes, header: dict[str, Any]) -> None:
         changed = self.leases.release(*self._lease_ref(header))
         lease = changed[0]
-        holder = self.lease_routes.get(lease.lease_id)
         self._reply_lease(route, header, lease)
         self.lease_routes.pop(lease.lease_id, None)
-        if holder is not None and holder != route:
-            # released from another connection (it had the token): the one that holds the
-            # lease hears it now, not at its next renewal
-            self.outbox.send(holder, {"t": P.LEASE, "lease": self.lease_info(lease)})
         self.tell([x for x in self.settle(changed) if x is not lease])
 
     def held(self, ref: Any) -> Lease:

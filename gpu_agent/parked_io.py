@@ -27,11 +27,16 @@ from gpu_agent.batches import BatchRunner
 from gpu_agent.curve import ServerKeys, connect_encrypted
 from gpu_agent.errors import AgentError
 from gpu_agent.executors.base import is_object_chunk, object_chunk_address
+from gpu_agent.executors.torch_ops import MAX_TENSORS
+from gpu_agent.sizes import format_bytes
 
 log = logging.getLogger("harp.agent.worker")
 
 #: bytes moved per step when parking, restoring or fetching (bounds the worker's host memory)
 PIECE_BYTES = 64 << 20
+#: room for the index of a session's tensors among its parked objects, past their storages
+#: (which fit the slot): MAX_TENSORS entries of a few hundred bytes each
+OBJECT_INDEX_BYTES = 128 << 20
 
 
 class ParkedStateIO:
@@ -139,6 +144,7 @@ class ParkedStateIO:
                     raise AgentError("StateLost", "malformed chunk list in the manifest")
             if [c[0] for c in manifest["chunks"]].count(compile_cache.PARKED_CHUNK) > 1:
                 raise AgentError("StateLost", "the manifest lists the compiled code twice")
+            _check_objects(manifest["chunks"], runner.memory_cap, str(fetch["endpoint"]))
             total = 0
             for addr, size in manifest["chunks"]:
                 if addr == compile_cache.PARKED_CHUNK:
@@ -183,6 +189,8 @@ class AgentPeer:
     def __init__(self, context: zmq.Context, endpoint: str, token: str | None, timeout: float,
                  max_frame: int, curve: ServerKeys | None) -> None:
         self.endpoint, self.token, self.timeout = endpoint, token, timeout
+        #: bytes asked for at once: a piece comes as one frame, within --max-frame
+        self.piece_bytes = min(PIECE_BYTES, max_frame)
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
@@ -199,7 +207,8 @@ class AgentPeer:
             left = deadline - time.monotonic()
             if left <= 0 or not self.socket.poll(int(left * 1000)):
                 raise AgentError("StateLost", f"the agent at {self.endpoint} that holds the "
-                                 f"parked state did not answer within {self.timeout:g} s")
+                                 f"parked state did not answer within {self.timeout:g} s "
+                                 "(harp-agent --fetch-timeout)")
             reply, frames = P.decode(self.socket.recv_multipart(copy=False))
             if reply.get("rid") != self._rid:
                 continue
@@ -211,9 +220,9 @@ class AgentPeer:
 
     def pieces(self, ask: dict[str, Any], addr: int, size: int
                ) -> Iterator[tuple[int, memoryview]]:
-        """(offset, bytes) of one parked chunk, fetched ``PIECE_BYTES`` at a time."""
-        for offset in range(0, size, PIECE_BYTES):
-            nbytes = min(PIECE_BYTES, size - offset)
+        """(offset, bytes) of one parked chunk, fetched ``piece_bytes`` at a time."""
+        for offset in range(0, size, self.piece_bytes):
+            nbytes = min(self.piece_bytes, size - offset)
             _, frames = self.request({"t": P.PARKED_CHUNK, "addr": addr, "offset": offset,
                                       "size": nbytes, **ask})
             piece = frames[0].buffer if frames else memoryview(b"")
@@ -223,6 +232,23 @@ class AgentPeer:
 
     def close(self) -> None:
         self.socket.close(0)
+
+
+def _check_objects(chunks: list[list[int]], memory_cap: int, origin: str) -> None:
+    """Objects outside device memory (torch tensors: an index, then each storage) are held whole
+    in host memory while they are rebuilt: from another agent, at most one per tensor a session
+    may have, and no more bytes than the slot's memory (where they go) plus their index, all
+    checked before any is fetched. Device chunks need no such check: each is ``alloc``-ed,
+    within the slot, before its bytes come."""
+    sizes = [size for addr, size in chunks if is_object_chunk(addr)]
+    limit = memory_cap + OBJECT_INDEX_BYTES
+    if len(sizes) > MAX_TENSORS + 1 or sum(sizes) > limit:
+        raise AgentError("StateLost", (
+            f"the agent at {origin} offered {len(sizes)} parked objects of "
+            f"{format_bytes(sum(sizes))} outside device memory: more than a session of this "
+            f"agent's slots can hold (at most {MAX_TENSORS + 1} objects of "
+            f"{format_bytes(limit)}: the slot's memory, harp-agent --slot-memory, and their "
+            "index); nothing of it was fetched"))
 
 
 def _replay(runner: BatchRunner, calls: list[Any]) -> None:

@@ -107,17 +107,18 @@ class ParkStore:
     # {{{ a park: plan, then put (or cancel)
 
     def plan(self, session_id: str, nbytes: int, kernel_limit: int | None = None) -> ParkPlan:
-        """Room for a park of ``nbytes``; drops the oldest parked states when that makes room.
-        AgentError(StateLost) when it can't fit at all (nothing is dropped then)."""
+        """Room for a park of ``nbytes`` (the session's device memory and its compiled code);
+        drops the oldest parked states when that makes room. AgentError(StateLost) when it
+        can't fit at all (nothing is dropped then)."""
+        what = f"its {format_bytes(nbytes)} of device memory and compiled code are"
         if kernel_limit is not None and nbytes > kernel_limit:
             raise AgentError("StateLost", (
-                f"its {format_bytes(nbytes)} of device memory are more than its kernel lets the "
-                f"agent keep ({format_bytes(kernel_limit)}, park_limit / HARP_PARK_LIMIT)"))
+                f"{what} more than its kernel lets the agent keep "
+                f"({format_bytes(kernel_limit)}, park_limit / HARP_PARK_LIMIT)"))
         if nbytes > self.limit:
             raise AgentError("StateLost", (
-                f"its {format_bytes(nbytes)} of device memory are more than this agent can keep "
-                f"parked ({format_bytes(self.limit)} in host memory and on disk, harp-agent "
-                "--park-limit)"))
+                f"{what} more than this agent can keep parked ({format_bytes(self.limit)} in "
+                "host memory and on disk, harp-agent --park-limit)"))
         evicted: list[str] = []
         for old in sorted(self._parked.values(), key=lambda p: p.parked_at):
             if self.total_bytes + nbytes <= self.limit:

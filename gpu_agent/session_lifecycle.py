@@ -169,6 +169,9 @@ class SessionLifecycle:
             session.waiting.clear()
         elif kind == W.OPEN_FAILED:
             error = header.get("e") if isinstance(header.get("e"), dict) else {}
+            reason = str(error.get("msg"))
+            if error.get("kind") == "StateLost":  # what is gone, and what the owner can do
+                error = {**error, "msg": lost_message(reason)}
             self._after_open.pop(worker.worker_id, None)
             for route, request in session.waiting:
                 self.outbox.send(route, {"t": P.ERROR, "rid": request.get("rid"), "e": error})
@@ -176,7 +179,7 @@ class SessionLifecycle:
             session.worker = None
             self.book.remove(session)
             if error.get("kind") == "StateLost":
-                self.parking.remember(session.session_id, str(error.get("msg")))
+                self.parking.remember(session.session_id, reason)
         elif kind == W.PARKED:
             self._parked(session, header)
         elif kind == W.PARK_FAILED:
@@ -218,8 +221,8 @@ class SessionLifecycle:
                     "the next GPU call leases again and restores it"))})
         session.waiting.clear()
         self.metrics.parked(parked.nbytes, self._clock() - session.moving_since)
-        log.info("session %s parked (%d bytes, %d on disk)", session.session_id,
-                 parked.nbytes, parked.disk_bytes)
+        log.info("session %s parked (%s, %s on disk)", session.session_id,
+                 format_bytes(parked.nbytes), format_bytes(parked.disk_bytes))
         self.desk.update()
 
     def worker_exited(self, worker: WorkerHandle, code: int) -> None:
@@ -253,8 +256,11 @@ class SessionLifecycle:
                 if exited is not None and now - exited > PARK_REPORT_S:
                     self.end(session, "its worker ended without reporting the park", lost=True)
                 continue
-            if session.gone_at is not None and now - session.gone_at > self.limits.disconnect_grace:
-                self.end(session, "its client went away without saying bye")
+            grace = self.limits.disconnect_grace
+            if session.gone_at is not None and now - session.gone_at > grace:
+                self.end(session, f"its client's connection dropped without a bye and did not "
+                         f"come back within {grace:g} s (harp-agent --disconnect-grace)",
+                         lost=True)
                 self.desk.release_with_process(session)
                 continue
             busy_since = worker.figures().get("busy_since_ns", 0)

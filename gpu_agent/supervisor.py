@@ -125,7 +125,8 @@ class Supervisor:
             for _worker, code in self.workers.reap(time.monotonic(), timeout):
                 raise RuntimeError(f"its first GPU worker exited (code {code}) before it was "
                                    "ready: see the worker's messages above")
-        raise RuntimeError(f"no GPU worker was ready within {timeout:g} s")
+        raise RuntimeError(f"no GPU worker was ready within {timeout:g} s (harp-agent "
+                           "--worker-start-timeout): see the worker's messages above")
 
     def device_info(self) -> dict[str, Any]:
         """The device as a session sees it: the worker's facts, its memory the slot's."""

@@ -171,8 +171,9 @@ class SessionBook:
                         key=lambda s: s.started)
         mine = [s for s in parked if s.kernel_id == kernel_id]
         for session in mine[:max(len(mine) - self.limits.sessions_per_kernel + 1, 0)]:
-            self.parking.drop(session.session_id, "its kernel made more sessions than an agent "
-                              "keeps for one kernel (harp-agent --sessions-per-kernel)")
+            self.parking.drop(session.session_id, (
+                "its kernel made more sessions than an agent keeps for one kernel "
+                f"({self.limits.sessions_per_kernel}, harp-agent --sessions-per-kernel)"))
             self.forget(session)
             parked.remove(session)
         excess = len(self.sessions) - self.limits.max_sessions + 1
@@ -181,8 +182,9 @@ class SessionBook:
                               f"{self.limits.max_sessions} sessions (harp-agent --max-sessions)")
             self.forget(session)
         if len(self.sessions) >= self.limits.max_sessions:
-            raise AgentError("SessionError", f"this agent already serves "
-                             f"{self.limits.max_sessions} sessions: try another agent")
+            raise AgentError("SessionError", (
+                f"this agent already serves {self.limits.max_sessions} sessions, all of them "
+                "active (harp-agent --max-sessions): try another agent, or later"))
 
     def free_slot(self, wanted_base: int | None) -> int:
         used = {s.slot for s in self.sessions.values()}
@@ -212,12 +214,26 @@ class SessionBook:
     # }}}
 
 
+#: the ids and tokens the agent makes itself (leases, sessions) are at most this long whatever
+#: --max-secret says: that flag bounds what clients choose, and must not refuse the agent's own
+AGENT_TOKEN_CHARS = 64
+_AGENT_MADE = frozenset({"lease_id", "token", "session", "resume_token"})
+
+
 def read_text(header: dict[str, Any], key: str, max_length: int) -> str:
-    """``header[key]`` when it is a non-empty string of at most ``max_length`` characters."""
+    """``header[key]`` when it is a non-empty string of at most ``max_length`` characters
+    (``AGENT_TOKEN_CHARS`` for the ids and tokens the agent made)."""
     value = header.get(key)
-    if not (isinstance(value, str) and 0 < len(value) <= max_length):
-        raise AgentError("ProtocolError", f"{header.get('t')} needs a string {key} of at "
-                         f"most {max_length} characters")
+    agent_made = key in _AGENT_MADE
+    if agent_made:
+        max_length = AGENT_TOKEN_CHARS
+    if isinstance(value, str) and len(value) > max_length:
+        raise AgentError("ProtocolError", (
+            f"{key} of {len(value)} characters: this agent takes at most {max_length} "
+            "characters" + ("" if agent_made else " (harp-agent --max-secret)")))
+    if not (isinstance(value, str) and value):
+        raise AgentError("ProtocolError", f"{header.get('t') or 'this message'} needs a string "
+                         f"{key} of at most {max_length} characters")
     return value
 
 

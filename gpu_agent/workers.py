@@ -166,7 +166,9 @@ class WorkerPool:
         dead = []
         for handle in list(self.workers.values()):
             if not handle.ready and now - handle.started_at > start_timeout:
-                handle.ended_by = handle.ended_by or "it did not start in time"
+                handle.ended_by = handle.ended_by or (
+                    f"its GPU worker did not get ready within {start_timeout:g} s (harp-agent "
+                    "--worker-start-timeout)")
                 _kill(handle.process)
             code = handle.process.poll()
             if code is not None:

@@ -242,6 +242,35 @@ def test_code_fetched_from_another_agent_is_checked_before_it_is_kept() -> None:
         compile_cache.SESSION.forget()
 
 
+def test_device_memory_is_fetched_in_pieces_within_max_frame() -> None:
+    """A piece of parked state comes as one frame: an agent with a --max-frame below
+    PIECE_BYTES asks for pieces it can take (_io()'s is 1 MiB)."""
+    data = bytes(range(256)) * (16 << 10)  # 4 MiB
+    origin = _Origin({P.ADDRESS_SPACE_BASE: data})
+    assert _fetch(origin) == len(data)
+    assert origin.asked == [P.ADDRESS_SPACE_BASE] * 4
+
+
+def test_objects_fetched_from_another_agent_are_bounded_before_any_is_fetched() -> None:
+    """Torch objects are held whole in host memory while rebuilt: a hostile agent's manifest
+    that lists more of them, or more bytes, than a session of this slot can have is refused
+    before a byte is fetched (device chunks are bounded by their ``alloc``)."""
+    from gpu_agent.executors.base import object_chunk_address
+    from gpu_agent.executors.torch_ops import MAX_TENSORS
+
+    cap = 1 << 30  # the slot of _runner()
+    too_big = _Origin({object_chunk_address(0): b"index", object_chunk_address(1): b""},
+                      {object_chunk_address(0): 5, object_chunk_address(1): 2 * cap})
+    with pytest.raises(AgentError, match=r"2 parked objects of 2\.0 GiB .*--slot-memory"):
+        _fetch(too_big, forgets=False)
+    assert too_big.asked == []
+    too_many = _Origin({})
+    too_many.manifest_chunks = [[object_chunk_address(i), 1] for i in range(MAX_TENSORS + 2)]
+    with pytest.raises(AgentError, match=f"{MAX_TENSORS + 2} parked objects"):
+        _fetch(too_many, forgets=False)
+    assert too_many.asked == []
+
+
 def test_an_nvcc_that_cannot_tell_its_version_compiles_uncached() -> None:
     compiler = _compiler()
 

@@ -1,6 +1,8 @@
 """The worker's reusable page-locked staging for device-to-host copies (gpu_agent.executors
 .pinned_staging), with host arrays standing in for page-locked ones: a buffer is reused only once
-nothing refers to it, the pool never holds more than its limit, small copies are not staged."""
+nothing refers to it, the pool never holds more than its limit (harp-agent --pinned-staging; its
+workers pass it to the pycuda executor, the emulated one stages nothing), small copies are not
+staged."""
 
 from __future__ import annotations
 

@@ -95,8 +95,13 @@ class LeaseDesk:
     def release(self, route: bytes, header: dict[str, Any]) -> None:
         changed = self.leases.release(*self._lease_ref(header))
         lease = changed[0]
+        holder = self.lease_routes.get(lease.lease_id)
         self._reply_lease(route, header, lease)
         self.lease_routes.pop(lease.lease_id, None)
+        if holder is not None and holder != route:
+            # released from another connection (it had the token): the one that holds the
+            # lease hears it now, not at its next renewal
+            self.outbox.send(holder, {"t": P.LEASE, "lease": self.lease_info(lease)})
         self.tell([x for x in self.settle(changed) if x is not lease])
 
     def held(self, ref: Any) -> Lease:

@@ -91,6 +91,9 @@ class SessionParking:
             connection.send({"t": protocol.PARK, "rid": 1, "token": connection.token})
             while True:
                 reply, _ = connection.recv()
+                if reply.get("t") == protocol.LOST and reply.get("session") not in (
+                        None, resume["session"]):
+                    continue  # about a session this connection served before, not this park
                 if reply.get("t") in (protocol.PARKED, protocol.ERROR, protocol.LOST):
                     break
         except GPULostError as e:

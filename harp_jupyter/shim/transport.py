@@ -171,7 +171,8 @@ class AgentConnection:
              track: bool = False) -> zmq.MessageTracker | None:
         """Send one message. Frames are buffers sent zero-copy; with ``track`` the returned
         tracker is done once ZeroMQ no longer reads any of them."""
-        self._check_usable()
+        if self._closed or self._lost is not None:
+            self._check_usable()
         head = protocol.pack_header(header)
         if not frames:
             self._socket.send(head, copy=True)
@@ -208,7 +209,7 @@ class AgentConnection:
             parts = self._receive(wait_ms)
             if parts is not None:
                 try:
-                    header, frames = protocol.decode(parts)
+                    header, frames = protocol.unpack_header(parts[0].buffer), parts[1:]
                 except protocol.ProtocolError as e:
                     raise ProtocolError(
                         f"the agent at {self.label} sent an undecodable message: {e}") from None

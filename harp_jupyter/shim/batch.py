@@ -12,6 +12,9 @@ keeps the window of those unanswered and receives. A call added with ``track=Tru
 batch at once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
 live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
 
+A sync point with nothing queued or in flight sends its call as a batch of its own and waits
+for the reply at once (``call_alone``), with the same in-flight record and delivery.
+
 A call added after the link dropped is kept with the calls not sent yet, and the drop raised:
 when the agent parked the session (not lost it), they are all sent again after the restore.
 

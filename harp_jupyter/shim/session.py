@@ -584,7 +584,7 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            if wait and nbytes <= TRANSFER_CHUNK_BYTES:
+            if wait and 0 < nbytes <= TRANSFER_CHUNK_BYTES:
                 self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
                                ("dtoh", site, _copy_into(view), None))
                 return

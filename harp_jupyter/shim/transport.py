@@ -206,7 +206,13 @@ class AgentConnection:
                 wait_ms = _POLL_SLICE_MS
             # A blocking receive with a time limit wakes fastest when the reply comes (no
             # zmq_poll); the link's state is looked at between the slices.
-            parts = self._receive(wait_ms)
+            if wait_ms != self._receive_timeout_ms:
+                self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._receive_timeout_ms = wait_ms
+            try:
+                parts: list[zmq.Frame] | None = multipart.receive(self._socket)
+            except zmq.Again:
+                parts = None
             if parts is not None:
                 try:
                     header, frames = protocol.unpack_header(parts[0].buffer), parts[1:]
@@ -234,15 +240,6 @@ class AgentConnection:
             if self._established and now - last_heard > self.timeout:
                 self._probe()
                 last_heard = now
-
-    def _receive(self, wait_ms: int) -> list[zmq.Frame] | None:
-        if wait_ms != self._receive_timeout_ms:
-            self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
-            self._receive_timeout_ms = wait_ms
-        try:
-            return multipart.receive(self._socket)
-        except zmq.Again:
-            return None
 
     def poll_alive(self) -> None:
         """Read pending monitor events without blocking; raise GPULostError if the link died."""

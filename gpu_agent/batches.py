@@ -61,6 +61,8 @@ class BatchRunner:
                                   f"{P.MAX_CALLS_PER_BATCH} per batch")
         self.batches += 1
         level = header.get("p")
+        if level is None and len(calls) == 1 and self.lost is None:
+            return self._run_alone(seq, calls[0], frames)
         timer = profiling.BatchTimer(level) if type(level) is int and level > 0 else None
         results: list[list[Any]] = []
         out_frames: list[Any] = []
@@ -81,22 +83,45 @@ class BatchRunner:
                         out_frames.append(value)
                         value = P.frame_ref(len(out_frames))
                     results.append([index, value])
-            except AgentError as e:
-                if e.kind == "ContextLost" or self.executor.context_lost:
-                    self.lost_cause = str(e)
-                    self.lost = _context_lost_message(str(e))
-                    e = AgentError("ContextLost", self.lost, e.code)
-                first_error = first_error or e.to_wire(index=index, op=_op_name(call))
-            except Exception as e:  # an executor bug is reported, never a crash of the worker
-                op = _op_name(call)
-                log.exception("call %s failed", op)
-                first_error = first_error or P.error(
-                    "RuntimeError", f"the agent failed running {op}: {type(e).__name__}: {e} "
-                    "(a bug in harp-agent: please report it)", index=index, op=op)
+            except Exception as e:
+                first_error = first_error or self._failed(e, index, call)
         reply: dict[str, Any] = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
         if timer is not None:
             reply["p"] = timer.reply()
         return reply, out_frames
+
+    def _run_alone(self, seq: int, call: Any, frames: list[Any]
+                   ) -> tuple[dict[str, Any], list[Any]]:
+        """``run`` of a batch of one call, not profiled (a sync point's): the same checks and
+        reply, without the loop's bookkeeping."""
+        try:
+            name, args = P.validate_call(call)
+            positions = P.BUF_POSITIONS.get(name)
+            if positions is not None:
+                args = _resolve_frames(args, positions, frames)
+            value = self.call(name, args)
+        except Exception as e:
+            return {"t": P.REPLY, "q": seq, "r": [], "e": self._failed(e, 0, call)}, []
+        if name not in _RESULT_OPS:
+            return {"t": P.REPLY, "q": seq, "r": [], "e": None}, []
+        if isinstance(value, _BUFFER_TYPES):
+            return {"t": P.REPLY, "q": seq, "r": [[0, _FIRST_FRAME]], "e": None}, [value]
+        return {"t": P.REPLY, "q": seq, "r": [[0, value]], "e": None}, []
+
+    def _failed(self, e: Exception, index: int, call: Any) -> dict[str, Any]:
+        """The wire error of call ``index`` that raised ``e``; a lost context ends the session
+        after this batch."""
+        if isinstance(e, AgentError):
+            if e.kind == "ContextLost" or self.executor.context_lost:
+                self.lost_cause = str(e)
+                self.lost = _context_lost_message(str(e))
+                e = AgentError("ContextLost", self.lost, e.code)
+            return e.to_wire(index=index, op=_op_name(call))
+        # an executor bug is reported, never a crash of the worker
+        op = _op_name(call)
+        log.exception("call %s failed", op)
+        return P.error("RuntimeError", f"the agent failed running {op}: {type(e).__name__}: "
+                       f"{e} (a bug in harp-agent: please report it)", index=index, op=op)
 
     def call(self, name: str, args: list[Any], timer: profiling.BatchTimer | None = None,
              seq: int = 0, index: int = 0) -> Any:
@@ -194,7 +219,12 @@ class BatchRunner:
     @property
     def device_bytes(self) -> int:
         """The session's use of its slot: mapped chunks and objects outside them (tensors)."""
-        return self.ranges.mapped_bytes + self.device.object_bytes()
+        return self.usage()[0]
+
+    def usage(self) -> tuple[int, int]:
+        """``(device_bytes, object bytes)``, each object counted once (the status page's)."""
+        objects = self.device.object_bytes()
+        return self.ranges.mapped_bytes + objects, objects
 
 
 #: derived from protocol.OPS: ops with a result, ops that change the session's mapped ranges,
@@ -205,6 +235,7 @@ _CREATING_OPS = frozenset(name for name, op in P.OPS.items() if op.creates is no
 _TOUCHES = {name: op.touches for name, op in P.OPS.items() if op.touches is not None}
 #: results that travel as frames of their own
 _BUFFER_TYPES = (bytes, bytearray, memoryview, np.ndarray)
+_FIRST_FRAME = P.frame_ref(1)
 
 
 def _op_name(call: Any) -> str | None:

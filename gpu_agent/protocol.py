@@ -208,7 +208,8 @@ def _default(obj: Any) -> Any:
 
 def _ext_hook(code: int, data: bytes) -> Any:
     if code == _EXT_FRAME and len(data) == 4:
-        return frame_ref(_U32.unpack(data)[0])
+        index = _U32.unpack(data)[0]
+        return _FRAME_REFS[index] if index < len(_FRAME_REFS) else FrameRef(index)
     if code == _EXT_COMPLEX and len(data) == 16:
         re, im = _COMPLEX.unpack(data)
         return complex(re, im)

@@ -164,9 +164,9 @@ class Worker:
             reply, out = runner.run(header, frames)
         except AgentError as e:
             reply, out = {"t": P.REPLY, "q": header.get("q"), "r": [], "e": e.to_wire()}, []
+        device_bytes, object_bytes = runner.usage()
         self.status.batch_ended(time.monotonic_ns(), runner.batches, runner.calls,
-                                runner.device_bytes, runner.device.object_bytes(),
-                                compile_cache.SESSION.parked_bytes)
+                                device_bytes, object_bytes, compile_cache.SESSION.parked_bytes)
         printed = self.kernel_output.take()
         if printed:
             reply["out"] = printed

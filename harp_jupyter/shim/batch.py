@@ -12,6 +12,9 @@ keeps the window of those unanswered and receives. A call added with ``track=Tru
 batch at once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
 live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
 
+A sync point with nothing queued or in flight sends its call as a batch of its own and waits
+for the reply at once (``call_alone``), with the same in-flight record and delivery.
+
 A call added after the link dropped is kept with the calls not sent yet, and the drop raised:
 when the agent parked the session (not lost it), they are all sent again after the restore.
 
@@ -46,6 +49,9 @@ __all__ = ["BUF_POSITIONS", "BatchWriter", "CallMeta", "PendingBatch", "Unanswer
 
 DEFAULT_LINGER_S = 0.001
 DEFAULT_FLUSH_BYTES = 8 << 20
+#: ops whose calls need ``CallQueue.add`` (buffers to convert, kernel names to note): never
+#: sent by ``call_alone``
+_GENERAL_OPS = frozenset(BUF_POSITIONS) | profiling.NAMING_OPS
 
 
 class BatchWriter:
@@ -173,6 +179,47 @@ class BatchWriter:
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         return tracker
 
+    def call_alone(self, call: list[Any], meta: CallMeta) -> bool:
+        """A sync point's fast path: send ``call`` as a batch of its own and handle its reply,
+        when nothing is queued, in flight or failed, no profile runs and the call has no buffer
+        to convert or kernel to name; False (nothing sent) otherwise. The batch is in the
+        in-flight record from its send to its reply, as any batch, so a park in between sends
+        it again after the restore; its value goes to ``meta``'s ``on_result``, its error to
+        ``on_call_error``, as ``add`` then ``wait_for`` would."""
+        with self.lock:
+            if (self._fatal is not None or self._queue.calls or self._inflight
+                    or profiling.active is not None or call[0] in _GENERAL_OPS):
+                return False
+            seq = self._next_seq
+            calls, metas = [call], [meta]
+            try:
+                self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls})
+            except GPULostError as e:
+                self._fatal = e
+                self._queue.put_back(calls, metas, [])  # sent again after a restore
+                raise
+            self._next_seq = seq + 1
+            pending = PendingBatch(seq, metas, calls=calls)
+            self._inflight.append(pending)
+            self.batches_sent += 1
+            self.peak_inflight = self.peak_inflight or 1
+            try:
+                header, frames = self.connection.recv(None)
+            except GPULostError as e:
+                self._fatal = e
+                raise
+            if header.get("t") == protocol.REPLY and header.get("q") == seq:
+                self._inflight.popleft()
+                if "out" in header:
+                    self._replies.accept(pending, header, frames, profiled=False)
+                else:
+                    self._replies.deliver(pending, header, frames)
+                return True
+            self._handle_locked(header, frames)  # another message: the general way
+            while self._inflight:
+                self._receive_one_locked()
+            return True
+
     def wait_for(self, seq: int) -> None:
         """Receive replies until batch ``seq`` (and all before it) is acknowledged."""
         with self.lock:
@@ -214,6 +261,10 @@ class BatchWriter:
         except GPULostError as e:
             self._fatal = e
             raise
+        self._handle_locked(header, frames)
+        return True
+
+    def _handle_locked(self, header: dict[str, Any], frames: list[zmq.Frame]) -> None:
         kind = header.get("t")
         if kind == protocol.REPLY:
             pending = self._inflight[0] if self._inflight else None
@@ -234,7 +285,6 @@ class BatchWriter:
                                 f" session's messages: {self._fatal.args[0]}",)
             raise self._fatal
         # anything else (a late welcome, an unknown type) is ignored
-        return True
 
     def answered_through(self) -> int:
         """The sequence number of the last batch whose reply arrived (0: none yet)."""

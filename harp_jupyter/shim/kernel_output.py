@@ -14,7 +14,8 @@ import threading
 from typing import Any
 
 _lock = threading.Lock()
-_pending: list[str] = []
+#: text not written yet (a sync point looks before it calls ``flush_kernel_output``)
+pending: list[str] = []
 
 
 def note_reply_output(reply: dict[str, Any]) -> None:
@@ -22,15 +23,15 @@ def note_reply_output(reply: dict[str, Any]) -> None:
     text = reply.get("out")
     if isinstance(text, str) and text:
         with _lock:
-            _pending.append(text)
+            pending.append(text)
 
 
 def flush_kernel_output() -> None:
     """Write the kept text to ``sys.stdout`` now (the user's thread, at a sync point)."""
     with _lock:
-        if not _pending:
+        if not pending:
             return
-        text = "".join(_pending)
-        _pending.clear()
+        text = "".join(pending)
+        pending.clear()
     sys.stdout.write(text)
     sys.stdout.flush()

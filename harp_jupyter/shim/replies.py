@@ -68,10 +68,11 @@ class ReplyDelivery:
                 [m[0] for m in pending.metas], [m[1] for m in pending.metas],
                 pending.details,
                 header.get("p") if isinstance(header.get("p"), dict) else None))
-        self._deliver(pending, header, frames)
+        self.deliver(pending, header, frames)
 
-    def _deliver(self, pending: PendingBatch, header: dict[str, Any],
+    def deliver(self, pending: PendingBatch, header: dict[str, Any],
                  frames: list[zmq.Frame]) -> None:
+        """``accept`` of a reply without printed output, not profiled."""
         metas = pending.metas
         try:
             for index, value in header.get("r") or ():

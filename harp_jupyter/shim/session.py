@@ -32,6 +32,7 @@ from functools import partial
 from typing import Any
 
 from gpu_agent import protocol
+from harp_jupyter.shim import kernel_output
 from harp_jupyter.shim.agent_link import AgentLink
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
 from harp_jupyter.shim.callsite import CallSite, user_call_site
@@ -360,18 +361,34 @@ class RemoteSession:
         call worked, even if an earlier call's error is raised (to free what it made)."""
         writer = self._ensure_connected()
         box: list[Any] = []
-
-        def keep(value: Any) -> None:
-            box.append(value)
-            if on_result is not None:
+        keep: Callable[[Any], None] = box.append
+        if on_result is not None:
+            def keep(value: Any) -> None:
+                box.append(value)
                 on_result(value)
 
         with self.lock:
             if self._deferred:
                 self._send_deferred()
-            self._add(writer, op, args, user_call_site(2), keep, end_batch=True)
-            self._wait_all(self._current_or_restored(writer))
+            self._sync_one(writer, [op, *args], (op, user_call_site(2), keep, None))
         return box[0] if box else None
+
+    def _sync_one(self, writer: BatchWriter, call: list[Any], meta: CallMeta) -> None:
+        """Send everything queued plus ``call`` and wait for every reply (a sync point), the
+        lock held. Alone on the link it goes as a batch of its own straight to its reply
+        (``BatchWriter.call_alone``); otherwise, or when the link drops meanwhile, the general
+        way: queued, sent, waited for, and when the agent parked the session, restored and
+        sent again."""
+        try:
+            if writer.call_alone(call, meta):
+                self.sync_points += 1
+                if self._first_error is not None or kernel_output.pending:
+                    self.raise_deferred_error()
+                return
+            writer.add(call[0], call[1:], meta[1], meta[2], meta[3], end_batch=True)
+        except GPULostError as e:
+            self._parked_meanwhile(writer, e)
+        self._wait_all(self._current_or_restored(writer))
 
     def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
              on_result: Callable[[Any], None] | None = None,
@@ -582,6 +599,10 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._send_deferred()
+            if wait and 0 < nbytes <= TRANSFER_CHUNK_BYTES:
+                self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
+                               ("dtoh", site, _copy_into(view), None))
+                return
             for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
                 size = min(TRANSFER_CHUNK_BYTES, nbytes - offset)
                 self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
@@ -626,7 +647,7 @@ def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool
 
 def _copy_into(target: memoryview) -> Callable[[Any], None]:
     def copy(value: Any) -> None:
-        source = byte_view(value)
+        source = value if type(value) is memoryview else byte_view(value)
         if source.nbytes != target.nbytes:
             raise ProtocolError(f"dtoh returned {source.nbytes} bytes, expected {target.nbytes}")
         target[:] = source

@@ -171,7 +171,8 @@ class AgentConnection:
              track: bool = False) -> zmq.MessageTracker | None:
         """Send one message. Frames are buffers sent zero-copy; with ``track`` the returned
         tracker is done once ZeroMQ no longer reads any of them."""
-        self._check_usable()
+        if self._closed or self._lost is not None:
+            self._check_usable()
         head = protocol.pack_header(header)
         if not frames:
             self._socket.send(head, copy=True)
@@ -205,10 +206,16 @@ class AgentConnection:
                 wait_ms = _POLL_SLICE_MS
             # A blocking receive with a time limit wakes fastest when the reply comes (no
             # zmq_poll); the link's state is looked at between the slices.
-            parts = self._receive(wait_ms)
+            if wait_ms != self._receive_timeout_ms:
+                self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._receive_timeout_ms = wait_ms
+            try:
+                parts: list[zmq.Frame] | None = multipart.receive(self._socket)
+            except zmq.Again:
+                parts = None
             if parts is not None:
                 try:
-                    header, frames = protocol.decode(parts)
+                    header, frames = protocol.unpack_header(parts[0].buffer), parts[1:]
                 except protocol.ProtocolError as e:
                     raise ProtocolError(
                         f"the agent at {self.label} sent an undecodable message: {e}") from None
@@ -233,15 +240,6 @@ class AgentConnection:
             if self._established and now - last_heard > self.timeout:
                 self._probe()
                 last_heard = now
-
-    def _receive(self, wait_ms: int) -> list[zmq.Frame] | None:
-        if wait_ms != self._receive_timeout_ms:
-            self._socket.setsockopt(zmq.RCVTIMEO, wait_ms)
-            self._receive_timeout_ms = wait_ms
-        try:
-            return multipart.receive(self._socket)
-        except zmq.Again:
-            return None
 
     def poll_alive(self) -> None:
         """Read pending monitor events without blocking; raise GPULostError if the link died."""

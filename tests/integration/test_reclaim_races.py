@@ -458,3 +458,37 @@ def test_parks_during_restores_are_bounded_and_then_said(monkeypatch: pytest.Mon
         session.htod(big_addr, big, keep=True)  # run again: once
         assert np.array_equal(get(session, big_addr, big), big)
         assert session.restores == 2  # the one the second park cut, and this one
+
+
+def test_a_lone_sync_call_the_agents_park_leaves_unanswered_runs_once_after_the_restore(
+        ) -> None:
+    """A synchronous call alone on the link goes as a batch of its own straight to its reply.
+    The agent parks the session after its send and before the worker read it: it is still in
+    the in-flight record, so it is sent again after the restore and runs exactly once."""
+    counter = np.zeros(4)
+    with agent_behind_proxy() as (endpoint, proxy), \
+            script_session([endpoint]) as (session, source):
+        counter_addr = put(session, counter)
+        session.synchronize()
+        writer = session.current_writer()
+        assert writer is not None
+        proxy.hold(1)
+        session.call_sync("mem_get_info")  # through whole; the worker reads nothing after it
+        assert proxy.held.wait(30)
+        failures: list[BaseException] = []
+
+        def end_once_sent() -> None:
+            try:
+                eventually(lambda: writer.inflight == 1)
+                end_lease_elsewhere(source, endpoint)
+            except BaseException as e:  # reported by the test's thread
+                failures.append(e)
+
+        ender = threading.Thread(target=end_once_sent, daemon=True)
+        ender.start()
+        session.call_sync("array", "add", desc(counter_addr, 4), [desc(counter_addr, 4), 1.0],
+                          {}, None)
+        ender.join(30)
+        assert not failures, failures
+        assert session.restores == 1
+        assert np.array_equal(get(session, counter_addr, counter), counter + 1)

@@ -166,6 +166,44 @@ def test_deferred_error_is_raised_at_the_next_sync_point_with_its_call_site(
     cuda.Context.synchronize()  # reported once; the session goes on
 
 
+def test_a_lone_sync_read_fails_at_the_users_line_and_the_session_goes_on(
+        cuda: ModuleType) -> None:
+    """With nothing queued, a synchronous read is a batch of its own straight to its reply;
+    its error is still the user's, at the user's line, and an earlier call's error still comes
+    first."""
+    session = get_session()
+    base, size = session.address_range
+    unmapped = base + size - (1 << 20)
+    host = np.empty(4, np.uint8)
+    cuda.Context.synchronize()
+    writer = session.current_writer()
+    assert writer is not None and writer.inflight == 0 and writer.queued_calls == 0
+    sent = writer.batches_sent
+    with pytest.raises(cuda.LogicError) as failure:
+        line = line_of_next_statement()
+        cuda.memcpy_dtoh(host, unmapped)
+    assert writer.batches_sent == sent + 1
+    assert f"{__file__}:{line}" in str(failure.value) and "dtoh" in str(failure.value)
+    assert failure.value.site[:2] == (__file__, line)
+    frames = [tb.tb_frame.f_code.co_filename for tb in _entries(failure.value.__traceback__)]
+    assert "harp_jupyter" not in "".join(frames[1:]), frames  # no shim frame under the user's
+
+    dev = cuda.to_device(np.arange(4, dtype=np.uint8))
+    with pytest.raises(cuda.LogicError, match="memset"):
+        cuda.memset_d8(unmapped, 1, 16)  # queued: the read is not alone, this error is first
+        cuda.memcpy_dtoh(host, dev)
+    cuda.memcpy_dtoh(host, dev)
+    assert list(host) == [0, 1, 2, 3]
+
+
+def _entries(tb: Any) -> list[Any]:
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    return entries
+
+
 def test_out_of_memory_is_pycuda_memory_error_and_the_agent_is_fine(
         cuda: ModuleType, emulated_agent: Any) -> None:
     import pycuda.autoinit

@@ -212,3 +212,42 @@ def test_an_inline_call_goes_out_as_add_sends_it_and_the_profiler_sees_it(
     assert [(c.op, c.site, c.bytes_up) for c in rec.calls] == [("launch", site, 4)] * 3
     writer.drain()
     close(writer)
+
+
+def test_a_lone_sync_call_goes_as_a_batch_of_its_own(peer: ScriptedPeer) -> None:
+    writer = make_writer(peer, linger=60)
+    values: list[Any] = []
+    assert writer.call_alone(["ping"], ("ping", None, values.append, None))
+    assert values == [42] and writer.inflight == 0
+    assert [h["c"] for h, _ in peer.batches] == [[["ping"]]]
+    writer.add("free", [1], None)  # something queued: the general way, nothing sent here
+    assert not writer.call_alone(["ping"], ("ping", None, values.append, None))
+    assert len(peer.batches) == 1 and values == [42]
+    close(writer)
+
+
+def test_a_lone_sync_call_stays_unanswered_until_its_reply_for_a_restore(
+        peer: ScriptedPeer) -> None:
+    """The link drops between the send and the reply (the agent parked the session): the
+    batch is still the writer's to hand over, once, for the restore to send again."""
+    peer.replying.clear()
+    writer = make_writer(peer, linger=60)
+    failures: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            writer.call_alone(["ping"], ("ping", None, None, None))
+        except BaseException as e:
+            failures.append(e)
+
+    caller = threading.Thread(target=sync, daemon=True)
+    caller.start()
+    peer.wait_for_batches(1)
+    peer.stop()
+    caller.join(10)
+    assert not caller.is_alive() and len(failures) == 1
+    assert isinstance(failures[0], GPULostError)
+    unanswered = writer.take_unanswered()
+    assert [b.calls for b in unanswered.batches] == [[["ping"]]]
+    assert unanswered.queued.calls == []
+    close(writer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -122,3 +123,28 @@ class RawClient:
         if self.data is not None:
             self.data.close(0)
         self.socket.close(0)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """``condition()``'s first truthy value, polled until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+def stored(client: RawClient, data: bytes) -> int:
+    """``data`` written at the start of ``client``'s session (one granule allocated); its base."""
+    base = client.welcome["range"][0] if client.welcome else client.hello()["range"][0]
+    reply, _ = client.batch(["alloc", base, P.GRANULARITY], ["htod", base, data, None])
+    assert reply["e"] is None, reply
+    return base
+
+
+def read_back(client: RawClient, base: int, n: int) -> bytes:
+    reply, frames = client.batch(["dtoh", base, n, None])
+    assert reply["e"] is None, reply
+    return bytes(frames[0])

@@ -13,8 +13,6 @@ import os
 import signal
 import socket
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +23,10 @@ import zmq
 from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent.compile_cache import SessionCompileCache
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, read_back, stored, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
-
-
-def stored(client: RawClient, data: bytes) -> int:
-    base = client.welcome["range"][0] if client.welcome else client.hello()["range"][0]
-    reply, _ = client.batch(["alloc", base, P.GRANULARITY], ["htod", base, data, None])
-    assert reply["e"] is None, reply
-    return base
-
-
-def read_back(client: RawClient, base: int, n: int) -> bytes:
-    reply, frames = client.batch(["dtoh", base, n, None])
-    assert reply["e"] is None, reply
-    return bytes(frames[0])
 
 
 def park(client: RawClient, data: bytes) -> dict:

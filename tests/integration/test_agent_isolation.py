@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +24,11 @@ import pytest
 import zmq
 
 from gpu_agent import protocol as P
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, read_back, stored, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def workers_of(agent: Any) -> list[psutil.Process]:
@@ -54,19 +42,6 @@ def worker_serving(agent: Any, welcome: dict) -> psutil.Process:
             if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
                 return child
     raise AssertionError("no worker listens on the session's port")
-
-
-def stored(client: RawClient, data: bytes) -> int:
-    base = client.welcome["range"][0] if client.welcome else client.hello()["range"][0]
-    reply, _ = client.batch(["alloc", base, P.GRANULARITY], ["htod", base, data, None])
-    assert reply["e"] is None, reply
-    return base
-
-
-def read_back(client: RawClient, base: int, n: int) -> bytes:
-    reply, frames = client.batch(["dtoh", base, n, None])
-    assert reply["e"] is None, reply
-    return bytes(frames[0])
 
 
 # {{{ hostile calls

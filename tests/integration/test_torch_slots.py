@@ -19,8 +19,10 @@ torch = pytest.importorskip("torch")
 from harp_jupyter import shim  # noqa: E402
 from harp_jupyter.magics import lease_status  # noqa: E402
 from harp_jupyter.shim.session import reset_session  # noqa: E402
-from tests.agent_client import RawClient  # noqa: E402
-from tests.integration.test_agent_isolation import wait_for  # noqa: E402
+from tests.agent_client import (
+    RawClient,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

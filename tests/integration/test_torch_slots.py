@@ -19,10 +19,7 @@ torch = pytest.importorskip("torch")
 from harp_jupyter import shim  # noqa: E402
 from harp_jupyter.magics import lease_status  # noqa: E402
 from harp_jupyter.shim.session import reset_session  # noqa: E402
-from tests.agent_client import (
-    RawClient,
-    wait_for,
-)
+from tests.agent_client import RawClient, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -232,3 +232,25 @@ def test_inferred_layouts_are_kept_per_signature_and_stay_right(harp: Any) -> No
     assert (torch.ones(2, 3, device="harp") + 1).shape == (2, 3)
     assert (torch.ones(5, device="harp") + 1).shape == (5,)
     same(torch.ones(2, 3, device="harp")[:, 1:].t() + 1, torch.ones(2, 3)[:, 1:].t() + 1)
+
+
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False],
+                                  [False, False, False]])
+def test_synchronous_operators_leaving_outputs_undefined_keep_handles_in_step(
+        harp: Any, mask: list[bool]) -> None:
+    """An operator with no meta kernel runs synchronously, one output handle per tensor return;
+    one its ``output_mask`` leaves undefined is None on both sides (the agent once counted only
+    the defined ones: 'produced 1 tensors; the client expected 3'), and the handles of the
+    others name the right tensors whatever their positions."""
+    op = torch.ops.aten._slow_conv2d_backward.output_mask
+    torch.manual_seed(5)
+    grad, image, weight = torch.randn(1, 2, 3, 3), torch.randn(1, 1, 3, 3), torch.randn(2, 1, 1, 1)
+    local = op(grad, image, weight, [1, 1], [1, 1], [0, 0], mask)
+    remote = op(grad.to("harp"), image.to("harp"), weight.to("harp"), [1, 1], [1, 1], [0, 0],
+                mask)
+    assert [r is None for r in remote] == [not m for m in mask]
+    for got, expected in zip(remote, local, strict=True):
+        if expected is not None:
+            same(got, expected)
+    assert torch.harp.memory_allocated() >= 0  # the session goes on: no failed handle frees
+    (image.to("harp") * 2).sum().item()

@@ -13,7 +13,10 @@ arguments).
 
 Bounds a client can cross, each a clear error: tensors per session (``MAX_TENSORS``), tensor
 bytes (the executor's memory, through ``torch_reserve``), one upload or download (the worker's
-frame limit), the argument tree (protocol).
+frame limit), the argument tree (protocol). Bytes are booked per storage, and each handle
+remembers the storage it is booked under: an operator that writes an argument may give it
+another storage (``set_``, an ``out=`` resized from the data), and ``_rebook`` then moves the
+handle's booking there, so the old storage's bytes come back when its last handle goes.
 
 A ``torch_op`` that fails (an index out of range, refused for memory) is reported at the client's
 next sync point, but the client made its outputs when it queued it and frees their handles when
@@ -94,6 +97,8 @@ class _Operators:
     names: frozenset[str]
     hashes: dict[str, str] = field(default_factory=dict)
     overloads: dict[str, Any] = field(default_factory=dict)
+    #: name -> the positions (an index, or a keyword's name) of the arguments it writes
+    written: dict[str, tuple[int | str, ...]] = field(default_factory=dict)
     all_hash: str = ""
 
 
@@ -142,7 +147,19 @@ def resolve_operator(name: str, client_hash: str) -> Any:
     packet = getattr(torch.ops.aten, base.removeprefix("aten::"))
     overload = getattr(packet, overload_name or "default")
     table.overloads[name] = overload
+    table.written[name] = tuple(
+        (str(argument.name) if argument.kwarg_only else position)
+        for position, argument in enumerate(overload._schema.arguments)
+        if argument.alias_info is not None and argument.alias_info.is_write)
     return overload
+
+
+def tensor_returns(schema: Any) -> list[bool]:
+    """Which of a schema's returns are single tensors. A synchronous operator's client sends
+    one output handle for each (``Tensor`` or ``Tensor?``); an operator may leave one undefined
+    (``None``: a gradient its ``output_mask`` did not ask for), and that handle is then never
+    made. Both sides count outputs by this rule, so they agree on which handle names which."""
+    return [str(ret.type) in ("Tensor", "Tensor?") for ret in schema.returns]
 
 
 def dtype_name(dtype: Any) -> str:
@@ -164,6 +181,8 @@ class TorchOps:
     _torch_failed: dict[int, str] | None = None
     #: storage key -> [bytes reserved, handles using it]
     _torch_storages: dict[int, list[int]] | None = None
+    #: handle -> the storage key it is booked under (an in-place ``set_``/resize moves it)
+    _torch_keys: dict[int, int] | None = None
     #: the sum of those bytes (the slot check runs on every operator: no sum over storages)
     _torch_total = 0
 
@@ -191,6 +210,7 @@ class TorchOps:
                 # a seed never reached the CUDA generator (random numbers unlike local CUDA's)
                 torch.cuda.init()
             self._torch_tensors, self._torch_storages, self._torch_failed = {}, {}, {}
+            self._torch_keys = {}
         return self._torch_tensors
 
     def _tensor(self, handle: int) -> Any:
@@ -242,11 +262,12 @@ class TorchOps:
             self._torch_total += total
         for key, nbytes in new.items():
             storages[key] = [nbytes, 0]
-        failed = self._torch_failed
-        assert failed is not None
+        failed, booked = self._torch_failed, self._torch_keys
+        assert failed is not None and booked is not None
         for (handle, tensor), key in zip(pairs, keys, strict=True):
             tensors[handle] = tensor
             storages[key][1] += 1
+            booked[handle] = key
             failed.pop(handle, None)
 
     def _forget(self, handle: int) -> bool:
@@ -255,18 +276,43 @@ class TorchOps:
         if tensor is None:
             assert self._torch_failed is not None
             return self._torch_failed.pop(handle, None) is not None
+        assert self._torch_keys is not None
+        self._release(self._torch_keys.pop(handle))
+        return True
+
+    def _release(self, key: int) -> None:
+        """One handle fewer on storage ``key``: its bytes go back with the last."""
         storages = self._torch_storages
         assert storages is not None
-        key = _storage_key(tensor)[0]
-        entry = storages.get(key)
-        if entry is None:  # an in-place resize gave it another storage: nothing was booked
-            return True
+        entry = storages[key]
         entry[1] -= 1
         if entry[1] == 0:
             del storages[key]
             self._torch_total -= entry[0]
             self.torch_unreserve(entry[0])
-        return True
+
+    def _rebook(self, handles: Iterable[int]) -> None:
+        """Move the booking of tensors an operator wrote to the storage they have now: an
+        in-place ``set_`` or resize (``out=`` of a data-dependent size) gives a tensor another
+        storage, and the old one's bytes must go back when nothing else holds it."""
+        tensors, storages, booked = self._tensors(), self._torch_storages, self._torch_keys
+        assert storages is not None and booked is not None
+        for handle in handles:
+            tensor = tensors.get(handle)
+            if tensor is None:
+                continue
+            key, nbytes = _storage_key(tensor)
+            old = booked[handle]
+            if key == old:
+                continue
+            if key not in storages:
+                self._check_slot(nbytes)
+                self.torch_reserve(nbytes)
+                self._torch_total += nbytes
+                storages[key] = [nbytes, 0]
+            storages[key][1] += 1
+            booked[handle] = key
+            self._release(old)
 
     def _check_slot(self, nbytes: int) -> None:
         """Tensors share the session's slot with its mapped chunks (on a GPU the operator has
@@ -310,21 +356,24 @@ class TorchOps:
 
     def op_torch_op_sync(self, outs: list[int | None], name: str, schema: str,
                          tree: list[Any]) -> Any:
-        return _describe(self._run_operator(outs, name, schema, tree))
+        return _describe(self._run_operator(outs, name, schema, tree, sync=True))
 
     def _run_operator(self, outs: list[int | None], name: str, schema: str,
-                      tree: list[Any]) -> Any:
+                      tree: list[Any], sync: bool = False) -> Any:
         with self._torch_errors(name):
             operator = resolve_operator(name, schema)
             args = [self._decode(value) for value in tree[0]]
             kwargs = {key: self._decode(value) for key, value in tree[1].items()}
             result = operator(*args, **kwargs)
-            produced = list(_tensors_in(result))
+            written = operators().written[name]
+            if written:
+                self._rebook(_handles_at(tree, written))
+            produced = _outputs_of(operator, result) if sync else list(_tensors_in(result))
             if len(produced) != len(outs):
                 raise AgentError("LogicError", f"{name} produced {len(produced)} tensors; the "
                                  f"client expected {len(outs)} (torch versions differ?)")
             self._register([(h, t) for h, t in zip(outs, produced, strict=True)
-                            if h is not None])
+                            if h is not None and t is not None])
             return result
 
     def op_torch_write(self, handle: int, offset: int, data: Any) -> None:
@@ -501,6 +550,26 @@ class TorchOps:
 def _storage_key(tensor: Any) -> tuple[int, int]:
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.nbytes()
+
+
+def _handles_at(tree: list[Any], positions: tuple[int | str, ...]) -> Iterator[int]:
+    """The tensor handles an argument tree passes at ``positions``."""
+    args, kwargs = tree[0], tree[1]
+    for position in positions:
+        if type(position) is int:
+            value = args[position] if position < len(args) else None
+        else:
+            value = kwargs.get(position)
+        if type(value) is dict and P.TORCH_TENSOR in value:
+            yield value[P.TORCH_TENSOR]
+
+
+def _outputs_of(operator: Any, result: Any) -> list[Any]:
+    """A synchronous operator's outputs by ``tensor_returns``: one per tensor return, None
+    where the operator left it undefined."""
+    kinds = tensor_returns(operator._schema)
+    values = [result] if len(kinds) == 1 else list(result)
+    return [value for value, kind in zip(values, kinds, strict=True) if kind]
 
 
 def _tensors_in(result: Any) -> Iterator[Any]:

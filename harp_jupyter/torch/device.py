@@ -157,19 +157,47 @@ def register() -> None:
     # (an INTERNAL ASSERT in engine.cpp); it also keeps backward's operators under the user's
     # line for %%harp profile
     torch._C._set_multithreading_enabled(False)
-    _warn_if_cuda_here()
+    _warn_when_cuda_starts()
 
 
-def _warn_if_cuda_here() -> None:
+_CUDA_BESIDE_HARP = (
+    "harp tensors make 'harp' this process's PyTorch accelerator: autograd on 'cuda' tensors in "
+    "this process fails (torch {version} asserts in its autograd engine). Use device='harp' or "
+    "device='cuda' in one process, not both.")
+
+
+def _warn_when_cuda_starts() -> None:
     """torch (2.11 to 2.13 at least) makes a registered PrivateUse1 backend the process's
     accelerator; its autograd engine then finds no stream for nodes on ``cuda`` tensors and
-    stops at an INTERNAL ASSERT. A kernel with CUDA torch and a local GPU is told at once."""
-    if torch.backends.cuda.is_built() and torch.cuda.is_available():
-        warnings.warn(
-            "harp tensors make 'harp' this process's PyTorch accelerator: autograd on 'cuda' "
-            f"tensors in this process fails (torch {torch.__version__} asserts in its autograd "
-            "engine). Use device='harp' or device='cuda' in one process, not both.",
-            RuntimeWarning, stacklevel=3)
+    stops at an INTERNAL ASSERT. The process is told when it starts CUDA beside harp (at once
+    if it has already). Not at registration wherever a GPU is present: that warned every
+    process on a GPU machine that registers harp and never touches CUDA (the harp tests' and
+    ``harp run``'s processes there, a kernel on a GPU host), and asking
+    ``torch.cuda.is_available()`` started the CUDA driver in each of them."""
+    if not torch.backends.cuda.is_built():
+        return
+    if torch.cuda.is_initialized():
+        _warn_cuda_beside_harp()
+        return
+    original = torch.cuda._lazy_init
+    if getattr(original, "_harp_warns", False):
+        return
+
+    def lazy_init() -> None:
+        original()  # raises where CUDA can't start: nothing to warn about then
+        if not warned:
+            warned.append(True)
+            _warn_cuda_beside_harp()
+
+    warned: list[bool] = []
+    lazy_init._harp_warns = True  # type: ignore[attr-defined]
+    # torch's C++ calls torch.cuda._lazy_init by name before the first CUDA tensor is made
+    torch.cuda._lazy_init = lazy_init
+
+
+def _warn_cuda_beside_harp() -> None:
+    warnings.warn(_CUDA_BESIDE_HARP.format(version=torch.__version__), RuntimeWarning,
+                  stacklevel=3)
 
 
 def _factory(op: Any) -> Any:

@@ -28,7 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from gpu_agent import protocol
-from gpu_agent.executors.torch_ops import dtype_name, schema_hash
+from gpu_agent.executors.torch_ops import dtype_name, schema_hash, tensor_returns
 from harp_jupyter.shim.notice import in_kernel
 from harp_jupyter.torch.client import HarpTorchError, SessionGoneError, client
 from harp_jupyter.torch.tensor import DEVICE_TYPE, HarpTensor, Layout, set_dispatcher
@@ -126,15 +126,13 @@ def _infer(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any], session: Any)
 def _run_sync(op: Any, name: str, digest: str, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     session = client.session()
-    expected = 0
     for ret in op._schema.returns:
-        kind = str(ret.type)
-        if kind in ("Tensor", "Tensor?"):
-            expected += 1
-        elif "Tensor" in kind:
+        if "Tensor" in str(ret.type) and str(ret.type) not in ("Tensor", "Tensor?"):
             raise NotImplementedError(f"{name}: a list of tensors whose shapes depend on data "
                                       "is not supported on harp tensors")
-    handles: list[int | None] = [client.new_handle() for _ in range(expected)]
+    # one handle per tensor return (tensor_returns); one the operator leaves undefined is not
+    # made on the agent, and stays unused here
+    handles: list[int] = [client.new_handle() for _ in range(sum(tensor_returns(op._schema)))]
     tree, temporaries = _encode_call(args, kwargs, session)
     made: list[Any] = []
     try:
@@ -142,26 +140,53 @@ def _run_sync(op: Any, name: str, digest: str, args: tuple[Any, ...],
                                      on_result=made.append)
     except HarpTorchError:
         if made:  # it worked, but an earlier operator's error is raised: free what it made
-            for handle in handles:
-                if handle is not None:
+            for handle, value in zip(handles, _tensor_outputs(op, made[0]), strict=True):
+                if value is not None:
                     client.free_later(session, handle)
         _free_temporaries(temporaries, session)
         raise
     if temporaries:
         client.call("torch_free", temporaries)
-    return _rebuild(described, list(handles), session)
+    outputs = iter(handles)
+    kinds = tensor_returns(op._schema)
+    values = [described] if len(kinds) == 1 else list(described)
+    built = [_rebuild(value, next(outputs), session) if kind else value
+             for value, kind in zip(values, kinds, strict=True)]
+    _refuse_written_resize(op, name, args, kwargs, built)
+    return built[0] if len(kinds) == 1 else tuple(built)
 
 
-def _rebuild(value: Any, handles: list[int | None], session: Any) -> Any:
-    if isinstance(value, dict) and protocol.TORCH_TENSOR in value:
-        dtype, shape, stride, offset = value[protocol.TORCH_TENSOR]
-        handle = handles.pop(0)
-        assert handle is not None
-        return HarpTensor(Layout.contiguous(getattr(torch, dtype), shape, stride, offset),
-                          handle, session)
-    if isinstance(value, list):
-        return tuple(_rebuild(item, handles, session) for item in value)
-    return value
+def _tensor_outputs(op: Any, described: Any) -> list[Any]:
+    kinds = tensor_returns(op._schema)
+    values = [described] if len(kinds) == 1 else list(described)
+    return [value for value, kind in zip(values, kinds, strict=True) if kind]
+
+
+def _rebuild(value: Any, handle: int, session: Any) -> Any:
+    if value is None:  # left undefined by the operator: the agent made nothing of its handle
+        return None
+    dtype, shape, stride, offset = value[protocol.TORCH_TENSOR]
+    return HarpTensor(Layout.contiguous(getattr(torch, dtype), shape, stride, offset),
+                      handle, session)
+
+
+def _refuse_written_resize(op: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                           built: list[Any]) -> None:
+    """A synchronous ``out=`` operator resizes its output to a size known only from the data
+    (``nonzero(x, out=y)``): the wrapper keeps its layout, so that is refused, not left wrong
+    (the agent has moved the tensor's booking to its new storage already)."""
+    for ret, value in zip(op._schema.returns, built, strict=True):
+        alias = ret.alias_info
+        if alias is None or not alias.is_write or not isinstance(value, HarpTensor):
+            continue
+        position = _position_with_alias(op, args, alias.before_set)
+        target = args[position] if type(position) is int else kwargs.get(position)
+        if isinstance(target, HarpTensor) and (
+                value.shape != target.shape or value.stride() != target.stride()):
+            raise NotImplementedError(
+                f"{name} resized its out= tensor to {tuple(value.shape)}; harp tensors keep "
+                "their layout: use the form that returns a new tensor (y = op(x), not op(x, "
+                "out=y))")
 
 
 # }}}

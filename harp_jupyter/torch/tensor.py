@@ -66,6 +66,7 @@ class HarpTensor(torch.Tensor):
     _layout: Layout
     _handle: int
     _session: RemoteSession
+    _finalizer: weakref.finalize
 
     @staticmethod
     def __new__(cls, layout: Layout, handle: int, session: RemoteSession) -> HarpTensor:
@@ -75,9 +76,27 @@ class HarpTensor(torch.Tensor):
         tensor._layout = layout
         tensor._handle = handle
         tensor._session = session
-        weakref.finalize(tensor, client.free_later, session, handle,
-                         layout.extent * layout.dtype.itemsize)
+        tensor._finalizer = _finalizer(tensor)
         return tensor
+
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return _TENSOR_DATA.__get__(self, type(self))
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        """``p.data = q`` (and ``module.double()``/``.half()``, which do it to each parameter):
+        torch swaps the sizes under the wrapper, so the wrapper must also name ``q``'s tensor on
+        the agent; it kept its own handle and layout, so reads gave the old data or failed."""
+        if not isinstance(value, HarpTensor):
+            _TENSOR_DATA.__set__(self, value)  # torch's own error for another device
+            return
+        alias = value.detach()  # a new handle on the agent, over value's storage
+        _TENSOR_DATA.__set__(self, value)
+        self._finalizer()  # this wrapper's old handle is freed now
+        alias._finalizer.detach()
+        self._layout, self._handle, self._session = alias._layout, alias._handle, alias._session
+        self._finalizer = _finalizer(self)
 
     @property
     def _meta(self) -> torch.Tensor:
@@ -118,6 +137,16 @@ class HarpTensor(torch.Tensor):
     def __reduce_ex__(self, protocol: Any) -> Any:
         # torch.save/pickle of a harp tensor keeps its data (on the host) and its device
         return (_from_host, (self.detach().cpu(), self.requires_grad))
+
+
+_TENSOR_DATA: Any = torch._C.TensorBase.__dict__["data"]
+
+
+def _finalizer(tensor: HarpTensor) -> weakref.finalize:
+    """Frees the tensor's handle when the wrapper dies."""
+    layout = tensor._layout
+    return weakref.finalize(tensor, client.free_later, tensor._session, tensor._handle,
+                            layout.extent * layout.dtype.itemsize)
 
 
 _harp0: list[torch.device] = []

@@ -232,3 +232,55 @@ def test_inferred_layouts_are_kept_per_signature_and_stay_right(harp: Any) -> No
     assert (torch.ones(2, 3, device="harp") + 1).shape == (2, 3)
     assert (torch.ones(5, device="harp") + 1).shape == (5,)
     same(torch.ones(2, 3, device="harp")[:, 1:].t() + 1, torch.ones(2, 3)[:, 1:].t() + 1)
+
+
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False],
+                                  [False, False, False]])
+def test_synchronous_operators_leaving_outputs_undefined_keep_handles_in_step(
+        harp: Any, mask: list[bool]) -> None:
+    """An operator with no meta kernel runs synchronously, one output handle per tensor return;
+    one its ``output_mask`` leaves undefined is None on both sides (the agent once counted only
+    the defined ones: 'produced 1 tensors; the client expected 3'), and the handles of the
+    others name the right tensors whatever their positions."""
+    op = torch.ops.aten._slow_conv2d_backward.output_mask
+    torch.manual_seed(5)
+    grad, image, weight = torch.randn(1, 2, 3, 3), torch.randn(1, 1, 3, 3), torch.randn(2, 1, 1, 1)
+    local = op(grad, image, weight, [1, 1], [1, 1], [0, 0], mask)
+    remote = op(grad.to("harp"), image.to("harp"), weight.to("harp"), [1, 1], [1, 1], [0, 0],
+                mask)
+    assert [r is None for r in remote] == [not m for m in mask]
+    for got, expected in zip(remote, local, strict=True):
+        if expected is not None:
+            same(got, expected)
+    assert torch.harp.memory_allocated() >= 0  # the session goes on: no failed handle frees
+    (image.to("harp") * 2).sum().item()
+
+
+def test_assigning_data_and_module_dtype_casts_follow_the_new_tensor(harp: Any) -> None:
+    """``p.data = q`` swaps the sizes under the wrapper; the wrapper must name ``q``'s tensor on
+    the agent too (it kept its own: reads gave the old values, or failed past the old bytes,
+    and ``model.double()`` on a harp model, which does it per parameter, broke)."""
+    import gc
+
+    gc.collect()
+    before = torch.harp.memory_allocated()
+    p = torch.zeros(4, device="harp")
+    p.data = torch.ones(4, device="harp")
+    assert p.cpu().tolist() == [1.0] * 4
+    p.data = torch.arange(6.0, device="harp")
+    assert p.shape == (6,) and p.cpu().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    p.data.mul_(2)  # .data aliases p, as torch's does
+    assert p.sum().item() == 30.0
+    torch.manual_seed(2)
+    local = torch.nn.Linear(3, 2)
+    remote = torch.nn.Linear(3, 2)
+    remote.load_state_dict(local.state_dict())
+    remote.to("harp").double()
+    local.double()
+    assert remote.weight.dtype == torch.float64
+    same(remote.weight.detach(), local.weight.detach())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    same(remote(x.to("harp")).detach(), local(x).detach())
+    del p, remote
+    gc.collect()
+    assert torch.harp.memory_allocated() == before  # the replaced tensors' handles were freed

@@ -114,3 +114,26 @@ def test_the_harp_device_needs_no_import_and_cuda_errors_name_it(
     first, error = done.stdout.strip().splitlines()[-2:]
     assert first == "3.0"
     assert error.startswith("HarpCudaError") and 'Write device="harp"' in error
+
+
+def test_in_place_storage_changes_move_the_booking(slotted_agent: Any) -> None:
+    """``set_`` and an ``out=`` resized to a size known from the data give a tensor another
+    storage on the agent; its booking follows, so the old storage's bytes come back (they
+    were once kept until the session ended, and repeated resizes filled the slot)."""
+    x = torch.ones(2 * MiB + 1, dtype=torch.bool, device="harp")  # more nonzeros than y holds
+    for _ in range(6):  # 16 MiB each: a booking kept per round fills the 64 MiB slot by four
+        y = torch.empty(2 * MiB, 1, dtype=torch.long, device="harp")
+        with pytest.raises(NotImplementedError, match=r"resized its out= tensor"):
+            torch.nonzero(x, out=y)
+        del y
+    assert torch.harp.memory_allocated() == x.numel()
+    a = torch.zeros(MiB, device="harp")
+    b = torch.ones(MiB, device="harp")
+    a.set_(b)
+    del b
+    assert a.sum().item() == MiB
+    assert torch.harp.memory_allocated() == x.numel() + 4 * MiB  # a's first storage is gone
+    del a
+    assert torch.harp.memory_allocated() == x.numel()
+    del x
+    assert torch.harp.memory_allocated() == 0

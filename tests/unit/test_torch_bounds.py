@@ -167,3 +167,38 @@ def test_failed_outputs_survive_parking() -> None:
     restored.restore_objects(payloads)
     restored.op_torch_free([2, 1])
     assert restored.op_torch_info()["tensors"] == 0
+
+
+_CUDA_BESIDE_HARP_PROBE = """
+import warnings, torch
+torch.backends.cuda.is_built = lambda: True      # as CUDA torch on a GPU machine
+torch.cuda.is_available = lambda: True
+started = []
+torch.cuda._lazy_init = lambda: started.append(1)  # CUDA starts without a GPU here
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as at_import:
+    import harp_jupyter.torch
+with warnings.catch_warnings(record=True) as at_cuda:
+    torch.cuda._lazy_init()
+    torch.cuda._lazy_init()
+print(len(at_import), len(at_cuda), len(started), at_cuda[0].message if at_cuda else "",
+      sep="|")
+"""
+
+
+def test_cuda_beside_harp_is_warned_when_cuda_starts_not_wherever_a_gpu_is() -> None:
+    """A process that registers harp on a GPU machine and never starts CUDA (the harp tests' and
+    ``harp run``'s processes there) was warned about CUDA autograd at registration, in every
+    GPU log; the warning comes once, when the process starts CUDA beside harp."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _CUDA_BESIDE_HARP_PROBE], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    at_import, at_cuda, started, message = done.stdout.strip().split("|", 3)
+    assert (at_import, at_cuda, started) == ("0", "1", "2")
+    assert "device='harp' or device='cuda' in one process" in message

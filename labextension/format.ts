@@ -143,8 +143,8 @@ export function describeState(kernel: IKernelLease): string {
       return 'Copying device memory to the agent’s host memory before giving the GPU back.';
     case 'parked':
       return kernel.parked_bytes > 0
-        ? `Device memory is parked (${formatBytes(kernel.parked_bytes)} with its session ` +
-            `records); the next GPU cell ${RESTORES}.`
+        ? `Device memory (${formatBytes(kernel.parked_bytes)} with its session records) is ` +
+            `parked; the next GPU cell ${RESTORES}.`
         : 'No GPU held; the next GPU cell leases one.';
     case 'lost':
       return (

@@ -140,5 +140,5 @@ test('the parked figure is labelled as memory plus session records, and why it i
   assert.match(PARKED_DETAIL, /random-number state/);
   assert.match(PARKED_DETAIL, /more than the memory shown while the GPU was held/);
   assert.match(describeState(lease({ state: 'parked', parked_bytes: 215_347 })),
-    /\(210\.3 KiB with its session records\)/);
+    /^Device memory \(210\.3 KiB with its session records\) is parked;/);
 });

@@ -225,7 +225,7 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
             <span className="harp-Nowrap" data-part="bytes">
               {formatBytes(kernel.parked_bytes)}
             </span>
-            <span className="harp-Nowrap harp-Field-aside" data-part="what">
+            <span className="harp-Field-aside" data-part="what">
               {`(${PARKED_WHAT})`}
             </span>
           </Row>

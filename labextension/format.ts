@@ -97,8 +97,8 @@ export const RESTORES =
 export const PARKED_WHAT = 'memory + session records';
 export const PARKED_DETAIL =
   'What the agent keeps for this kernel: its device memory, plus the records that recreate ' +
-  'the session (torch’s tensor index and random-number state, compiled kernels), so a little ' +
-  'more than the memory shown while the GPU was held. The next GPU cell ' +
+  'the session (torch’s tensor index and random-number state, compiled kernels), so more than ' +
+  'the memory in use shown while the GPU was held. The next GPU cell ' +
   RESTORES +
   '.';
 

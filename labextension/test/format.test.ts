@@ -138,7 +138,7 @@ test('the parked figure is labelled as memory plus session records, and why it i
   // random-number state went with them; the card says so instead of two unexplained numbers
   assert.equal(PARKED_WHAT, 'memory + session records');
   assert.match(PARKED_DETAIL, /random-number state/);
-  assert.match(PARKED_DETAIL, /more than the memory shown while the GPU was held/);
+  assert.match(PARKED_DETAIL, /more than the memory in use shown while the GPU was held/);
   assert.match(describeState(lease({ state: 'parked', parked_bytes: 215_347 })),
     /^Device memory \(210\.3 KiB with its session records\) is parked;/);
 });

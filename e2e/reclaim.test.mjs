@@ -194,8 +194,12 @@ describe(`one GPU, two notebooks, HARP_RECLAIM_AFTER=${RECLAIM_AFTER}`, { timeou
     assert.equal(await reason.textContent(), 'Reclaimed for a waiting notebook');
     assert.match(await reason.getAttribute('title'), /Another notebook was waiting .* no GPU work for 2 s/);
     assert.equal(await a.locator('[data-field="message"]').count(), 0, 'the reason is not said twice');
-    await until(async () => /^\d[\d.]* \S+$/.test((await a.locator('[data-field="parked"]').textContent()) ?? ''),
+    const parked = a.locator('[data-field="parked"]');
+    await until(async () => (await parked.count()) === 1 &&
+      /^\d[\d.]* \S+$/.test((await parked.locator('[data-part="bytes"]').textContent()) ?? ''),
       'A’s parked bytes on its card');
+    // the figure counts what the agent keeps: the device memory and the session's records
+    assert.equal(await parked.locator('[data-part="what"]').textContent(), '(memory + session records)');
     assert.match(await a.locator('.harp-KernelCard-note').textContent(), /Device memory \(.+\) is parked/);
     const b = cardByPath('B.ipynb');
     await until(

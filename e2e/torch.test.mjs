@@ -232,6 +232,12 @@ describe('a newcomer trains a small CNN on device="harp" (one emulated agent)', 
     await until(async () => (await leaseOf()).parked_bytes > 0, 'the parked bytes in the API');
     await until(async () => bytesOf(await fieldText('parked')) > 0, 'the Parked row of the card');
     assert.equal(await fieldText('parked-reason'), 'You released it');
+    // the parked figure includes the session's records (torch's tensor index and RNG state),
+    // so it is a little more than the held memory: the card says what it counts
+    assert.match(await fieldText('parked'), /^[\d.]+ (B|KiB|MiB) ?\(memory \+ session records\)$/);
+    // restoring is not "at the same addresses" alone (pycuda's promise): tensors keep their values
+    const note = await card().locator('.harp-KernelCard-note').textContent();
+    assert.match(note, /torch tensors with their values/, note);
     const lease = await leaseOf();
     console.log(`torch e2e: parked ${lease.parked_bytes} B, card says ${await fieldText('parked')}`);
     await shot('parked');
@@ -294,6 +300,10 @@ describe('a newcomer trains a small CNN on device="harp" (one emulated agent)', 
     const advice = view.locator('.harp-Timeline-advice');
     await advice.waitFor({ state: 'visible' });
     assert.match(await advice.textContent(), /cell:6/, await advice.textContent());
+    // the header's traffic counts torch's bytes: the step's .item() brought one float32 down
+    const facts = await view.locator('.harp-Timeline-fact').allTextContents();
+    const traffic = facts.find(f => f.startsWith('↑')) ?? '';
+    assert.match(traffic, /↓ 4 B$/, `the header's traffic: ${facts.join(' | ')}`);
     await view.scrollIntoViewIfNeeded();
     await shot('profile');
     await shot('profile-timeline', view);

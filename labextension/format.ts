@@ -86,6 +86,22 @@ export function memoryView(kernel: IKernelLease): IMemoryView {
   };
 }
 
+/** What restoring a parked session gives back, for pycuda's arrays and torch's tensors alike
+ * (the lease state does not say which a kernel uses). */
+export const RESTORES =
+  'restores it as it was: pycuda arrays at the same addresses, torch tensors with their values';
+
+/** Why the parked figure is more than the memory a held kernel showed: the agent keeps, with
+ * the device memory, what recreates the session (torch's tensor index and random-number state,
+ * compiled kernels). The card's words for it, and its hover text. */
+export const PARKED_WHAT = 'memory + session records';
+export const PARKED_DETAIL =
+  'What the agent keeps for this kernel: its device memory, plus the records that recreate ' +
+  'the session (torch’s tensor index and random-number state, compiled kernels), so more than ' +
+  'the memory in use shown while the GPU was held. The next GPU cell ' +
+  RESTORES +
+  '.';
+
 export const STATE_LABELS: Record<LeaseState, string> = {
   none: 'no GPU',
   acquiring: 'acquiring',
@@ -127,8 +143,8 @@ export function describeState(kernel: IKernelLease): string {
       return 'Copying device memory to the agent’s host memory before giving the GPU back.';
     case 'parked':
       return kernel.parked_bytes > 0
-        ? `Device memory (${formatBytes(kernel.parked_bytes)}) is parked; ` +
-            'the next GPU cell restores it at the same addresses.'
+        ? `Device memory (${formatBytes(kernel.parked_bytes)} with its session records) is ` +
+            `parked; the next GPU cell ${RESTORES}.`
         : 'No GPU held; the next GPU cell leases one.';
     case 'lost':
       return (

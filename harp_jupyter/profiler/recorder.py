@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_agent import protocol
 from harp_jupyter.shim.callsite import CallSite
 
 #: the recorder of the profile now running, if any
@@ -40,6 +41,18 @@ def note_kernel_name(op: str, args: list[Any]) -> None:
         KERNEL_NAMES[args[0]] = str(args[3])
     elif op == "reduction_new" and len(args) > 6 and isinstance(args[6], dict):
         KERNEL_NAMES[args[0]] = str(args[6].get("name") or "reduction")
+
+
+def host_tensor_bytes(tree: Any) -> int:
+    """The bytes of the host tensors a torch call's argument tree carries inline."""
+    if type(tree) is list:
+        return sum(host_tensor_bytes(item) for item in tree)
+    if type(tree) is dict:
+        inline = tree.get(protocol.TORCH_HOST_TENSOR)
+        if type(inline) is list and len(inline) == 3 and type(inline[2]) is bytes:
+            return len(inline[2])
+        return sum(host_tensor_bytes(item) for item in tree.values())
+    return 0
 
 
 @dataclass(slots=True)
@@ -112,9 +125,23 @@ class Recorder:
     def note_call(self, call: list[Any], site: CallSite | None, bytes_up: int) -> None:
         """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``."""
         op = call[0]
-        bytes_down = int(call[2]) if op == "dtoh" and len(call) > 2 else 0
+        bytes_down = 0
+        if op == "dtoh" and len(call) > 2:
+            bytes_down = int(call[2])
+        elif op == "torch_download" and len(call) > 3:
+            bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
+        elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
+            bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
         self.calls.append(ApiCall(time.monotonic_ns(), op, site, bytes_up, bytes_down,
                                   self.detail_of(call)))
+
+    def note_received(self, op: str, nbytes: int) -> None:
+        """``nbytes`` of data a reply brought back, counted on the latest ``op`` call (the
+        scalar of a torch ``.item()``, which comes in its ``torch_op_sync`` reply)."""
+        for call in reversed(self.calls):
+            if call.op == op:
+                call.bytes_down += nbytes
+                return
 
     @staticmethod
     def detail_of(call: list[Any]) -> str:

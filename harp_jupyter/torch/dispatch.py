@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 
 from gpu_agent import protocol
 from gpu_agent.executors.torch_ops import dtype_name, schema_hash, tensor_returns
+from harp_jupyter.profiler import recorder as profiling
 from harp_jupyter.shim.notice import in_kernel
 from harp_jupyter.torch.client import HarpTorchError, SessionGoneError, client
 from harp_jupyter.torch.tensor import DEVICE_TYPE, HarpTensor, Layout, set_dispatcher
@@ -542,7 +543,12 @@ def _copy(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _item(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     name, digest, _ = operator_name(op)
-    return _run_sync(op, name, digest, args, kwargs)
+    value = _run_sync(op, name, digest, args, kwargs)
+    if profiling.active is not None:
+        # the value came down in the reply: one element (.item()) or a bool (equal, is_nonzero)
+        nbytes = 1 if type(value) is bool else args[0].element_size()
+        profiling.active.note_received("torch_op_sync", nbytes)
+    return value
 
 
 _SPECIAL = {

@@ -1,6 +1,8 @@
 import * as React from 'react';
 
 import {
+  PARKED_DETAIL,
+  PARKED_WHAT,
   STATE_LABELS,
   describeState,
   formatBytes,
@@ -202,10 +204,7 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
               <span
                 className="harp-Nowrap harp-Field-aside"
                 data-part="parked"
-                title={
-                  'The kernel’s device memory is still parked on the agent: ' +
-                  'its next GPU call restores it, at the same addresses'
-                }
+                title={`Still parked on the agent, not yet restored. ${PARKED_DETAIL}`}
               >
                 {memory.parked}
               </span>
@@ -222,8 +221,13 @@ export function KernelCard(props: IKernelCardProps): JSX.Element {
           </Row>
         )}
         {kernel.state === 'parked' && kernel.parked_bytes > 0 && (
-          <Row label="Parked" name="parked">
-            {formatBytes(kernel.parked_bytes)}
+          <Row label="Parked" name="parked" wide title={PARKED_DETAIL}>
+            <span className="harp-Nowrap" data-part="bytes">
+              {formatBytes(kernel.parked_bytes)}
+            </span>
+            <span className="harp-Field-aside" data-part="what">
+              {`(${PARKED_WHAT})`}
+            </span>
           </Row>
         )}
         {held && (

@@ -2,6 +2,9 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import {
+  PARKED_DETAIL,
+  PARKED_WHAT,
+  RESTORES,
   describeState,
   formatBytes,
   formatDuration,
@@ -119,4 +122,23 @@ test('a held card shows the reclaim setting next to the idle countdown', () => {
   assert.match(reclaimDetail(2, 0), /Nobody waits/);
   assert.match(describeState({ ...HELD, reclaim_after: 2 }), /or after 2 s without GPU work when another notebook waits/);
   assert.match(describeState({ ...HELD, idle_timeout: 0, reclaim_after: 2 }), /idle release is off\), or after 2 s/);
+});
+
+test('a parked card says what restoring gives back for pycuda arrays and torch tensors alike', () => {
+  const text = describeState(lease({ state: 'parked', parked_bytes: 215_347 }));
+  // "at the same addresses" alone is pycuda's promise: a torch session gets its tensors back
+  assert.match(text, /pycuda arrays at the same addresses/);
+  assert.match(text, /torch tensors with their values/);
+  assert.match(RESTORES, /as it was/);
+  assert.match(PARKED_DETAIL, /pycuda arrays at the same addresses, torch tensors with their values/);
+});
+
+test('the parked figure is labelled as memory plus session records, and why it is larger', () => {
+  // a torch session held 204.9 KiB of tensors and parked 210.3 KiB: the index and the
+  // random-number state went with them; the card says so instead of two unexplained numbers
+  assert.equal(PARKED_WHAT, 'memory + session records');
+  assert.match(PARKED_DETAIL, /random-number state/);
+  assert.match(PARKED_DETAIL, /more than the memory in use shown while the GPU was held/);
+  assert.match(describeState(lease({ state: 'parked', parked_bytes: 215_347 })),
+    /^Device memory \(210\.3 KiB with its session records\) is parked;/);
 });

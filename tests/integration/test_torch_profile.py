@@ -121,3 +121,23 @@ def test_frees_of_a_loop_of_small_operators_go_together(harp: Any,
     ops = [c.op for c in profile.recorder.calls]
     assert ops.count("torch_op") == 4 * FREE_BATCH + 1
     assert 1 <= ops.count("torch_free") <= 5, ops.count("torch_free")
+
+
+def test_bytes_to_and_from_the_device_count_tensor_copies_and_item(harp: Any) -> None:
+    """The profile's ↑/↓ figures count torch's traffic as they count pycuda's htod/dtoh: a
+    copy up, a small host tensor inline in an operator, a copy down and an ``.item()``
+    (whose value comes back in its reply), not 0 B."""
+    host = torch.arange(64, dtype=torch.float32)
+
+    def step() -> float:
+        y = host.to("harp")  # 256 B up (torch_write)
+        z = y + torch.ones(())  # a 0-d host tensor: 4 B inline in the operator's call
+        assert torch.equal(z.cpu(), host + 1)  # 256 B down (torch_download)
+        return z.sum().item()  # 4 B down: one float32
+
+    step()  # warm: the operators' layouts are inferred here
+    total, profile = profiled(step)
+    assert total == float((host + 1).sum())
+    summary = ProfileResult(profile).summary
+    assert summary["bytes_up"] == 256 + 4, summary
+    assert summary["bytes_down"] == 256 + 4, summary

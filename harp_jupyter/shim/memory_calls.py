@@ -19,6 +19,7 @@ from harp_jupyter.shim.call_errors import CallErrors
 from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.device_memory import DeviceMemory
 from harp_jupyter.shim.errors import LogicError
+from harp_jupyter.shim.restore import SessionRestore
 
 
 class MemoryHost(Protocol):
@@ -35,8 +36,6 @@ class MemoryHost(Protocol):
 
     def _current_or_restored(self, writer: BatchWriter) -> BatchWriter: ...
 
-    def _wait_everything(self, writer: BatchWriter) -> None: ...
-
     def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
              on_result: Callable[[Any], None] | None = None,
              on_error: Callable[[], None] | None = None, *, end_batch: bool = False) -> None: ...
@@ -47,10 +46,12 @@ class MemoryHost(Protocol):
 class MemoryCalls:
     """alloc/free/release_later/mem_get_info of one session; see the module docstring."""
 
-    def __init__(self, host: MemoryHost, memory: DeviceMemory, errors: CallErrors) -> None:
+    def __init__(self, host: MemoryHost, memory: DeviceMemory, errors: CallErrors,
+                 restore: SessionRestore) -> None:
         self._host = host
         self._memory = memory
         self._errors = errors
+        self._restore = restore
         self._deferred = memory.deferred
 
     def alloc(self, nbytes: int) -> int:
@@ -70,7 +71,7 @@ class MemoryCalls:
         return addr
 
     def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
-        self._host._wait_everything(writer)
+        self._restore.wait_everything(writer)
         if self._errors.first is not None:
             if not failed:  # this allocation worked; an earlier call's error is raised
                 self.free(addr)

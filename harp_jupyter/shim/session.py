@@ -41,6 +41,7 @@ from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError
 from harp_jupyter.shim.lease import LeaseSource, reset_lease_source
 from harp_jupyter.shim.memory_calls import MemoryCalls
 from harp_jupyter.shim.parking import SessionParking
+from harp_jupyter.shim.restore import SessionRestore
 
 #: host<->device copies larger than this travel in chunks of this size, one message each, so
 #: the agent copies chunk i while chunk i+1 is on the wire
@@ -62,8 +63,9 @@ LEASE_ENDED_LOCK_S = 5.0
 class RemoteSession:
     """One session with one agent; see the module docstring. Its parts: ``AgentLink`` (lease,
     hello, resume), ``SessionParking`` (parks, and the agent's own), ``DeviceMemory``
-    (addresses) with ``MemoryCalls`` (alloc/free), ``CallErrors`` (the deferred errors); the
-    session keeps the call API, the restore around a park and the copies."""
+    (addresses) with ``MemoryCalls`` (alloc/free), ``CallErrors`` (the deferred errors),
+    ``SessionRestore`` (connect or restore, send again what a park cut); the session keeps the
+    call API and the copies."""
 
     def __init__(self, endpoint: str | None = None, *, token: str | None = None,
                  timeout: float | None = None, lease_source: LeaseSource | None = None) -> None:
@@ -77,12 +79,11 @@ class RemoteSession:
         self._writer: BatchWriter | None = None
         self._handles = itertools.count(1)
         self._errors = CallErrors(self.lock)
-        self._memory_calls = MemoryCalls(self, self._memory, self._errors)
         self._closed = False
         #: times the user's code waited for the agent (sync points), for tests and profiles
         self.sync_points = 0
-        #: times this session was restored, for tests and %harp status
-        self.restores = 0
+        self._restore = SessionRestore(self, self._link, self._parking, self._memory)
+        self._memory_calls = MemoryCalls(self, self._memory, self._errors, self._restore)
 
     # {{{ connection
 
@@ -94,6 +95,11 @@ class RemoteSession:
     @property
     def lease_source(self) -> LeaseSource:
         return self._link.lease_source
+
+    @property
+    def restores(self) -> int:
+        """Times this session was restored, for tests and %harp status."""
+        return self._restore.restores
 
     @property
     def parks(self) -> int:
@@ -123,36 +129,8 @@ class RemoteSession:
         self._ensure_connected()
 
     def _connect(self) -> None:
-        """Lease a GPU and open (or restore) the session on its agent; when the agent parks
-        it again while it sends its unanswered calls again, restore again (at most
-        ``RESTORE_PARKS`` times in a row)."""
-        for _ in range(RESTORE_PARKS):
-            self._parking.settle()
-            self._link.close_stale()
-            opened = self._link.open(self._memory.address_range)
-            try:
-                device = opened.welcome.get("device") or {}
-                restored = self._memory.adopt_range(opened.base, opened.size,
-                                                    device.get("total_memory"))
-            except ProtocolError:
-                opened.close()
-                raise
-            if restored:
-                self.restores += 1
-            self._link.commit(opened)
-            writer = self._writer = BatchWriter(opened.data, self._on_call_error, lock=self.lock)
-            try:
-                self._parking.send_carried(writer)
-                # learn the real free memory with the first reply, at no extra round trip
-                writer.add("mem_get_info", [], None, self._memory.note_mem_info)
-            except GPULostError as e:
-                loss = self._parking.explain_loss(e)
-                if loss is not None:
-                    raise loss from None
-                continue  # parked again: what it had not sent goes with the next restore
-            atexit.register(self.close)
-            return
-        raise self._parking.give_up(RESTORE_PARKS)
+        self._restore.connect(RESTORE_PARKS)
+        atexit.register(self.close)
 
     def park(self, reason: str = "release") -> dict[str, Any] | None:
         """Give the GPU back, keeping the device state: what is queued is sent, every reply is
@@ -188,6 +166,9 @@ class RemoteSession:
     def current_writer(self) -> BatchWriter | None:
         return self._writer
 
+    def use_writer(self, writer: BatchWriter) -> None:
+        self._writer = writer
+
     def drop_writer(self) -> None:
         self._writer = None
 
@@ -206,21 +187,6 @@ class RemoteSession:
         info = self.park("release") or {"session": None, "agent": None, "bytes": 0}
         self.lease_source.parked(info)
         return info
-
-    def _wait_everything(self, writer: BatchWriter) -> None:
-        """Send what is queued and wait for every reply. When the agent parked the session
-        meanwhile, lease again, restore, send the calls it did not run, and wait for those."""
-        while True:
-            try:
-                writer.wait_for(writer.flush())
-                return
-            except GPULostError as e:
-                if self._writer is not writer:
-                    raise  # not this session's current connection: nothing to explain
-                error = self._parking.explain_loss(e)
-                if error is not None:
-                    raise error from None
-            writer = self._ensure_connected()
 
     @property
     def welcome(self) -> dict[str, Any]:
@@ -310,7 +276,7 @@ class RemoteSession:
             self._memory_calls.send_deferred()
         positions = BUF_POSITIONS.get(op)
         if positions is not None and _has_large_buffer(args, positions):
-            self._send_tracked(writer, [(op, args)], user_call_site(2))
+            self._restore.send_tracked(writer, [(op, args)], user_call_site(2))
         else:
             self._add(writer, op, args, user_call_site(2))
 
@@ -325,7 +291,7 @@ class RemoteSession:
         try:
             writer.add_inline([op, *args], user_call_site(2))
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
 
     def call_async_buffer(self, op: str, *args: Any) -> None:
         """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
@@ -377,7 +343,7 @@ class RemoteSession:
                 return
             writer.add(call[0], call[1:], meta[1], meta[2], meta[3], end_batch=True)
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
         self._wait_all(self._current_or_restored(writer))
 
     def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
@@ -389,53 +355,11 @@ class RemoteSession:
         try:
             writer.add(op, args, site, on_result, on_error, end_batch=end_batch)
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
 
     def _current_or_restored(self, writer: BatchWriter) -> BatchWriter:
         """``writer``, or the restored session's when the agent parked it under a send."""
         return writer if self._writer is writer else self._ensure_connected()
-
-    def _send_tracked(self, writer: BatchWriter, calls: list[tuple[str, Any]],
-                      site: CallSite | None) -> None:
-        """Send calls whose large buffers go zero-copy, each batch ending with its call, and
-        return once the buffers are on the wire (the caller may then change them). When the
-        agent parks the session meanwhile (a link drop in the middle of a send), the buffers
-        are still the caller's: the session is restored now and they are sent again before
-        this returns, after the calls that did not run (each runs exactly once)."""
-        trackers, added = [], 0
-        try:
-            for op, args in calls:
-                added += 1
-                tracker = writer.add(op, args, site, track=True)
-                if tracker is not None:
-                    trackers.append(tracker)
-            if trackers:
-                writer.wait_sent(trackers)
-            return
-        except GPULostError as e:
-            self._parked_meanwhile(writer, e)
-            # the one whose send failed was kept (``BatchWriter.add``); the rest join it
-            for op, args in calls[added:]:
-                self._add(writer, op, args, site, end_batch=True)
-        try:
-            self._wait_everything(self._ensure_connected())
-        except Error:
-            # not restored now: they go with the next restore, as they are at this call
-            self._parking.copy_carried_frames()
-            raise
-
-    def _parked_meanwhile(self, writer: BatchWriter, error: GPULostError) -> None:
-        """``writer``'s link dropped during a send: return when the agent parked the session
-        (then ``writer`` is orphaned, and its calls not run are sent again after the restore),
-        raise the loss otherwise."""
-        with self.lock:
-            if self._parking.orphaned(writer):
-                return  # the agent's word that it ended the lease came first
-            if self._writer is not writer:
-                raise error
-            loss = self._parking.explain_loss(error)
-            if loss is not None:
-                raise loss from None
 
     def synchronize(self) -> None:
         self.call_sync("synchronize")
@@ -447,7 +371,7 @@ class RemoteSession:
 
     def _wait_all(self, writer: BatchWriter) -> None:
         self.sync_points += 1
-        self._wait_everything(writer)
+        self._restore.wait_everything(writer)
         self._errors.raise_first()
 
     def raise_deferred_error(self) -> None:
@@ -508,7 +432,7 @@ class RemoteSession:
         chunks = [("htod", [int(dst) + offset, view[offset:offset + TRANSFER_CHUNK_BYTES],
                             stream]) for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES)]
         if not keep:
-            self._send_tracked(writer, chunks, site)
+            self._restore.send_tracked(writer, chunks, site)
             return
         for op, args in chunks:
             self._add(writer, op, args, site, end_batch=True)

@@ -129,6 +129,7 @@ class RemoteSession:
         self._ensure_connected()
 
     def _connect(self) -> None:
+        # RESTORE_PARKS is read here, at each connect (a test lowers it on this module)
         self._restore.connect(RESTORE_PARKS)
         atexit.register(self.close)
 

@@ -6,10 +6,11 @@ A batch goes out when a sync point needs it (``flush``), when it holds ``max_cal
 a loop of a million launches applies back-pressure instead of growing memory.
 
 The calls not sent yet are a ``CallQueue`` (call_queue.py: small buffers copied into the call,
-large ones zero-copy frames), the linger timer a ``LingerThread`` (linger.py), and what a
-reply's values and error do a ``ReplyDelivery`` (replies.py); this module sends the batches,
-keeps the window of those unanswered and receives. A call added with ``track=True`` ends its
-batch at once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
+large ones zero-copy frames), the linger timer a ``LingerThread`` (linger.py), what a reply's
+values and error do a ``ReplyDelivery`` (replies.py), and the batches sent and not yet answered,
+with receiving their replies, an ``InflightWindow`` (inflight.py); this module decides when a
+batch goes, sends it, and waits on the window. A call added with ``track=True`` ends its batch at
+once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
 live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
 
 A sync point with nothing queued or in flight sends its call as a batch of its own and waits
@@ -39,9 +40,10 @@ from gpu_agent import protocol
 from harp_jupyter.profiler import recorder as profiling
 from harp_jupyter.shim.call_queue import BUF_POSITIONS, CallMeta, CallQueue, byte_view
 from harp_jupyter.shim.callsite import CallSite, user_call_site
-from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError, error_from_agent
+from harp_jupyter.shim.errors import Error, GPULostError
+from harp_jupyter.shim.inflight import InflightWindow
 from harp_jupyter.shim.linger import LingerThread
-from harp_jupyter.shim.replies import PendingBatch, ReplyDelivery, Unanswered
+from harp_jupyter.shim.replies import PendingBatch, Unanswered
 from harp_jupyter.shim.transport import AgentConnection
 
 __all__ = ["BUF_POSITIONS", "BatchWriter", "CallMeta", "PendingBatch", "Unanswered",
@@ -55,7 +57,8 @@ _GENERAL_OPS = frozenset(BUF_POSITIONS) | profiling.NAMING_OPS
 
 
 class BatchWriter:
-    """Queued calls, flush policy, in-flight window; see the module docstring."""
+    """Queued calls, flush policy, sending, and the bound on the in-flight window; see the
+    module docstring."""
 
     def __init__(self, connection: AgentConnection,
                  on_call_error: Callable[[CallMeta | None, dict[str, Any]], None], *,
@@ -70,11 +73,8 @@ class BatchWriter:
         self.max_calls = min(max_calls, protocol.MAX_CALLS_PER_BATCH)
         self.max_inflight = max(1, min(max_inflight, protocol.MAX_INFLIGHT_BATCHES))
         self._queue = CallQueue()
-        self._next_seq = 1
-        self._inflight: deque[PendingBatch] = deque()
-        self._fatal: Error | None = None  # raised by every later use
+        self._window = InflightWindow(connection, on_call_error)
         self._closing = False
-        self._replies = ReplyDelivery(connection.label, on_call_error, self._record_fatal)
         self._linger = LingerThread(linger, self._on_linger)
         #: figures for tests and profiling
         self.batches_sent = 0
@@ -89,13 +89,14 @@ class BatchWriter:
         """Queue ``[op, *args]``. With ``track`` (or ``end_batch``) the batch is sent now;
         ``track`` returns its tracker (None when nothing went as a frame)."""
         with self.lock:
-            if self._fatal is not None and (self._closing
-                                            or not isinstance(self._fatal, GPULostError)):
-                raise self._fatal
+            window = self._window
+            if window.fatal is not None and (self._closing
+                                             or not isinstance(window.fatal, GPULostError)):
+                raise window.fatal
             queue = self._queue
             queue.add(op, args, site, on_result, on_error)
-            if self._fatal is not None:
-                raise self._fatal  # the link dropped: kept with the calls not sent yet
+            if window.fatal is not None:
+                raise window.fatal  # the link dropped: kept with the calls not sent yet
             if (track or end_batch or len(queue) >= self.max_calls
                     or queue.frame_bytes >= self.flush_bytes):
                 return self._flush_locked(track)
@@ -108,7 +109,7 @@ class BatchWriter:
         shorter than ``protocol.MAX_INLINE_BYTES`` (the caller knows): nothing to convert, no
         callbacks, no tracker. ``call`` becomes the queue's."""
         with self.lock:
-            fatal = self._fatal
+            fatal = self._window.fatal
             if fatal is not None and (self._closing or not isinstance(fatal, GPULostError)):
                 raise fatal
             queue = self._queue
@@ -131,7 +132,7 @@ class BatchWriter:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._window.batches)
 
     # }}}
 
@@ -140,23 +141,25 @@ class BatchWriter:
     def flush(self) -> int:
         """Send what is queued; the sequence number of the last batch sent (0 if none yet)."""
         with self.lock:
-            if self._fatal is not None:
-                raise self._fatal
+            if self._window.fatal is not None:
+                raise self._window.fatal
             self._flush_locked(False)
-            return self._next_seq - 1
+            return self._window.next_seq - 1
 
     def _flush_locked(self, track: bool) -> zmq.MessageTracker | None:
         if not self._queue:
             return None
         recorder = profiling.active
-        if len(self._inflight) >= self.max_inflight:
+        window = self._window
+        batches = window.batches
+        if len(batches) >= self.max_inflight:
             waited = recorder.now() if recorder is not None else 0
-            while len(self._inflight) >= self.max_inflight:
-                self._receive_one_locked()
+            while len(batches) >= self.max_inflight:
+                window.receive_one()
             if recorder is not None:
                 recorder.note_blocked(waited, recorder.now(), self._queue.metas[-1][0],
                                       user_call_site(), "window")
-        seq = self._next_seq
+        seq = window.next_seq
         calls, metas, frames = self._queue.take()
         header: dict[str, Any] = {"t": protocol.BATCH, "q": seq, "c": calls}
         sent = 0
@@ -166,17 +169,17 @@ class BatchWriter:
         try:
             tracker = self.connection.send(header, frames, track=track and bool(frames))
         except GPULostError as e:
-            self._fatal = e
+            window.fatal = e
             # kept: if the agent parked the session, they are sent again after the restore
             self._queue.put_back(calls, metas, frames)
             raise
-        self._next_seq += 1
-        self._inflight.append(PendingBatch(seq, metas, sent,
-                                           [recorder.detail_of(c) for c in calls]
-                                           if recorder is not None else None,
-                                           calls, frames, tracker=tracker))
+        window.next_seq = seq + 1
+        batches.append(PendingBatch(seq, metas, sent,
+                                    [recorder.detail_of(c) for c in calls]
+                                    if recorder is not None else None,
+                                    calls, frames, tracker=tracker))
         self.batches_sent += 1
-        self.peak_inflight = max(self.peak_inflight, len(self._inflight))
+        self.peak_inflight = max(self.peak_inflight, len(batches))
         return tracker
 
     def call_alone(self, call: list[Any], meta: CallMeta) -> bool:
@@ -187,50 +190,54 @@ class BatchWriter:
         it again after the restore; its value goes to ``meta``'s ``on_result``, its error to
         ``on_call_error``, as ``add`` then ``wait_for`` would."""
         with self.lock:
-            if (self._fatal is not None or self._queue.calls or self._inflight
+            window = self._window
+            batches = window.batches
+            if (window.fatal is not None or self._queue.calls or batches
                     or profiling.active is not None or call[0] in _GENERAL_OPS):
                 return False
-            seq = self._next_seq
+            seq = window.next_seq
             calls, metas = [call], [meta]
             try:
                 self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls})
             except GPULostError as e:
-                self._fatal = e
+                window.fatal = e
                 self._queue.put_back(calls, metas, [])  # sent again after a restore
                 raise
-            self._next_seq = seq + 1
+            window.next_seq = seq + 1
             pending = PendingBatch(seq, metas, calls=calls)
-            self._inflight.append(pending)
+            batches.append(pending)
             self.batches_sent += 1
             self.peak_inflight = self.peak_inflight or 1
             try:
                 header, frames = self.connection.recv(None)
             except GPULostError as e:
-                self._fatal = e
+                window.fatal = e
                 raise
             if header.get("t") == protocol.REPLY and header.get("q") == seq:
-                self._inflight.popleft()
+                batches.popleft()
                 if "out" in header:
-                    self._replies.accept(pending, header, frames, profiled=False)
+                    window.replies.accept(pending, header, frames, profiled=False)
                 else:
-                    self._replies.deliver(pending, header, frames)
+                    window.replies.deliver(pending, header, frames)
                 return True
-            self._handle_locked(header, frames)  # another message: the general way
-            while self._inflight:
-                self._receive_one_locked()
+            window.handle(header, frames)  # another message: the general way
+            while batches:
+                window.receive_one()
             return True
 
     def wait_for(self, seq: int) -> None:
         """Receive replies until batch ``seq`` (and all before it) is acknowledged."""
         with self.lock:
-            if not (self._inflight and self._inflight[0].seq <= seq):
+            window = self._window
+            batches = window.batches
+            if not (batches and batches[0].seq <= seq):
                 return
             recorder = profiling.active
             if recorder is not None:
                 waited = recorder.now()
-                last = next((b for b in self._inflight if b.seq == seq), self._inflight[-1])
-            while self._inflight and self._inflight[0].seq <= seq:
-                self._receive_one_locked()
+                last = next((b for b in batches if b.seq == seq), batches[-1])
+            while batches and batches[0].seq <= seq:
+                window.receive_one()
             if recorder is not None:
                 recorder.note_blocked(waited, recorder.now(), last.metas[-1][0],
                                       user_call_site(), "sync",
@@ -243,53 +250,12 @@ class BatchWriter:
     def reap(self) -> None:
         """Process the replies that have already arrived, without waiting."""
         with self.lock:
-            self._reap_locked()
-
-    def _reap_locked(self) -> None:
-        while self._inflight and self.connection.has_message():
-            if not self._receive_one_locked(wait=False):
-                break  # it was not a reply (a status answer): nothing to wait for
-
-    def _receive_one_locked(self, wait: bool = True) -> bool:
-        """Receive and handle one message; False if ``wait`` is off and none was there."""
-        if self._fatal is not None:
-            raise self._fatal
-        try:
-            header, frames = self.connection.recv(None if wait else 0)
-        except TimeoutError:
-            return False
-        except GPULostError as e:
-            self._fatal = e
-            raise
-        self._handle_locked(header, frames)
-        return True
-
-    def _handle_locked(self, header: dict[str, Any], frames: list[zmq.Frame]) -> None:
-        kind = header.get("t")
-        if kind == protocol.REPLY:
-            pending = self._inflight[0] if self._inflight else None
-            if pending is None or header.get("q") != pending.seq:
-                expected = pending.seq if pending else None
-                self._fatal = ProtocolError(
-                    f"the agent at {self.connection.label} replied to batch "
-                    f"{header.get('q')!r}, expected {expected!r}")
-                raise self._fatal
-            self._inflight.popleft()
-            self._replies.accept(pending, header, frames, profiled=True)
-        elif kind == protocol.ERROR:
-            # An error message, not a reply: the agent could not take a batch as one, so the
-            # in-order accounting is broken; nothing more can be sent on this connection.
-            error = header.get("e") if isinstance(header.get("e"), dict) else {}
-            self._fatal = error_from_agent(error)
-            self._fatal.args = (f"the GPU agent at {self.connection.label} refused this"
-                                f" session's messages: {self._fatal.args[0]}",)
-            raise self._fatal
-        # anything else (a late welcome, an unknown type) is ignored
+            self._window.reap()
 
     def answered_through(self) -> int:
         """The sequence number of the last batch whose reply arrived (0: none yet)."""
         with self.lock:
-            return self._inflight[0].seq - 1 if self._inflight else self._next_seq - 1
+            return self._window.answered_through()
 
     def receive_through(self, seq: int, timeout: float) -> None:
         """Receive the replies of batches up to ``seq`` that are still on their way (a parked
@@ -297,17 +263,7 @@ class BatchWriter:
         ``timeout`` seconds pass; nothing is sent. For ``take_unanswered``."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self._fatal is None and self._inflight and self._inflight[0].seq <= seq:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                try:
-                    header, frames = self.connection.recv(left)
-                except (TimeoutError, GPULostError):
-                    return
-                if header.get("t") == protocol.REPLY and header.get("q") == self._inflight[0].seq:
-                    pending = self._inflight.popleft()
-                    self._replies.accept(pending, header, frames, profiled=False)
+            self._window.receive_through(seq, deadline, time.monotonic)
 
     def take_unanswered(self) -> Unanswered:
         """Stop this writer without sending anything more, and hand over the batches it sent
@@ -316,7 +272,7 @@ class BatchWriter:
         with self.lock:
             self._closing = True
             self._linger.stop()
-            batches, self._inflight = list(self._inflight), deque()
+            batches, self._window.batches = list(self._window.batches), deque()
             calls, metas, frames = self._queue.take()
             queued = PendingBatch(0, metas, calls=calls, frames=frames)
         self._linger.join(timeout=1.0)
@@ -328,8 +284,8 @@ class BatchWriter:
         if not batch.calls:
             return
         with self.lock:
-            if self._fatal is not None:
-                raise self._fatal
+            if self._window.fatal is not None:
+                raise self._window.fatal
             self._flush_locked(False)
             self._queue.put_back(list(batch.calls), list(batch.metas), list(batch.frames))
             self._flush_locked(False)
@@ -343,14 +299,14 @@ class BatchWriter:
         waited = recorder.now() if recorder is not None else 0
         self._wait_sent(trackers)
         with self.lock:
-            if self._fatal is not None:
-                raise self._fatal
+            if self._window.fatal is not None:
+                raise self._window.fatal
             try:
                 self.connection.poll_alive()
             except GPULostError as e:
-                self._fatal = e
+                self._window.fatal = e
                 raise
-            for batch in self._inflight:
+            for batch in self._window.batches:
                 if batch.tracker is not None and any(batch.tracker is t for t in trackers):
                     batch.frames, batch.replayable, batch.tracker = [], False, None
         if recorder is not None:
@@ -363,12 +319,12 @@ class BatchWriter:
                     tracker.wait(0.05)
                 except zmq.NotDone:
                     with self.lock:
-                        if self._fatal is not None:
-                            raise self._fatal from None
+                        if self._window.fatal is not None:
+                            raise self._window.fatal from None
                         try:
                             self.connection.poll_alive()
                         except GPULostError as e:
-                            self._fatal = e
+                            self._window.fatal = e
                             raise
 
     # }}}
@@ -382,30 +338,25 @@ class BatchWriter:
             if self._closing:
                 return True
             self._linger.clear()
-            if self._fatal is not None or not self._queue:
+            if self._window.fatal is not None or not self._queue:
                 return False
             try:
-                self._reap_locked()
-                if len(self._inflight) < self.max_inflight:
+                self._window.reap()
+                if len(self._window.batches) < self.max_inflight:
                     self._flush_locked(False)
                 else:
                     self._linger.wake()  # window full: try again after another linger
             except Error as e:
-                self._fatal = self._fatal or e
+                self._window.fatal = self._window.fatal or e
             except Exception as e:  # never let the thread die silently
-                self._fatal = Error(f"internal error in the shim's batch sender: {e!r}")
+                self._window.fatal = Error(f"internal error in the shim's batch sender: {e!r}")
             return False
 
     # }}}
 
     @property
     def fatal(self) -> Error | None:
-        return self._fatal
-
-    def _record_fatal(self, error: Error) -> Error:
-        """``error`` ends this writer: every later use raises it."""
-        self._fatal = error
-        return error
+        return self._window.fatal
 
     def close(self) -> None:
         """Stop the linger thread; queued calls are sent (best effort) first."""
@@ -413,7 +364,7 @@ class BatchWriter:
             if self._closing:
                 return
             try:
-                if self._fatal is None and not self.connection.lost:
+                if self._window.fatal is None and not self.connection.lost:
                     self._flush_locked(False)
             except Error:
                 pass

@@ -28,26 +28,20 @@ import itertools
 import os
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from gpu_agent import protocol
 from harp_jupyter.shim import kernel_output
 from harp_jupyter.shim.agent_link import AgentLink
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
+from harp_jupyter.shim.call_errors import CallErrors, lost_sessions
 from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.device_memory import DeviceMemory
-from harp_jupyter.shim.errors import (
-    Error,
-    GPULostError,
-    LogicError,
-    ProtocolError,
-    error_from_agent,
-)
-from harp_jupyter.shim.kernel_output import flush_kernel_output
+from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError
 from harp_jupyter.shim.lease import LeaseSource, reset_lease_source
-from harp_jupyter.shim.notice import in_kernel
+from harp_jupyter.shim.memory_calls import MemoryCalls
 from harp_jupyter.shim.parking import SessionParking
+from harp_jupyter.shim.restore import SessionRestore
 
 #: host<->device copies larger than this travel in chunks of this size, one message each, so
 #: the agent copies chunk i while chunk i+1 is on the wire
@@ -69,7 +63,9 @@ LEASE_ENDED_LOCK_S = 5.0
 class RemoteSession:
     """One session with one agent; see the module docstring. Its parts: ``AgentLink`` (lease,
     hello, resume), ``SessionParking`` (parks, and the agent's own), ``DeviceMemory``
-    (addresses); the session keeps the call API, the errors and the copies."""
+    (addresses) with ``MemoryCalls`` (alloc/free), ``CallErrors`` (the deferred errors),
+    ``SessionRestore`` (connect or restore, send again what a park cut); the session keeps the
+    call API and the copies."""
 
     def __init__(self, endpoint: str | None = None, *, token: str | None = None,
                  timeout: float | None = None, lease_source: LeaseSource | None = None) -> None:
@@ -82,14 +78,12 @@ class RemoteSession:
         self._deferred = self._memory.deferred
         self._writer: BatchWriter | None = None
         self._handles = itertools.count(1)
-        self._first_error: Error | None = None
-        self._later_errors = 0
+        self._errors = CallErrors(self.lock)
         self._closed = False
-        self._lost_error: Error | None = None
         #: times the user's code waited for the agent (sync points), for tests and profiles
         self.sync_points = 0
-        #: times this session was restored, for tests and %harp status
-        self.restores = 0
+        self._restore = SessionRestore(self, self._link, self._parking, self._memory)
+        self._memory_calls = MemoryCalls(self, self._memory, self._errors, self._restore)
 
     # {{{ connection
 
@@ -101,6 +95,11 @@ class RemoteSession:
     @property
     def lease_source(self) -> LeaseSource:
         return self._link.lease_source
+
+    @property
+    def restores(self) -> int:
+        """Times this session was restored, for tests and %harp status."""
+        return self._restore.restores
 
     @property
     def parks(self) -> int:
@@ -130,36 +129,9 @@ class RemoteSession:
         self._ensure_connected()
 
     def _connect(self) -> None:
-        """Lease a GPU and open (or restore) the session on its agent; when the agent parks
-        it again while it sends its unanswered calls again, restore again (at most
-        ``RESTORE_PARKS`` times in a row)."""
-        for _ in range(RESTORE_PARKS):
-            self._parking.settle()
-            self._link.close_stale()
-            opened = self._link.open(self._memory.address_range)
-            try:
-                device = opened.welcome.get("device") or {}
-                restored = self._memory.adopt_range(opened.base, opened.size,
-                                                    device.get("total_memory"))
-            except ProtocolError:
-                opened.close()
-                raise
-            if restored:
-                self.restores += 1
-            self._link.commit(opened)
-            writer = self._writer = BatchWriter(opened.data, self._on_call_error, lock=self.lock)
-            try:
-                self._parking.send_carried(writer)
-                # learn the real free memory with the first reply, at no extra round trip
-                writer.add("mem_get_info", [], None, self._memory.note_mem_info)
-            except GPULostError as e:
-                loss = self._parking.explain_loss(e)
-                if loss is not None:
-                    raise loss from None
-                continue  # parked again: what it had not sent goes with the next restore
-            atexit.register(self.close)
-            return
-        raise self._parking.give_up(RESTORE_PARKS)
+        # RESTORE_PARKS is read here, at each connect (a test lowers it on this module)
+        self._restore.connect(RESTORE_PARKS)
+        atexit.register(self.close)
 
     def park(self, reason: str = "release") -> dict[str, Any] | None:
         """Give the GPU back, keeping the device state: what is queued is sent, every reply is
@@ -195,17 +167,17 @@ class RemoteSession:
     def current_writer(self) -> BatchWriter | None:
         return self._writer
 
+    def use_writer(self, writer: BatchWriter) -> None:
+        self._writer = writer
+
     def drop_writer(self) -> None:
         self._writer = None
 
     def note_lost(self, error: Error) -> None:
-        self._lost_error = error
+        self._errors.lost = error
 
     def note_error(self, error: Error) -> None:
-        if self._first_error is None:
-            self._first_error = error
-        else:
-            self._later_errors += 1
+        self._errors.note(error)
 
     def allocated_bytes(self) -> int:
         """The bytes the user's live allocations asked for (%harp status, the sidebar)."""
@@ -216,21 +188,6 @@ class RemoteSession:
         info = self.park("release") or {"session": None, "agent": None, "bytes": 0}
         self.lease_source.parked(info)
         return info
-
-    def _wait_everything(self, writer: BatchWriter) -> None:
-        """Send what is queued and wait for every reply. When the agent parked the session
-        meanwhile, lease again, restore, send the calls it did not run, and wait for those."""
-        while True:
-            try:
-                writer.wait_for(writer.flush())
-                return
-            except GPULostError as e:
-                if self._writer is not writer:
-                    raise  # not this session's current connection: nothing to explain
-                error = self._parking.explain_loss(e)
-                if error is not None:
-                    raise error from None
-            writer = self._ensure_connected()
 
     @property
     def welcome(self) -> dict[str, Any]:
@@ -270,7 +227,7 @@ class RemoteSession:
     @property
     def lost(self) -> bool:
         """The agent or this session on it is gone; nothing more can be done with it."""
-        if self._lost_error is not None:
+        if self._errors.lost is not None:
             return True
         writer = self._writer
         if writer is None:
@@ -285,12 +242,12 @@ class RemoteSession:
             if self._writer is writer:
                 self._parking.explain_loss(
                     fatal or GPULostError(writer.connection.lost_message()))
-        return self._lost_error is not None
+        return self._errors.lost is not None
 
     @property
     def lost_reason(self) -> str:
-        if self._lost_error is not None:
-            return str(self._lost_error)
+        if self._errors.lost is not None:
+            return str(self._errors.lost)
         writer = self._writer
         if writer is not None and writer.fatal is not None:
             return str(writer.fatal)
@@ -303,8 +260,8 @@ class RemoteSession:
     def _check_usable(self) -> None:
         if self._closed:
             raise GPULostError("this GPU session was closed; start a new one with get_session()")
-        if self._lost_error is not None:
-            raise GPULostError(str(self._lost_error))
+        if self._errors.lost is not None:
+            raise GPULostError(str(self._errors.lost))
 
     # }}}
 
@@ -317,10 +274,10 @@ class RemoteSession:
         """Queue a call; returns at once. A large buffer argument is sent before returning."""
         writer = self._ensure_connected()
         if self._deferred:
-            self._send_deferred()
+            self._memory_calls.send_deferred()
         positions = BUF_POSITIONS.get(op)
         if positions is not None and _has_large_buffer(args, positions):
-            self._send_tracked(writer, [(op, args)], user_call_site(2))
+            self._restore.send_tracked(writer, [(op, args)], user_call_site(2))
         else:
             self._add(writer, op, args, user_call_site(2))
 
@@ -335,14 +292,14 @@ class RemoteSession:
         try:
             writer.add_inline([op, *args], user_call_site(2))
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
 
     def call_async_buffer(self, op: str, *args: Any) -> None:
         """Like ``call``, but a large buffer argument is neither copied nor waited for: it is
         kept alive until sent, and must not change before the call executes (``*_async``)."""
         writer = self._ensure_connected()
         if self._deferred:
-            self._send_deferred()
+            self._memory_calls.send_deferred()
         self._add(writer, op, args, user_call_site(2))
 
     def call_later(self, op: str, *args: Any, on_result: Callable[[Any], None]) -> None:
@@ -351,7 +308,7 @@ class RemoteSession:
         the call fails; the error is raised at the next sync point."""
         writer = self._ensure_connected()
         if self._deferred:
-            self._send_deferred()
+            self._memory_calls.send_deferred()
         self._add(writer, op, args, user_call_site(2), on_result)
 
     def call_sync(self, op: str, *args: Any,
@@ -369,7 +326,7 @@ class RemoteSession:
 
         with self.lock:
             if self._deferred:
-                self._send_deferred()
+                self._memory_calls.send_deferred()
             self._sync_one(writer, [op, *args], (op, user_call_site(2), keep, None))
         return box[0] if box else None
 
@@ -382,12 +339,12 @@ class RemoteSession:
         try:
             if writer.call_alone(call, meta):
                 self.sync_points += 1
-                if self._first_error is not None or kernel_output.pending:
-                    self.raise_deferred_error()
+                if self._errors.first is not None or kernel_output.pending:
+                    self._errors.raise_first()
                 return
             writer.add(call[0], call[1:], meta[1], meta[2], meta[3], end_batch=True)
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
         self._wait_all(self._current_or_restored(writer))
 
     def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
@@ -399,53 +356,11 @@ class RemoteSession:
         try:
             writer.add(op, args, site, on_result, on_error, end_batch=end_batch)
         except GPULostError as e:
-            self._parked_meanwhile(writer, e)
+            self._restore.parked_meanwhile(writer, e)
 
     def _current_or_restored(self, writer: BatchWriter) -> BatchWriter:
         """``writer``, or the restored session's when the agent parked it under a send."""
         return writer if self._writer is writer else self._ensure_connected()
-
-    def _send_tracked(self, writer: BatchWriter, calls: list[tuple[str, Any]],
-                      site: CallSite | None) -> None:
-        """Send calls whose large buffers go zero-copy, each batch ending with its call, and
-        return once the buffers are on the wire (the caller may then change them). When the
-        agent parks the session meanwhile (a link drop in the middle of a send), the buffers
-        are still the caller's: the session is restored now and they are sent again before
-        this returns, after the calls that did not run (each runs exactly once)."""
-        trackers, added = [], 0
-        try:
-            for op, args in calls:
-                added += 1
-                tracker = writer.add(op, args, site, track=True)
-                if tracker is not None:
-                    trackers.append(tracker)
-            if trackers:
-                writer.wait_sent(trackers)
-            return
-        except GPULostError as e:
-            self._parked_meanwhile(writer, e)
-            # the one whose send failed was kept (``BatchWriter.add``); the rest join it
-            for op, args in calls[added:]:
-                self._add(writer, op, args, site, end_batch=True)
-        try:
-            self._wait_everything(self._ensure_connected())
-        except Error:
-            # not restored now: they go with the next restore, as they are at this call
-            self._parking.copy_carried_frames()
-            raise
-
-    def _parked_meanwhile(self, writer: BatchWriter, error: GPULostError) -> None:
-        """``writer``'s link dropped during a send: return when the agent parked the session
-        (then ``writer`` is orphaned, and its calls not run are sent again after the restore),
-        raise the loss otherwise."""
-        with self.lock:
-            if self._parking.orphaned(writer):
-                return  # the agent's word that it ended the lease came first
-            if self._writer is not writer:
-                raise error
-            loss = self._parking.explain_loss(error)
-            if loss is not None:
-                raise loss from None
 
     def synchronize(self) -> None:
         self.call_sync("synchronize")
@@ -457,42 +372,20 @@ class RemoteSession:
 
     def _wait_all(self, writer: BatchWriter) -> None:
         self.sync_points += 1
-        self._wait_everything(writer)
-        self.raise_deferred_error()
+        self._restore.wait_everything(writer)
+        self._errors.raise_first()
 
     def raise_deferred_error(self) -> None:
         """Raise (and clear) the first error recorded since the last sync point, if any; what
         kernels printed comes out first, as it would locally after a synchronize."""
-        flush_kernel_output()
-        with self.lock:
-            error, self._first_error = self._first_error, None
-            later, self._later_errors = self._later_errors, 0
-        if error is not None:
-            if later:
-                error.args = (f"{error.args[0]}\n  ({later} later error{'s' if later > 1 else ''}"
-                              " before this sync point not shown)",)
-            raise error
+        self._errors.raise_first()
 
     def _on_call_error(self, meta: CallMeta | None, error: dict[str, Any]) -> None:
         if error.get("kind") == "LeaseError" and self._writer is not None:
             # the agent parked us (lease expired or revoked) before these calls arrived: the
             # next call leases again and resumes; this connection is done
             self._parking.orphan_writer(None)
-        if self._first_error is None:
-            op, site = (meta[0], meta[1]) if meta is not None else (None, None)
-            self._first_error = error_from_agent(error, op, site)
-            if error.get("kind") == "ContextLost":
-                # the worker ends with its context: the next GPU call starts a fresh session
-                self._lost_error = self._first_error
-            if error.get("kind") == "HandleError" and _lost_sessions:
-                who, again = (("kernel", "re-run the cells that create them") if in_kernel()
-                              else ("program", "create them again"))
-                self._first_error.args = (
-                    f"{self._first_error.args[0]}\n  This {who} lost an earlier GPU session "
-                    f"({_lost_sessions[-1]}); device arrays and pointers made before that are "
-                    f"gone: {again}.",)
-        else:
-            self._later_errors += 1
+        self._errors.from_reply(meta, error)
 
     # }}}
 
@@ -502,59 +395,19 @@ class RemoteSession:
         """A device address for ``nbytes`` bytes, chosen here; mapped by the agent in order.
         A request larger than the free device memory last known waits for the agent, so that
         running out raises ``MemoryError`` here, as pycuda does."""
-        nbytes = int(nbytes)
-        if nbytes <= 0:
-            raise LogicError("cuMemAlloc failed: invalid argument (size must be positive)")
-        writer = self._ensure_connected()
-        site = user_call_site(2)
-        with self.lock:
-            if self._deferred:
-                self._send_deferred()
-            addr, failed, must_wait = self._memory.allocate(partial(self._add, writer), nbytes,
-                                                            site)
-            if must_wait:
-                self._wait_for_alloc(self._current_or_restored(writer), addr, failed)
-        return addr
-
-    def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
-        self._wait_everything(writer)
-        if self._first_error is not None:
-            if not failed:  # this allocation worked; an earlier call's error is raised
-                self.free(addr)
-            self.raise_deferred_error()
+        return self._memory_calls.alloc(nbytes)
 
     def free(self, addr: int) -> None:
         """Release the allocation at ``addr`` (fire-and-forget)."""
-        writer = self._writer
-        if writer is None or self._closed or self._lost_error is not None:
-            return  # nothing mapped, or the session is gone with its memory
-        if writer.fatal is not None or writer.connection.lost:
-            # its worker is gone (parked by the agent, or lost): the next call decides
-            self._deferred.append(("free", int(addr)))
-            return
-        with self.lock:
-            self._memory.release(partial(self._add, writer), int(addr), user_call_site(2))
+        self._memory_calls.free(addr)
 
     def release_later(self, op: str, *args: Any) -> None:
         """For finalizers (any thread, even inside the lock's owner): queue ``op(*args)`` (e.g.
         ``free`` of an allocation, ``stream_destroy``) for the next call on a user thread."""
-        if not self._closed and self._lost_error is None:
-            self._deferred.append((op, *args))
-
-    def _send_deferred(self) -> None:
-        with self.lock:
-            while self._deferred:
-                op, *args = self._deferred.popleft()
-                if op == "free":
-                    if self._memory.owns(args[0]):
-                        self.free(args[0])
-                elif self._writer is not None:
-                    self._add(self._writer, op, args, None)
+        self._memory_calls.release_later(op, *args)
 
     def mem_get_info(self) -> tuple[int, int]:
-        free, total = self.call_sync("mem_get_info")
-        self._memory.free_estimate = int(free)
-        return int(free), int(total)
+        return self._memory_calls.mem_get_info()
 
     # }}}
 
@@ -571,7 +424,7 @@ class RemoteSession:
             return
         writer = self._ensure_connected()
         if self._deferred:
-            self._send_deferred()
+            self._memory_calls.send_deferred()
         site = user_call_site(2)
         if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
             # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer
@@ -580,7 +433,7 @@ class RemoteSession:
         chunks = [("htod", [int(dst) + offset, view[offset:offset + TRANSFER_CHUNK_BYTES],
                             stream]) for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES)]
         if not keep:
-            self._send_tracked(writer, chunks, site)
+            self._restore.send_tracked(writer, chunks, site)
             return
         for op, args in chunks:
             self._add(writer, op, args, site, end_batch=True)
@@ -598,7 +451,7 @@ class RemoteSession:
         site = user_call_site(2)
         with self.lock:
             if self._deferred:
-                self._send_deferred()
+                self._memory_calls.send_deferred()
             if wait and 0 < nbytes <= TRANSFER_CHUNK_BYTES:
                 self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
                                ("dtoh", site, _copy_into(view), None))
@@ -661,10 +514,6 @@ _session: RemoteSession | None = None
 _session_lock = threading.Lock()
 
 
-#: why earlier sessions of this process were lost (their arrays are gone), newest last
-_lost_sessions: list[str] = []
-
-
 def get_session() -> RemoteSession:
     """The process's session (a new one after the previous was lost or closed)."""
     session = _session
@@ -680,7 +529,7 @@ def _new_session() -> RemoteSession:
         if session is None or session.closed or session.lost:
             if session is not None and not session.closed:
                 if session.lost and session._memory.allocator is not None:
-                    _lost_sessions.append(session.lost_reason.splitlines()[0])
+                    lost_sessions.append(session.lost_reason.splitlines()[0])
                 if session.lost and session._link.has_lease_source:
                     session.lease_source.lost(session.lost_reason)
                 session.close()

@@ -1,0 +1,113 @@
+"""MemoryCalls: a session's memory API (alloc, free, release_later, mem_get_info).
+
+It works on the session's ``DeviceMemory``: the addresses are chosen there and the chunk maps
+queued as calls; an allocation larger than the free memory last known waits for the agent, so
+that running out raises ``MemoryError`` at the user's line. Releases that finalizers ask for (any
+thread) wait in the memory's ``deferred`` until the next call on a user thread sends them
+(``send_deferred``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+from harp_jupyter.shim.batch import BatchWriter
+from harp_jupyter.shim.call_errors import CallErrors
+from harp_jupyter.shim.callsite import CallSite, user_call_site
+from harp_jupyter.shim.device_memory import DeviceMemory
+from harp_jupyter.shim.errors import LogicError
+from harp_jupyter.shim.restore import SessionRestore
+
+
+class MemoryHost(Protocol):
+    """What the memory API uses of its session."""
+
+    lock: threading.RLock
+
+    @property
+    def closed(self) -> bool: ...
+
+    def current_writer(self) -> BatchWriter | None: ...
+
+    def _ensure_connected(self) -> BatchWriter: ...
+
+    def _current_or_restored(self, writer: BatchWriter) -> BatchWriter: ...
+
+    def _add(self, writer: BatchWriter, op: str, args: Any, site: CallSite | None,
+             on_result: Callable[[Any], None] | None = None,
+             on_error: Callable[[], None] | None = None, *, end_batch: bool = False) -> None: ...
+
+    def call_sync(self, op: str, *args: Any) -> Any: ...
+
+
+class MemoryCalls:
+    """alloc/free/release_later/mem_get_info of one session; see the module docstring."""
+
+    def __init__(self, host: MemoryHost, memory: DeviceMemory, errors: CallErrors,
+                 restore: SessionRestore) -> None:
+        self._host = host
+        self._memory = memory
+        self._errors = errors
+        self._restore = restore
+        self._deferred = memory.deferred
+
+    def alloc(self, nbytes: int) -> int:
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            raise LogicError("cuMemAlloc failed: invalid argument (size must be positive)")
+        host = self._host
+        writer = host._ensure_connected()
+        site = user_call_site(3)
+        with host.lock:
+            if self._deferred:
+                self.send_deferred()
+            addr, failed, must_wait = self._memory.allocate(partial(host._add, writer), nbytes,
+                                                            site)
+            if must_wait:
+                self._wait_for_alloc(host._current_or_restored(writer), addr, failed)
+        return addr
+
+    def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
+        self._restore.wait_everything(writer)
+        if self._errors.first is not None:
+            if not failed:  # this allocation worked; an earlier call's error is raised
+                self.free(addr)
+            self._errors.raise_first()
+
+    def free(self, addr: int) -> None:
+        host = self._host
+        writer = host.current_writer()
+        if writer is None or host.closed or self._errors.lost is not None:
+            return  # nothing mapped, or the session is gone with its memory
+        if writer.fatal is not None or writer.connection.lost:
+            # its worker is gone (parked by the agent, or lost): the next call decides
+            self._deferred.append(("free", int(addr)))
+            return
+        with host.lock:
+            self._memory.release(partial(host._add, writer), int(addr), user_call_site(3))
+
+    def release_later(self, op: str, *args: Any) -> None:
+        if not self._host.closed and self._errors.lost is None:
+            self._deferred.append((op, *args))
+
+    def send_deferred(self) -> None:
+        """Send the releases finalizers queued (a call on a user thread, first)."""
+        host = self._host
+        with host.lock:
+            while self._deferred:
+                op, *args = self._deferred.popleft()
+                if op == "free":
+                    if self._memory.owns(args[0]):
+                        self.free(args[0])
+                else:
+                    writer = host.current_writer()
+                    if writer is not None:
+                        host._add(writer, op, args, None)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        free, total = self._host.call_sync("mem_get_info")
+        self._memory.free_estimate = int(free)
+        return int(free), int(total)

@@ -283,6 +283,26 @@ export async function startLab({ agents, logDir, name = 'lab', env = {} }) {
  * Where screenshots and logs go; the default folder is emptied first, so it shows one run
  * (`keep`: a later test file of the same run adds to it instead).
  */
+/**
+ * A lab page logged in with the token, once the app has started and restored its layout (a
+ * restore can collapse a sidebar), with the Elastic GPU sidebar opened.
+ */
+export async function openLabWithPanel(browser, lab, viewport = { width: 1280, height: 800 }) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  // a loaded 2-core machine may take long over the first lab page
+  await page.goto(`${lab.url}/lab?token=${lab.token}`, { timeout: 120_000 });
+  await page.waitForFunction(() => window.jupyterapp?.commands?.hasCommand('harp:open-panel'), null, {
+    timeout: 60_000
+  });
+  await page.evaluate(async () => {
+    await window.jupyterapp.restored;
+    await window.jupyterapp.commands.execute('harp:open-panel');
+    return true;
+  });
+  return page;
+}
+
 export function screenshotDir({ keep = false } = {}) {
   const dir = process.env.HARP_E2E_SCREENSHOTS ?? join(REPO, 'e2e', 'screenshots');
   if (!process.env.HARP_E2E_SCREENSHOTS && !keep) {

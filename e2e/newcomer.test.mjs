@@ -19,7 +19,8 @@ import {
   startAgent,
   startLab,
   until,
-  writeNotebook
+  writeNotebook,
+  openLabWithPanel
 } from './harness.mjs';
 
 // two 40-byte arrays: what the user allocated is 80 B, what the agent maps is one 2 MiB page
@@ -183,17 +184,7 @@ before(async () => {
   writeNotebook(lab.root, 'Untitled.ipynb', [TWO_SMALL_ARRAYS]);
   writeNotebook(lab.root, 'Untitled1.ipynb', [TWO_SMALL_ARRAYS]);
   writeNotebook(lab.root, 'Untitled2.ipynb', [PROFILE_CELL]);
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  page = await context.newPage();
-  await page.goto(`${lab.url}/lab?token=${lab.token}`, { timeout: 120_000 });
-  await page.waitForFunction(() => window.jupyterapp?.commands?.hasCommand('harp:open-panel'), null, {
-    timeout: 60_000
-  });
-  await page.evaluate(async () => {
-    await window.jupyterapp.restored;
-    await window.jupyterapp.commands.execute('harp:open-panel');
-    return true;
-  });
+  page = await openLabWithPanel(browser, lab);
   await panel().waitFor({ state: 'visible' });
 });
 

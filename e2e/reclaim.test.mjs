@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { CHROMIUM, screenshotDir, startAgent, startLab, until, writeNotebook } from './harness.mjs';
+import { CHROMIUM, screenshotDir, startAgent, startLab, until, writeNotebook, openLabWithPanel } from './harness.mjs';
 
 const RECLAIM_AFTER = '2';
 const A_CELLS = [
@@ -127,18 +127,7 @@ before(async () => {
   });
   writeNotebook(lab.root, 'A.ipynb', A_CELLS);
   writeNotebook(lab.root, 'B.ipynb', B_CELLS);
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  page = await context.newPage();
-  // a loaded 2-core machine may take long over the first lab page
-  await page.goto(`${lab.url}/lab?token=${lab.token}`, { timeout: 120_000 });
-  await page.waitForFunction(() => window.jupyterapp?.commands?.hasCommand('harp:open-panel'), null, {
-    timeout: 60_000
-  });
-  await page.evaluate(async () => {
-    await window.jupyterapp.restored;
-    await window.jupyterapp.commands.execute('harp:open-panel');
-    return true;
-  });
+  page = await openLabWithPanel(browser, lab);
   await panel().waitFor({ state: 'visible' });
 });
 

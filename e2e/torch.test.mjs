@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
 
-import { CHROMIUM, RECLAIM_OFF, screenshotDir, startAgent, startLab, until, writeNotebook } from './harness.mjs';
+import { CHROMIUM, RECLAIM_OFF, screenshotDir, startAgent, startLab, until, writeNotebook, openLabWithPanel } from './harness.mjs';
 
 const PATH = 'cnn.ipynb';
 const TRAIN = [
@@ -174,17 +174,7 @@ before(async () => {
   agent = await startAgent(SHOTS, ['--lease-ttl', '30', ...RECLAIM_OFF]);
   lab = await startLab({ agents: agent.endpoint, logDir: SHOTS, name: 'lab-torch' });
   writeNotebook(lab.root, PATH, CELLS);
-  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-  page = await context.newPage();
-  await page.goto(`${lab.url}/lab?token=${lab.token}`, { timeout: 120_000 });
-  await page.waitForFunction(() => window.jupyterapp?.commands?.hasCommand('harp:open-panel'), null, {
-    timeout: 60_000
-  });
-  await page.evaluate(async () => {
-    await window.jupyterapp.restored;
-    await window.jupyterapp.commands.execute('harp:open-panel');
-    return true;
-  });
+  page = await openLabWithPanel(browser, lab, { width: 1280, height: 900 });
   await panel().waitFor({ state: 'visible' });
 });
 

@@ -4,7 +4,6 @@ polling for a condition with a deadline."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,15 +12,12 @@ import numpy as np
 
 from harp_jupyter.shim.lease import DirectLeaseSource
 from harp_jupyter.shim.session import RemoteSession
+from tests.agent_client import wait_for
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30) -> Any:
     """``check()``'s first truthy value, polled until ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"not reached within {timeout} s"
-        time.sleep(0.02)
-    return value
+    return wait_for(check, timeout)
 
 
 @contextmanager

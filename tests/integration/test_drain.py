@@ -11,10 +11,8 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,7 @@ import zmq
 from gpu_agent import protocol as P
 from harp_jupyter.shim.session import get_session
 from provisioner.lease_client import BlockingLeaseClient
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, wait_for
 from tests.integration.test_park_restore import pycuda_modules
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,15 +30,6 @@ pytestmark = pytest.mark.timeout(90)
 MiB = 1 << 20
 GRACE = "60"
 
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def readyz(agent: Any) -> int:
@@ -72,11 +61,11 @@ def test_a_running_cell_finishes_and_the_agent_exits_zero(
         client.data.send_multipart(P.encode({"t": P.BATCH, "q": 99, "c": [
             ["array", "power", desc, [desc, 1.0001], {}, None] for _ in range(100)]}))
         wait_for(lambda: any(s["busy"] for s in lease_client.status(agent.endpoint)
-                             ["leases"]["sessions"]), "the cell to run")
+                             ["leases"]["sessions"]), what="the cell to run", timeout=30)
         agent.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: readyz(agent) == 503, "/readyz to say unready")
+        wait_for(lambda: readyz(agent) == 503, what="/readyz to say unready", timeout=30)
         status = wait_for(lambda: (lambda s: s if s["draining"] else None)(
-            lease_client.status(agent.endpoint)), "the status to say draining")
+            lease_client.status(agent.endpoint)), what="the status to say draining", timeout=30)
         assert status["leases"]["draining"]
         with pytest.raises(Exception, match="shutting down"):
             lease_client.request(agent.endpoint, "newcomer", "s")
@@ -109,11 +98,12 @@ def test_an_idle_sessions_arrays_come_back_intact_on_the_other_agent(
         exits_zero(first)  # it exits once the parked state has moved
         parked = lease_client.status(second.endpoint)["leases"]["parked"]
         assert [p["bytes"] for p in parked] and parked[0]["bytes"] >= 2 * host.nbytes
-        wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        wait_for(lambda: not session.connected, what="the kernel to hear its lease ended",
+                 timeout=30)
         # its keeper heard the drain (or, parked already, asks its agent every 1 s): it shows
         # where the state went before any GPU call
         state = wait_for(lambda: (lambda s: s if s["agent"] == second.endpoint else None)(
-            session.lease_source.status()), "the keeper to show the state moved")
+            session.lease_source.status()), what="the keeper to show the state moved", timeout=30)
         assert state["state"] == "parked" and second.endpoint in state["message"], state
 
         assert np.array_equal((a + b).get(), host * 4)  # the next cell restores on the other
@@ -177,12 +167,13 @@ def test_state_no_agent_took_is_lost_with_a_reason_that_names_the_drain(
             session.release()
         first.process.send_signal(signal.SIGTERM)
         exits_zero(first)
-        wait_for(lambda: not session.connected, "the kernel to hear its lease ended")
+        wait_for(lambda: not session.connected, what="the kernel to hear its lease ended",
+                 timeout=30)
         agent = f"the GPU agent at {first.endpoint}"
         drained = (f"{agent} shut down (a drain, SIGTERM) and no other agent of its pool took "
                    "your parked GPU state")
         state = wait_for(lambda: (lambda s: s if s["state"] == "lost" else None)(
-            session.lease_source.status()), "the keeper to show the state lost")
+            session.lease_source.status()), what="the keeper to show the state lost", timeout=30)
         assert agent in state["message"] and "re-run" in state["message"], state
         assert released or drained in state["message"], state
         assert state["agent"] is None and state["parked_bytes"] == 0, state
@@ -221,10 +212,10 @@ def test_a_queued_kernel_is_served_by_the_other_agent(
         thread = threading.Thread(target=cell)
         thread.start()
         wait_for(lambda: lease_client.status(first.endpoint)["leases"]["queue"],
-                 "the kernel to queue at the first agent")
+                 what="the kernel to queue at the first agent", timeout=30)
         first.process.send_signal(signal.SIGTERM)
         wait_for(lambda: lease_client.status(second.endpoint)["leases"]["queue"],
-                 "the kernel to queue at the second agent")
+                 what="the kernel to queue at the second agent", timeout=30)
         exits_zero(first)
         lease_client.release(second.endpoint, there["id"], there["token"])
         thread.join(30)

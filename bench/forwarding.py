@@ -110,6 +110,11 @@ def table(local: dict, shim: dict, raw: dict, agent_rss: float) -> list[str]:
                              + (f", {local[key]:.2f} (local)" if local else ""),
                              f"{shim[key]:.2f}", r, f"≥ {COPY_RATIO:.2f}x raw pyzmq",
                              r >= COPY_RATIO))
+    if "launch_agent_cpu_us" in shim:
+        lines.append(row("  CPU per launch: the client / the agent (µs)", "",
+                         f"{shim['launch_client_cpu_us']:.2f} / "
+                         f"{shim['launch_agent_cpu_us']:.2f}", None,
+                         "the larger bounds the launch rate", None))
     if local:
         r = shim["compute_s"] / local["compute_s"]
         lines.append(row("compute-bound loop (s)", f"{local['compute_s']:.3f}",
@@ -123,6 +128,31 @@ def table(local: dict, shim: dict, raw: dict, agent_rss: float) -> list[str]:
     return lines
 
 
+def bounds(local: dict, shim: dict, raw: dict) -> list[str]:
+    """What a copy through the shim cannot go below without overlapping its steps: the wire
+    (raw pyzmq's put or get), the device copy (local pycuda's), and one host copy (the shim's
+    snapshot of a small H2D source, or the D2H data copied from ZeroMQ's frame into the
+    user's array), each measured in this run."""
+    if not local or copy_key("host", COPY_SIZES[0][0]) not in local:
+        return []
+    lines = ["", "What bounds each copy: the time of its steps done one after another, each "
+             "measured in this run (µs), and the ratio to raw pyzmq that leaves.", "",
+             "| copy | raw pyzmq | local device copy | host copy | steps in sequence | "
+             "its ratio to raw | through the shim | shim over the steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for direction in ("h2d", "d2h"):
+        for nbytes, _reps in COPY_SIZES:
+            key = copy_key(direction, nbytes)
+            t_raw, t_local = nbytes / raw[key] / 1e3, nbytes / local[key] / 1e3
+            t_host = nbytes / local[copy_key("host", nbytes)] / 1e3
+            t_shim = nbytes / shim[key] / 1e3
+            steps = t_raw + t_local + t_host
+            lines.append(f"| {direction.upper()} {size_label(nbytes)} | {t_raw:.1f} | "
+                         f"{t_local:.1f} | {t_host:.1f} | {steps:.1f} | {t_raw / steps:.2f} | "
+                         f"{t_shim:.1f} | {t_shim - steps:+.1f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="Markdown file to write (default bench/results/...)")
@@ -133,7 +163,7 @@ def main() -> None:
     agent, endpoint = start_agent(args.emulated)
     try:
         local = {} if args.emulated else run_json([str(HERE / "workloads.py"), "local"])
-        shim = run_json([str(HERE / "workloads.py"), "shim", endpoint])
+        shim = run_json([str(HERE / "workloads.py"), "shim", endpoint, str(agent.pid)])
         agent_rss = peak_rss_mib(agent.pid)
     finally:
         agent.kill()
@@ -141,7 +171,8 @@ def main() -> None:
            f"python bench/forwarding.py{' --emulated' if args.emulated else ''}",
            "Local pycuda, the shim (over TCP loopback to a local harp-agent) and raw pyzmq "
            "were measured in this one run.",
-           table(local, shim, raw, agent_rss), {"local": local, "shim": shim, "raw_zmq": raw},
+           table(local, shim, raw, agent_rss) + bounds(local, shim, raw),
+           {"local": local, "shim": shim, "raw_zmq": raw},
            args.out)
 
 

@@ -8,9 +8,11 @@ shim against that agent. Each prints nothing but writes its figures as JSON.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +27,7 @@ __global__ void burn(float *x, int iters)
 }
 """
 MIB = 1 << 20
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: the copy sizes of issue 16's target (each at least 0.7x raw pyzmq), with the repetitions
 #: whose best is reported; ``copy_key`` names each figure
 COPY_SIZES = ((4 << 10, 200), (64 << 10, 100), (1 << 20, 20), (16 << 20, 5), (256 << 20, 3))
@@ -38,8 +41,40 @@ def copy_key(direction: str, nbytes: int) -> str:
     return f"{direction}_{size_label(nbytes)}_GBps"
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its descendants, from Linux /proc."""
+    total, todo = 0.0, [pid]
+    while todo:
+        proc = todo.pop()
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            for task in Path(f"/proc/{proc}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def host_copy_GBps(nbytes: int, reps: int) -> float:
+    """The best of ``reps`` host-to-host copies of ``nbytes`` (NumPy), in GB/s."""
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    best = float("inf")
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
+    agent_pid = int(sys.argv[4]) if len(sys.argv) > 4 else None
     if mode == "shim":
         from harp_jupyter.shim import activate
 
@@ -100,6 +135,8 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             results[copy_key(name, nbytes)] = data.nbytes / min(times) / 1e9
         dev.free()
+        if mode == "local":
+            results[copy_key("host", nbytes)] = host_copy_GBps(nbytes, reps)
 
     if not kernels:
         with open(out, "w") as f:
@@ -126,11 +163,16 @@ def main() -> None:
     results["compute_iters"] = iters
 
     if mode == "shim":
+        # which side bounds a launch: the client's CPU and the agent's per launch
+        client_cpu, agent_cpu = cpu_s(), tree_cpu_s(agent_pid) if agent_pid else 0.0
         start = time.perf_counter()
         for _ in range(1_000_000):
             tiny(x, block=(32, 1, 1), grid=(1, 1))
         cuda.Context.synchronize()
         results["million_launches_s"] = time.perf_counter() - start
+        results["launch_client_cpu_us"] = cpu_s() - client_cpu
+        if agent_pid:
+            results["launch_agent_cpu_us"] = tree_cpu_s(agent_pid) - agent_cpu
         results["client_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(out, "w") as f:
         json.dump(results, f)

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from gpu_agent import nvcc_limits
+from gpu_agent import multipart, nvcc_limits
 from gpu_agent.curve import ServerKeys
 from gpu_agent.executors import gpu_available
 from gpu_agent.limits import AgentLimits
@@ -27,6 +27,8 @@ from gpu_agent.workers import WorkerConfig
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 #: device memory a worker's CUDA context and pycuda's modules take (seen on an H200: ~0.5 GiB)
 CONTEXT_BYTES = 768 << 20
+#: a sync read loop's next message comes a round trip (~100 µs) after the reply
+DEFAULT_BUSY_POLL_US = 0
 
 
 def parse_bytes(text: str) -> int:
@@ -51,6 +53,14 @@ def positive_seconds(text: str) -> float:
     value = float(text)
     if not (0 < value < float("inf")):
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+def busy_poll_us(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= multipart.MAX_BUSY_POLL_US:
+        raise argparse.ArgumentTypeError(
+            f"not a number of microseconds from 0 to {multipart.MAX_BUSY_POLL_US}: {text!r}")
     return value
 
 
@@ -112,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "the --worker-advertise or --worker-host host when it binds all")
     parser.add_argument("--spares", type=int, default=1,
                         help="workers kept ready (CUDA context created) for the next session")
+    parser.add_argument("--busy-poll-us", type=busy_poll_us, default=DEFAULT_BUSY_POLL_US,
+                        metavar="US",
+                        help="how long a worker polls for its client's next message without "
+                             "sleeping, after each reply: a sync point's round trip then skips "
+                             "a wake-up, for at most this much CPU per reply; 0 turns it off "
+                             f"(default {DEFAULT_BUSY_POLL_US})")
     group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
     defaults = AgentLimits()
     for name, spec in AgentLimits.flags():
@@ -176,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
             executor=executor, device=args.device, bind_host=host or "127.0.0.1",
             memory_cap=memory_cap, max_frame=limits.max_frame,
             unread_replies=limits.unread_replies, fetch_timeout=limits.fetch_timeout,
-            pinned_staging=limits.pinned_staging, session_objects=limits.session_objects,
+            pinned_staging=limits.pinned_staging, busy_poll_us=args.busy_poll_us,
+            session_objects=limits.session_objects,
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             advertise_host=args.worker_advertise,

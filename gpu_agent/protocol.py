@@ -290,7 +290,12 @@ def _is_buf(v: Any) -> bool:
 
 
 def _is_dim3(v: Any) -> bool:
-    return type(v) is list and 1 <= len(v) <= 3 and all(type(x) is int and x >= 0 for x in v)
+    if type(v) is not list or not 1 <= len(v) <= 3:
+        return False
+    for x in v:  # a loop, not all(): every launch checks two of these
+        if type(x) is not int or x < 0:
+            return False
+    return True
 
 
 def _is_strlist(v: Any) -> bool:
@@ -765,29 +770,92 @@ CURAND_METHODS = ("init", "fill_uniform", "fill_normal", "fill_log_normal", "fil
 
 def validate_call(call: Any) -> tuple[str, list[Any]]:
     """``(op, args)`` of a call, or ProtocolError saying exactly what is wrong."""
-    # the per-call hot path of every batch: one tight loop, the message built only on failure
+    # the per-call hot path of every batch: one generated check per op, the message built only
+    # on failure
     if type(call) is not list or not call or type(call[0]) is not str:
         raise ProtocolError("a call must be a list [op, *args] with a string op")
     name = call[0]
-    op = OPS.get(name)
-    if op is None:
+    valid = _ARGUMENTS_VALID.get(name)
+    if valid is None:
         raise ProtocolError(f"unknown operation {name!r}")
     args = call[1:]
-    checks = op.args
-    if len(args) != len(checks):
-        raise ProtocolError(f"{name} takes {len(checks)} arguments, got {len(args)}")
-    for check, value in zip(checks, args, strict=False):  # lengths compared above
-        if not check(value):
-            raise _wrong_argument(name, checks, args)
-    if name == "array" and args[0] not in ARRAY_FUNCTIONS:
-        raise ProtocolError(f"unknown array function {args[0]!r}")
-    if name == "curand_new" and args[1] not in CURAND_KINDS:
-        raise ProtocolError(f"unknown cuRAND generator {args[1]!r}")
-    if name == "curand_call" and args[1] not in CURAND_METHODS:
-        raise ProtocolError(f"unknown cuRAND generator method {args[1]!r}")
-    if name in nvcc_options.COMPILING_OPS:
-        nvcc_options.check_call(name, args)
+    if not valid(args):
+        checks = OPS[name].args
+        if len(args) != len(checks):
+            raise ProtocolError(f"{name} takes {len(checks)} arguments, got {len(args)}")
+        raise _wrong_argument(name, checks, args)
+    more = _MORE_CHECKS.get(name)
+    if more is not None:
+        more(name, args)
     return name, args
+
+
+def _member_check(position: int, allowed: Any, what: str) -> Callable[[str, list[Any]], None]:
+    def check(name: str, args: list[Any]) -> None:
+        if args[position] not in allowed:
+            raise ProtocolError(f"unknown {what} {args[position]!r}")
+
+    return check
+
+
+def _both(first: Callable[[str, list[Any]], None], second: Callable[[str, list[Any]], None]
+          ) -> Callable[[str, list[Any]], None]:
+    def check(name: str, args: list[Any]) -> None:
+        first(name, args)
+        second(name, args)
+
+    return check
+
+
+#: what some ops' arguments must be beyond their types
+_MORE_CHECKS: dict[str, Callable[[str, list[Any]], None]] = {
+    "array": _member_check(0, ARRAY_FUNCTIONS, "array function"),
+    "curand_new": _member_check(1, CURAND_KINDS, "cuRAND generator"),
+    "curand_call": _member_check(1, CURAND_METHODS, "cuRAND generator method"),
+}
+for _name in nvcc_options.COMPILING_OPS:
+    _MORE_CHECKS[_name] = (_both(_MORE_CHECKS[_name], nvcc_options.check_call)
+                           if _name in _MORE_CHECKS else nvcc_options.check_call)
+
+_UINT_LIMIT = 1 << 64
+#: the argument kinds a generated check writes inline (``{v}``: the argument), the rest are called
+_INLINE_CHECKS: dict[Callable[[Any], bool], str] = {
+    INT: "type({v}) is int",
+    UINT: "(type({v}) is int and 0 <= {v} < _UINT_LIMIT)",
+    STR: "type({v}) is str",
+    BOOL: "type({v}) is bool",
+    BUF: "(type({v}) is bytes or type({v}) is FrameRef)",
+    STREAM: "({v} is None or (type({v}) is int and 0 <= {v} < _UINT_LIMIT))",
+}
+
+
+def _arguments_check(checks: tuple[Callable[[Any], bool], ...]) -> Callable[[list[Any]], bool]:
+    """One function that says whether an argument list fits ``checks``: what validate_call's
+    loop over the validators would say, in one call (a launch's six checks cost more called
+    one by one than the rest of its validation)."""
+    scope: dict[str, Any] = {"_UINT_LIMIT": _UINT_LIMIT, "FrameRef": FrameRef}
+    if not checks:
+        return lambda args: not args
+    terms = []
+    for i, check in enumerate(checks):
+        inline = _INLINE_CHECKS.get(check)
+        if inline is None:
+            scope[f"_check{i}"] = check
+            terms.append(f"_check{i}(a{i})")
+        else:
+            terms.append(inline.format(v=f"a{i}"))
+    names = ", ".join(f"a{i}" for i in range(len(checks)))
+    source = (f"def valid(args):\n"
+              f"    if len(args) != {len(checks)}:\n"
+              f"        return False\n"
+              f"    {names}, = args\n"
+              f"    return bool({' and '.join(terms)})\n")
+    exec(compile(source, "<protocol.OPS argument check>", "exec"), scope)
+    return scope["valid"]
+
+
+#: derived from OPS: each op's generated argument check
+_ARGUMENTS_VALID = {name: _arguments_check(op.args) for name, op in OPS.items()}
 
 
 def _wrong_argument(name: str, checks: tuple[Callable[[Any], bool], ...],

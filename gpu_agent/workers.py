@@ -45,6 +45,8 @@ class WorkerConfig:
     unread_replies: int
     fetch_timeout: float
     pinned_staging: int = 0
+    #: how long a worker busy-polls for its client's next message before it sleeps (µs)
+    busy_poll_us: int = 0
     session_objects: int = 4096
     ports: str | None = None
     data_root: str | None = None
@@ -117,6 +119,7 @@ class WorkerPool:
                 "--max-frame", str(c.max_frame), "--unread-replies", str(c.unread_replies),
                 "--fetch-timeout", str(c.fetch_timeout), "--log-level", c.log_level,
                 "--pinned-staging", str(c.pinned_staging),
+                "--busy-poll-us", str(c.busy_poll_us),
                 "--session-objects", str(c.session_objects),
                 "--data-reader", c.data_reader]
         if c.nvcc:

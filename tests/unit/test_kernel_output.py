@@ -20,7 +20,9 @@ from gpu_agent.worker import KernelOutput
 libc = ctypes.CDLL(None)
 output = KernelOutput()
 seen = [output.take()]
-libc.printf(b"buffered in stdio\n")          # fd 1 is a pipe: C's stdout is fully buffered
+libc.printf(b"buffered in stdio\n")          # fd 1 is a pipe: C's stdout is unbuffered now
+seen.append(output.take())
+libc.printf(b"no flush")                     # no newline: a buffered stream would keep it
 seen.append(output.take())
 os.write(1, b"straight into the pipe\n")
 seen.append(output.take())
@@ -34,5 +36,5 @@ def test_output_printed_before_a_reply_comes_with_it_once() -> None:
     child = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True,
                            text=True, timeout=60)
     assert child.returncode == 0, child.stderr
-    assert json.loads(child.stderr) == ["", "buffered in stdio\n", "straight into the pipe\n",
-                                        ""]
+    assert json.loads(child.stderr) == ["", "buffered in stdio\n", "no flush",
+                                        "straight into the pipe\n", ""]

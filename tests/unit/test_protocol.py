@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from gpu_agent import protocol as P
@@ -71,3 +72,19 @@ def test_frame_references_round_trip_on_both_sides_of_the_encoding_cache(index: 
 @pytest.mark.parametrize("index", [0, 63, 64, 1000])
 def test_frame_ref_is_a_frame_reference_of_that_index(index: int) -> None:
     assert P.frame_ref(index) == P.FrameRef(index)
+
+
+def test_generated_argument_checks_agree_with_the_validators() -> None:
+    # validate_call runs one generated function per op; it must accept exactly what the op's
+    # validators accept, value by value, for every op of the registry
+    samples = [None, 0, 1, -1, 1 << 64, (1 << 64) - 1, 2.5, True, "x", b"ab", bytearray(b"a"),
+               [], [1], [1, 2, 3], [1, -2], [1, 2, 3, 4], ["a"], {}, {"k": 1}, P.FrameRef(1),
+               ["f4", "<f4", [4], [4], 0]]
+    for name, op in P.OPS.items():
+        checks = op.args
+        rng = np.random.default_rng(len(name))
+        for _ in range(60):
+            args = [samples[int(rng.integers(len(samples)))] for _ in checks]
+            want = all(check(v) for check, v in zip(checks, args, strict=True))
+            assert P._ARGUMENTS_VALID[name](args) is want, (name, args)
+        assert P._ARGUMENTS_VALID[name]([None] * (len(checks) + 1)) is False

@@ -211,6 +211,10 @@ class WorkloadClient:
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "notebook_workloads.py"), *args], env=ENV,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        self.ready: dict[str, Any] = {}
+
+    def wait_ready(self) -> None:
+        """Wait for its set-up and warm-up (all clients start at once, then wait here)."""
         self.ready = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -286,6 +290,12 @@ def run_rounds(rounds: int, clients: dict[str, WorkloadClient], agent_pid: int,
 # {{{ tables
 
 
+def paired(later: list[float], earlier: list[float], scale: float = 1.0) -> list[float]:
+    """Round by round: (later - earlier) * scale, one figure per round (never the difference of
+    the medians, which the rounds' drift would swamp)."""
+    return [(a - b) * scale for a, b in zip(later, earlier, strict=True)]
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -339,8 +349,7 @@ def tables(measured: dict[str, Any], configs: list[str], delays: list[float],
         for w, label in workloads:
             cells = []
             for d in later:
-                added = [(a - z) / sync_points[w] * 1e3
-                         for a, z in zip(walls(delay_name(d), w), walls(zero, w), strict=True)]
+                added = paired(walls(delay_name(d), w), walls(zero, w), 1e3 / sync_points[w])
                 cells.append(f"{_median(added):.2f} [{min(added):.2f}, {max(added):.2f}]")
             lines.append(f"| {label.strip()} | " + " | ".join(cells) + " |")
 
@@ -493,6 +502,8 @@ def main() -> None:
         for name, host in hosts.items():
             clients[name] = WorkloadClient(name, "shim", f"tcp://{host}:{supervisor_port}",
                                            f"--worker-host-map={AGENT_HOST}={host}")
+        for client in clients.values():
+            client.wait_ready()
         configs = list(clients)
         measured = run_rounds(args.rounds, clients, agent.pid, echoes)
         for client in clients.values():

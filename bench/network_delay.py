@@ -374,9 +374,10 @@ def tables(measured: dict[str, Any], configs: list[str], delays: list[float],
 
     lines += [
         "",
-        "Where the time goes (medians, seconds): wall / the client process's CPU / the agent "
-        "workers' CPU. Wall near the larger of the two CPU figures: the two sides overlapped; "
-        "near their sum: they took turns.",
+        "Where the time goes (medians): wall s / the client process's CPU s / the agent "
+        "workers' CPU s / batches sent. Wall near the larger of the two CPU figures: the two "
+        "sides overlapped; near their sum: they took turns. Few batches for many calls: the "
+        "calls waited in the client before the agent saw them.",
         "",
         "| workload | " + " | ".join(shims) + " |",
         "|---|" + "---|" * len(shims),
@@ -387,7 +388,8 @@ def tables(measured: dict[str, Any], configs: list[str], delays: list[float],
             xs = runs[c][w]
             cells.append(f"{_median([x['s'] for x in xs]):.3f} / "
                          f"{_median([x['cpu_s'] for x in xs]):.3f} / "
-                         f"{_median([x['workers_cpu_s'] for x in xs]):.3f}")
+                         f"{_median([x['workers_cpu_s'] for x in xs]):.3f} / "
+                         f"{_median([x['batches'] for x in xs]):.0f}")
         lines.append(f"| {label.strip()} | " + " | ".join(cells) + " |")
 
     rtt, reads, launch = measured["rtt_us"], measured["sync_read_us"], measured["launch_us"]
@@ -436,8 +438,10 @@ def check_same_results(runs: dict[str, Any], reference: str) -> list[str]:
 
 def compact(runs: dict[str, Any]) -> dict[str, Any]:
     """The per-round figures for the raw JSON (the losses are checked, not kept)."""
-    keys = ("s", "cpu_s", "thread_cpu_s", "workers_cpu_s")
-    return {c: {w: {k: [x[k] for x in xs] for k in keys} for w, xs in by_w.items()}
+    keys = ("s", "cpu_s", "thread_cpu_s", "workers_cpu_s", "batches", "shim_sync_points",
+            "parks")
+    return {c: {w: {k: [x[k] for x in xs] for k in keys if k in xs[0]}
+                for w, xs in by_w.items()}
             for c, by_w in runs.items()}
 
 
@@ -535,6 +539,8 @@ def main() -> None:
 
     reference = LOCAL if LOCAL in measured["runs"] else DIRECT
     notes = check_same_results(measured["runs"], reference)
+    parked = sorted({c for c, by_w in measured["runs"].items() for xs in by_w.values()
+                     for x in xs if x.get("parks")})
     device = clients[DIRECT].ready["device"]
     elapsed = time.perf_counter() - started
     intro = (f"Machine: {machine()}. Took {elapsed:.0f} s. Local pycuda (when there is a GPU), "
@@ -547,6 +553,9 @@ def main() -> None:
              "Losses and image checksums of every run "
              + ("match" if not notes else "DIFFER: " + "; ".join(notes))
              + f" {'local pycuda' if reference == LOCAL else 'the shim without relay'}'s.")
+    if parked:
+        intro += (f" WARNING: the agent parked the session of {', '.join(parked)} during a "
+                  "run: those figures include a restore.")
     if args.emulated:
         intro += (" EMULATED agent: no GPU, no local baseline, matmuls and the blur are "
                   "elementwise stand-ins run by NumPy on this CPU; the figures test the "

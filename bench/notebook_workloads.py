@@ -278,14 +278,30 @@ def setup(work: Workloads) -> tuple[dict[str, Callable[[], dict[str, Any]]], dic
     return runs, shapes
 
 
-def timed(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _shim_counters() -> dict[str, int]:
+    """The shim session's batches sent, sync points and parks so far."""
+    from harp_jupyter.shim.session import get_session
+
+    session = get_session()
+    writer = session.current_writer()
+    return {"batches": writer.batches_sent if writer is not None else 0,
+            "shim_sync_points": session.sync_points, "parks": session.parks}
+
+
+def timed(run: Callable[[], dict[str, Any]], shim: bool) -> dict[str, Any]:
     """One run: its wall time, the CPU time of this process (all its threads: the shim's
-    linger thread and ZeroMQ's I/O threads too) and of the calling thread alone, and what it
-    read."""
+    linger thread and ZeroMQ's I/O threads too) and of the calling thread alone, what it read,
+    and through the shim the batches it sent, the sync points the shim counted and any park
+    (which would spoil the timing)."""
+    before = _shim_counters() if shim else None
     wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
     result = run()
-    return {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-            "thread_cpu_s": time.thread_time() - thread, **result}
+    timing = {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+              "thread_cpu_s": time.thread_time() - thread}
+    if before is not None:
+        after = _shim_counters()
+        timing.update({k: after[k] - before[k] for k in after})
+    return {**timing, **result}
 
 
 def serve(work: Workloads, device: str, mode: str, reply: TextIO) -> None:
@@ -304,7 +320,7 @@ def serve(work: Workloads, device: str, mode: str, reply: TextIO) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if "run" in command:
-            say(timed(runs[command["run"]]))
+            say(timed(runs[command["run"]], shim=mode == "shim"))
         elif command.get("probe") == "sync_read":
             say({"us": work.sync_read_us(int(command.get("samples", 200)))})
         elif command.get("probe") == "launch":

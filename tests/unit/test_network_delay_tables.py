@@ -34,7 +34,8 @@ def test_rotation_puts_every_configuration_first_once(bench: ModuleType) -> None
 
 
 def _runs(walls: list[float], sync_points: int) -> dict[str, list[dict[str, object]]]:
-    run = {"sync_points": sync_points, "cpu_s": 0.1, "workers_cpu_s": 0.1, "losses": [1.0]}
+    run = {"sync_points": sync_points, "cpu_s": 0.1, "workers_cpu_s": 0.1, "batches": 9,
+           "losses": [1.0]}
     return {"train_sync_256": [{**run, "s": s} for s in walls],
             "train_device_loss_256": [{**run, "s": s / 2, "sync_points": 1} for s in walls]}
 

@@ -1,9 +1,13 @@
 """Notebook-like workloads, written once against pycuda's API, run locally or through the shim.
 
-    python bench/notebook_workloads.py local OUT.json
-    python bench/notebook_workloads.py shim OUT.json tcp://HOST:PORT [--worker-host-map A=B]
+    python bench/notebook_workloads.py local
+    python bench/notebook_workloads.py shim tcp://HOST:PORT [--worker-host-map A=B]
 
-Each writes its figures as JSON and prints nothing else. The workloads:
+A long-lived process for bench/network_delay.py: it builds every workload, runs each once (the
+warm-up), says ``{"ready": ...}`` as one JSON line on stdout, then answers one JSON line per
+command read from stdin (``serve``), so that the driver can interleave the runs of every
+configuration round by round. Each run reports its wall time and the CPU time of this process
+and of its calling thread. The workloads:
 
 ``train_sync``
     A training-like loop: per step a forward matmul (a tiled SourceModule kernel), ``tanh``, the
@@ -21,7 +25,7 @@ Each writes its figures as JSON and prints nothing else. The workloads:
     3x3 blur kernel, an async copy out, alternating streams; after each batch of frames an
     event is recorded on each stream and both are synchronized.
 ``sync_read`` / ``launch``
-    One 4-byte ``memcpy_dtoh`` (a bare sync point, p50) and one small async launch: what the
+    Bare 4-byte ``memcpy_dtoh`` calls (a sync point each) and one small async launch: what the
     workloads above are made of.
 
 Against the emulated agent (its device name says EMULATED) there are no CUDA C kernels: the
@@ -37,10 +41,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -94,7 +99,6 @@ __global__ void tiny(float *x) { x[threadIdx.x] += 1.0f; }
 """
 
 EVERY = 10  # the loss is read back every EVERY steps
-REPEATS = 3
 LEARNING_RATE = 0.05
 
 
@@ -214,15 +218,17 @@ class Workloads:
 
         return run
 
-    def sync_read_p50_us(self, samples: int = 400) -> float:
+    def sync_read_us(self, samples: int) -> list[float]:
+        """``samples`` bare 4-byte ``memcpy_dtoh`` calls, µs each (after 10 not kept)."""
         word = self.cuda.mem_alloc(4)
         host = np.empty(1, np.float32)
         times = []
-        for _ in range(samples):
+        for i in range(samples + 10):
             start = time.perf_counter()
             self.cuda.memcpy_dtoh(host, word)
-            times.append((time.perf_counter() - start) * 1e6)
-        return float(np.percentile(times[samples // 10:], 50))
+            if i >= 10:
+                times.append((time.perf_counter() - start) * 1e6)
+        return times
 
     def launch_us(self, launches: int = 5000) -> float:
         x = self.cuda.mem_alloc(4 * 32)
@@ -234,17 +240,6 @@ class Workloads:
             self._tiny(x, block=(32, 1, 1), grid=(1, 1))
         self.cuda.Context.synchronize()
         return (time.perf_counter() - start) / launches * 1e6
-
-
-def timed(run: Callable[[], dict[str, Any]], repeats: int = REPEATS) -> dict[str, Any]:
-    """Run once to warm up, then ``repeats`` times; the median wall time and what it read."""
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - start)
-    return {"s": statistics.median(seconds), "all_s": seconds, **result}
 
 
 def map_worker_host(mapping: str) -> None:
@@ -262,13 +257,88 @@ def map_worker_host(mapping: str) -> None:
     shim_link.worker_endpoint = through_relay
 
 
+def setup(work: Workloads) -> tuple[dict[str, Callable[[], dict[str, Any]]], dict[str, Any]]:
+    """The workloads by name, each run once (the warm-up), and their shapes."""
+    if work.kernels:
+        models = {"1024": (1024, 200), "256": (256, 400)}
+        image_frames, image_shape = 32, (512, 512)
+    else:
+        models = {"256": (256, 200)}  # 20 sync points: enough for the per-sync-point table
+        image_frames, image_shape = 16, (256, 256)
+    runs: dict[str, Callable[[], dict[str, Any]]] = {}
+    shapes: dict[str, Any] = {}
+    for name, (size, steps) in models.items():
+        runs[f"train_sync_{name}"] = work.train(size, steps, device_loss=False)
+        runs[f"train_device_loss_{name}"] = work.train(size, steps, device_loss=True)
+        shapes[f"train_{name}"] = {"size": size, "steps": steps}
+    runs["images"] = work.images(image_frames, image_shape, batch=8)
+    shapes["images"] = {"frames": image_frames, "shape": list(image_shape), "batch": 8}
+    for run in runs.values():
+        run()
+    return runs, shapes
+
+
+def _shim_counters() -> dict[str, int]:
+    """The shim session's batches sent, sync points and parks so far."""
+    from harp_jupyter.shim.session import get_session
+
+    session = get_session()
+    writer = session.current_writer()
+    return {"batches": writer.batches_sent if writer is not None else 0,
+            "shim_sync_points": session.sync_points, "parks": session.parks}
+
+
+def timed(run: Callable[[], dict[str, Any]], shim: bool) -> dict[str, Any]:
+    """One run: its wall time, the CPU time of this process (all its threads: the shim's
+    linger thread and ZeroMQ's I/O threads too) and of the calling thread alone, what it read,
+    and through the shim the batches it sent, the sync points the shim counted and any park
+    (which would spoil the timing)."""
+    before = _shim_counters() if shim else None
+    wall, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+    result = run()
+    timing = {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+              "thread_cpu_s": time.thread_time() - thread}
+    if before is not None:
+        after = _shim_counters()
+        timing.update({k: after[k] - before[k] for k in after})
+    return {**timing, **result}
+
+
+def serve(work: Workloads, device: str, mode: str, reply: TextIO) -> None:
+    """Answer the driver's commands, one JSON line each way, until stdin closes:
+    ``{"run": NAME}`` one timed run of a workload, ``{"probe": "sync_read", "samples": N}``
+    4-byte sync reads (µs each), ``{"probe": "launch"}`` a small async launch (µs, kernels
+    only)."""
+    runs, shapes = setup(work)
+
+    def say(message: dict[str, Any]) -> None:
+        reply.write(json.dumps(message) + "\n")
+        reply.flush()
+
+    say({"ready": True, "mode": mode, "device": device, "kernels": work.kernels,
+         "every": EVERY, "workloads": list(runs), "shapes": shapes})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if "run" in command:
+            say(timed(runs[command["run"]], shim=mode == "shim"))
+        elif command.get("probe") == "sync_read":
+            say({"us": work.sync_read_us(int(command.get("samples", 200)))})
+        elif command.get("probe") == "launch":
+            say({"us": work.launch_us() if work.kernels else None})
+        else:
+            raise SystemExit(f"unknown command {command!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["local", "shim"])
-    parser.add_argument("out")
     parser.add_argument("agent", nargs="?", help="tcp://HOST:PORT (shim mode)")
     parser.add_argument("--worker-host-map", metavar="A=B", default=None)
     args = parser.parse_args()
+    # the replies get stdout's file; anything else written to fd 1 (a library's print, a C
+    # warning) goes to stderr instead of into the driver's JSON
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     if args.mode == "shim":
         from harp_jupyter.shim import activate
 
@@ -282,26 +352,7 @@ def main() -> None:
 
     device = cuda.Device(0).name()
     kernels = "emulated" not in device.lower()  # the emulated agent runs no CUDA C
-    work = Workloads(cuda, gpuarray, cumath, kernels)
-    results: dict[str, Any] = {"mode": args.mode, "device": device, "kernels": kernels,
-                               "every": EVERY}
-    if kernels:
-        models = {"1024": (1024, 200), "256": (256, 400)}
-        image_frames, image_shape = 32, (512, 512)
-    else:
-        models = {"256": (256, 60)}
-        image_frames, image_shape = 16, (256, 256)
-    results["sync_read_p50_us"] = work.sync_read_p50_us()
-    if kernels:
-        results["launch_us"] = work.launch_us()
-    for name, (size, steps) in models.items():
-        results[f"train_sync_{name}"] = timed(work.train(size, steps, device_loss=False))
-        results[f"train_device_loss_{name}"] = timed(work.train(size, steps, device_loss=True))
-        results[f"train_{name}_shape"] = {"size": size, "steps": steps}
-    results["images"] = timed(work.images(image_frames, image_shape, batch=8))
-    results["images_shape"] = {"frames": image_frames, "shape": list(image_shape), "batch": 8}
-    with open(args.out, "w") as f:
-        json.dump(results, f)
+    serve(Workloads(cuda, gpuarray, cumath, kernels), device, args.mode, reply)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,16 @@ def test_layouts_reshape_squeeze_and_copy(pycuda: Any) -> None:
     assert b.squeeze() is b
 
 
+def test_flags_are_instances_of_one_class_as_in_pycuda(pycuda: Any) -> None:
+    ga = pycuda.gpuarray
+    a = ga.zeros((3, 4), np.float32)
+    f = ga.to_gpu(np.asfortranarray(np.ones((3, 4), np.float32)))
+    assert type(a.flags) is type(f.flags) is type(a[:, ::2].flags)
+    assert (a.flags.c_contiguous, a.flags.f_contiguous, a.flags.forc) == (True, False, True)
+    assert (f.flags.c_contiguous, f.flags.f_contiguous, f.flags.forc) == (False, True, True)
+    assert not a[:, ::2].flags.forc
+
+
 def test_functions_pycuda_has(pycuda: Any) -> None:
     ga = pycuda.gpuarray
     rng = np.random.default_rng(2)

@@ -1,7 +1,9 @@
 """BatchWriter: queues forwarded calls and sends them to the agent as batches.
 
 A batch goes out when a sync point needs it (``flush``), when it holds ``max_calls`` calls or
-``flush_bytes`` of frames, or ``linger`` seconds after its first call (a daemon thread). At most
+``flush_bytes`` of frames, or ``linger`` seconds after its first call: the caller's thread sends it
+when it queues a later call past that time, and a daemon thread when nobody queues one (a thread
+waiting for the GIL behind a busy notebook gets it only every switch interval, 5 ms). At most
 ``max_inflight`` batches are unacknowledged: the sender receives replies before it sends more, so
 a loop of a million launches applies back-pressure instead of growing memory.
 
@@ -66,7 +68,8 @@ class BatchWriter:
                  linger: float = DEFAULT_LINGER_S,
                  flush_bytes: int = DEFAULT_FLUSH_BYTES,
                  max_calls: int = protocol.MAX_CALLS_PER_BATCH,
-                 max_inflight: int = protocol.MAX_INFLIGHT_BATCHES) -> None:
+                 max_inflight: int = protocol.MAX_INFLIGHT_BATCHES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.connection = connection
         self.lock = lock or threading.RLock()
         self.flush_bytes = flush_bytes
@@ -76,6 +79,9 @@ class BatchWriter:
         self._window = InflightWindow(connection, on_call_error)
         self._closing = False
         self._linger = LingerThread(linger, self._on_linger)
+        self._clock = clock
+        #: when the batch being queued got its first call (``clock``)
+        self._first_queued_at = 0.0
         #: figures for tests and profiling
         self.batches_sent = 0
         self.peak_inflight = 0
@@ -97,11 +103,15 @@ class BatchWriter:
             queue.add(op, args, site, on_result, on_error)
             if window.fatal is not None:
                 raise window.fatal  # the link dropped: kept with the calls not sent yet
-            if (track or end_batch or len(queue) >= self.max_calls
+            queued = len(queue)
+            if (track or end_batch or queued >= self.max_calls
                     or queue.frame_bytes >= self.flush_bytes):
                 return self._flush_locked(track)
-            if len(queue) == 1:
+            if queued == 1:
+                self._first_queued_at = self._clock()
                 self._linger.wake()  # the linger thread sends it if nobody else does soon
+            elif self._clock() - self._first_queued_at >= self._linger.linger:
+                self._flush_locked(False)
             return None
 
     def add_inline(self, call: list[Any], site: CallSite | None) -> None:
@@ -120,7 +130,10 @@ class BatchWriter:
             if queued >= self.max_calls or queue.frame_bytes >= self.flush_bytes:
                 self._flush_locked(False)
             elif queued == 1:
+                self._first_queued_at = self._clock()
                 self._linger.wake()  # the linger thread sends it if nobody else does soon
+            elif self._clock() - self._first_queued_at >= self._linger.linger:
+                self._flush_locked(False)
 
     @property
     def queued_calls(self) -> int:

@@ -140,6 +140,31 @@ def test_linger_sends_a_lone_call(peer: ScriptedPeer) -> None:
     close(writer)
 
 
+def test_a_call_queued_past_the_linger_sends_the_batch_from_the_callers_thread(
+        peer: ScriptedPeer) -> None:
+    # the linger thread needs the GIL, which a busy notebook thread gives up only every 5 ms:
+    # the caller itself sends a batch whose first call waited longer than the linger. The
+    # thread's own wait here is 1000 s, so only the caller can have sent it.
+    now = [100.0]
+    writer = make_writer(peer, linger=1000.0, clock=lambda: now[0])
+    writer.add("free", [1], None)
+    writer.add_inline(["free", 2], None)
+    assert writer.batches_sent == 0 and writer.queued_calls == 2  # within the linger
+    now[0] += 1000.0
+    writer.add_inline(["free", 3], None)
+    assert writer.batches_sent == 1 and writer.queued_calls == 0
+    writer.add("free", [4], None)  # a new batch: its own first call starts its linger
+    now[0] += 999.0
+    writer.add("free", [5], None)
+    assert writer.batches_sent == 1
+    now[0] += 1.0
+    writer.add("free", [6], None)
+    assert writer.batches_sent == 2
+    peer.wait_for_batches(2)
+    assert peer.calls() == [["free", i] for i in range(1, 7)]
+    close(writer)
+
+
 def test_results_are_delivered_in_order(peer: ScriptedPeer) -> None:
     writer = make_writer(peer, linger=60, max_calls=3)
     values: list[tuple[int, Any]] = []

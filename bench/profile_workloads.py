@@ -5,6 +5,11 @@ Two cells, each timed end to end (issue to synchronize): launch-bound (many tiny
 and compute-bound (a few kernels that spin a fixed number of GPU cycles). ``local``: local pycuda.
 ``shim``: through the shim against the agent at ENDPOINT, without and with ``%%harp profile``
 (the profiled time includes collecting the GPU timings and building the timeline).
+
+Against an emulated agent (which runs no CUDA C) the cells are their emulated-friendly twins:
+the launch-bound cell issues as many small async memsets (a GPU op per call, like a launch),
+the compute-bound one a few large memsets; only the notebook's and the agent's own costs mean
+anything there.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ __global__ void spin(long long cycles, float *x)
 LAUNCHES = 2000
 SPINS, SPIN_CYCLES = 5, 20_000_000
 REPEATS = 5
+#: the emulated compute-bound cell's memsets (64 MiB each)
+BIG_MEMSET_WORDS = 16 << 20
 
 
 def cells(cuda: Any) -> dict[str, Callable[[], None]]:
@@ -53,6 +60,24 @@ def cells(cuda: Any) -> dict[str, Callable[[], None]]:
     def compute_bound() -> None:
         for _ in range(SPINS):
             spin(np.int64(SPIN_CYCLES), x, block=(32, 1, 1), grid=(1, 1))
+        cuda.Context.synchronize()
+
+    return {"launch_bound": launch_bound, "compute_bound": compute_bound}
+
+
+def emulated_cells(cuda: Any) -> dict[str, Callable[[], None]]:
+    """The two cells with memsets for kernels (the emulated agent refuses CUDA C)."""
+    x = cuda.mem_alloc(4 * 1024)
+    big = cuda.mem_alloc(BIG_MEMSET_WORDS * 4)
+
+    def launch_bound() -> None:
+        for _ in range(LAUNCHES):
+            cuda.memset_d32_async(x, 1, 1024)
+        cuda.Context.synchronize()
+
+    def compute_bound() -> None:
+        for _ in range(SPINS):
+            cuda.memset_d32_async(big, 1, BIG_MEMSET_WORDS)
         cuda.Context.synchronize()
 
     return {"launch_bound": launch_bound, "compute_bound": compute_bound}
@@ -87,8 +112,10 @@ def shim(endpoint: str) -> dict[str, Any]:
     from harp_jupyter.profiler.display import ProfileResult
     from harp_jupyter.profiler.profile import profiled
 
-    results: dict[str, Any] = {"device": cuda.Device(0).name()}
-    for name, cell in cells(cuda).items():
+    device = cuda.Device(0).name()
+    results: dict[str, Any] = {"device": device}
+    emulated = "emulated" in device.lower()
+    for name, cell in (emulated_cells(cuda) if emulated else cells(cuda)).items():
         results[name] = timed(cell)
 
         def with_profile(cell: Callable[[], None] = cell) -> ProfileResult:

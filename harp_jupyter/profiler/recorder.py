@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_agent import protocol
+from gpu_agent.profiling import AGENT_TIMING, GPU_PER_BATCH, GPU_PER_OP
 from harp_jupyter.shim.callsite import CallSite
 
 #: the recorder of the profile now running, if any
 active: Recorder | None = None
 
-#: batch header flag: 1 = agent timings, 2 = agent timings and GPU (CUDA event) timings
-AGENT_TIMING, GPU_TIMING = 1, 2
+#: the batch header's ``p`` (gpu_agent/profiling.py): agent timings; and GPU (CUDA event)
+#: timings of every GPU op; or of every GPU op of a batch with few on a stream, one span per
+#: stream for a batch with more (the default: two events per tiny launch cost more than it)
+LEVELS = (AGENT_TIMING, GPU_PER_OP, GPU_PER_BATCH)
 
 #: kernel names by function handle, noted whether or not a profile runs (a kernel is usually
 #: compiled in an earlier cell than the one profiled)
@@ -104,8 +107,9 @@ class Span:
 
 
 class Recorder:
-    def __init__(self, *, gpu_timing: bool = True) -> None:
-        self.level = GPU_TIMING if gpu_timing else AGENT_TIMING
+    def __init__(self, *, gpu_timing: bool = True, per_op: bool = False) -> None:
+        self.level = (AGENT_TIMING if not gpu_timing else GPU_PER_OP if per_op
+                      else GPU_PER_BATCH)
         self.started = time.monotonic_ns()
         self.ended: int | None = None
         self.calls: list[ApiCall] = []

@@ -2,15 +2,22 @@
 
 Processes: the notebook, then one per agent. Threads (tracks): the notebook's API calls, time
 blocked at sync points, NVTX ranges and lease events; per agent the wire and queue, the agent's
-execution and one track per GPU stream. Every span is a complete (``X``) event, API calls are
-instants (``i``); names come as ``M`` metadata. Times are microseconds since the profile began.
-A harp tensor operator is named by its aten operator ("aten::mm") on every track.
+execution and one track per GPU stream. Every span is a complete (``X``) event, a lone API call
+is an instant (``i``); names come as ``M`` metadata. Times are microseconds since the profile
+began. A harp tensor operator is named by its aten operator ("aten::mm") on every track.
+
+A run of consecutive identical calls (same op, kernel and line: a loop of one launch) is one
+span named ``add_one x2000`` with its count, on the API track (from the first call to the last)
+and on the agent's execution track (within one batch), not one event per call. A GPU batch span
+(``gpu_agent.profiling.BATCH_SPAN``) says how many GPU ops it covers and that their own GPU
+times were not measured.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gpu_agent.profiling import BATCH_SPAN
 from harp_jupyter.profiler.profile import Profile
 from harp_jupyter.profiler.recorder import TORCH_OPERATOR_CALLS
 
@@ -72,19 +79,40 @@ def build(profile: Profile) -> dict[str, Any]:
         meta(NOTEBOOK_PID, tid, "thread_name", name)
     kernel_names = _kernel_names_by_call(profile)
     sites = {(b.agent, b.seq): b.sites for b in rec.batches}
-    for call in rec.calls:
+    unknown = 0  # GPU timings of a shape this notebook does not know
+    calls = rec.calls
+    n_calls = len(calls)
+    i = 0
+    while i < n_calls:
+        call = calls[i]
         if call.at > t_end:
+            i += 1
             continue  # the profiler's own clock samples
-        args: dict[str, Any] = {"at": at(call.site)}
-        if call.bytes_up:
-            args["bytes_up"] = call.bytes_up
-        if call.bytes_down:
-            args["bytes_down"] = call.bytes_down
-        if call.detail:
-            args["kernel"] = call.detail
-        events.append({"name": named(call.op, call.detail), "cat": "api", "ph": "i", "s": "t",
-                       "ts": us(call.at),
-                       "pid": NOTEBOOK_PID, "tid": API_TID, "args": args})
+        op, site, detail = call.op, call.site, call.detail
+        up, down, j = call.bytes_up, call.bytes_down, i + 1
+        while j < n_calls:
+            later = calls[j]
+            if (later.op != op or later.detail != detail or later.site != site
+                    or later.at > t_end):
+                break
+            up += later.bytes_up
+            down += later.bytes_down
+            j += 1
+        args: dict[str, Any] = {"at": at(site)}
+        if up:
+            args["bytes_up"] = up
+        if down:
+            args["bytes_down"] = down
+        if detail:
+            args["kernel"] = detail
+        if j - i == 1:
+            events.append({"name": named(op, detail), "cat": "api", "ph": "i", "s": "t",
+                           "ts": us(call.at), "pid": NOTEBOOK_PID, "tid": API_TID,
+                           "args": args})
+        else:
+            span(NOTEBOOK_PID, API_TID, f"{named(op, detail)} x{j - i}", call.at,
+                 calls[j - 1].at, "api", calls=j - i, **args)
+        i = j
     for blocked in rec.blocked:
         if blocked.start > t_end:
             continue
@@ -113,30 +141,115 @@ def build(profile: Profile) -> dict[str, Any]:
                  "wire", calls=len(batch.ops))
             span(n, WIRE_TID, f"batch {batch.seq} ←", min(ended, batch.received),
                  batch.received, "wire")
-            for index, start, end in times.get("calls") or ():
-                if 0 <= index < len(batch.ops):
-                    detail = batch.details[index] if index < len(batch.details) else ""
-                    span(n, EXEC_TID, named(batch.ops[index], detail), to_nb(start),
-                         to_nb(end), "agent",
-                         at=at(batch.sites[index]), batch=batch.seq)
+            for first, last, start, end in _runs(batch, times.get("calls") or ()):
+                detail = batch.details[first] if first < len(batch.details) else ""
+                name = named(batch.ops[first], detail)
+                if last == first:
+                    span(n, EXEC_TID, name, to_nb(start), to_nb(end), "agent",
+                         at=at(batch.sites[first]), batch=batch.seq)
+                else:
+                    span(n, EXEC_TID, f"{name} x{last - first + 1}", to_nb(start), to_nb(end),
+                         "agent", at=at(batch.sites[first]), batch=batch.seq,
+                         calls=last - first + 1)
         streams: dict[Any, int] = {}
-        for op, stream, start, end, seq, index in rec.gpu.get(endpoint, ()):
+        batches = {b.seq: b for b in rec.batches if b.agent == endpoint}
+        for record in rec.gpu.get(endpoint, ()):
+            if not _is_gpu_record(record):
+                unknown += 1
+                continue
+            op, stream, start, end, seq, index = record[:6]
             if stream not in streams:
                 streams[stream] = GPU_TID_BASE + len(streams)
                 label = "default stream" if stream is None else f"stream {stream}"
                 meta(n, streams[stream], "thread_name",
                      f"{'emulated device (host NumPy time)' if info.emulated else 'GPU'}, "
                      f"{label}")
-            name = kernel_names.get((endpoint, seq, index)) or op
-            span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
-                 at=_site(sites.get((endpoint, seq)), index, at))
+            if len(record) == 6:
+                name = kernel_names.get((endpoint, seq, index)) or op
+                span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
+                     at=_site(sites.get((endpoint, seq)), index, at))
+            else:
+                name, args = _batch_span(batches.get(seq), record[6], at)
+                span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=BATCH_SPAN,
+                     batch=seq, **args)
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
                                         "error_ns": i.offset.error_ns,
                                         "samples": i.offset.samples}
                                     for e, i in profile.agents.items() if i.offset},
-                          "note": profile.recorder.gpu_timing_note}}
+                          "note": _note(rec.gpu_timing_note, unknown)}}
+
+
+#: what a GPU batch span says of the GPU ops in it
+BATCH_SPAN_NOTE = ("one pair of GPU events around these {ops} GPU ops of one batch on this "
+                   "stream: from before the first to after the last, gaps between them "
+                   "included; their own GPU times were not measured (%%harp profile "
+                   "--per-op-gpu-timing times each)")
+
+
+def _runs(batch: Any, calls: Any) -> Any:
+    """(first index, last index, start, end) of each run of consecutive calls of ``batch``
+    with the same op, kernel and line, from the agent's ``[[index, start, end], ...]``."""
+    ops, details, sites = batch.ops, batch.details, batch.sites
+    n_ops, n_details = len(ops), len(details)
+    run: list[Any] | None = None
+    for index, start, end in calls:
+        if not 0 <= index < n_ops:
+            continue
+        if (run is not None and index == run[1] + 1 and ops[index] == ops[run[0]]
+                and sites[index] == sites[run[0]]
+                and (details[index] if index < n_details else "")
+                == (details[run[0]] if run[0] < n_details else "")):
+            run[1], run[3] = index, end
+            continue
+        if run is not None:
+            yield tuple(run)
+        run = [index, index, start, end]
+    if run is not None:
+        yield tuple(run)
+
+
+def _is_gpu_record(record: Any) -> bool:
+    """``[op, stream, start, end, seq, index]``, or a batch span's with its call indices."""
+    return (type(record) is list and len(record) in (6, 7) and type(record[0]) is str
+            and (record[1] is None or type(record[1]) is int)
+            and all(type(v) is int for v in record[2:6])
+            and (len(record) == 6 or (record[0] == BATCH_SPAN and type(record[6]) is list)))
+
+
+def _batch_span(batch: Any, indices: list[Any], at: Any) -> tuple[str, dict[str, Any]]:
+    """A GPU batch span's name and args: the kernels and ops it covers, the first's line."""
+    count = len(indices)
+    tally: dict[str, int] = {}
+    first_site = None
+    if batch is not None:
+        ops, details, sites = batch.ops, batch.details, batch.sites
+        for index in indices:
+            if type(index) is int and 0 <= index < len(ops):
+                name = (details[index] if index < len(details) else "") or ops[index]
+                tally[name] = tally.get(name, 0) + 1
+                if first_site is None:
+                    first_site = sites[index] if index < len(sites) else None
+    if len(tally) == 1:
+        name = f"{next(iter(tally))} x{count}"
+    else:
+        name = f"{count} GPU ops"
+    args: dict[str, Any] = {"ops": count, "per_op_times": BATCH_SPAN_NOTE.format(ops=count)}
+    if tally:
+        args["kernels"] = ", ".join(f"{k} x{v}" for k, v in
+                                    sorted(tally.items(), key=lambda kv: -kv[1]))
+    if first_site is not None:
+        args["at"] = at(first_site)
+    return name, args
+
+
+def _note(note: str, unknown: int) -> str:
+    if not unknown:
+        return note
+    said = (f"{unknown} GPU timings from the agent have a shape this harp_jupyter does not "
+            "know and are not shown: update harp_jupyter to the agent's version")
+    return f"{note}; {said}" if note else said
 
 
 def _kernel_names_by_call(profile: Profile) -> dict[tuple[str, int, int], str]:

@@ -47,10 +47,20 @@ def test_every_event_names_its_users_line_and_exact_times() -> None:
     for e in events:
         by_cat.setdefault(e.get("cat", "meta"), []).append(e)
     expected_at = ["/home/me/model.py:40" if i % 3 == 0 else "cell:4" for i in range(launches)]
-    assert [e["args"]["at"] for e in by_cat["api"]] == expected_at
-    assert [e["ts"] for e in by_cat["api"]] == [round((1000 * i + 7) / 1000, 3)
-                                                for i in range(launches)]
-    assert [e["args"]["at"] for e in by_cat["agent"]] == expected_at
+    # calls 3k+1 and 3k+2 come from one line, one after the other: one span "add_one x2"
+    runs = [[i] if i % 3 == 0 else [i, i + 1][:launches - i] for i in range(launches)
+            if i % 3 != 2]
+    api = by_cat["api"]
+    assert [e["args"]["at"] for e in api] == [expected_at[run[0]] for run in runs]
+    assert [e["ts"] for e in api] == [round((1000 * run[0] + 7) / 1000, 3) for run in runs]
+    assert [(e["ph"], e["name"], e.get("dur"), e["args"].get("calls")) for e in api] == [
+        ("i", "launch", None, None) if len(run) == 1 else ("X", "launch x2", 1.0, 2)
+        for run in runs]
+    agent = by_cat["agent"]
+    assert [e["args"]["at"] for e in agent] == [expected_at[run[0]] for run in runs]
+    assert [(e["name"], e["ts"], e["dur"]) for e in agent] == [
+        ("launch" if len(run) == 1 else "launch x2", round((30 + 900 * run[0]) / 1000, 3),
+         round((500 + 900 * run[-1] - 30 - 900 * run[0]) / 1000, 3)) for run in runs]
     gpu = by_cat["gpu"]
     assert [e["args"]["at"] for e in gpu] == expected_at
     assert [e["name"] for e in gpu] == ["add_one"] * launches

@@ -144,21 +144,25 @@ class BatchRunner:
 
     def _run_timed(self, timer: profiling.BatchTimer, seq: int, index: int, name: str,
                    args: list[Any]) -> Any:
-        if not (timer.gpu and P.OPS[name].gpu):
+        edge = timer.edges.get(index)  # whether this call starts or ends a GPU timer
+        if edge is None:
             started = profiling.now_ns()
-            value = self._run(self._ops[name], *args)
+            try:
+                value = self._run(self._ops[name], *args)
+            except BaseException:
+                timer.failed(index)
+                raise
             timer.calls.append([index, started, profiling.now_ns()])
             return value
-        stream = profiling.stream_of(name, args)
-        token = timer.gpu_start(name, stream, index)
+        token = timer.gpu_start(edge, name, profiling.stream_of(name, args))
         started = profiling.now_ns()
         try:
             value = self._run(self._ops[name], *args)
         except BaseException:
-            timer.gpu_end(token, stream, seq, index, ran=False)
+            timer.gpu_end(edge, token, seq, index, ran=False)
             raise
         timer.calls.append([index, started, profiling.now_ns()])
-        timer.gpu_end(token, stream, seq, index, ran=True)
+        timer.gpu_end(edge, token, seq, index, ran=True)
         return value
 
     # }}}

@@ -50,67 +50,90 @@ def now_ns() -> int:
 
 class BatchTimer:
     """Timings of one profiled batch: its calls on the agent's clock and, at the GPU levels,
-    the GPU timers of its GPU ops (through the session's ``gpu_timer_start``/``_end``)."""
+    the GPU timers of its GPU ops (the session's ``gpu_timer_start``/``_end``).
+
+    Which calls start or end a GPU timer is worked out once, from the batch's calls as sent
+    (``edges``: call index -> ``PER_OP`` or the ``_Span`` it opens or closes), so that a GPU op
+    inside a batch span costs the agent no more than any call of a profiled batch. A call that
+    fails validation never runs: a span it would have closed is closed by ``reply``; one that
+    fails while running is taken out of its span (``failed``)."""
 
     def __init__(self, level: int, calls: list[Any], device: Any) -> None:
         self.level = level
         self.received = now_ns()
         self.calls: list[list[int]] = []
-        self.gpu = level >= GPU_PER_OP
+        self.edges: dict[int, Any] = {}
+        self._spans: list[_Span] = []
         self._device = device
-        #: GPU_PER_BATCH: stream -> GPU ops of this batch still to run there, for the streams
-        #: with more than PER_OP_UP_TO (counted from the calls as sent: a call that fails
-        #: validation never runs, and its stream's span is closed by ``reply``)
-        self._left: dict[Any, int] = (_many_per_stream(calls) if level >= GPU_PER_BATCH
-                                      else {})
-        #: stream -> [token, call indices] of its open span
-        self._spans: dict[Any, list[Any]] = {}
+        if level >= GPU_PER_OP:
+            self._plan(calls)
 
-    def gpu_start(self, name: str, stream: int | None, index: int) -> Any:
-        """Before GPU op ``name`` (call ``index``) runs on ``stream``: a token for
-        ``gpu_end``."""
-        if stream not in self._left:
+    def _plan(self, calls: list[Any]) -> None:
+        by_stream: dict[Any, list[int]] = {}
+        for index, call in enumerate(calls):
+            if type(call) is list and call and type(call[0]) is str and call[0] in _GPU_OPS:
+                stream = stream_of(call[0], call[1:])
+                if stream is None or type(stream) is int:
+                    by_stream.setdefault(stream, []).append(index)
+        edges = self.edges
+        for indices in by_stream.values():
+            if self.level == GPU_PER_OP or len(indices) <= PER_OP_UP_TO:
+                edges.update(dict.fromkeys(indices, PER_OP))
+            else:
+                span = _Span(indices)
+                self._spans.append(span)
+                edges[indices[0]] = edges[indices[-1]] = span
+
+    def gpu_start(self, edge: Any, name: str, stream: int | None) -> Any:
+        """Before the call at an edge runs on ``stream``: a token for ``gpu_end``."""
+        if edge is PER_OP:
             return self._device.gpu_timer_start(name, stream)
-        span = self._spans.get(stream)
-        if span is None:
-            span = self._spans[stream] = [self._device.gpu_timer_start(BATCH_SPAN, stream), []]
-        span[1].append(index)
-        return None
+        if edge.token is None:
+            edge.token = self._device.gpu_timer_start(BATCH_SPAN, stream)
+        return edge
 
-    def gpu_end(self, token: Any, stream: int | None, seq: int, index: int, ran: bool) -> None:
-        """After call ``index`` (``ran``: it was issued without an error)."""
-        if stream not in self._left:
+    def gpu_end(self, edge: Any, token: Any, seq: int, index: int, ran: bool) -> None:
+        """After the call at an edge (``ran``: it was issued without an error)."""
+        if edge is PER_OP:
             if ran and token is not None:
                 self._device.gpu_timer_end(token, seq, index)
             return
-        span = self._spans[stream]
         if not ran:
-            span[1].pop()
-        self._left[stream] -= 1
-        if self._left[stream] == 0:
-            self._close(stream, seq)
+            self.failed(index)
+        if index == edge.last:
+            self._close(edge, seq)
+
+    def failed(self, index: int) -> None:
+        """Call ``index`` raised: no span counts it."""
+        for span in self._spans:
+            if index in span.indices:
+                span.indices.remove(index)
 
     def reply(self, seq: int) -> dict[str, Any]:
-        for stream in list(self._spans):  # spans of calls that never ran (invalid, context lost)
-            self._close(stream, seq)
+        for span in self._spans:  # spans whose last call never ran (invalid, context lost)
+            self._close(span, seq)
         return {"recv": self.received, "end": now_ns(), "calls": self.calls}
 
-    def _close(self, stream: Any, seq: int) -> None:
-        token, indices = self._spans.pop(stream)
-        if token is not None and indices:
-            self._device.gpu_timer_end(token, seq, indices[0], indices)
+    def _close(self, span: _Span, seq: int) -> None:
+        token, span.token = span.token, None
+        if token is not None and span.indices:
+            self._device.gpu_timer_end(token, seq, span.indices[0], span.indices)
 
 
-def _many_per_stream(calls: list[Any]) -> dict[Any, int]:
-    """stream -> GPU ops of ``calls`` on it, for the streams with more than PER_OP_UP_TO.
-    ``calls`` are not validated yet: anything unlike a GPU call is not counted."""
-    counts: dict[Any, int] = {}
-    for call in calls:
-        if type(call) is list and call and type(call[0]) is str and call[0] in _GPU_OPS:
-            stream = stream_of(call[0], call[1:])
-            if stream is None or type(stream) is int:
-                counts[stream] = counts.get(stream, 0) + 1
-    return {stream: n for stream, n in counts.items() if n > PER_OP_UP_TO}
+#: the edge of a GPU op timed on its own
+PER_OP = "per-op"
+
+
+class _Span:
+    """The GPU ops of one batch on one stream timed as one: their call indices, and the timer
+    token from before the first's start to after the last's end."""
+
+    __slots__ = ("indices", "last", "token")
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+        self.last = indices[-1]
+        self.token: Any = None
 
 
 def stream_of(name: str, args: list[Any]) -> int | None:

@@ -72,7 +72,7 @@ def summary(profile: Profile, trace: dict[str, Any]) -> dict[str, Any]:
         "emulated": emulated,
         "bytes_up": sum(c.bytes_up for c in calls),
         "bytes_down": sum(c.bytes_down for c in calls),
-        "calls": len(calls),
+        "calls": sum(c.count for c in calls),
         "batches": sum(1 for b in rec.batches if b.sent <= profile.ended),
         "sync_points": len(blocked),
         "blocked_s": round(sum(end - start for start, end in blocked) / 1e6, 6),

@@ -33,6 +33,8 @@ NAMING_OPS = frozenset({"get_function", "elementwise_new", "reduction_new"})
 KERNEL_CALLS = frozenset({"launch", "elementwise_call", "reduction_call"})
 #: calls that run an aten operator named by their second argument (harp tensors)
 TORCH_OPERATOR_CALLS = frozenset({"torch_op", "torch_op_sync"})
+#: calls whose bytes note_call counts from their arguments
+_SIZED_CALLS = frozenset({"dtoh", "torch_download"}) | TORCH_OPERATOR_CALLS
 
 
 def note_kernel_name(op: str, args: list[Any]) -> None:
@@ -60,12 +62,17 @@ def host_tensor_bytes(tree: Any) -> int:
 
 @dataclass(slots=True)
 class ApiCall:
+    """A call queued for the agent, or a run of ``count`` consecutive calls of the same op,
+    kernel and line (a loop of one launch), the last at ``last``: one record, not thousands."""
+
     at: int
     op: str
     site: CallSite | None
     bytes_up: int
     bytes_down: int
     detail: str = ""
+    count: int = 1
+    last: int = 0
 
 
 @dataclass(slots=True)
@@ -127,17 +134,30 @@ class Recorder:
         return time.monotonic_ns()
 
     def note_call(self, call: list[Any], site: CallSite | None, bytes_up: int) -> None:
-        """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``."""
+        """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``.
+        It runs for every call of a profiled cell, so the common case (the same call as the
+        one before: a loop) only counts."""
         op = call[0]
         bytes_down = 0
-        if op == "dtoh" and len(call) > 2:
-            bytes_down = int(call[2])
-        elif op == "torch_download" and len(call) > 3:
-            bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
-        elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
-            bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
-        self.calls.append(ApiCall(time.monotonic_ns(), op, site, bytes_up, bytes_down,
-                                  self.detail_of(call)))
+        if op in _SIZED_CALLS:
+            if op == "dtoh" and len(call) > 2:
+                bytes_down = int(call[2])
+            elif op == "torch_download" and len(call) > 3:
+                bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
+            elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
+                bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
+        detail = self.detail_of(call)
+        now = time.monotonic_ns()
+        calls = self.calls
+        if calls and self.ended is None:
+            last = calls[-1]
+            if last.op == op and last.site == site and last.detail == detail:
+                last.count += 1
+                last.last = now
+                last.bytes_up += bytes_up
+                last.bytes_down += bytes_down
+                return
+        calls.append(ApiCall(now, op, site, bytes_up, bytes_down, detail, 1, now))
 
     def note_received(self, op: str, nbytes: int) -> None:
         """``nbytes`` of data a reply brought back, counted on the latest ``op`` call (the

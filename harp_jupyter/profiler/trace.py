@@ -80,39 +80,24 @@ def build(profile: Profile) -> dict[str, Any]:
     kernel_names = _kernel_names_by_call(profile)
     sites = {(b.agent, b.seq): b.sites for b in rec.batches}
     unknown = 0  # GPU timings of a shape this notebook does not know
-    calls = rec.calls
-    n_calls = len(calls)
-    i = 0
-    while i < n_calls:
-        call = calls[i]
+    for call in rec.calls:
         if call.at > t_end:
-            i += 1
             continue  # the profiler's own clock samples
-        op, site, detail = call.op, call.site, call.detail
-        up, down, j = call.bytes_up, call.bytes_down, i + 1
-        while j < n_calls:
-            later = calls[j]
-            if (later.op != op or later.detail != detail or later.site != site
-                    or later.at > t_end):
-                break
-            up += later.bytes_up
-            down += later.bytes_down
-            j += 1
-        args: dict[str, Any] = {"at": at(site)}
-        if up:
-            args["bytes_up"] = up
-        if down:
-            args["bytes_down"] = down
+        op, detail = call.op, call.detail
+        args: dict[str, Any] = {"at": at(call.site)}
+        if call.bytes_up:
+            args["bytes_up"] = call.bytes_up
+        if call.bytes_down:
+            args["bytes_down"] = call.bytes_down
         if detail:
             args["kernel"] = detail
-        if j - i == 1:
+        if call.count == 1:
             events.append({"name": named(op, detail), "cat": "api", "ph": "i", "s": "t",
                            "ts": us(call.at), "pid": NOTEBOOK_PID, "tid": API_TID,
                            "args": args})
         else:
-            span(NOTEBOOK_PID, API_TID, f"{named(op, detail)} x{j - i}", call.at,
-                 calls[j - 1].at, "api", calls=j - i, **args)
-        i = j
+            span(NOTEBOOK_PID, API_TID, f"{named(op, detail)} x{call.count}", call.at,
+                 call.last, "api", calls=call.count, **args)
     for blocked in rec.blocked:
         if blocked.start > t_end:
             continue

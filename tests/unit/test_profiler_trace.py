@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import random
 
-from harp_jupyter.profiler import clock, trace
+from harp_jupyter.profiler import clock, recorder, trace
 from harp_jupyter.profiler.profile import AgentInfo, Profile
-from harp_jupyter.profiler.recorder import ApiCall, BatchTiming, Blocked, Recorder
+from harp_jupyter.profiler.recorder import BatchTiming, Blocked, Recorder
 
 AGENT = "tcp://gpu:5555"
 
 
 def profile_of_a_loop(launches: int) -> Profile:
     rec = Recorder()
+    recorder.KERNEL_NAMES[7] = "add_one"
     t0 = rec.started
     loop = ("/tmp/ipykernel_1/cell.py", 3, "<module>")
     other = ("/home/me/model.py", 40, "step")
     sites = [loop if i % 3 else other for i in range(launches)]
     for i, site in enumerate(sites):
-        rec.calls.append(ApiCall(t0 + 1000 * i + 7, "launch", site, 8, 0, "add_one"))
+        rec.note_call(["launch", 7, (1, 1, 1), (32, 1, 1), 0, None, b""], site, 8)
+        # the call at a known time: the recorder's own clock runs as the test does
+        last = rec.calls[-1]
+        last.last = t0 + 1000 * i + 7
+        if last.count == 1:
+            last.at = last.last
     rec.blocked.append(Blocked(t0 + 1000 * launches, t0 + 1000 * launches + 123_456,
                                "synchronize", loop, "sync"))
     agent_ns = -5_000_000  # the agent's clock reads 5 ms behind the notebook's

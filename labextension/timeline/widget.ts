@@ -9,6 +9,7 @@ import { Widget } from '@lumino/widgets';
 import { formatBytes } from '../format';
 
 import {
+  batchedLine,
   buildTracks,
   extent,
   fitText,
@@ -207,6 +208,13 @@ export class TimelineWidget extends Widget {
           .map(k => `${k.name} ×${k.count} ${formatMicros(k.gpu_s * 1e6)}`)
           .join(', ');
       this._details.append(kernels);
+    }
+    const batched = batchedLine(data.summary);
+    if (batched) {
+      const line = document.createElement('div');
+      line.className = 'harp-Timeline-kernels';
+      line.textContent = batched;
+      this._details.append(line);
     }
     if (!data.advice.length) {
       return;

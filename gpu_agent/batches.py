@@ -147,14 +147,10 @@ class BatchRunner:
         edge = timer.edges.get(index)  # whether this call starts or ends a GPU timer
         if edge is None:
             started = profiling.now_ns()
-            try:
-                value = self._run(self._ops[name], *args)
-            except BaseException:
-                timer.failed(index)
-                raise
+            value = self._run(self._ops[name], *args)
             timer.calls.append([index, started, profiling.now_ns()])
             return value
-        token = timer.gpu_start(edge, name, profiling.stream_of(name, args))
+        token = timer.gpu_start(edge, name, profiling.stream_of(name, args), index)
         started = profiling.now_ns()
         try:
             value = self._run(self._ops[name], *args)

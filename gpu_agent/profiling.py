@@ -40,8 +40,8 @@ BATCH_SPAN = "batch"
 #: op -> position of its stream argument
 STREAM_ARG = {name: i for name, op in P.OPS.items()
               for i, check in enumerate(op.args) if check is P.STREAM}
-#: ops that put work on the device (timed on the GPU while profiling)
-_GPU_OPS = frozenset(name for name, op in P.OPS.items() if op.gpu)
+#: ops that put work on the device (timed on the GPU while profiling) -> their argument count
+_GPU_ARITY = {name: len(op.args) for name, op in P.OPS.items() if op.gpu}
 
 
 def now_ns() -> int:
@@ -54,9 +54,10 @@ class BatchTimer:
 
     Which calls start or end a GPU timer is worked out once, from the batch's calls as sent
     (``edges``: call index -> ``PER_OP`` or the ``_Span`` it opens or closes), so that a GPU op
-    inside a batch span costs the agent no more than any call of a profiled batch. A call that
-    fails validation never runs: a span it would have closed is closed by ``reply``; one that
-    fails while running is taken out of its span (``failed``)."""
+    inside a batch span costs the agent no more than any call of a profiled batch. A span
+    counts the calls of its stream that ran (a call that failed a check or raised is not in
+    it); one whose last call never ran is closed by ``reply``, one whose first call never ran
+    is not timed (its ops then have no GPU time, as a failed op has none)."""
 
     def __init__(self, level: int, calls: list[Any], device: Any) -> None:
         self.level = level
@@ -71,7 +72,9 @@ class BatchTimer:
     def _plan(self, calls: list[Any]) -> None:
         by_stream: dict[Any, list[int]] = {}
         for index, call in enumerate(calls):
-            if type(call) is list and call and type(call[0]) is str and call[0] in _GPU_OPS:
+            # not validated yet: a call unlike a valid GPU call is left out (it will not run)
+            if (type(call) is list and call and type(call[0]) is str
+                    and _GPU_ARITY.get(call[0]) == len(call) - 1):
                 stream = stream_of(call[0], call[1:])
                 if stream is None or type(stream) is int:
                     by_stream.setdefault(stream, []).append(index)
@@ -84,40 +87,35 @@ class BatchTimer:
                 self._spans.append(span)
                 edges[indices[0]] = edges[indices[-1]] = span
 
-    def gpu_start(self, edge: Any, name: str, stream: int | None) -> Any:
-        """Before the call at an edge runs on ``stream``: a token for ``gpu_end``."""
+    def gpu_start(self, edge: Any, name: str, stream: int | None, index: int) -> Any:
+        """Before the call ``index`` at an edge runs on ``stream``: a token for ``gpu_end``."""
         if edge is PER_OP:
             return self._device.gpu_timer_start(name, stream)
-        if edge.token is None:
+        if index == edge.indices[0]:
             edge.token = self._device.gpu_timer_start(BATCH_SPAN, stream)
         return edge
 
     def gpu_end(self, edge: Any, token: Any, seq: int, index: int, ran: bool) -> None:
-        """After the call at an edge (``ran``: it was issued without an error)."""
+        """After the call ``index`` at an edge (``ran``: it was issued without an error)."""
         if edge is PER_OP:
             if ran and token is not None:
                 self._device.gpu_timer_end(token, seq, index)
-            return
-        if not ran:
-            self.failed(index)
-        if index == edge.last:
+        elif index == edge.last:
             self._close(edge, seq)
 
-    def failed(self, index: int) -> None:
-        """Call ``index`` raised: no span counts it."""
-        for span in self._spans:
-            if index in span.indices:
-                span.indices.remove(index)
-
     def reply(self, seq: int) -> dict[str, Any]:
-        for span in self._spans:  # spans whose last call never ran (invalid, context lost)
+        for span in self._spans:  # spans whose last call never ran (failed a check, lost)
             self._close(span, seq)
         return {"recv": self.received, "end": now_ns(), "calls": self.calls}
 
     def _close(self, span: _Span, seq: int) -> None:
         token, span.token = span.token, None
-        if token is not None and span.indices:
-            self._device.gpu_timer_end(token, seq, span.indices[0], span.indices)
+        if token is None:
+            return
+        ran = {call[0] for call in self.calls}
+        indices = [i for i in span.indices if i in ran]
+        if indices:
+            self._device.gpu_timer_end(token, seq, indices[0], indices)
 
 
 #: the edge of a GPU op timed on its own

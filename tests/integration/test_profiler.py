@@ -235,6 +235,14 @@ def test_the_magic_shows_the_profile_and_exports_it(
     assert shell.user_ns["_harp_profile"].profile.recorder.gpu == {}
     with pytest.raises(ValueError, match="unknown option"):
         shell.run_line_magic("harp", "profile --bogus x = 1")
+    from gpu_agent.profiling import GPU_PER_BATCH, GPU_PER_OP
+
+    assert result.profile.recorder.level == GPU_PER_BATCH  # the default
+    outcome = shell.run_cell("%harp profile --per-op-gpu-timing s3 = b.get().sum()")
+    assert outcome.success and shell.user_ns["s3"] == 45.0
+    assert shell.user_ns["_harp_profile"].profile.recorder.level == GPU_PER_OP
+    with pytest.raises(ValueError, match="use one of them"):
+        shell.run_line_magic("harp", "profile --no-gpu-timing --per-op-gpu-timing x = 1")
 
 
 @pytest.mark.parametrize("per_op", [False, True])

@@ -35,6 +35,8 @@ KERNEL_CALLS = frozenset({"launch", "elementwise_call", "reduction_call"})
 TORCH_OPERATOR_CALLS = frozenset({"torch_op", "torch_op_sync"})
 #: calls whose bytes note_call counts from their arguments
 _SIZED_CALLS = frozenset({"dtoh", "torch_download"}) | TORCH_OPERATOR_CALLS
+#: calls that name what they run (detail_of)
+_NAMED_CALLS = KERNEL_CALLS | {"array"} | TORCH_OPERATOR_CALLS
 
 
 def note_kernel_name(op: str, args: list[Any]) -> None:
@@ -58,6 +60,22 @@ def host_tensor_bytes(tree: Any) -> int:
             return len(inline[2])
         return sum(host_tensor_bytes(item) for item in tree.values())
     return 0
+
+
+def _detail_of(call: list[Any]) -> str:
+    op = call[0]
+    if len(call) < 2:
+        return ""
+    if op in KERNEL_CALLS:
+        return KERNEL_NAMES.get(call[1], "")
+    if op == "array":
+        return str(call[1])
+    if len(call) > 2:  # a torch operator call
+        return str(call[2])  # "aten::add.Tensor"
+    return ""
+
+
+_monotonic_ns = time.monotonic_ns
 
 
 @dataclass(slots=True)
@@ -146,16 +164,17 @@ class Recorder:
                 bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
             elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
                 bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
-        detail = self.detail_of(call)
-        now = time.monotonic_ns()
+        detail = _detail_of(call) if op in _NAMED_CALLS else ""
+        now = _monotonic_ns()
         calls = self.calls
         if calls and self.ended is None:
             last = calls[-1]
             if last.op == op and last.site == site and last.detail == detail:
                 last.count += 1
                 last.last = now
-                last.bytes_up += bytes_up
-                last.bytes_down += bytes_down
+                if bytes_up or bytes_down:
+                    last.bytes_up += bytes_up
+                    last.bytes_down += bytes_down
                 return
         calls.append(ApiCall(now, op, site, bytes_up, bytes_down, detail, 1, now))
 
@@ -171,16 +190,7 @@ class Recorder:
     def detail_of(call: list[Any]) -> str:
         """The kernel a wire call ``[op, *args]`` runs, where there is one (its function or
         operation name)."""
-        op = call[0]
-        if len(call) < 2:
-            return ""
-        if op in KERNEL_CALLS:
-            return KERNEL_NAMES.get(call[1], "")
-        if op == "array":
-            return str(call[1])
-        if op in TORCH_OPERATOR_CALLS and len(call) > 2:
-            return str(call[2])  # "aten::add.Tensor"
-        return ""
+        return _detail_of(call) if call[0] in _NAMED_CALLS else ""
 
     def note_blocked(self, start: int, end: int, op: str, site: CallSite | None,
                      why: str, detail: str = "") -> None:

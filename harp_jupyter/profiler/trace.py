@@ -15,6 +15,7 @@ times were not measured.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from gpu_agent.profiling import BATCH_SPAN
@@ -77,8 +78,6 @@ def build(profile: Profile) -> dict[str, Any]:
     meta(NOTEBOOK_PID, None, "process_name", f"notebook ({profile.host}, pid {profile.pid})")
     for tid, name in _NOTEBOOK_TRACKS.items():
         meta(NOTEBOOK_PID, tid, "thread_name", name)
-    kernel_names = _kernel_names_by_call(profile)
-    sites = {(b.agent, b.seq): b.sites for b in rec.batches}
     unknown = 0  # GPU timings of a shape this notebook does not know
     for call in rec.calls:
         if call.at > t_end:
@@ -150,9 +149,11 @@ def build(profile: Profile) -> dict[str, Any]:
                      f"{'emulated device (host NumPy time)' if info.emulated else 'GPU'}, "
                      f"{label}")
             if len(record) == 6:
-                name = kernel_names.get((endpoint, seq, index)) or op
-                span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=op,
-                     at=_site(sites.get((endpoint, seq)), index, at))
+                batch = batches.get(seq)
+                detail = (batch.details[index] if batch is not None
+                          and 0 <= index < len(batch.details) else "")
+                span(n, streams[stream], detail or op, to_nb(start), to_nb(end), "gpu", op=op,
+                     at=_site(batch.sites if batch is not None else None, index, at))
             else:
                 name, args = _batch_span(batches.get(seq), record[6], at)
                 span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=BATCH_SPAN,
@@ -176,23 +177,21 @@ BATCH_SPAN_NOTE = ("one pair of GPU events around these {ops} GPU ops of one bat
 def _runs(batch: Any, calls: Any) -> Any:
     """(first index, last index, start, end) of each run of consecutive calls of ``batch``
     with the same op, kernel and line, from the agent's ``[[index, start, end], ...]``."""
-    ops, details, sites = batch.ops, batch.details, batch.sites
-    n_ops, n_details = len(ops), len(details)
-    run: list[Any] | None = None
-    for index, start, end in calls:
-        if not 0 <= index < n_ops:
+    keys = list(zip(batch.ops, batch.sites, batch.details, strict=False))
+    n_keys = len(keys)
+    first = last = start = end = -1
+    for index, call_start, call_end in calls:
+        if not 0 <= index < n_keys:
             continue
-        if (run is not None and index == run[1] + 1 and ops[index] == ops[run[0]]
-                and sites[index] == sites[run[0]]
-                and (details[index] if index < n_details else "")
-                == (details[run[0]] if run[0] < n_details else "")):
-            run[1], run[3] = index, end
+        if index == last + 1 and first >= 0 and keys[index] == keys[first]:
+            last, end = index, call_end
             continue
-        if run is not None:
-            yield tuple(run)
-        run = [index, index, start, end]
-    if run is not None:
-        yield tuple(run)
+        if first >= 0:
+            yield first, last, start, end
+        first = last = index
+        start, end = call_start, call_end
+    if first >= 0:
+        yield first, last, start, end
 
 
 def _is_gpu_record(record: Any) -> bool:
@@ -206,24 +205,21 @@ def _is_gpu_record(record: Any) -> bool:
 def _batch_span(batch: Any, indices: list[Any], at: Any) -> tuple[str, dict[str, Any]]:
     """A GPU batch span's name and args: the kernels and ops it covers, the first's line."""
     count = len(indices)
-    tally: dict[str, int] = {}
+    tally: Counter[str] = Counter()
     first_site = None
-    if batch is not None:
-        ops, details, sites = batch.ops, batch.details, batch.sites
-        for index in indices:
-            if type(index) is int and 0 <= index < len(ops):
-                name = (details[index] if index < len(details) else "") or ops[index]
-                tally[name] = tally.get(name, 0) + 1
-                if first_site is None:
-                    first_site = sites[index] if index < len(sites) else None
+    if (batch is not None and indices and all(type(i) is int for i in indices)
+            and min(indices) >= 0 and max(indices) < len(batch.ops) == len(batch.details)):
+        ops, details = batch.ops, batch.details
+        tally.update([details[i] or ops[i] for i in indices])
+        if indices[0] < len(batch.sites):
+            first_site = batch.sites[indices[0]]
     if len(tally) == 1:
         name = f"{next(iter(tally))} x{count}"
     else:
         name = f"{count} GPU ops"
     args: dict[str, Any] = {"ops": count, "per_op_times": BATCH_SPAN_NOTE.format(ops=count)}
     if tally:
-        args["kernels"] = ", ".join(f"{k} x{v}" for k, v in
-                                    sorted(tally.items(), key=lambda kv: -kv[1]))
+        args["kernels"] = ", ".join(f"{k} x{v}" for k, v in tally.most_common())
     if first_site is not None:
         args["at"] = at(first_site)
     return name, args
@@ -235,12 +231,6 @@ def _note(note: str, unknown: int) -> str:
     said = (f"{unknown} GPU timings from the agent have a shape this harp_jupyter does not "
             "know and are not shown: update harp_jupyter to the agent's version")
     return f"{note}; {said}" if note else said
-
-
-def _kernel_names_by_call(profile: Profile) -> dict[tuple[str, int, int], str]:
-    """(agent, batch seq, call index) -> kernel name, for the GPU spans of launches."""
-    return {(batch.agent, batch.seq, index): detail for batch in profile.recorder.batches
-            for index, detail in enumerate(batch.details) if detail}
 
 
 def _site(sites: list[Any] | None, index: int, at: Any) -> str:

@@ -191,7 +191,8 @@ class ExecutorSession(ABC):
     # {{{ profiling (gpu_agent/profiling.py)
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
-        """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None."""
+        """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None (not
+        timed: no GPU timing here, or ``profiling.MAX_PENDING_GPU_TIMINGS`` wait uncollected)."""
         return None
 
     def gpu_timer_end(self, token: Any, seq: int, index: int,  # noqa: B027

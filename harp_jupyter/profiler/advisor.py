@@ -92,7 +92,7 @@ def summary(profile: Profile, trace: dict[str, Any]) -> dict[str, Any]:
         "agents": {e: {"gpu": i.gpu, "emulated": i.emulated,
                        "clock_error_us": round(i.offset.error_ns / 1e3, 1) if i.offset else None}
                    for e, i in profile.agents.items()},
-        "note": rec.gpu_timing_note,
+        "note": trace.get("otherData", {}).get("note", rec.gpu_timing_note),
     }
 
 

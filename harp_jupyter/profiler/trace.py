@@ -18,10 +18,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from gpu_agent import protocol
 from gpu_agent.profiling import BATCH_SPAN
 from harp_jupyter.profiler.profile import Profile
 from harp_jupyter.profiler.recorder import TORCH_OPERATOR_CALLS
 
+#: ops that put work on the GPU (timed while profiling)
+_GPU_OPS = frozenset(name for name, op in protocol.OPS.items() if op.gpu)
 NOTEBOOK_PID = 1
 API_TID, BLOCKED_TID, NVTX_TID, LEASE_TID = 1, 2, 3, 4
 WIRE_TID, EXEC_TID, GPU_TID_BASE = 1, 2, 10
@@ -79,6 +82,7 @@ def build(profile: Profile) -> dict[str, Any]:
     for tid, name in _NOTEBOOK_TRACKS.items():
         meta(NOTEBOOK_PID, tid, "thread_name", name)
     unknown = 0  # GPU timings of a shape this notebook does not know
+    untimed = gpu_sent = 0  # GPU ops sent, and those of them with no GPU timing
     for call in rec.calls:
         if call.at > t_end:
             continue  # the profiler's own clock samples
@@ -137,10 +141,12 @@ def build(profile: Profile) -> dict[str, Any]:
                          calls=last - first + 1)
         streams: dict[Any, int] = {}
         batches = {b.seq: b for b in rec.batches if b.agent == endpoint}
+        timed = 0
         for record in rec.gpu.get(endpoint, ()):
             if not _is_gpu_record(record):
                 unknown += 1
                 continue
+            timed += 1 if len(record) == 6 else len(record[6])
             op, stream, start, end, seq, index = record[:6]
             if stream not in streams:
                 streams[stream] = GPU_TID_BASE + len(streams)
@@ -158,13 +164,18 @@ def build(profile: Profile) -> dict[str, Any]:
                 name, args = _batch_span(batches.get(seq), record[6], at)
                 span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=BATCH_SPAN,
                      batch=seq, **args)
+        if endpoint in rec.gpu:
+            sent = sum(1 for b in batches.values() if b.sent <= t_end
+                       for op in b.ops if op in _GPU_OPS)
+            untimed += max(0, sent - timed)
+            gpu_sent += sent
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
                                         "error_ns": i.offset.error_ns,
                                         "samples": i.offset.samples}
                                     for e, i in profile.agents.items() if i.offset},
-                          "note": _note(rec.gpu_timing_note, unknown)}}
+                          "note": _note(rec.gpu_timing_note, unknown, untimed, gpu_sent)}}
 
 
 #: what a GPU batch span says of the GPU ops in it
@@ -225,12 +236,16 @@ def _batch_span(batch: Any, indices: list[Any], at: Any) -> tuple[str, dict[str,
     return name, args
 
 
-def _note(note: str, unknown: int) -> str:
-    if not unknown:
-        return note
-    said = (f"{unknown} GPU timings from the agent have a shape this harp_jupyter does not "
-            "know and are not shown: update harp_jupyter to the agent's version")
-    return f"{note}; {said}" if note else said
+def _note(note: str, unknown: int, untimed: int, gpu_sent: int) -> str:
+    said = [note] if note else []
+    if unknown:
+        said.append(f"{unknown} GPU timings from the agent have a shape this harp_jupyter does "
+                    "not know and are not shown: update harp_jupyter to the agent's version")
+    if untimed:
+        said.append(f"{untimed} of the {gpu_sent} GPU ops sent have no GPU time: they failed, "
+                    "or the agent already held as many GPU timings as it keeps uncollected "
+                    "(profile a shorter cell, or without --per-op-gpu-timing)")
+    return "; ".join(said)
 
 
 def _site(sites: list[Any] | None, index: int, at: Any) -> str:

@@ -209,12 +209,13 @@ export class TimelineWidget extends Widget {
           .join(', ');
       this._details.append(kernels);
     }
-    const batched = batchedLine(data.summary);
-    if (batched) {
-      const line = document.createElement('div');
-      line.className = 'harp-Timeline-kernels';
-      line.textContent = batched;
-      this._details.append(line);
+    for (const text of [batchedLine(data.summary), data.summary.note]) {
+      if (text) {
+        const line = document.createElement('div');
+        line.className = 'harp-Timeline-kernels';
+        line.textContent = text;
+        this._details.append(line);
+      }
     }
     if (!data.advice.length) {
       return;

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from gpu_agent import profiling
 from gpu_agent import protocol as P
 from gpu_agent.batches import BatchRunner
@@ -108,3 +110,19 @@ def test_hostile_calls_do_not_break_the_plan() -> None:
     assert reply["e"] is not None and reply["e"]["i"] == 0
     (span,) = timings
     assert span[6] == list(range(len(junk), len(calls)))
+
+
+def test_uncollected_gpu_timings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that profiles and never collects cannot make the agent keep timings (and, on a
+    GPU, CUDA events) without bound: past the bound GPU ops are not timed; collecting frees it."""
+    monkeypatch.setattr(profiling, "MAX_PENDING_GPU_TIMINGS", 5)
+    run = runner()
+    calls = [memset(None) for _ in range(MANY)]
+    for seq in (20, 21):
+        reply, _ = run.run({"q": seq, "c": calls, "p": profiling.GPU_PER_OP}, [])
+        assert reply["e"] is None  # the ops themselves still run
+    timings = run.call("profile_gpu", [])
+    assert [(t[4], t[5]) for t in timings] == [(20, i) for i in range(5)]
+    # a batch span needs one record: taken while there is room, none past the bound
+    _, timings = run_batch(run, 22, calls, profiling.GPU_PER_BATCH)
+    assert [t[0] for t in timings] == [profiling.BATCH_SPAN]

@@ -132,3 +132,13 @@ def test_a_batch_span_of_mixed_ops_is_named_by_its_count() -> None:
     (span,) = [e for e in trace.build(profile)["traceEvents"] if e.get("cat") == "gpu"]
     assert span["name"] == "12 GPU ops"
     assert span["args"]["kernels"] == "add_one x11, memset x1"
+
+
+def test_gpu_ops_without_a_gpu_time_are_counted_in_the_note() -> None:
+    from harp_jupyter.profiler.display import ProfileResult
+
+    profile = profile_of_a_loop(30)
+    profile.recorder.gpu[AGENT] = profile.recorder.gpu[AGENT][:25]  # the agent's bound
+    result = ProfileResult(profile)
+    assert "5 of the 30 GPU ops sent have no GPU time" in result.summary["note"]
+    assert result.summary["note"] in result._text()

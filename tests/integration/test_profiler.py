@@ -286,6 +286,7 @@ def test_a_launch_loop_is_one_gpu_span_per_batch_and_stream_unless_per_op_is_ask
         assert len({e["tid"] for e in few}) == 1 and few[0]["tid"] != span["tid"]
         assert result.summary["gpu_batched"] == {"spans": 1, "ops": launches}
         assert f"{launches} GPU ops timed per batch" in result._text()
+    assert result.summary["note"] == ""  # every GPU op has its GPU time, alone or in a span
     # the loop's calls are one run on the API and agent tracks, at the loop's line
     api = [e for e in result.trace["traceEvents"] if e.get("cat") == "api"
            and e["args"]["at"].endswith(loop_at)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from bisect import bisect_left
 from typing import Any
 
 from gpu_agent import protocol as P
@@ -74,6 +75,7 @@ class BatchTimer:
         self.calls: list[list[int]] = []
         self.edges: dict[int, Any] = {}
         self._spans: list[_Span] = []
+        self._ran: list[int] = []
         self._device = device
         if level >= GPU_PER_OP:
             self._plan(calls)
@@ -121,8 +123,12 @@ class BatchTimer:
         token, span.token = span.token, None
         if token is None:
             return
-        ran = {call[0] for call in self.calls}
-        indices = [i for i in span.indices if i in ran]
+        # the calls that ran, in index order, taken from ``calls`` once over all spans (a
+        # batch of many streams closes many spans)
+        ran = self._ran
+        ran.extend(call[0] for call in self.calls[len(ran):])
+        indices = [i for i in span.indices if (at := bisect_left(ran, i)) < len(ran)
+                   and ran[at] == i]
         if indices:
             self._device.gpu_timer_end(token, seq, indices[0], indices)
 

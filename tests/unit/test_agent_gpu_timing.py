@@ -62,6 +62,18 @@ def test_many_gpu_ops_on_a_stream_are_one_span_listing_them_and_few_are_timed_ea
     assert [c[0] for c in reply["p"]["calls"]] == list(range(len(calls)))
 
 
+def test_each_stream_with_many_ops_in_a_batch_gets_its_own_span() -> None:
+    run = runner()
+    run.call("stream_create", [2, 0])
+    calls = [memset([None, 1, 2][i % 3]) for i in range(3 * MANY)]
+    calls[4] = memset(1, P.SESSION_RANGE_SIZE)  # refused: not in stream 1's span
+    _, timings = run_batch(run, 8, calls, profiling.GPU_PER_BATCH)
+    spans = {t[1]: t[6] for t in timings}
+    assert all(t[0] == profiling.BATCH_SPAN for t in timings) and len(timings) == 3
+    assert spans == {stream: [i for i in range(3 * MANY) if i % 3 == k and i != 4]
+                     for k, stream in enumerate([None, 1, 2])}
+
+
 def test_a_batch_of_few_gpu_ops_is_timed_op_by_op() -> None:
     run = runner()
     calls = [memset(None) for _ in range(profiling.PER_OP_UP_TO)]

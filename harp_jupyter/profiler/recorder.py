@@ -20,11 +20,6 @@ from harp_jupyter.shim.callsite import CallSite
 #: the recorder of the profile now running, if any
 active: Recorder | None = None
 
-#: the batch header's ``p`` (gpu_agent/profiling.py): agent timings; and GPU (CUDA event)
-#: timings of every GPU op; or of every GPU op of a batch with few on a stream, one span per
-#: stream for a batch with more (the default: two events per tiny launch cost more than it)
-LEVELS = (AGENT_TIMING, GPU_PER_OP, GPU_PER_BATCH)
-
 #: kernel names by function handle, noted whether or not a profile runs (a kernel is usually
 #: compiled in an earlier cell than the one profiled)
 KERNEL_NAMES: dict[int, str] = {}
@@ -133,6 +128,10 @@ class Span:
 
 class Recorder:
     def __init__(self, *, gpu_timing: bool = True, per_op: bool = False) -> None:
+        #: the batch header's ``p`` (gpu_agent/profiling.py): agent timings only; GPU (CUDA
+        #: event) timings of every GPU op; or, the default, of each GPU op of a batch with few
+        #: on a stream and one span per stream for a batch with more (two events per tiny
+        #: launch cost more than the launch)
         self.level = (AGENT_TIMING if not gpu_timing else GPU_PER_OP if per_op
                       else GPU_PER_BATCH)
         self.started = time.monotonic_ns()

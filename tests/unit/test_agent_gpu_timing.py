@@ -12,7 +12,7 @@ import pytest
 from gpu_agent import profiling
 from gpu_agent import protocol as P
 from gpu_agent.batches import BatchRunner
-from gpu_agent.executors.emulated import EmulatedExecutor
+from gpu_agent.executors.emulated import EmulatedExecutor, EmulatedSession
 
 BASE = P.ADDRESS_SPACE_BASE
 MANY = profiling.PER_OP_UP_TO + 12
@@ -138,3 +138,27 @@ def test_uncollected_gpu_timings_are_bounded(monkeypatch: pytest.MonkeyPatch) ->
     # a batch span needs one record: taken while there is room, none past the bound
     _, timings = run_batch(run, 22, calls, profiling.GPU_PER_BATCH)
     assert [t[0] for t in timings] == [profiling.BATCH_SPAN]
+
+
+def test_a_span_closed_after_its_stream_is_gone_is_dropped_not_an_error() -> None:
+    class StreamCheckingSession(EmulatedSession):
+        """Records the end of a timer on its stream, as pycuda's CUDA event does (the emulated
+        device itself does not look at the stream)."""
+
+        def gpu_timer_end(self, token: Any, seq: int, index: int,
+                          span: list[int] | None = None) -> None:
+            if token[1] is not None:
+                self._stream(token[1])
+            super().gpu_timer_end(token, seq, index, span)
+
+    executor = EmulatedExecutor()
+    run = BatchRunner(executor, StreamCheckingSession(executor), BASE, P.SESSION_RANGE_SIZE,
+                      memory_cap=1 << 30, max_frame=1 << 20)
+    run.call("alloc", [BASE, 2 << 20])
+    run.call("stream_create", [1, 0])
+    calls = [memset(1) for _ in range(MANY)]
+    calls[-1] = memset(1, P.SESSION_RANGE_SIZE)  # refused: the reply closes the span...
+    calls.append(["stream_destroy", 1])  # ...after its stream is gone
+    reply, timings = run_batch(run, 13, calls, profiling.GPU_PER_BATCH)
+    assert reply["e"]["i"] == MANY - 1 and "p" in reply
+    assert timings == []  # untimed, and the batch's reply is whole

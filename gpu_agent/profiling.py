@@ -45,8 +45,10 @@ MAX_PENDING_GPU_TIMINGS = 100_000
 #: op -> position of its stream argument
 STREAM_ARG = {name: i for name, op in P.OPS.items()
               for i, check in enumerate(op.args) if check is P.STREAM}
-#: ops that put work on the device (timed on the GPU while profiling) -> their argument count
-_GPU_ARITY = {name: len(op.args) for name, op in P.OPS.items() if op.gpu}
+#: ops that put work on the device (timed on the GPU while profiling) -> (length of a valid
+#: call ``[op, *args]``, position of its stream in it or 0: the default stream)
+_GPU_SHAPE = {name: (len(op.args) + 1, STREAM_ARG[name] + 1 if name in STREAM_ARG else 0)
+              for name, op in P.OPS.items() if op.gpu}
 
 
 def _skewed_now_ns() -> int:
@@ -81,14 +83,21 @@ class BatchTimer:
             self._plan(calls)
 
     def _plan(self, calls: list[Any]) -> None:
+        # not validated yet: a call unlike a valid GPU call is left out (it will not run)
+        shape = _GPU_SHAPE
+        gpu = [(index, call) for index, call in enumerate(calls)
+               if type(call) is list and call and type(call[0]) is str
+               and len(call) == shape.get(call[0], (0, 0))[0]]
         by_stream: dict[Any, list[int]] = {}
-        for index, call in enumerate(calls):
-            # not validated yet: a call unlike a valid GPU call is left out (it will not run)
-            if (type(call) is list and call and type(call[0]) is str
-                    and _GPU_ARITY.get(call[0]) == len(call) - 1):
-                stream = stream_of(call[0], call[1:])
-                if stream is None or type(stream) is int:
-                    by_stream.setdefault(stream, []).append(index)
+        for index, call in gpu:
+            at = shape[call[0]][1]
+            stream = call[at] if at else None
+            if stream is None or type(stream) is int:
+                indices = by_stream.get(stream)
+                if indices is None:
+                    by_stream[stream] = [index]
+                else:
+                    indices.append(index)
         edges = self.edges
         for indices in by_stream.values():
             if self.level == GPU_PER_OP or len(indices) <= PER_OP_UP_TO:

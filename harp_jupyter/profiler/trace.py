@@ -139,36 +139,9 @@ def build(profile: Profile) -> dict[str, Any]:
                     span(n, EXEC_TID, f"{name} x{last - first + 1}", to_nb(start), to_nb(end),
                          "agent", at=at(batch.sites[first]), batch=batch.seq,
                          calls=last - first + 1)
-        streams: dict[Any, int] = {}
-        batches = {b.seq: b for b in rec.batches if b.agent == endpoint}
-        timed = 0
-        for record in rec.gpu.get(endpoint, ()):
-            if not _is_gpu_record(record):
-                unknown += 1
-                continue
-            timed += 1 if len(record) == 6 else len(record[6])
-            op, stream, start, end, seq, index = record[:6]
-            if stream not in streams:
-                streams[stream] = GPU_TID_BASE + len(streams)
-                label = "default stream" if stream is None else f"stream {stream}"
-                meta(n, streams[stream], "thread_name",
-                     f"{'emulated device (host NumPy time)' if info.emulated else 'GPU'}, "
-                     f"{label}")
-            if len(record) == 6:
-                batch = batches.get(seq)
-                detail = (batch.details[index] if batch is not None
-                          and 0 <= index < len(batch.details) else "")
-                span(n, streams[stream], detail or op, to_nb(start), to_nb(end), "gpu", op=op,
-                     at=_site(batch.sites if batch is not None else None, index, at))
-            else:
-                name, args = _batch_span(batches.get(seq), record[6], at)
-                span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=BATCH_SPAN,
-                     batch=seq, **args)
-        if endpoint in rec.gpu:
-            sent = sum(1 for b in batches.values() if b.sent <= t_end
-                       for op in b.ops if op in _GPU_OPS)
-            untimed += max(0, sent - timed)
-            gpu_sent += sent
+        counts = _gpu_tracks(n, endpoint, info, rec, t_end, span, meta, at)
+        unknown, untimed, gpu_sent = (unknown + counts[0], untimed + counts[1],
+                                      gpu_sent + counts[2])
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"generator": "harp_jupyter %%harp profile", "label": profile.label,
                           "clock": {e: {"offset_ns": i.offset.offset_ns,
@@ -183,6 +156,41 @@ BATCH_SPAN_NOTE = ("one pair of GPU events around these {ops} GPU ops of one bat
                    "stream: from before the first to after the last, gaps between them "
                    "included; their own GPU times were not measured (%%harp profile "
                    "--per-op-gpu-timing times each)")
+
+
+def _gpu_tracks(n: int, endpoint: str, info: Any, rec: Any, t_end: int, span: Any, meta: Any,
+                at: Any) -> tuple[int, int, int]:
+    """The agent's GPU timings as one track per stream of process ``n``; (records of a shape
+    this notebook does not know, GPU ops sent without a GPU time, GPU ops sent)."""
+    to_nb = info.offset.to_notebook
+    streams: dict[Any, int] = {}
+    batches = {b.seq: b for b in rec.batches if b.agent == endpoint}
+    unknown = timed = 0
+    for record in rec.gpu.get(endpoint, ()):
+        if not _is_gpu_record(record):
+            unknown += 1
+            continue
+        timed += 1 if len(record) == 6 else len(record[6])
+        op, stream, start, end, seq, index = record[:6]
+        if stream not in streams:
+            streams[stream] = GPU_TID_BASE + len(streams)
+            label = "default stream" if stream is None else f"stream {stream}"
+            meta(n, streams[stream], "thread_name",
+                 f"{'emulated device (host NumPy time)' if info.emulated else 'GPU'}, {label}")
+        if len(record) == 6:
+            batch = batches.get(seq)
+            detail = (batch.details[index] if batch is not None
+                      and 0 <= index < len(batch.details) else "")
+            span(n, streams[stream], detail or op, to_nb(start), to_nb(end), "gpu", op=op,
+                 at=_site(batch.sites if batch is not None else None, index, at))
+        else:
+            name, args = _batch_span(batches.get(seq), record[6], at)
+            span(n, streams[stream], name, to_nb(start), to_nb(end), "gpu", op=BATCH_SPAN,
+                 batch=seq, **args)
+    if endpoint not in rec.gpu:
+        return unknown, 0, 0
+    sent = sum(1 for b in batches.values() if b.sent <= t_end for op in b.ops if op in _GPU_OPS)
+    return unknown, max(0, sent - timed), sent
 
 
 def _runs(batch: Any, calls: Any) -> Any:

@@ -9,6 +9,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from gpu_agent.profiling import BATCH_SPAN, PER_OP_UP_TO
 from harp_jupyter.profiler.display import ProfileResult
 from harp_jupyter.profiler.profile import profiled
 
@@ -79,8 +80,6 @@ def test_a_launch_loop_is_timed_per_batch_and_stream_with_real_events(
     per launch with --per-op-gpu-timing; either way every launch is covered once, and the GPU
     spans lie inside the profile, before the synchronize returned."""
     from pycuda.compiler import SourceModule
-
-    from gpu_agent.profiling import BATCH_SPAN, PER_OP_UP_TO
 
     cuda = gpu_shim_cuda
     add_one = SourceModule(TINY).get_function("add_one")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gpu_agent.profiling import BATCH_SPAN, GPU_PER_BATCH, GPU_PER_OP, PER_OP_UP_TO
 from harp_jupyter.profiler.display import MIME_TYPE, ProfileResult
 from harp_jupyter.profiler.profile import profiled
 
@@ -235,8 +236,6 @@ def test_the_magic_shows_the_profile_and_exports_it(
     assert shell.user_ns["_harp_profile"].profile.recorder.gpu == {}
     with pytest.raises(ValueError, match="unknown option"):
         shell.run_line_magic("harp", "profile --bogus x = 1")
-    from gpu_agent.profiling import GPU_PER_BATCH, GPU_PER_OP
-
     assert result.profile.recorder.level == GPU_PER_BATCH  # the default
     outcome = shell.run_cell("%harp profile --per-op-gpu-timing s3 = b.get().sum()")
     assert outcome.success and shell.user_ns["s3"] == 45.0
@@ -248,7 +247,6 @@ def test_the_magic_shows_the_profile_and_exports_it(
 @pytest.mark.parametrize("per_op", [False, True])
 def test_a_launch_loop_is_one_gpu_span_per_batch_and_stream_unless_per_op_is_asked(
         shim_cuda: ModuleType, load_workload: Callable[[], ModuleType], per_op: bool) -> None:
-    from gpu_agent.profiling import BATCH_SPAN, PER_OP_UP_TO
     from harp_jupyter.shim.session import get_session
 
     cuda = shim_cuda

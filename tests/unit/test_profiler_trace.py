@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 
+from gpu_agent.profiling import BATCH_SPAN
 from harp_jupyter.profiler import clock, recorder, trace
+from harp_jupyter.profiler.display import ProfileResult
 from harp_jupyter.profiler.profile import AgentInfo, Profile
 from harp_jupyter.profiler.recorder import BatchTiming, Blocked, Recorder
 
@@ -85,9 +87,6 @@ def test_ns_over_1000_is_what_rounding_to_3_decimals_gives() -> None:
 
 
 def test_a_gpu_batch_span_says_how_many_kernels_it_holds_and_invents_no_kernel_times() -> None:
-    from gpu_agent.profiling import BATCH_SPAN
-    from harp_jupyter.profiler.display import ProfileResult
-
     launches = 40
     profile = profile_of_a_loop(launches)
     rec = profile.recorder
@@ -120,8 +119,6 @@ def test_a_gpu_batch_span_says_how_many_kernels_it_holds_and_invents_no_kernel_t
 
 
 def test_a_batch_span_of_mixed_ops_is_named_by_its_count() -> None:
-    from gpu_agent.profiling import BATCH_SPAN
-
     profile = profile_of_a_loop(12)
     batch = profile.recorder.batches[0]
     batch.ops[5], batch.details[5] = "memset", ""
@@ -135,8 +132,6 @@ def test_a_batch_span_of_mixed_ops_is_named_by_its_count() -> None:
 
 
 def test_gpu_ops_without_a_gpu_time_are_counted_in_the_note() -> None:
-    from harp_jupyter.profiler.display import ProfileResult
-
     profile = profile_of_a_loop(30)
     profile.recorder.gpu[AGENT] = profile.recorder.gpu[AGENT][:25]  # the agent's bound
     result = ProfileResult(profile)

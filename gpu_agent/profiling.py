@@ -34,8 +34,11 @@ _SKEW_NS = int(float(os.environ.get("HARP_AGENT_CLOCK_SKEW_S") or 0) * 1e9)
 
 #: the ``p`` levels of a batch header
 AGENT_TIMING, GPU_PER_OP, GPU_PER_BATCH = 1, 2, 3
-#: with GPU_PER_BATCH, the most GPU ops on one stream of one batch that are timed one by one
-PER_OP_UP_TO = 8
+#: with GPU_PER_BATCH, the most GPU ops on one stream of one batch that are timed one by one:
+#: a loop step between two sync points keeps its kernels' own times, while a launch-bound loop
+#: (hundreds of launches a batch, where two events per launch cost more than the launch) gets
+#: one span per batch and stream
+PER_OP_UP_TO = 32
 #: the op of a GPU timing record that spans several GPU ops of one batch on one stream
 BATCH_SPAN = "batch"
 #: GPU timing records a session keeps until ``profile_gpu`` collects them (a profile does at

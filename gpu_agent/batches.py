@@ -63,7 +63,8 @@ class BatchRunner:
         level = header.get("p")
         if level is None and len(calls) == 1 and self.lost is None:
             return self._run_alone(seq, calls[0], frames)
-        timer = profiling.BatchTimer(level) if type(level) is int and level > 0 else None
+        timer = (profiling.BatchTimer(level, calls, self.device)
+                 if type(level) is int and level > 0 else None)
         results: list[list[Any]] = []
         out_frames: list[Any] = []
         first_error: dict | None = None
@@ -87,7 +88,7 @@ class BatchRunner:
                 first_error = first_error or self._failed(e, index, call)
         reply: dict[str, Any] = {"t": P.REPLY, "q": seq, "r": results, "e": first_error}
         if timer is not None:
-            reply["p"] = timer.reply()
+            reply["p"] = timer.reply(seq)
         return reply, out_frames
 
     def _run_alone(self, seq: int, call: Any, frames: list[Any]
@@ -143,14 +144,21 @@ class BatchRunner:
 
     def _run_timed(self, timer: profiling.BatchTimer, seq: int, index: int, name: str,
                    args: list[Any]) -> Any:
-        token = None
-        if timer.gpu and P.OPS[name].gpu:
-            token = self.device.gpu_timer_start(name, profiling.stream_of(name, args))
+        edge = timer.edges.get(index)  # whether this call starts or ends a GPU timer
+        if edge is None:
+            started = profiling.now_ns()
+            value = self._run(self._ops[name], *args)
+            timer.calls.append([index, started, profiling.now_ns()])
+            return value
+        token = timer.gpu_start(edge, name, profiling.stream_of(name, args), index)
         started = profiling.now_ns()
-        value = self._run(self._ops[name], *args)
+        try:
+            value = self._run(self._ops[name], *args)
+        except BaseException:
+            timer.gpu_end(edge, token, seq, index, ran=False)
+            raise
         timer.calls.append([index, started, profiling.now_ns()])
-        if token is not None:
-            self.device.gpu_timer_end(token, seq, index)
+        timer.gpu_end(edge, token, seq, index, ran=True)
         return value
 
     # }}}

@@ -594,7 +594,9 @@ OPS: dict[str, Op] = {
                     " (gpu_agent/context_limits.py); kept for replay", creates="limit"),
     # profiling (gpu_agent/profiling.py)
     "profile_gpu": Op((), True, "-> GPU timings since the last call: [[op, stream, start_ns, "
-                                "end_ns, batch seq, call index], ...], agent clock"),
+                                "end_ns, batch seq, call index], ...], agent clock; a batch "
+                                "span (p: 3) has op 'batch' and a 7th item, its call indices "
+                                "(gpu_agent/profiling.py)"),
     "nvtx_push": Op((STR,), False, "open an NVTX range in the agent process (Nsight)"),
     "nvtx_pop": Op((), False, "close the innermost NVTX range the session opened"),
     # memory: addr and size multiples of GRANULARITY, inside the session's range

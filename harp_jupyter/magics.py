@@ -5,9 +5,11 @@
     %harp lease           lease a GPU now (and restore parked state), instead of at the next call
     %harp release         park the device state and give the GPU back now
     %harp idle SECONDS    this kernel's idle timeout (the provisioner releases after it)
-    %%harp profile [--export PATH.json] [--no-gpu-timing]
+    %%harp profile [--export PATH.json] [--no-gpu-timing | --per-op-gpu-timing]
                           run the cell and show one timeline of the notebook and the agent,
-                          a summary and the sync-point advisor (harp_jupyter.profiler)
+                          a summary and the sync-point advisor (harp_jupyter.profiler); a
+                          batch of many GPU ops on a stream is timed as one GPU span unless
+                          --per-op-gpu-timing (two CUDA events per op: slower launch loops)
     %harp profile [options] STATEMENT      the same for one statement
 
 Loaded in Elastic GPU kernels by the kernelspec (``--ext harp_jupyter.magics``); elsewhere with
@@ -159,22 +161,29 @@ class HarpMagics(Magics):
         from harp_jupyter.profiler.display import ProfileResult
         from harp_jupyter.profiler.profile import run_profiled
 
-        export, gpu_timing = None, True
+        export, gpu_timing, per_op = None, True, False
         words = rest.split()
         while words and words[0].startswith("--"):
             option = words.pop(0)
             if option == "--no-gpu-timing":
                 gpu_timing = False
+            elif option == "--per-op-gpu-timing":
+                per_op = True
             elif option == "--export" and words:
                 export = words.pop(0)
             else:
                 raise ValueError(f"%harp profile: unknown option {option!r} (use --export "
-                                 "PATH.json, --no-gpu-timing)")
+                                 "PATH.json, --no-gpu-timing, --per-op-gpu-timing)")
         code = cell if cell is not None else " ".join(words)
         if not code.strip():
-            raise ValueError("usage: %%harp profile [--export PATH.json] [--no-gpu-timing] "
-                             "(cell), or %harp profile [options] STATEMENT")
-        with run_profiled(gpu_timing, label=code.strip().splitlines()[0][:80]) as box:
+            raise ValueError("usage: %%harp profile [--export PATH.json] [--no-gpu-timing | "
+                             "--per-op-gpu-timing] (cell), or %harp profile [options] "
+                             "STATEMENT")
+        if per_op and not gpu_timing:
+            raise ValueError("%harp profile: --per-op-gpu-timing times GPU ops and "
+                             "--no-gpu-timing turns GPU timing off: use one of them")
+        with run_profiled(gpu_timing, label=code.strip().splitlines()[0][:80],
+                          per_op=per_op) as box:
             outcome = self.shell.run_cell(code, store_history=False)
         assert box.profile is not None
         # the profiled code is "cell" on the timeline; a cell's body runs without the %%harp

@@ -191,11 +191,15 @@ class ExecutorSession(ABC):
     # {{{ profiling (gpu_agent/profiling.py)
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
-        """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None."""
+        """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None (not
+        timed: no GPU timing here, or ``profiling.MAX_PENDING_GPU_TIMINGS`` wait uncollected)."""
         return None
 
-    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:  # noqa: B027
-        """The op of ``token`` (call ``index`` of batch ``seq``) has been issued."""
+    def gpu_timer_end(self, token: Any, seq: int, index: int,  # noqa: B027
+                      span: list[int] | None = None) -> None:
+        """The op of ``token`` (call ``index`` of batch ``seq``) has been issued; with
+        ``span``, the token is a batch span's (``profiling.BATCH_SPAN``) and ``span`` the call
+        indices of the GPU ops it covers (``index`` is the first)."""
 
     def op_profile_gpu(self) -> list[list[Any]]:
         """GPU timings recorded since the last call (see protocol.OPS)."""

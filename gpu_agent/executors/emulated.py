@@ -126,11 +126,15 @@ class EmulatedSession(TorchOps, ExecutorSession):
     # the emulated device runs each op on the host before the next: its "GPU time" is the
     # NumPy time of the op (the timeline names the track as emulated)
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
+        if len(self._gpu_timings) >= profiling.MAX_PENDING_GPU_TIMINGS:
+            return None
         return op, stream, profiling.now_ns()
 
-    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:
+    def gpu_timer_end(self, token: Any, seq: int, index: int,
+                      span: list[int] | None = None) -> None:
         op, stream, start = token
-        self._gpu_timings.append([op, stream, start, profiling.now_ns(), seq, index])
+        record = [op, stream, start, profiling.now_ns(), seq, index]
+        self._gpu_timings.append(record if span is None else [*record, span])
 
     def op_profile_gpu(self) -> list[list[Any]]:
         timings, self._gpu_timings = self._gpu_timings, []

@@ -144,7 +144,9 @@ class PycudaSession(TorchOps, ExecutorSession):
         self.curands: dict[int, pycuda_curand.Generator] = {}
         #: profiling: a reference event and its host time, and the timed ops not yet collected
         self._reference: tuple[cuda.Event, int] | None = None
-        self._timed: list[tuple[str, int | None, cuda.Event, cuda.Event, int, int]] = []
+        #: (op, stream, start event, end event, batch seq, call index, span's call indices)
+        self._timed: list[tuple[str, int | None, cuda.Event, cuda.Event, int, int,
+                                list[int] | None]] = []
         #: events whose timings were collected, recorded again by the next profile: a profiled
         #: launch-bound loop pays two event records per op, not two creations as well
         self._spare_events: list[cuda.Event] = []
@@ -253,6 +255,8 @@ class PycudaSession(TorchOps, ExecutorSession):
         return self.torch_bytes() + self.limit_bytes()
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
+        if len(self._timed) >= profiling.MAX_PENDING_GPU_TIMINGS:
+            return None
         if self._reference is None:
             # GPU times are placed on the agent's clock relative to an event whose host time
             # is known: recorded on an idle device and waited for
@@ -265,11 +269,12 @@ class PycudaSession(TorchOps, ExecutorSession):
         start.record(self._stream(stream))
         return op, stream, start
 
-    def gpu_timer_end(self, token: Any, seq: int, index: int) -> None:
+    def gpu_timer_end(self, token: Any, seq: int, index: int,
+                      span: list[int] | None = None) -> None:
         op, stream, start = token
         end = self._spare_events.pop() if self._spare_events else cuda.Event()
         end.record(self._stream(stream))
-        self._timed.append((op, stream, start, end, seq, index))
+        self._timed.append((op, stream, start, end, seq, index, span))
 
     def op_profile_gpu(self) -> list[list[Any]]:
         timed, self._timed = self._timed, []
@@ -277,16 +282,17 @@ class PycudaSession(TorchOps, ExecutorSession):
             return []
         reference, at = self._reference
         self._reference = None
-        last_on_stream = {stream: end for _, stream, _, end, _, _ in timed}
+        last_on_stream = {t[1]: t[3] for t in timed}
         for end in last_on_stream.values():
             end.synchronize()  # the events of one stream complete in order: the last is enough
         timings = []
-        for op, stream, start, end, seq, index in timed:
-            timings.append([op, stream, at + int(reference.time_till(start) * 1e6),
-                            at + int(reference.time_till(end) * 1e6), seq, index])
+        for op, stream, start, end, seq, index, span in timed:
+            record = [op, stream, at + int(reference.time_till(start) * 1e6),
+                      at + int(reference.time_till(end) * 1e6), seq, index]
+            timings.append(record if span is None else [*record, span])
         spare = self._spare_events
-        for _, _, start, end, _, _ in timed[:max(0, (_SPARE_EVENTS - len(spare)) // 2)]:
-            spare += (start, end)
+        for t in timed[:max(0, (_SPARE_EVENTS - len(spare)) // 2)]:
+            spare += (t[2], t[3])
         return timings
 
     # }}}

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from gpu_agent.profiling import BATCH_SPAN
 from harp_jupyter.profiler.profile import Profile
 from harp_jupyter.profiler.recorder import Blocked
 from harp_jupyter.profiler.trace import named
@@ -56,11 +57,18 @@ def summary(profile: Profile, trace: dict[str, Any]) -> dict[str, Any]:
     blocked = [(_us(profile, b.start), _us(profile, b.end)) for b in _in_profile(profile)]
     gpu_busy = _union(gpu_spans) / 1e6
     kernels: dict[str, list[float]] = {}
+    batched = {"spans": 0, "ops": 0}
     for e in trace["traceEvents"]:
-        if e.get("cat") == "gpu" and e["args"].get("op") in _KERNEL_OPS:
+        if e.get("cat") != "gpu":
+            continue
+        op = e["args"].get("op")
+        if op in _KERNEL_OPS:
             entry = kernels.setdefault(e["name"], [0, 0.0])
             entry[0] += 1
             entry[1] += e["dur"] / 1e6
+        elif op == BATCH_SPAN:
+            batched["spans"] += 1
+            batched["ops"] += e["args"].get("ops", 0)
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:5]
     calls = [c for c in rec.calls if c.at <= profile.ended]
     emulated = any(info.emulated for info in profile.agents.values())
@@ -72,17 +80,19 @@ def summary(profile: Profile, trace: dict[str, Any]) -> dict[str, Any]:
         "emulated": emulated,
         "bytes_up": sum(c.bytes_up for c in calls),
         "bytes_down": sum(c.bytes_down for c in calls),
-        "calls": len(calls),
+        "calls": sum(c.count for c in calls),
         "batches": sum(1 for b in rec.batches if b.sent <= profile.ended),
         "sync_points": len(blocked),
         "blocked_s": round(sum(end - start for start, end in blocked) / 1e6, 6),
         "network_wait_s": round(_overlap(blocked, wire_spans) / 1e6, 6),
         "top_kernels": [{"name": name, "count": count, "gpu_s": round(seconds, 6)}
                         for name, (count, seconds) in top],
+        # GPU ops timed together, one span per batch and stream: not in top_kernels
+        "gpu_batched": batched,
         "agents": {e: {"gpu": i.gpu, "emulated": i.emulated,
                        "clock_error_us": round(i.offset.error_ns / 1e3, 1) if i.offset else None}
                    for e, i in profile.agents.items()},
-        "note": rec.gpu_timing_note,
+        "note": trace.get("otherData", {}).get("note", rec.gpu_timing_note),
     }
 
 

@@ -18,6 +18,13 @@ _COLORS = {"api": "#7f8c8d", "sync": "#e74c3c", "nvtx": "#8e44ad", "lease": "#f3
            "wire": "#3498db", "agent": "#16a085", "gpu": "#27ae60"}
 
 
+def batched_line(ops: int, spans: int) -> str:
+    """What the summary says of GPU ops timed per batch (gpu_agent/profiling.py)."""
+    return (f"{ops} GPU ops timed per batch, in {spans} spans (one per batch and stream): no "
+            "per-kernel GPU times for them, and the busy time counts any gaps between them; "
+            "%%harp profile --per-op-gpu-timing times each (slower for launch-bound cells)")
+
+
 class ProfileResult:
     """What ``%%harp profile`` shows: rich display plus the data (``.trace``, ``.summary``,
     ``.advice``) for code that wants it."""
@@ -70,6 +77,9 @@ class ProfileResult:
         if s["top_kernels"]:
             lines.append("top kernels: " + ", ".join(
                 f"{k['name']} x{k['count']} {k['gpu_s'] * 1e3:.2f} ms" for k in s["top_kernels"]))
+        batched = s.get("gpu_batched") or {}
+        if batched.get("spans"):
+            lines.append(batched_line(batched["ops"], batched["spans"]))
         if s["note"]:
             lines.append(s["note"])
         return lines

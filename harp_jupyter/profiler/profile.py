@@ -19,8 +19,9 @@ from harp_jupyter.profiler.nvtx_hook import NvtxHook
 from harp_jupyter.profiler.recorder import Recorder
 from harp_jupyter.shim import hooks as shim_hooks
 
-#: extra round trips at the end of a profile, to tighten the clock offset
-CLOCK_SAMPLES = 3
+#: round trips at the end of a profile, to tighten the clock offset: collecting the GPU
+#: timings is one (a profiled batch the notebook waits for, sent to an idle agent), pings the rest
+CLOCK_SAMPLES = 2
 
 
 @dataclass
@@ -84,12 +85,15 @@ class ProfileBox:
 
 
 @contextmanager
-def run_profiled(gpu_timing: bool = True, label: str = "") -> Iterator[ProfileBox]:
+def run_profiled(gpu_timing: bool = True, label: str = "", *,
+                 per_op: bool = False) -> Iterator[ProfileBox]:
+    """Profile the ``with`` body; ``gpu_timing``: CUDA-event timings, ``per_op``: of every GPU
+    op, not one span per stream for a batch of many (gpu_agent/profiling.py)."""
     from harp_jupyter.shim.session import get_session
 
     if recorder.active is not None:
         raise RuntimeError("a profile is already running in this kernel")
-    rec = Recorder(gpu_timing=gpu_timing)
+    rec = Recorder(gpu_timing=gpu_timing, per_op=per_op)
     session = get_session()
 
     def forward(name: str) -> bool:
@@ -120,11 +124,13 @@ def _collect_agent_side(rec: Recorder, session: Any) -> None:
     if not session.connected or session.lost or not rec.batches:
         return
     try:
-        for _ in range(CLOCK_SAMPLES):
-            session.call_sync("ping")
-        if rec.level >= recorder.GPU_TIMING:
+        pings = CLOCK_SAMPLES
+        if rec.level >= recorder.GPU_PER_OP:
             endpoint = session.endpoint
             rec.gpu.setdefault(endpoint, []).extend(session.call_sync("profile_gpu") or [])
+            pings -= 1
+        for _ in range(pings):
+            session.call_sync("ping")
     except Exception as e:  # the profile still shows the notebook's side
         rec.gpu_timing_note = f"the agent's GPU timings could not be collected: {e}"
 
@@ -146,9 +152,9 @@ def _assemble(rec: Recorder, session: Any, label: str) -> Profile:
 
 
 def profiled(function: Callable[[], Any], gpu_timing: bool = True,
-             label: str = "") -> tuple[Any, Profile]:
+             label: str = "", *, per_op: bool = False) -> tuple[Any, Profile]:
     """Run ``function()`` under a profile; its value and the profile."""
-    with run_profiled(gpu_timing, label) as box:
+    with run_profiled(gpu_timing, label, per_op=per_op) as box:
         value = function()
     assert box.profile is not None
     return value, box.profile

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_agent import protocol
+from gpu_agent.profiling import AGENT_TIMING, GPU_PER_BATCH, GPU_PER_OP
 from harp_jupyter.shim.callsite import CallSite
 
 #: the recorder of the profile now running, if any
 active: Recorder | None = None
-
-#: batch header flag: 1 = agent timings, 2 = agent timings and GPU (CUDA event) timings
-AGENT_TIMING, GPU_TIMING = 1, 2
 
 #: kernel names by function handle, noted whether or not a profile runs (a kernel is usually
 #: compiled in an earlier cell than the one profiled)
@@ -30,6 +28,10 @@ NAMING_OPS = frozenset({"get_function", "elementwise_new", "reduction_new"})
 KERNEL_CALLS = frozenset({"launch", "elementwise_call", "reduction_call"})
 #: calls that run an aten operator named by their second argument (harp tensors)
 TORCH_OPERATOR_CALLS = frozenset({"torch_op", "torch_op_sync"})
+#: calls whose bytes note_call counts from their arguments
+_SIZED_CALLS = frozenset({"dtoh", "torch_download"}) | TORCH_OPERATOR_CALLS
+#: calls that name what they run (detail_of)
+_NAMED_CALLS = KERNEL_CALLS | {"array"} | TORCH_OPERATOR_CALLS
 
 
 def note_kernel_name(op: str, args: list[Any]) -> None:
@@ -55,14 +57,35 @@ def host_tensor_bytes(tree: Any) -> int:
     return 0
 
 
+def _detail_of(call: list[Any]) -> str:
+    op = call[0]
+    if len(call) < 2:
+        return ""
+    if op in KERNEL_CALLS:
+        return KERNEL_NAMES.get(call[1], "")
+    if op == "array":
+        return str(call[1])
+    if len(call) > 2:  # a torch operator call
+        return str(call[2])  # "aten::add.Tensor"
+    return ""
+
+
+_monotonic_ns = time.monotonic_ns
+
+
 @dataclass(slots=True)
 class ApiCall:
+    """A call queued for the agent, or a run of ``count`` consecutive calls of the same op,
+    kernel and line (a loop of one launch), the last at ``last``: one record, not thousands."""
+
     at: int
     op: str
     site: CallSite | None
     bytes_up: int
     bytes_down: int
     detail: str = ""
+    count: int = 1
+    last: int = 0
 
 
 @dataclass(slots=True)
@@ -104,8 +127,13 @@ class Span:
 
 
 class Recorder:
-    def __init__(self, *, gpu_timing: bool = True) -> None:
-        self.level = GPU_TIMING if gpu_timing else AGENT_TIMING
+    def __init__(self, *, gpu_timing: bool = True, per_op: bool = False) -> None:
+        #: the batch header's ``p`` (gpu_agent/profiling.py): agent timings only; GPU (CUDA
+        #: event) timings of every GPU op; or, the default, of each GPU op of a batch with few
+        #: on a stream and one span per stream for a batch with more (two events per tiny
+        #: launch cost more than the launch)
+        self.level = (AGENT_TIMING if not gpu_timing else GPU_PER_OP if per_op
+                      else GPU_PER_BATCH)
         self.started = time.monotonic_ns()
         self.ended: int | None = None
         self.calls: list[ApiCall] = []
@@ -123,17 +151,31 @@ class Recorder:
         return time.monotonic_ns()
 
     def note_call(self, call: list[Any], site: CallSite | None, bytes_up: int) -> None:
-        """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``."""
+        """A call queued for the agent: ``call`` as it goes on the wire, ``[op, *args]``.
+        It runs for every call of a profiled cell, so the common case (the same call as the
+        one before: a loop) only counts."""
         op = call[0]
         bytes_down = 0
-        if op == "dtoh" and len(call) > 2:
-            bytes_down = int(call[2])
-        elif op == "torch_download" and len(call) > 3:
-            bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
-        elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
-            bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
-        self.calls.append(ApiCall(time.monotonic_ns(), op, site, bytes_up, bytes_down,
-                                  self.detail_of(call)))
+        if op in _SIZED_CALLS:
+            if op == "dtoh" and len(call) > 2:
+                bytes_down = int(call[2])
+            elif op == "torch_download" and len(call) > 3:
+                bytes_down = int(call[3])  # torch_download(tensor, offset, nbytes)
+            elif op in TORCH_OPERATOR_CALLS and len(call) > 4:
+                bytes_up += host_tensor_bytes(call[4])  # small host tensors go inline
+        detail = _detail_of(call) if op in _NAMED_CALLS else ""
+        now = _monotonic_ns()
+        calls = self.calls
+        if calls and self.ended is None:
+            last = calls[-1]
+            if last.op == op and last.site == site and last.detail == detail:
+                last.count += 1
+                last.last = now
+                if bytes_up or bytes_down:
+                    last.bytes_up += bytes_up
+                    last.bytes_down += bytes_down
+                return
+        calls.append(ApiCall(now, op, site, bytes_up, bytes_down, detail, 1, now))
 
     def note_received(self, op: str, nbytes: int) -> None:
         """``nbytes`` of data a reply brought back, counted on the latest ``op`` call (the
@@ -147,16 +189,7 @@ class Recorder:
     def detail_of(call: list[Any]) -> str:
         """The kernel a wire call ``[op, *args]`` runs, where there is one (its function or
         operation name)."""
-        op = call[0]
-        if len(call) < 2:
-            return ""
-        if op in KERNEL_CALLS:
-            return KERNEL_NAMES.get(call[1], "")
-        if op == "array":
-            return str(call[1])
-        if op in TORCH_OPERATOR_CALLS and len(call) > 2:
-            return str(call[2])  # "aten::add.Tensor"
-        return ""
+        return _detail_of(call) if call[0] in _NAMED_CALLS else ""
 
     def note_blocked(self, start: int, end: int, op: str, site: CallSite | None,
                      why: str, detail: str = "") -> None:

@@ -2,12 +2,14 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import {
+  batchedLine,
   buildTracks,
   extent,
   fitText,
   formatMicros,
   labelColumn,
   pan,
+  ProfileSummary,
   TraceEvent,
   visibleSpans,
   zoom
@@ -80,4 +82,28 @@ test('durations read in µs, ms or s', () => {
   assert.equal(formatMicros(12.34), '12.3 µs');
   assert.equal(formatMicros(2500), '2.50 ms');
   assert.equal(formatMicros(3_200_000), '3.20 s');
+});
+
+test('a GPU batch span is a span of its own on its stream, and the summary says it', () => {
+  const tracks = buildTracks([
+    { name: 'thread_name', ph: 'M', pid: 2, tid: 10, args: { name: 'GPU, default stream' } },
+    {
+      name: 'add_one x1500',
+      ph: 'X',
+      pid: 2,
+      tid: 10,
+      ts: 100,
+      dur: 2000,
+      cat: 'gpu',
+      args: { op: 'batch', ops: 1500, kernels: 'add_one x1500', at: 'cell:3' }
+    }
+  ]);
+  assert.equal(tracks[0].spans.length, 1);
+  assert.equal(tracks[0].spans[0].args.ops, 1500);
+  const summary = { gpu_batched: { spans: 2, ops: 2000 } } as ProfileSummary;
+  const line = batchedLine(summary);
+  assert.ok(line?.startsWith('2000 GPU ops timed per batch, in 2 spans'), line ?? '');
+  assert.ok(line?.includes('no per-kernel GPU times'));
+  assert.equal(batchedLine({ gpu_batched: { spans: 0, ops: 0 } } as ProfileSummary), null);
+  assert.equal(batchedLine({} as ProfileSummary), null, 'a profile saved before it');
 });

@@ -30,6 +30,8 @@ export interface ProfileSummary {
   blocked_s: number;
   network_wait_s: number;
   top_kernels: { name: string; count: number; gpu_s: number }[];
+  /** GPU ops timed together, one span per batch and stream (absent in older profiles) */
+  gpu_batched?: { spans: number; ops: number };
   note: string;
 }
 
@@ -228,6 +230,19 @@ export function visibleSpans(spans: Span[], view: View, pixels: number): Span[] 
     lastPixel = x;
   }
   return shown;
+}
+
+/** What the summary says of GPU ops timed per batch (no per-kernel times), or null. */
+export function batchedLine(summary: ProfileSummary): string | null {
+  const batched = summary.gpu_batched;
+  if (!batched || !batched.spans) {
+    return null;
+  }
+  return (
+    `${batched.ops} GPU ops timed per batch, in ${batched.spans} spans (one per batch and ` +
+    'stream): no per-kernel GPU times for them, and the busy time counts any gaps between ' +
+    'them; %%harp profile --per-op-gpu-timing times each'
+  );
 }
 
 /** "1.2 ms", "340 µs", "2.5 s". */

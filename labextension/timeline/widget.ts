@@ -9,6 +9,7 @@ import { Widget } from '@lumino/widgets';
 import { formatBytes } from '../format';
 
 import {
+  batchedLine,
   buildTracks,
   extent,
   fitText,
@@ -207,6 +208,14 @@ export class TimelineWidget extends Widget {
           .map(k => `${k.name} ×${k.count} ${formatMicros(k.gpu_s * 1e6)}`)
           .join(', ');
       this._details.append(kernels);
+    }
+    for (const text of [batchedLine(data.summary), data.summary.note]) {
+      if (text) {
+        const line = document.createElement('div');
+        line.className = 'harp-Timeline-kernels';
+        line.textContent = text;
+        this._details.append(line);
+      }
     }
     if (!data.advice.length) {
       return;

@@ -1,12 +1,15 @@
 """``%%harp profile`` on a real GPU: CUDA-event timings of real kernels on two streams, checked
-against what the notebook's own clock saw and against the kernels' known cycle counts."""
+against what the notebook's own clock saw and against the kernels' known cycle counts; a loop of
+tiny launches timed per batch and stream, and per launch when asked."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
 import numpy as np
+import pytest
 
+from gpu_agent.profiling import BATCH_SPAN, PER_OP_UP_TO
 from harp_jupyter.profiler.display import ProfileResult
 from harp_jupyter.profiler.profile import profiled
 
@@ -59,3 +62,56 @@ def test_gpu_timings_of_real_kernels_line_up_with_the_notebooks_clock(
         assert result.summary["gpu_timing"] is True and result.summary["emulated"] is False
         top = result.summary["top_kernels"][0]
         assert top["name"] == "spin" and top["count"] == 2
+
+
+TINY = """
+__global__ void add_one(float *x, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += 1.0f;
+}
+"""
+
+
+@pytest.mark.parametrize("per_op", [False, True])
+def test_a_launch_loop_is_timed_per_batch_and_stream_with_real_events(
+        gpu_shim_cuda: ModuleType, per_op: bool) -> None:
+    """A loop of tiny launches: one CUDA event pair per batch and stream (the default), or
+    per launch with --per-op-gpu-timing; either way every launch is covered once, and the GPU
+    spans lie inside the profile, before the synchronize returned."""
+    from pycuda.compiler import SourceModule
+
+    cuda = gpu_shim_cuda
+    add_one = SourceModule(TINY).get_function("add_one")
+    x = cuda.mem_alloc(4 * 1024)
+    n, launches = np.int32(1024), 500
+
+    def cell() -> None:
+        for _ in range(launches):
+            add_one(x, n, block=(256, 1, 1), grid=(4, 1))
+        cuda.Context.synchronize()
+
+    for _ in range(2):  # the second profile records on the first one's CUDA events
+        _, profile = profiled(cell, per_op=per_op)
+        result = ProfileResult(profile)
+        gpu = [e for e in result.trace["traceEvents"] if e.get("cat") == "gpu"]
+        spans = [e for e in gpu if e["args"]["op"] == BATCH_SPAN]
+        single = [e for e in gpu if e["args"]["op"] != BATCH_SPAN]
+        assert sum(e["args"]["ops"] for e in spans) + len(single) == launches
+        assert all(e["name"] == "add_one" for e in single)
+        if per_op:
+            assert not spans and len(single) == launches
+        else:
+            # the launches of a batch with more than PER_OP_UP_TO are one span
+            launches_per_batch = [b.ops.count("launch") for b in profile.recorder.batches]
+            assert len(spans) == sum(1 for k in launches_per_batch if k > PER_OP_UP_TO)
+            assert all(e["name"].startswith("add_one x") for e in spans)
+            assert result.summary["gpu_batched"]["ops"] == sum(
+                e["args"]["ops"] for e in spans)
+        (wait,) = [e for e in result.trace["traceEvents"]
+                   if e.get("cat") == "sync" and e["name"] == "wait: synchronize"]
+        error_us = max(a["clock_error_us"] for a in result.summary["agents"].values())
+        for e in gpu:
+            assert e["dur"] >= 0
+            assert -error_us <= e["ts"]
+            assert e["ts"] + e["dur"] <= wait["ts"] + wait["dur"] + error_us, (e, wait)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from gpu_agent.profiling import BATCH_SPAN, GPU_PER_BATCH, GPU_PER_OP, PER_OP_UP_TO
 from harp_jupyter.profiler.display import MIME_TYPE, ProfileResult
 from harp_jupyter.profiler.profile import profiled
 
@@ -39,6 +40,15 @@ def two_streams():
     return float(host.sum())
 
 
+def launch_loop(x, stream, n, one_batch):
+    with one_batch:
+        for i in range(n):
+            cuda.memset_d32_async(x, i, 256)  # the loop's launch
+            if i in (1, 2, 3):
+                cuda.memset_d32_async(x, i, 256, stream)  # a few on another stream
+    cuda.Context.synchronize()  # the loop's sync point
+
+
 def get_in_a_loop(a, n):
     total = 0.0
     nvtx.push_range("loop")
@@ -60,9 +70,8 @@ def load_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     sys.modules.pop("harp_profile_workload", None)
 
 
-def loop_line() -> int:
-    return next(i for i, line in enumerate(WORKLOAD.splitlines(), start=1)
-                if "the line the advisor must name" in line)
+def loop_line(marker: str = "the line the advisor must name") -> int:
+    return next(i for i, line in enumerate(WORKLOAD.splitlines(), start=1) if marker in line)
 
 
 def validate_trace(trace: dict[str, Any]) -> None:
@@ -227,3 +236,59 @@ def test_the_magic_shows_the_profile_and_exports_it(
     assert shell.user_ns["_harp_profile"].profile.recorder.gpu == {}
     with pytest.raises(ValueError, match="unknown option"):
         shell.run_line_magic("harp", "profile --bogus x = 1")
+    assert result.profile.recorder.level == GPU_PER_BATCH  # the default
+    outcome = shell.run_cell("%harp profile --per-op-gpu-timing s3 = b.get().sum()")
+    assert outcome.success and shell.user_ns["s3"] == 45.0
+    assert shell.user_ns["_harp_profile"].profile.recorder.level == GPU_PER_OP
+    with pytest.raises(ValueError, match="use one of them"):
+        shell.run_line_magic("harp", "profile --no-gpu-timing --per-op-gpu-timing x = 1")
+
+
+@pytest.mark.parametrize("per_op", [False, True])
+def test_a_launch_loop_is_one_gpu_span_per_batch_and_stream_unless_per_op_is_asked(
+        shim_cuda: ModuleType, load_workload: Callable[[], ModuleType], per_op: bool) -> None:
+    from harp_jupyter.shim.session import get_session
+
+    cuda = shim_cuda
+    workload = load_workload()
+    launches = 5 * PER_OP_UP_TO
+    x, stream = cuda.mem_alloc(4 * 256), cuda.Stream()
+    cuda.Context.synchronize()
+    writer = get_session().current_writer()
+    assert writer is not None
+    # the writer's lock held around the loop: its calls go in one batch, whatever the load
+    _, profile = profiled(lambda: workload.launch_loop(x, stream, launches, writer.lock),
+                          per_op=per_op)
+    result = ProfileResult(profile)
+    validate_trace(result.trace)
+    gpu = [e for e in result.trace["traceEvents"] if e.get("cat") == "gpu"]
+    memsets = [(b.seq, i) for b in profile.recorder.batches for i, op in enumerate(b.ops)
+               if op == "memset"]
+    assert len(memsets) == launches + 3 and len({seq for seq, _ in memsets}) == 1
+    launch_line, sync_line = loop_line("the loop's launch"), loop_line("the loop's sync point")
+    loop_at = f"harp_profile_workload.py:{launch_line}"
+    other_at = f"harp_profile_workload.py:{loop_line('a few on another stream')}"
+    if per_op:
+        assert len(gpu) == launches + 3
+        assert all(e["args"]["op"] == "memset" for e in gpu)
+        assert result.summary["gpu_batched"] == {"spans": 0, "ops": 0}
+    else:
+        spans = [e for e in gpu if e["args"]["op"] == BATCH_SPAN]
+        assert len(spans) == 1  # the default stream's launches: one span, not one per launch
+        (span,) = spans
+        assert span["name"] == f"memset x{launches}" and span["args"]["ops"] == launches
+        assert span["args"]["at"].endswith(loop_at)
+        assert "were not measured" in span["args"]["per_op_times"]
+        few = [e for e in gpu if e["args"]["op"] != BATCH_SPAN]
+        assert len(few) == 3 and all(e["args"]["at"].endswith(other_at) for e in few)
+        assert len({e["tid"] for e in few}) == 1 and few[0]["tid"] != span["tid"]
+        assert result.summary["gpu_batched"] == {"spans": 1, "ops": launches}
+        assert f"{launches} GPU ops timed per batch" in result._text()
+    assert result.summary["note"] == ""  # every GPU op has its GPU time, alone or in a span
+    # the loop's calls are one run on the API and agent tracks, at the loop's line
+    api = [e for e in result.trace["traceEvents"] if e.get("cat") == "api"
+           and e["args"]["at"].endswith(loop_at)]
+    assert sum(e["args"].get("calls", 1) for e in api) == launches
+    assert result.summary["calls"] >= launches + 3
+    sync = next(a for a in result.advice if a["op"] == "synchronize")
+    assert sync["site"].endswith(f"harp_profile_workload.py:{sync_line}")

@@ -31,11 +31,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from forwarding import ENV, report, start_agent  # noqa: E402
-from workloads import tree_cpu_s  # noqa: E402
+from workloads import cpu_between, cpu_s, tree_cpu  # noqa: E402
 
 
-def read_loop(endpoint: str, reads: int, out: str) -> None:
-    """(In its own process) time ``reads`` 4-byte reads through the shim."""
+def read_loop(endpoint: str, agent_pid: int, reads: int, out: str) -> None:
+    """(In its own process) time ``reads`` 4-byte reads through the shim, with the CPU this
+    process and the agent's processes (its supervisor and this session's worker) spent."""
     import resource
 
     from harp_jupyter.shim import activate
@@ -48,14 +49,17 @@ def read_loop(endpoint: str, reads: int, out: str) -> None:
     for _ in range(200):
         cuda.memcpy_dtoh(host, word)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    agent0 = tree_cpu(agent_pid)
     samples = []
     for _ in range(reads):
         start = time.perf_counter()
         cuda.memcpy_dtoh(host, word)
         samples.append((time.perf_counter() - start) * 1e6)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    agent_cpu = cpu_between(agent0, tree_cpu(agent_pid)) / reads * 1e6
     cpu = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / reads * 1e6
     Path(out).write_text(json.dumps({"samples": samples, "client_cpu_us": cpu,
+                                     "agent_cpu_us": agent_cpu,
                                      "device": cuda.Device(0).name()}))
 
 
@@ -71,8 +75,9 @@ def _raw_serve(ports: Any, poll_ns: int) -> None:
             return
 
 
-def raw_round_trips(poll_ns: int, reads: int) -> list[float]:
-    """Raw pyzmq DEALER/ROUTER round trips, both sides polling ``poll_ns`` first."""
+def raw_round_trips(poll_ns: int, reads: int) -> tuple[list[float], float, float]:
+    """Raw pyzmq DEALER/ROUTER round trips, both sides polling ``poll_ns`` first: the round
+    trips (µs), and the CPU per round trip of this process and of the server's (µs)."""
     from gpu_agent import multipart
 
     ports: Any = multiprocessing.Queue()
@@ -84,16 +89,19 @@ def raw_round_trips(poll_ns: int, reads: int) -> list[float]:
         socket.send(b"ping")
         multipart.receive(socket, poll_ns)
     samples = []
+    client0, server0 = cpu_s(), tree_cpu(server.pid)
     for _ in range(reads):
         start = time.perf_counter()
         socket.send(b"ping")
         multipart.receive(socket, poll_ns)
         samples.append((time.perf_counter() - start) * 1e6)
+    client_cpu = (cpu_s() - client0) / reads * 1e6
+    server_cpu = cpu_between(server0, tree_cpu(server.pid)) / reads * 1e6
     socket.send(b"stop")
     socket.recv()
     socket.close(linger=0)
     server.join(5)
-    return samples
+    return samples, client_cpu, server_cpu
 
 
 def main() -> None:
@@ -109,7 +117,8 @@ def main() -> None:
     pairings = [(c, w) for c in (0, args.us) for w in (0, args.us)]
     shim: dict[tuple[int, int], dict[str, list[float]]] = {
         p: {"p50": [], "p99": [], "client_cpu": [], "agent_cpu": []} for p in pairings}
-    raw: dict[int, dict[str, list[float]]] = {n: {"p50": [], "p99": []} for n in (0, args.us)}
+    raw: dict[int, dict[str, list[float]]] = {
+        n: {"p50": [], "p99": [], "client_cpu": [], "agent_cpu": []} for n in (0, args.us)}
     device = "?"
     try:
         for r in range(args.rounds):
@@ -118,10 +127,9 @@ def main() -> None:
                 proc, endpoint = agents[worker_us]
                 out = f"/tmp/harp-busy-poll-{proc.pid}-{client_us}.json"
                 env = dict(ENV, HARP_BUSY_POLL_US=str(client_us))
-                cpu0 = tree_cpu_s(proc.pid)
                 subprocess.run([sys.executable, __file__, "--read-loop", endpoint,
-                                str(args.reads), out], env=env, check=True, timeout=300)
-                agent_cpu = (tree_cpu_s(proc.pid) - cpu0) / args.reads * 1e6
+                                str(proc.pid), str(args.reads), out], env=env, check=True,
+                               timeout=300)
                 result = json.loads(Path(out).read_text())
                 device = result["device"]
                 s = np.array(result["samples"])
@@ -129,11 +137,14 @@ def main() -> None:
                 figures["p50"].append(float(np.percentile(s, 50)))
                 figures["p99"].append(float(np.percentile(s, 99)))
                 figures["client_cpu"].append(result["client_cpu_us"])
-                figures["agent_cpu"].append(agent_cpu)
+                figures["agent_cpu"].append(result["agent_cpu_us"])
             for poll_us in (0, args.us):
-                s = np.array(raw_round_trips(poll_us * 1000, args.reads))
+                samples, client_cpu, server_cpu = raw_round_trips(poll_us * 1000, args.reads)
+                s = np.array(samples)
                 raw[poll_us]["p50"].append(float(np.percentile(s, 50)))
                 raw[poll_us]["p99"].append(float(np.percentile(s, 99)))
+                raw[poll_us]["client_cpu"].append(client_cpu)
+                raw[poll_us]["agent_cpu"].append(server_cpu)
     finally:
         for proc, _endpoint in agents.values():
             proc.kill()
@@ -143,8 +154,10 @@ def main() -> None:
              "p50 saved vs sleeping | client CPU / read (µs) | agent CPU / read (µs) |",
              "|---|---|---|---|---|---|---|---|"]
     for poll_us in (0, args.us):
-        lines.append(f"| raw pyzmq round trip | {poll_us} | {poll_us} | "
-                     f"{med(raw[poll_us]['p50']):.1f} | {med(raw[poll_us]['p99']):.1f} | | | |")
+        f = raw[poll_us]
+        lines.append(f"| raw pyzmq round trip | {poll_us} | {poll_us} | {med(f['p50']):.1f} | "
+                     f"{med(f['p99']):.1f} | | {med(f['client_cpu']):.1f} | "
+                     f"{med(f['agent_cpu']):.1f} (its server) |")
     for client_us, worker_us in pairings:
         f = shim[(client_us, worker_us)]
         lines.append(f"| shim 4-byte read | {client_us} | {worker_us} | {med(f['p50']):.1f} | "
@@ -160,6 +173,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--read-loop":
-        read_loop(*sys.argv[2:3], int(sys.argv[3]), sys.argv[4])
+        read_loop(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     else:
         main()

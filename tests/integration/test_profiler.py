@@ -9,6 +9,7 @@ import json
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -256,8 +257,18 @@ def test_a_launch_loop_is_one_gpu_span_per_batch_and_stream_unless_per_op_is_ask
     cuda.Context.synchronize()
     writer = get_session().current_writer()
     assert writer is not None
-    # the writer's lock held around the loop: its calls go in one batch, whatever the load
-    _, profile = profiled(lambda: workload.launch_loop(x, stream, launches, writer.lock),
+    # the writer's lock held around the loop, and its linger long: the calls go in one batch
+    # whatever the load (a call queued past the linger would send the batch so far)
+    @contextmanager
+    def one_batch() -> Iterator[None]:
+        with writer.lock:
+            linger, writer._linger.linger = writer._linger.linger, 3600.0
+            try:
+                yield
+            finally:
+                writer._linger.linger = linger
+
+    _, profile = profiled(lambda: workload.launch_loop(x, stream, launches, one_batch()),
                           per_op=per_op)
     result = ProfileResult(profile)
     validate_trace(result.trace)

@@ -30,7 +30,8 @@ class BatchRunner:
     """One session's device objects and the checks around them; see the module docstring."""
 
     def __init__(self, executor: Executor, device: ExecutorSession, base: int, size: int, *,
-                 memory_cap: int, max_frame: int, max_objects: int = 4096) -> None:
+                 memory_cap: int, max_frame: int, max_objects: int = 4096,
+                 pending_gpu_timings: int = profiling.MAX_PENDING_GPU_TIMINGS) -> None:
         self.executor = executor
         self.device = device
         self.ranges = MappedRanges(base, size)
@@ -46,6 +47,7 @@ class BatchRunner:
         self.lost_cause: str | None = None
         self._ops = {name: getattr(device, f"op_{name}") for name in P.OPS}
         device.slot_cap = memory_cap
+        device.pending_gpu_timings = pending_gpu_timings
         device.slot_chunk_bytes = lambda: self.ranges.mapped_bytes
         self._run = executor.run
 

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             unread_replies=limits.unread_replies, fetch_timeout=limits.fetch_timeout,
             pinned_staging=limits.pinned_staging, busy_poll_us=args.busy_poll_us,
             session_objects=limits.session_objects,
+            pending_gpu_timings=limits.pending_gpu_timings,
             ports=args.worker_ports, data_root=args.data_root,
             data_writable=args.data_writable, data_reader=args.data_reader,
             advertise_host=args.worker_advertise,

@@ -66,6 +66,12 @@ class AgentLimits:
         unit="bytes",
         metavar="BYTES",
     )
+    pending_gpu_timings: int = _flag(
+        100_000,
+        "GPU timings a profiled session keeps until its notebook collects them (two CUDA events "
+        "each): past it the session's GPU ops are not timed and its profile says how many",
+        metavar="N",
+    )
     unread_replies: int = _flag(
         8,
         "replies a connection may leave unread: past it the worker stops reading that client's "

@@ -42,7 +42,8 @@ PER_OP_UP_TO = 32
 #: the op of a GPU timing record that spans several GPU ops of one batch on one stream
 BATCH_SPAN = "batch"
 #: GPU timing records a session keeps until ``profile_gpu`` collects them (a profile does at
-#: its end): past it, GPU ops are not timed (two CUDA events each while profiling op by op),
+#: its end), unless ``harp-agent --pending-gpu-timings`` says otherwise: past it, GPU ops are not
+#: timed (two CUDA events each while profiling op by op),
 #: and the notebook's timeline says how many of its GPU ops have no GPU time
 MAX_PENDING_GPU_TIMINGS = 100_000
 #: op -> position of its stream argument

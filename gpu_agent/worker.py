@@ -197,7 +197,8 @@ class Worker:
             self.runner = BatchRunner(self.executor, device, int(header["base"]),
                                       int(header["size"]), memory_cap=int(header["cap"]),
                                       max_frame=self.args.max_frame,
-                                      max_objects=self.args.session_objects)
+                                      max_objects=self.args.session_objects,
+                                      pending_gpu_timings=self.args.pending_gpu_timings)
             restored = 0
             if header.get("restore"):
                 restored = self.parked_io.restore_from_files(self.runner, header["restore"])
@@ -408,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pinned-staging", type=int, default=0)
     parser.add_argument("--busy-poll-us", type=int, default=0)
     parser.add_argument("--session-objects", type=int, default=4096)
+    parser.add_argument("--pending-gpu-timings", type=int, default=100_000)
     parser.add_argument("--nvcc", default="", help="NvccPolicy.to_arg() (gpu_agent.nvcc_limits)")
     parser.add_argument("--fetch-timeout", type=float, default=30.0)
     parser.add_argument("--data-root", default=None)

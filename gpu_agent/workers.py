@@ -48,6 +48,7 @@ class WorkerConfig:
     #: how long a worker busy-polls for its client's next message before it sleeps (µs)
     busy_poll_us: int = 0
     session_objects: int = 4096
+    pending_gpu_timings: int = 100_000
     ports: str | None = None
     data_root: str | None = None
     data_writable: bool = False
@@ -121,6 +122,7 @@ class WorkerPool:
                 "--pinned-staging", str(c.pinned_staging),
                 "--busy-poll-us", str(c.busy_poll_us),
                 "--session-objects", str(c.session_objects),
+                "--pending-gpu-timings", str(c.pending_gpu_timings),
                 "--data-reader", c.data_reader]
         if c.nvcc:
             argv += ["--nvcc", c.nvcc]

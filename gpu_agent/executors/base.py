@@ -73,6 +73,8 @@ class ExecutorSession(ABC):
     #: the session's slot: its cap in bytes, and how many of them mapped chunks use (the
     #: worker's BatchRunner sets both); memory outside chunks (torch tensors) fits in the rest
     slot_cap: int | None = None
+    #: GPU timings kept uncollected at most (harp-agent --pending-gpu-timings)
+    pending_gpu_timings: int = profiling.MAX_PENDING_GPU_TIMINGS
     slot_chunk_bytes: Callable[[], int] = staticmethod(lambda: 0)
 
     @abstractmethod
@@ -192,7 +194,7 @@ class ExecutorSession(ABC):
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
         """Start timing one GPU op on its stream; a token for ``gpu_timer_end``, or None (not
-        timed: no GPU timing here, or ``profiling.MAX_PENDING_GPU_TIMINGS`` wait uncollected)."""
+        timed: no GPU timing here, or ``pending_gpu_timings`` wait uncollected)."""
         return None
 
     def gpu_timer_end(self, token: Any, seq: int, index: int,  # noqa: B027

@@ -126,7 +126,7 @@ class EmulatedSession(TorchOps, ExecutorSession):
     # the emulated device runs each op on the host before the next: its "GPU time" is the
     # NumPy time of the op (the timeline names the track as emulated)
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
-        if len(self._gpu_timings) >= profiling.MAX_PENDING_GPU_TIMINGS:
+        if len(self._gpu_timings) >= self.pending_gpu_timings:
             return None
         return op, stream, profiling.now_ns()
 

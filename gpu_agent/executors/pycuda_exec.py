@@ -255,7 +255,7 @@ class PycudaSession(TorchOps, ExecutorSession):
         return self.torch_bytes() + self.limit_bytes()
 
     def gpu_timer_start(self, op: str, stream: int | None) -> Any:
-        if len(self._timed) >= profiling.MAX_PENDING_GPU_TIMINGS:
+        if len(self._timed) >= self.pending_gpu_timings:
             return None
         if self._reference is None:
             # GPU times are placed on the agent's clock relative to an event whose host time

@@ -252,7 +252,8 @@ def _note(note: str, unknown: int, untimed: int, gpu_sent: int) -> str:
     if untimed:
         said.append(f"{untimed} of the {gpu_sent} GPU ops sent have no GPU time: they failed, "
                     "or the agent already held as many GPU timings as it keeps uncollected "
-                    "(profile a shorter cell, or without --per-op-gpu-timing)")
+                    "(harp-agent --pending-gpu-timings; profile a shorter cell, or without "
+                    "--per-op-gpu-timing)")
     return "; ".join(said)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from gpu_agent import compile_cache
 from gpu_agent import protocol as P
 from gpu_agent.compile_cache import SessionCompileCache
 from tests.agent_client import RawClient, read_back, stored, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -475,3 +479,37 @@ def test_a_park_counts_the_sessions_compiled_code_against_park_limit(
         moved.close()
         neighbour.close()
         origin.close(0)
+
+
+PROFILED_PROGRAM = r"""
+import sys
+from harp_jupyter.shim import activate
+activate(agent=sys.argv[1])
+import pycuda.autoinit
+import pycuda.driver as cuda
+from harp_jupyter.profiler.display import ProfileResult
+from harp_jupyter.profiler.profile import profiled
+
+x = cuda.mem_alloc(1024)
+
+def cell():
+    for i in range(40):
+        cuda.memset_d32(x, i, 16)
+    cuda.Context.synchronize()
+
+_, profile = profiled(cell, per_op=True)
+print("NOTE:", ProfileResult(profile).summary["note"])
+"""
+
+
+def test_pending_gpu_timings_bounds_what_a_profile_keeps_uncollected(
+        agent_starter: Any) -> None:
+    agent = agent_starter("--pending-gpu-timings", "8")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.run([sys.executable, "-c", PROFILED_PROGRAM, agent.endpoint], env=env,
+                           capture_output=True, text=True, timeout=100)
+    assert child.returncode == 0, child.stderr
+    # the 40 memsets ran; 8 have GPU times, the rest are said to have none, naming the flag
+    note = child.stdout.split("NOTE:", 1)[1]
+    assert "32 of the 40 GPU ops sent have no GPU time" in note, note
+    assert "--pending-gpu-timings" in note

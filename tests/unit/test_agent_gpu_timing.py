@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from gpu_agent import profiling
 from gpu_agent import protocol as P
 from gpu_agent.batches import BatchRunner
@@ -18,10 +16,10 @@ BASE = P.ADDRESS_SPACE_BASE
 MANY = profiling.PER_OP_UP_TO + 12
 
 
-def runner() -> BatchRunner:
+def runner(**options: Any) -> BatchRunner:
     executor = EmulatedExecutor()
     run = BatchRunner(executor, executor.open_session(BASE, P.SESSION_RANGE_SIZE), BASE,
-                      P.SESSION_RANGE_SIZE, memory_cap=1 << 30, max_frame=1 << 20)
+                      P.SESSION_RANGE_SIZE, memory_cap=1 << 30, max_frame=1 << 20, **options)
     run.call("alloc", [BASE, 2 << 20])
     run.call("stream_create", [1, 0])
     return run
@@ -124,11 +122,10 @@ def test_hostile_calls_do_not_break_the_plan() -> None:
     assert span[6] == list(range(len(junk), len(calls)))
 
 
-def test_uncollected_gpu_timings_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uncollected_gpu_timings_are_bounded() -> None:
     """A client that profiles and never collects cannot make the agent keep timings (and, on a
     GPU, CUDA events) without bound: past the bound GPU ops are not timed; collecting frees it."""
-    monkeypatch.setattr(profiling, "MAX_PENDING_GPU_TIMINGS", 5)
-    run = runner()
+    run = runner(pending_gpu_timings=5)
     calls = [memset(None) for _ in range(MANY)]
     for seq in (20, 21):
         reply, _ = run.run({"q": seq, "c": calls, "p": profiling.GPU_PER_OP}, [])

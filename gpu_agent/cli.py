@@ -27,8 +27,6 @@ from gpu_agent.workers import WorkerConfig
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 #: device memory a worker's CUDA context and pycuda's modules take (seen on an H200: ~0.5 GiB)
 CONTEXT_BYTES = 768 << 20
-#: a sync read loop's next message comes a round trip (~100 µs) after the reply
-DEFAULT_BUSY_POLL_US = 0
 
 
 def parse_bytes(text: str) -> int:
@@ -122,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "the --worker-advertise or --worker-host host when it binds all")
     parser.add_argument("--spares", type=int, default=1,
                         help="workers kept ready (CUDA context created) for the next session")
-    parser.add_argument("--busy-poll-us", type=busy_poll_us, default=DEFAULT_BUSY_POLL_US,
-                        metavar="US",
+    parser.add_argument("--busy-poll-us", type=busy_poll_us,
+                        default=multipart.default_busy_poll_us(), metavar="US",
                         help="how long a worker polls for its client's next message without "
-                             "sleeping, after each reply: a sync point's round trip then skips "
+                             "sleeping, after each reply: a sync loop's round trip then skips "
                              "a wake-up, for at most this much CPU per reply; 0 turns it off "
-                             f"(default {DEFAULT_BUSY_POLL_US})")
+                             f"(default {multipart.BUSY_POLL_US} where this machine or "
+                             f"container has {multipart.BUSY_POLL_MIN_CPUS} CPUs or more, "
+                             "else 0)")
     group = parser.add_argument_group("bounds (each crossing is a clear error to that client)")
     defaults = AgentLimits()
     for name, spec in AgentLimits.flags():

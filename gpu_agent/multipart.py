@@ -13,6 +13,7 @@ ZeroMQ zero-copy. Both raise as the pyzmq calls do (``zmq.Again`` past a time li
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,30 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 #: the longest busy poll a flag may ask for: past a millisecond it only burns CPU
 MAX_BUSY_POLL_US = 1000
+#: the busy poll where the machine has room for it: a small sync call's reply, or a sync loop's
+#: next request, comes within ~100-150 µs on an H200 host (bench/results/busy-poll-*.md)
+BUSY_POLL_US = 200
+#: fewer CPUs than this and a polling thread takes the core the other side's threads need (on
+#: 2 CPUs a sync read took 2.5x as long polling as sleeping)
+BUSY_POLL_MIN_CPUS = 8
+
+
+def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> float:
+    """CPUs this process may use: its affinity, and a cgroup v2 quota (a container's CPU limit)
+    where there is one."""
+    cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = open(cgroup_cpu_max).read().split()
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def default_busy_poll_us() -> int:
+    """``BUSY_POLL_US`` where at least ``BUSY_POLL_MIN_CPUS`` CPUs are usable, else 0."""
+    return BUSY_POLL_US if usable_cpus() >= BUSY_POLL_MIN_CPUS else 0
 
 
 def busy_poll(socket: zmq.Socket, busy_poll_ns: int) -> bool:

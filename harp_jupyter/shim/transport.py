@@ -44,16 +44,14 @@ from provisioner.wire_security import CLIENT_KEY_ENV, SERVER_KEY_ENV, WireKeyErr
 DEFAULT_TIMEOUT_S = 10.0
 _POLL_SLICE_MS = 200
 _BYE_LINGER_MS = 200
-#: a reply to a small sync call comes ~50-100 µs after the request; polling that long instead
-#: of sleeping in ZeroMQ saves the thread's wake-up
-DEFAULT_BUSY_POLL_US = 0
 
 
 def busy_poll_from_env() -> int:
-    """HARP_BUSY_POLL_US in nanoseconds: how long a receive polls before it sleeps."""
+    """HARP_BUSY_POLL_US in nanoseconds: how long a receive polls before it sleeps (by default
+    ``multipart.BUSY_POLL_US`` where the machine has the CPUs for it, else 0)."""
     text = os.environ.get("HARP_BUSY_POLL_US", "")
     try:
-        value = int(text) if text else DEFAULT_BUSY_POLL_US
+        value = int(text) if text else multipart.default_busy_poll_us()
     except ValueError:
         raise ValueError(f"HARP_BUSY_POLL_US must be a whole number of microseconds, not "
                          f"{text!r}") from None

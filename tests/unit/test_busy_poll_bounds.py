@@ -50,3 +50,22 @@ def test_client_variable_is_checked_and_capped(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HARP_BUSY_POLL_US", "fast")
     with pytest.raises(ValueError, match="HARP_BUSY_POLL_US must be a whole number"):
         transport.busy_poll_from_env()
+
+
+def test_busy_polling_is_on_by_default_only_where_the_cpus_are(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # a container limited to 1.5 CPUs
+    assert multipart.usable_cpus(str(limit)) == min(1.5, len(os.sched_getaffinity(0)))
+    limit.write_text("max 100000\n")
+    assert multipart.usable_cpus(str(limit)) == len(os.sched_getaffinity(0))
+    assert multipart.usable_cpus(str(tmp_path / "absent")) == len(os.sched_getaffinity(0))
+    monkeypatch.delenv("HARP_BUSY_POLL_US", raising=False)
+    for cpus, expected_us in ((16.0, multipart.BUSY_POLL_US), (2.0, 0)):
+        monkeypatch.setattr(multipart, "usable_cpus", lambda cpus=cpus: cpus)
+        assert multipart.default_busy_poll_us() == expected_us
+        assert transport.busy_poll_from_env() == expected_us * 1000
+        assert cli.build_parser().parse_args(["--listen", "tcp://127.0.0.1:0"]
+                                             ).busy_poll_us == expected_us

@@ -10,6 +10,16 @@ client chooses (protocol op ``alloc``). This module decides those addresses, wit
 
 ``allocate`` returns the address and the chunks the caller must map (``alloc`` ops) first;
 ``release`` returns the chunks the caller must unmap (``free`` ops), as ``(address, size)``.
+
+Freed allocations with chunks of their own are cached, as a caching allocator does: their chunks
+stay mapped, up to ``cache_limit`` bytes (the oldest unmapped first past it), and the next
+allocation of the same rounded size takes them back with nothing to map, so a loop that makes a
+4 MiB temporary every step maps it once (no ``alloc``/``free`` per step: the agent's ``free``
+drains the GPU). A cached chunk is reused only by this allocator, so only within its session
+(its tenant), and it is not zeroed on reuse: its new owner may read what the old one left, as
+pycuda's ``mem_alloc`` (and ``pycuda.tools.DeviceMemoryPool``) allow; the agent zeroes a chunk
+only when it maps it. ``evict_cached`` unmaps cached chunks (the caller, before mapping memory
+the slot may not have room for, before a park, at a ``mem_get_info``).
 """
 
 from __future__ import annotations
@@ -40,6 +50,11 @@ class FreeList:
                 self._cut(i, addr, addr + nbytes)
                 return addr
         return None
+
+    def fits(self, nbytes: int, alignment: int) -> bool:
+        """Whether ``take`` would find room (without taking it)."""
+        return any(align_up(start, alignment) + nbytes <= end
+                   for start, end in zip(self._starts, self._ends, strict=True))
 
     def _cut(self, i: int, lo: int, hi: int) -> None:
         start, end = self._starts[i], self._ends[i]
@@ -80,7 +95,7 @@ class AddressAllocator:
     """Places allocations in ``[base, base + size)``; see the module docstring."""
 
     def __init__(self, base: int, size: int, granularity: int = GRANULARITY,
-                 alignment: int = ALIGNMENT) -> None:
+                 alignment: int = ALIGNMENT, cache_limit: int = 0) -> None:
         if base % granularity or size % granularity:
             raise ValueError("the range must be granularity-aligned")
         self.base, self.size = base, size
@@ -92,6 +107,12 @@ class AddressAllocator:
         self._spare: _SharedChunk | None = None  # an empty shared chunk kept mapped
         self._forgotten: set[int] = set()  # allocations inside chunks whose mapping failed
         self._requested: dict[int, int] = {}  # addr -> nbytes asked, for every live allocation
+        #: freed own-chunk allocations kept mapped: addr -> size, the oldest first; and by size
+        self._cached: dict[int, int] = {}
+        self._cached_by_size: dict[int, list[int]] = {}
+        self.cache_limit = max(int(cache_limit), 0)
+        self.cached_bytes = 0
+        #: every mapped byte, cached ones included (the agent counts them all against the slot)
         self.mapped_bytes = 0
         #: the sum of the sizes asked of allocate() by live allocations: the user's own bytes,
         #: apart from the alignment and the 2 MiB pages mapped for them (%harp status)
@@ -105,8 +126,13 @@ class AddressAllocator:
             raise ValueError("allocation size must be positive")
         if nbytes >= self.granularity:
             size = align_up(nbytes, self.granularity)
-            addr = self._map(size)
+            addr = self._take_cached(size)
+            new = addr is None
+            if addr is None:
+                addr = self._map(size)
             self._own[addr] = size
+            self._note_requested(addr, nbytes)
+            return addr, [(addr, size)] if new else []
             self._note_requested(addr, nbytes)
             return addr, [(addr, size)]
         size = align_up(nbytes, self.alignment)
@@ -135,8 +161,14 @@ class AddressAllocator:
         self.requested_bytes -= self._requested.pop(addr, 0)
         size = self._own.pop(addr, None)
         if size is not None:
-            self._unmap(addr, size)
-            return [(addr, size)]
+            if size > self.cache_limit:
+                self._unmap(addr, size)
+                return [(addr, size)]
+            evicted = self.evict_cached(self.cached_bytes + size - self.cache_limit)
+            self._cached[addr] = size
+            self._cached_by_size.setdefault(size, []).append(addr)
+            self.cached_bytes += size
+            return evicted
         if addr in self._forgotten:
             self._forgotten.discard(addr)
             return []
@@ -159,6 +191,9 @@ class AddressAllocator:
 
     def forget_chunk(self, chunk_addr: int) -> None:
         """A chunk whose ``alloc`` failed on the agent: it is not mapped; drop what lives in it."""
+        if chunk_addr in self._cached:  # freed (and cached) before the failure came back
+            self._unmap(chunk_addr, self._drop_cached(chunk_addr))
+            return
         size = self._own.pop(chunk_addr, None)
         if size is not None:
             self._forgotten.add(chunk_addr)
@@ -184,6 +219,30 @@ class AddressAllocator:
         self._unmap(addr, self.granularity)
         return [(addr, self.granularity)]
 
+    def evict_cached(self, nbytes: int | None = None) -> list[tuple[int, int]]:
+        """Unmap cached chunks, the oldest first, until ``nbytes`` are unmapped (None: all);
+        the chunks to unmap."""
+        evicted: list[tuple[int, int]] = []
+        freed = 0
+        while self._cached and (nbytes is None or freed < nbytes):
+            addr = next(iter(self._cached))
+            size = self._drop_cached(addr)
+            self._unmap(addr, size)
+            evicted.append((addr, size))
+            freed += size
+        return evicted
+
+    def bytes_to_map(self, nbytes: int) -> int:
+        """How many bytes ``allocate(nbytes)`` would map now (0: a cached or shared chunk)."""
+        if nbytes >= self.granularity:
+            size = align_up(nbytes, self.granularity)
+            return 0 if self._cached_by_size.get(size) else size
+        size = align_up(nbytes, self.alignment)
+        if self._spare is not None or any(
+                chunk.free.fits(size, self.alignment) for chunk in self._shared.values()):
+            return 0
+        return self.granularity
+
     def owns(self, addr: int) -> bool:
         return addr in self._own or addr in self._small or addr in self._forgotten
 
@@ -199,6 +258,24 @@ class AddressAllocator:
         return len(self._own) + len(self._small)
 
     # }}}
+
+    def _take_cached(self, size: int) -> int | None:
+        """The most recently cached chunk of exactly ``size`` bytes, taken out of the cache."""
+        addrs = self._cached_by_size.get(size)
+        if not addrs:
+            return None
+        addr = addrs[-1]
+        self._drop_cached(addr)
+        return addr
+
+    def _drop_cached(self, addr: int) -> int:
+        size = self._cached.pop(addr)
+        addrs = self._cached_by_size[size]
+        addrs.remove(addr)
+        if not addrs:
+            del self._cached_by_size[size]
+        self.cached_bytes -= size
+        return size
 
     def _note_requested(self, addr: int, nbytes: int) -> None:
         self._requested[addr] = nbytes

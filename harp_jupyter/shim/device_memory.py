@@ -6,10 +6,17 @@ be wrong. The free device memory is estimated (the welcome's total, each reply's
 ``mem_get_info``, minus what was mapped since) so that an allocation larger than it waits for the
 agent and fails at the user's line. Releases that finalizers ask for wait in ``deferred`` for
 the next call on a user thread.
+
+Freed allocations of at least 2 MiB stay mapped in the allocator's cache, up to
+HARP_CACHED_MEMORY bytes (``cache_limit_for``). The cache never makes an allocation fail that
+would have succeeded without it: before mapping more than the free memory as last known (or
+the slot) has room for, cached chunks are unmapped first, oldest first, in the same batch ahead
+of the ``alloc``, so the agent unmaps them before it maps.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +29,35 @@ from harp_jupyter.shim.errors import HandleError, MemoryError, ProtocolError
 #: on_error)
 AddCall = Callable[..., None]
 
+#: HARP_CACHED_MEMORY's default: this fraction of the slot, at most DEFAULT_CACHE_CAP bytes
+DEFAULT_CACHE_FRACTION = 8
+DEFAULT_CACHE_CAP = 1 << 30
+
+
+def cached_memory_from_env() -> int | None:
+    """HARP_CACHED_MEMORY in bytes (None: unset, the default applies); ValueError when it is
+    not a whole number of bytes."""
+    text = os.environ.get("HARP_CACHED_MEMORY", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"HARP_CACHED_MEMORY must be a whole number of bytes (0 turns the cache "
+                         f"of freed device memory off), not {text!r}")
+    return value
+
+
+def cache_limit_for(slot_bytes: int | None, setting: int | None) -> int:
+    """The cache's bound: the setting, else 1/8 of the slot up to 1 GiB (0: no slot known)."""
+    if setting is not None:
+        return setting
+    if not slot_bytes:
+        return 0
+    return min(int(slot_bytes) // DEFAULT_CACHE_FRACTION, DEFAULT_CACHE_CAP)
+
 
 class DeviceMemory:
     """The allocator, the free memory as last known, and the releases queued by finalizers."""
@@ -29,6 +65,10 @@ class DeviceMemory:
     def __init__(self) -> None:
         self.allocator: AddressAllocator | None = None
         self.free_estimate: int | None = None
+        #: the slot's bytes (the welcome's total memory): mapped memory, cached included, fits it
+        self.slot_bytes: int | None = None
+        #: HARP_CACHED_MEMORY, read when the session is made so that a bad value says so early
+        self.cache_setting = cached_memory_from_env()
         #: (op, *args) of releases from finalizers, sent by the next call on a user thread
         self.deferred: deque[tuple[Any, ...]] = deque()
 
@@ -44,11 +84,13 @@ class DeviceMemory:
         allocator = self.allocator
         restored = allocator is not None
         if allocator is None:
-            self.allocator = AddressAllocator(base, size)
+            self.allocator = AddressAllocator(
+                base, size, cache_limit=cache_limit_for(total_memory, self.cache_setting))
         elif (base, size) != (allocator.base, allocator.size):
             raise ProtocolError(f"the agent restored this session at {base:#x}, not at "
                                 f"{allocator.base:#x}: device pointers would be wrong")
         self.free_estimate = total_memory
+        self.slot_bytes = total_memory
         return restored
 
     def allocate(self, add: AddCall, nbytes: int, site: CallSite | None
@@ -62,6 +104,7 @@ class DeviceMemory:
             for chunk, size in allocator.release_spare():
                 add("free", [chunk], site)
                 self.note_unmapped(size)
+        self._make_room(add, allocator.bytes_to_map(nbytes), site)
         try:
             addr, chunks = allocator.allocate(nbytes)
         except AddressSpaceExhausted as e:
@@ -85,6 +128,38 @@ class DeviceMemory:
             chunks = allocator.release(addr)
         except ValueError:
             raise HandleError(f"cuMemFree failed: no allocation at {addr:#x}") from None
+        self._unmap(add, chunks, site)
+
+    def release_cache(self, add: AddCall, site: CallSite | None) -> None:
+        """Unmap every cached chunk (lock held): before a park, at a ``mem_get_info``."""
+        allocator = self.allocator
+        if allocator is not None:
+            self._unmap(add, allocator.evict_cached(), site)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of freed allocations kept mapped for reuse (PyTorch's "reserved" less its
+        "allocated"): this session's, counted against its slot."""
+        allocator = self.allocator
+        return allocator.cached_bytes if allocator is not None else 0
+
+    def _make_room(self, add: AddCall, need: int, site: CallSite | None) -> None:
+        """Unmap cached chunks until ``need`` new bytes fit the free memory as last known and
+        the slot; they go ahead of the ``alloc``, so the agent unmaps them first."""
+        allocator = self.allocator
+        assert allocator is not None
+        if not need or not allocator.cached_bytes:
+            return
+        short = 0
+        if self.free_estimate is not None:
+            short = need - self.free_estimate
+        if self.slot_bytes:
+            short = max(short, allocator.mapped_bytes + need - self.slot_bytes)
+        if short > 0:
+            self._unmap(add, allocator.evict_cached(short), site)
+
+    def _unmap(self, add: AddCall, chunks: list[tuple[int, int]],
+               site: CallSite | None) -> None:
         for chunk, size in chunks:
             add("free", [chunk], site)
             self.note_unmapped(size)

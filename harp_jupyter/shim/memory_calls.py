@@ -120,9 +120,11 @@ class MemoryCalls:
                 self._memory.release_cache(partial(host._add, writer), None)
 
     def mem_get_info(self) -> tuple[int, int]:
-        # the user asks how much is free: cached chunks would count as used
-        if self._memory.cached_bytes:
-            self._host._ensure_connected()
+        # the user asks how much is free: cached chunks would count as used (the finalizers'
+        # frees first: they may add to the cache)
+        if self._deferred or self._memory.cached_bytes:
+            self._host._ensure_connected()  # (a parked session is restored: as call_sync does)
+            self.send_deferred()
             self.release_cache()
         free, total = self._host.call_sync("mem_get_info")
         self._memory.free_estimate = int(free)

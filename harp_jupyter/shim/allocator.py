@@ -18,7 +18,8 @@ allocation of the same rounded size takes them back with nothing to map, so a lo
 drains the GPU). A cached chunk is reused only by this allocator, so only within its session
 (its tenant), and it is not zeroed on reuse: its new owner may read what the old one left, as
 pycuda's ``mem_alloc`` (and ``pycuda.tools.DeviceMemoryPool``) allow; the agent zeroes a chunk
-only when it maps it. ``evict_cached`` unmaps cached chunks (the caller, before mapping memory
+only when it maps it (the caller orders a reused chunk after its old owner's work:
+``DeviceMemory``). ``evict_cached`` unmaps cached chunks (the caller, before mapping memory
 the slot may not have room for, before a park, at a ``mem_get_info``).
 """
 

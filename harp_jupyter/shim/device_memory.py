@@ -109,6 +109,11 @@ class DeviceMemory:
             addr, chunks = allocator.allocate(nbytes)
         except AddressSpaceExhausted as e:
             raise MemoryError(f"cuMemAlloc failed: out of memory ({e})") from None
+        if not chunks and nbytes >= allocator.granularity:
+            # a cached chunk: work queued on another stream may still use it. cuMemAlloc is an
+            # ordering point between streams (CUDA's implicit synchronization); a 1-byte memset
+            # on the legacy default stream is one too, without draining the GPU
+            add("memset", [addr, 0, 1, 1, None], site)
         must_wait = False
         failed: list[int] = []
         for chunk_addr, size in chunks:

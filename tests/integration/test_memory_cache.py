@@ -56,6 +56,8 @@ def test_a_loop_of_4mib_temporaries_maps_once_and_never_unmaps(
     with pycuda_modules() as (_cuda, gpuarray):
         ops = sent_ops(temporaries_loop(gpuarray, 20))
         assert (ops["alloc"], ops["free"]) == (1, 0)
+        # each reuse is ordered after the old owner's work, as cuMemAlloc is: a 1-byte memset
+        assert ops["memset"] == 19
         assert get_session()._memory.cached_bytes == 4 * MIB
 
 

@@ -149,19 +149,25 @@ class DeviceMemory:
         return allocator.cached_bytes if allocator is not None else 0
 
     def _make_room(self, add: AddCall, need: int, site: CallSite | None) -> None:
-        """Unmap cached chunks until ``need`` new bytes fit the free memory as last known and
-        the slot; they go ahead of the ``alloc``, so the agent unmaps them first."""
+        """Unmap cached chunks, oldest first, until the free memory as last known (and the
+        slot's room) would still hold what stays cached once ``need`` new bytes are mapped:
+        the cache never takes the room an allocation needs, with a margin of its own size
+        for memory taken since that the client does not see (torch tensors, cuRAND state).
+        They go ahead of the ``alloc``, so the agent unmaps them first."""
         allocator = self.allocator
         assert allocator is not None
-        if not need or not allocator.cached_bytes:
+        cached = allocator.cached_bytes
+        if not need or not cached:
             return
-        short = 0
-        if self.free_estimate is not None:
-            short = need - self.free_estimate
+        rooms = [] if self.free_estimate is None else [self.free_estimate]
         if self.slot_bytes:
-            short = max(short, allocator.mapped_bytes + need - self.slot_bytes)
+            rooms.append(self.slot_bytes - allocator.mapped_bytes)
+        if not rooms:
+            return
+        short = need + cached - min(rooms)
         if short > 0:
-            self._unmap(add, allocator.evict_cached(short), site)
+            # each byte unmapped leaves the cache and joins the free memory: half suffices
+            self._unmap(add, allocator.evict_cached((short + 1) // 2), site)
 
     def _unmap(self, add: AddCall, chunks: list[tuple[int, int]],
                site: CallSite | None) -> None:

@@ -112,19 +112,20 @@ class MemoryCalls:
                         host._add(writer, op, args, None)
 
     def release_cache(self, writer: BatchWriter | None = None) -> None:
-        """Unmap the cached freed allocations (before a park; ``writer``: the current one)."""
+        """Unmap the cached freed allocations (before a park; ``writer``: the current one),
+        after sending the finalizers' frees, which may add to them."""
         host = self._host
         with host.lock:
+            if self._deferred:
+                self.send_deferred()
             writer = writer or host.current_writer()
             if writer is not None and self._memory.cached_bytes:
                 self._memory.release_cache(partial(host._add, writer), None)
 
     def mem_get_info(self) -> tuple[int, int]:
-        # the user asks how much is free: cached chunks would count as used (the finalizers'
-        # frees first: they may add to the cache)
+        # the user asks how much is free: cached chunks would count as used
         if self._deferred or self._memory.cached_bytes:
             self._host._ensure_connected()  # (a parked session is restored: as call_sync does)
-            self.send_deferred()
             self.release_cache()
         free, total = self._host.call_sync("mem_get_info")
         self._memory.free_estimate = int(free)

@@ -178,13 +178,15 @@ def test_a_park_gives_the_cache_back_first_when_the_hook_is_wired(
     with pycuda_modules() as (_cuda, gpuarray):
         host = np.arange(MIB, dtype=np.float32)
         kept = gpuarray.to_gpu(host)
-        freed = gpuarray.to_gpu(host * 3)
-        del freed
-        gpuarray.zeros(4, np.float32)
+        cached = gpuarray.to_gpu(host * 3)
+        del cached
+        gpuarray.zeros(4, np.float32)  # a call: the finalizer's free is sent, into the cache
+        freed = gpuarray.to_gpu(host * 7)
+        del freed  # its free waits for the next call: the park sends it
         session = get_session()
         # what RemoteSession.__init__ does once wired (one line in session.py)
         session._parking.before_park = session._memory_calls.release_cache
         info = session.release()
-        assert 4 * MIB <= info["bytes"] < 8 * MIB  # the cached 4 MiB were unmapped first
+        assert 4 * MIB <= info["bytes"] < 8 * MIB  # the freed 4 MiB were unmapped first
         assert session._memory.cached_bytes == 0
         assert np.array_equal(kept.get(), host)

@@ -8,10 +8,13 @@ agent and fails at the user's line. Releases that finalizers ask for wait in ``d
 the next call on a user thread.
 
 Freed allocations of at least 2 MiB stay mapped in the allocator's cache, up to
-HARP_CACHED_MEMORY bytes (``cache_limit_for``). The cache never makes an allocation fail that
-would have succeeded without it: before mapping more than the free memory as last known (or
-the slot) has room for, cached chunks are unmapped first, oldest first, in the same batch ahead
-of the ``alloc``, so the agent unmaps them before it maps.
+HARP_CACHED_MEMORY bytes (``cache_limit_for``). So that the cache does not make an allocation
+fail that would have succeeded without it, cached chunks are unmapped before a mapping, oldest
+first, in the same batch ahead of the ``alloc`` (the agent unmaps them before it maps), until the
+free memory as last known (and the slot's room) holds the new bytes and, as a margin, what stays
+cached (``_make_room``). A reused chunk gets a 1-byte memset on the default stream, which orders
+it after its previous owner's work on other streams, as a ``cuMemAlloc`` would (not on a stream
+created ``STREAM_NON_BLOCKING``, which nothing orders).
 """
 
 from __future__ import annotations

@@ -103,11 +103,10 @@ class DeviceMemory:
         for)."""
         allocator = self.allocator
         assert allocator is not None
-        if nbytes >= allocator.granularity:
-            for chunk, size in allocator.release_spare():
-                add("free", [chunk], site)
-                self.note_unmapped(size)
-        self._make_room(add, allocator.bytes_to_map(nbytes), site)
+        need = allocator.bytes_to_map(nbytes)
+        if need and nbytes >= allocator.granularity:  # (a cached chunk needs no room)
+            self._unmap(add, allocator.release_spare(), site)
+        self._make_room(add, need, site)
         try:
             addr, chunks = allocator.allocate(nbytes)
         except AddressSpaceExhausted as e:

@@ -109,3 +109,17 @@ def test_release_cache_unmaps_everything_cached(monkeypatch: pytest.MonkeyPatch)
     mem.release_cache(add, None)
     assert add.calls == [("free", [a]) for a in addrs]
     assert mem.cached_bytes == 0 and mem.free_estimate == SLOT
+
+
+def test_a_reuse_keeps_the_empty_shared_chunk_a_new_mapping_unmaps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mem, add = memory(SLOT, monkeypatch), Queued()
+    big, _, _ = mem.allocate(add, 4 * MIB, None)
+    small, _, _ = mem.allocate(add, 4, None)  # a loss read back, say
+    mem.release(add, small, None)  # its chunk is kept mapped, empty, for the next small one
+    mem.release(add, big, None)
+    add.take()
+    mem.allocate(add, 4 * MIB, None)
+    assert add.take() == ["memset"]  # no free: the reuse needs no room
+    mem.allocate(add, 6 * MIB, None)
+    assert add.take() == ["free", "alloc"]  # a new mapping unmaps the empty chunk, as before

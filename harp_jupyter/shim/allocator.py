@@ -10,6 +10,17 @@ client chooses (protocol op ``alloc``). This module decides those addresses, wit
 
 ``allocate`` returns the address and the chunks the caller must map (``alloc`` ops) first;
 ``release`` returns the chunks the caller must unmap (``free`` ops), as ``(address, size)``.
+
+Freed allocations with chunks of their own are cached (``FreedChunks``), as a caching allocator
+does: their chunks stay mapped, up to ``cache_limit`` bytes (the oldest unmapped first past it),
+and the next allocation of the same rounded size takes them back with nothing to map, so a loop
+that makes a 4 MiB temporary every step maps it once (no ``alloc``/``free`` per step: the agent's
+``free`` drains the GPU). A cached chunk is reused only by this allocator, so only within its
+session (its tenant), and it is not zeroed on reuse: its new owner may read what the old one
+left, as pycuda's ``mem_alloc`` (and ``pycuda.tools.DeviceMemoryPool``) allow; the agent zeroes
+a chunk only when it maps it (the caller orders a reused chunk after its old owner's work:
+``DeviceMemory``). ``evict_cached`` unmaps cached chunks (the caller, before mapping memory the
+slot may not have room for, before a park, at a ``mem_get_info``).
 """
 
 from __future__ import annotations
@@ -41,6 +52,11 @@ class FreeList:
                 return addr
         return None
 
+    def fits(self, nbytes: int, alignment: int) -> bool:
+        """Whether ``take`` would find room (without taking it)."""
+        return any(align_up(start, alignment) + nbytes <= end
+                   for start, end in zip(self._starts, self._ends, strict=True))
+
     def _cut(self, i: int, lo: int, hi: int) -> None:
         start, end = self._starts[i], self._ends[i]
         del self._starts[i], self._ends[i]
@@ -69,6 +85,54 @@ class FreeList:
         return sum(e - s for s, e in zip(self._starts, self._ends, strict=True))
 
 
+class FreedChunks:
+    """Chunks of freed allocations kept mapped, by age (to unmap the oldest first) and by size
+    (to reuse one of the size asked); pure bookkeeping, the allocator maps and unmaps."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(int(limit), 0)
+        self.bytes = 0
+        self._by_age: dict[int, int] = {}  # addr -> size, the oldest first
+        self._by_size: dict[int, list[int]] = {}  # size -> addrs, the newest last
+
+    def __contains__(self, addr: int) -> bool:
+        return addr in self._by_age
+
+    def __bool__(self) -> bool:
+        return bool(self._by_age)
+
+    def has(self, size: int) -> bool:
+        return bool(self._by_size.get(size))
+
+    def put(self, addr: int, size: int) -> None:
+        self._by_age[addr] = size
+        self._by_size.setdefault(size, []).append(addr)
+        self.bytes += size
+
+    def take(self, size: int) -> int | None:
+        """The newest chunk of exactly ``size`` bytes (the likeliest still in the GPU's
+        caches), out of the cache; None when there is none."""
+        addrs = self._by_size.get(size)
+        if not addrs:
+            return None
+        addr = addrs[-1]
+        self.drop(addr)
+        return addr
+
+    def oldest(self) -> int:
+        return next(iter(self._by_age))
+
+    def drop(self, addr: int) -> int:
+        """Out of the cache; its size."""
+        size = self._by_age.pop(addr)
+        addrs = self._by_size[size]
+        addrs.remove(addr)
+        if not addrs:
+            del self._by_size[size]
+        self.bytes -= size
+        return size
+
+
 @dataclass
 class _SharedChunk:
     addr: int
@@ -80,7 +144,7 @@ class AddressAllocator:
     """Places allocations in ``[base, base + size)``; see the module docstring."""
 
     def __init__(self, base: int, size: int, granularity: int = GRANULARITY,
-                 alignment: int = ALIGNMENT) -> None:
+                 alignment: int = ALIGNMENT, cache_limit: int = 0) -> None:
         if base % granularity or size % granularity:
             raise ValueError("the range must be granularity-aligned")
         self.base, self.size = base, size
@@ -92,6 +156,8 @@ class AddressAllocator:
         self._spare: _SharedChunk | None = None  # an empty shared chunk kept mapped
         self._forgotten: set[int] = set()  # allocations inside chunks whose mapping failed
         self._requested: dict[int, int] = {}  # addr -> nbytes asked, for every live allocation
+        self._freed = FreedChunks(cache_limit)  # freed own-chunk allocations kept mapped
+        #: every mapped byte, cached ones included (the agent counts them all against the slot)
         self.mapped_bytes = 0
         #: the sum of the sizes asked of allocate() by live allocations: the user's own bytes,
         #: apart from the alignment and the 2 MiB pages mapped for them (%harp status)
@@ -105,10 +171,13 @@ class AddressAllocator:
             raise ValueError("allocation size must be positive")
         if nbytes >= self.granularity:
             size = align_up(nbytes, self.granularity)
-            addr = self._map(size)
+            addr = self._freed.take(size)
+            new = addr is None
+            if addr is None:
+                addr = self._map(size)
             self._own[addr] = size
             self._note_requested(addr, nbytes)
-            return addr, [(addr, size)]
+            return addr, [(addr, size)] if new else []
         size = align_up(nbytes, self.alignment)
         new_chunks: list[tuple[int, int]] = []
         for chunk in self._shared.values():
@@ -135,8 +204,13 @@ class AddressAllocator:
         self.requested_bytes -= self._requested.pop(addr, 0)
         size = self._own.pop(addr, None)
         if size is not None:
-            self._unmap(addr, size)
-            return [(addr, size)]
+            freed = self._freed
+            if size > freed.limit:
+                self._unmap(addr, size)
+                return [(addr, size)]
+            evicted = self.evict_cached(freed.bytes + size - freed.limit)
+            freed.put(addr, size)
+            return evicted
         if addr in self._forgotten:
             self._forgotten.discard(addr)
             return []
@@ -159,6 +233,9 @@ class AddressAllocator:
 
     def forget_chunk(self, chunk_addr: int) -> None:
         """A chunk whose ``alloc`` failed on the agent: it is not mapped; drop what lives in it."""
+        if chunk_addr in self._freed:  # freed (and cached) before the failure came back
+            self._unmap(chunk_addr, self._freed.drop(chunk_addr))
+            return
         size = self._own.pop(chunk_addr, None)
         if size is not None:
             self._forgotten.add(chunk_addr)
@@ -184,6 +261,30 @@ class AddressAllocator:
         self._unmap(addr, self.granularity)
         return [(addr, self.granularity)]
 
+    def evict_cached(self, nbytes: int | None = None) -> list[tuple[int, int]]:
+        """Unmap cached chunks, the oldest first, until ``nbytes`` are unmapped (None: all);
+        the chunks to unmap."""
+        evicted: list[tuple[int, int]] = []
+        cache, unmapped = self._freed, 0
+        while cache and (nbytes is None or unmapped < nbytes):
+            addr = cache.oldest()
+            size = cache.drop(addr)
+            self._unmap(addr, size)
+            evicted.append((addr, size))
+            unmapped += size
+        return evicted
+
+    def bytes_to_map(self, nbytes: int) -> int:
+        """How many bytes ``allocate(nbytes)`` would map now (0: a cached or shared chunk)."""
+        if nbytes >= self.granularity:
+            size = align_up(nbytes, self.granularity)
+            return 0 if self._freed.has(size) else size
+        size = align_up(nbytes, self.alignment)
+        if self._spare is not None or any(
+                chunk.free.fits(size, self.alignment) for chunk in self._shared.values()):
+            return 0
+        return self.granularity
+
     def owns(self, addr: int) -> bool:
         return addr in self._own or addr in self._small or addr in self._forgotten
 
@@ -193,6 +294,15 @@ class AddressAllocator:
             return addr
         entry = self._small.get(addr)
         return entry[0] if entry else None
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of freed allocations kept mapped (counted in ``mapped_bytes`` too)."""
+        return self._freed.bytes
+
+    @property
+    def cache_limit(self) -> int:
+        return self._freed.limit
 
     @property
     def live_allocations(self) -> int:

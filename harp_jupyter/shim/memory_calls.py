@@ -5,6 +5,10 @@ queued as calls; an allocation larger than the free memory last known waits for 
 that running out raises ``MemoryError`` at the user's line. Releases that finalizers ask for (any
 thread) wait in the memory's ``deferred`` until the next call on a user thread sends them
 (``send_deferred``).
+
+Freed allocations of 2 MiB and more stay mapped in a cache (``DeviceMemory``); a ``mem_get_info``
+and a park (``release_cache``, the parking hook) unmap the cache first, so that the free memory
+the user reads and the bytes a park copies are what they would be without it.
 """
 
 from __future__ import annotations
@@ -107,7 +111,22 @@ class MemoryCalls:
                     if writer is not None:
                         host._add(writer, op, args, None)
 
+    def release_cache(self, writer: BatchWriter | None = None) -> None:
+        """Unmap the cached freed allocations (before a park; ``writer``: the current one),
+        after sending the finalizers' frees, which may add to them."""
+        host = self._host
+        with host.lock:
+            if self._deferred:
+                self.send_deferred()
+            writer = writer or host.current_writer()
+            if writer is not None and self._memory.cached_bytes:
+                self._memory.release_cache(partial(host._add, writer), None)
+
     def mem_get_info(self) -> tuple[int, int]:
+        # the user asks how much is free: cached chunks would count as used
+        if self._deferred or self._memory.cached_bytes:
+            self._host._ensure_connected()  # (a parked session is restored: as call_sync does)
+            self.release_cache()
         free, total = self._host.call_sync("mem_get_info")
         self._memory.free_estimate = int(free)
         return int(free), int(total)

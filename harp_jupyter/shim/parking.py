@@ -13,6 +13,7 @@ when the writer is done with or the session lost; the session never reaches in h
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from gpu_agent import protocol
@@ -68,6 +69,9 @@ class SessionParking:
         self.park_wait = park_wait_from_env()
         #: times this session was parked, for tests and %harp status
         self.parks = 0
+        #: called with the writer before a park drains it (the memory's cache unmaps itself,
+        #: so that a park does not copy freed memory): ``MemoryCalls.release_cache``
+        self.before_park: Callable[[BatchWriter], None] | None = None
 
     def park(self, reason: str) -> dict[str, Any]:
         """Drain, then have the agent park the session (the session's lock held)."""
@@ -79,6 +83,8 @@ class SessionParking:
             return {"session": None, "agent": None, "bytes": 0}
         parking = time.monotonic_ns()
         try:
+            if self.before_park is not None:
+                self.before_park(writer)
             writer.drain()
         except GPULostError as e:  # its worker is gone: parked by the agent, or lost
             error = self.explain_loss(e)

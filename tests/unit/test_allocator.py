@@ -110,13 +110,17 @@ def test_address_range_exhaustion_is_reported() -> None:
     alloc.allocate(GRANULARITY)  # what is left still fits
 
 
-def test_random_workload_keeps_allocations_disjoint_and_accounted() -> None:
+@pytest.mark.parametrize("cache_limit", [0, 6 * GRANULARITY])
+def test_random_workload_keeps_allocations_disjoint_and_accounted(cache_limit: int) -> None:
     rng = random.Random(7)
-    alloc = AddressAllocator(BASE, 1024 * GRANULARITY)
+    alloc = AddressAllocator(BASE, 1024 * GRANULARITY, cache_limit=cache_limit)
     live: dict[int, int] = {}
     mapped: dict[int, int] = {}
     for _ in range(3000):
-        if live and rng.random() < 0.5:
+        if rng.random() < 0.02:
+            for chunk, _size in alloc.evict_cached(rng.choice([None, GRANULARITY])):
+                del mapped[chunk]
+        elif live and rng.random() < 0.5:
             addr = rng.choice(list(live))
             del live[addr]
             for chunk, _size in alloc.release(addr):
@@ -135,6 +139,7 @@ def test_random_workload_keeps_allocations_disjoint_and_accounted() -> None:
         for addr, size in live.items():
             chunk = alloc.chunk_of(addr)
             assert chunk in mapped and addr + size <= chunk + mapped[chunk]
+        assert alloc.cached_bytes <= cache_limit
     assert alloc.mapped_bytes == sum(mapped.values())
 
 
@@ -171,3 +176,93 @@ def test_requested_bytes_over_a_random_history() -> None:
                 continue
             live[addr] = nbytes
         assert alloc.requested_bytes == sum(live.values())
+
+
+# {{{ the cache of freed own-chunk allocations
+
+MIB4 = 2 * GRANULARITY
+
+
+def test_a_freed_large_allocation_is_cached_and_taken_back_with_nothing_to_map() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=4 * MIB4)
+    addr, chunks = alloc.allocate(MIB4)
+    assert chunks == [(addr, MIB4)]
+    for _ in range(10):
+        assert alloc.release(addr) == []  # kept mapped: no free
+        assert alloc.cached_bytes == MIB4 and alloc.mapped_bytes == MIB4
+        assert not alloc.owns(addr)  # a second release is a double free, as before
+        again, chunks = alloc.allocate(MIB4 - 100)  # the same rounded size
+        assert (again, chunks) == (addr, [])
+        assert alloc.cached_bytes == 0 and alloc.mapped_bytes == MIB4
+    assert alloc.requested_bytes == MIB4 - 100
+
+
+def test_another_rounded_size_maps_its_own_chunks() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=4 * MIB4)
+    addr, _ = alloc.allocate(MIB4)
+    alloc.release(addr)
+    other, chunks = alloc.allocate(GRANULARITY)
+    assert chunks == [(other, GRANULARITY)] and other != addr
+    assert alloc.cached_bytes == MIB4
+
+
+def test_the_cache_keeps_at_most_its_limit_unmapping_the_oldest() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=2 * MIB4)
+    addrs = [alloc.allocate(MIB4)[0] for _ in range(3)]
+    assert alloc.release(addrs[0]) == []
+    assert alloc.release(addrs[1]) == []
+    assert alloc.release(addrs[2]) == [(addrs[0], MIB4)]  # the oldest goes
+    assert alloc.cached_bytes == 2 * MIB4 and alloc.mapped_bytes == 2 * MIB4
+
+
+def test_an_allocation_larger_than_the_limit_is_unmapped_at_once() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=MIB4)
+    addr, _ = alloc.allocate(2 * MIB4)
+    assert alloc.release(addr) == [(addr, 2 * MIB4)]
+    assert alloc.cached_bytes == 0 and alloc.mapped_bytes == 0
+
+
+def test_a_limit_of_zero_unmaps_every_release_as_before() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=0)
+    for _ in range(3):
+        addr, chunks = alloc.allocate(MIB4)
+        assert chunks == [(addr, MIB4)]
+        assert alloc.release(addr) == [(addr, MIB4)]
+    assert alloc.mapped_bytes == 0
+
+
+def test_evict_cached_unmaps_the_oldest_first_until_enough() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=8 * MIB4)
+    addrs = [alloc.allocate(MIB4)[0] for _ in range(3)]
+    for addr in addrs:
+        alloc.release(addr)
+    assert alloc.evict_cached(MIB4 + 1) == [(addrs[0], MIB4), (addrs[1], MIB4)]
+    assert alloc.evict_cached() == [(addrs[2], MIB4)]
+    assert alloc.evict_cached() == [] and alloc.mapped_bytes == 0
+    # the evicted addresses are free address space again
+    assert alloc.allocate(MIB4)[1] != []
+
+
+def test_bytes_to_map_says_what_allocate_would_map() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=8 * MIB4)
+    assert alloc.bytes_to_map(MIB4) == MIB4
+    assert alloc.bytes_to_map(100) == GRANULARITY
+    addr, _ = alloc.allocate(MIB4)
+    alloc.allocate(100)
+    alloc.release(addr)
+    assert alloc.bytes_to_map(MIB4 - 1) == 0  # cached
+    assert alloc.bytes_to_map(3 * GRANULARITY) == 3 * GRANULARITY
+    assert alloc.bytes_to_map(100) == 0  # room in the shared chunk
+    assert alloc.bytes_to_map(GRANULARITY - 1) == GRANULARITY  # no room left in it
+
+
+def test_a_cached_chunk_whose_mapping_failed_is_dropped() -> None:
+    alloc = AddressAllocator(BASE, SIZE, cache_limit=8 * MIB4)
+    addr, _ = alloc.allocate(MIB4)
+    alloc.release(addr)  # freed before the agent's failure came back
+    alloc.forget_chunk(addr)
+    assert alloc.cached_bytes == 0 and alloc.mapped_bytes == 0
+    again, chunks = alloc.allocate(MIB4)
+    assert chunks == [(again, MIB4)]  # mapped anew
+
+# }}}

@@ -84,6 +84,8 @@ class RemoteSession:
         self.sync_points = 0
         self._restore = SessionRestore(self, self._link, self._parking, self._memory)
         self._memory_calls = MemoryCalls(self, self._memory, self._errors, self._restore)
+        # a park copies mapped memory: the cache of freed allocations is given back first
+        self._parking.before_park = self._memory_calls.release_cache
 
     # {{{ connection
 

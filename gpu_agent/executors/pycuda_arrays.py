@@ -1,8 +1,11 @@
 """protocol.ARRAY_FUNCTIONS executed by pycuda's gpuarray and cumath on the GPU.
 
-Operands are GPUArray views of session memory. pycuda computes each result into scratch memory of
-the agent (a memory pool), which is then copied device-to-device into the client-chosen ``out``:
-simple, never a host round trip, and correct for every function pycuda offers.
+Operands are GPUArray views of session memory. The common elementwise operations (arithmetic
+with an array or a scalar on either side, cumath's functions) run pycuda's own kernel straight
+into the client-chosen ``out`` where that kernel makes exactly out's dtype and shape
+(``_into_out``). Every other function computes into scratch memory of the agent (a memory pool),
+which is then copied device-to-device into ``out``: simple, never a host round trip, and correct
+for every function pycuda offers.
 """
 
 from __future__ import annotations
@@ -221,11 +224,81 @@ def store(out: GPUArray, value: Any, stream: Any) -> None:
         strided_copy(out, value, stream)
 
 
+def _into_out(function: str, out: GPUArray, ops: list[Any], stream: Any) -> bool:
+    """Run ``function`` with pycuda's own kernel straight into ``out`` when that kernel would
+    make exactly out's dtype and shape (one kernel where the general way launches it into
+    scratch and copies); False, with nothing done, otherwise."""
+    if not out.flags.c_contiguous or any(_partly_overlaps(out, x) for x in ops):
+        return False
+    if function in _CUMATH:
+        (a,) = ops
+        if not (isinstance(a, GPUArray) and a.dtype == out.dtype and a.shape == out.shape
+                and a.strides == out.strides):
+            return False
+        getattr(cumath, _CUMATH[function])(a, stream=stream, out=out)
+        return True
+    if function not in _ARITHMETIC:
+        return False
+    a, b = ops
+    array, other = (a, b) if isinstance(a, GPUArray) else (b, a)
+    if (not isinstance(array, GPUArray) or array.shape != out.shape
+            or not array.flags.c_contiguous
+            or gpuarray._get_common_dtype(array, other) != out.dtype):
+        return False
+    if isinstance(other, GPUArray):
+        if other.shape != out.shape or not other.flags.c_contiguous:
+            return False
+        if function in ("add", "subtract"):
+            a._axpbyz(1, b, 1 if function == "add" else -1, out, stream=stream)
+        elif function == "multiply":
+            a._elwise_multiply(b, out, stream=stream)
+        else:
+            a._div(b, out, stream=stream)
+        return True
+    if not np.isscalar(other):
+        return False
+    if array is a:  # array op scalar, as pycuda's __add__, __sub__, __mul__, __truediv__
+        if function == "add":
+            a._axpbz(1, b, out, stream=stream)
+        elif function == "subtract":
+            a._axpbz(1, -b, out, stream=stream)
+        elif function == "multiply":
+            a._axpbz(b, 0, out, stream=stream)
+        else:
+            a._axpbz(1 / b, 0, out, stream=stream)
+    elif function == "add":  # scalar op array, as pycuda's reflected operators
+        b._axpbz(1, a, out, stream=stream)
+    elif function == "subtract":
+        b._axpbz(-1, a, out, stream=stream)
+    elif function == "multiply":
+        b._axpbz(a, 0, out, stream=stream)
+    else:
+        b._rdiv_scalar(a, out, stream=stream)
+    return True
+
+
+_ARITHMETIC = frozenset(("add", "subtract", "multiply", "divide"))
+
+
+def _partly_overlaps(out: GPUArray, operand: Any) -> bool:
+    """Whether an operand shares memory with ``out`` other than element for element (an
+    elementwise kernel would then read what it already wrote: the general way's scratch
+    avoids that); both are contiguous."""
+    if not isinstance(operand, GPUArray):
+        return False
+    lo, other_lo = int(out.gpudata), int(operand.gpudata)
+    if lo == other_lo and out.nbytes == operand.nbytes and out.dtype == operand.dtype:
+        return False  # in place: each element read before it is written, by the same thread
+    return lo < other_lo + operand.nbytes and other_lo < lo + out.nbytes
+
+
 def apply(function: str, out: GPUArray | None, operands: list[Any], kwargs: dict[str, Any],
           stream: Any, view: Callable[[list[Any]], GPUArray]) -> None:
     if out is None:
         raise ArrayFunctionError(f"{function} needs an out array")
     ops = [_contiguous(x) for x in operands]
+    if _into_out(function, out, ops, stream):
+        return
     if function in _BINARY:
         a, b = ops
         if not isinstance(a, GPUArray):  # scalar op array: pycuda's reflected operators

@@ -68,3 +68,38 @@ def test_user_elementwise_and_reduction_kernels(gpu_agent: Any, tmp_path: Path) 
     run = shared.harp_run(gpu_agent.endpoint, script)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().endswith("ok")
+
+
+def test_arithmetic_straight_into_out_keeps_numpys_answers(gpu_agent: Any, tmp_path: Path
+                                                           ) -> None:
+    """The agent runs common elementwise operations straight into the result array; where the
+    result shares memory with an operand other than element for element (v += w with w a
+    shifted view of v's array) it must still compute into scratch first, as NumPy's answer
+    needs, and every dtype and scalar side must match pycuda's own operators."""
+    script = tmp_path / "into_out.py"
+    script.write_text(
+        "import numpy as np, pycuda.autoinit, pycuda.gpuarray as ga, pycuda.cumath as cm\n"
+        "h = np.arange(1, 4097, dtype=np.float32)\n"
+        "a = ga.to_gpu(h)\n"
+        "v, w = a[1:], a[:-1]\n"
+        "v += w\n"
+        "expected = h.copy(); expected[1:] = h[1:] + h[:-1]\n"
+        "assert np.array_equal(a.get(), expected), a.get()[:6]\n"
+        "b = ga.to_gpu(h)\n"
+        "b *= 2\n"
+        "assert np.array_equal(b.get(), h * 2)\n"
+        "g = ga.to_gpu(h)\n"
+        "checks = {'1 - g': (1 - g, 1 - h), 'g - 1': (g - 1, h - 1), '3 * g': (3 * g, 3 * h),\n"
+        "          'g / 4': (g / 4, h / 4), '2 / g': (2 / g, 2 / h), 'g + g': (g + g, h + h),\n"
+        "          'g * g': (g * g, h * h), 'g / g': (g / g, h / h),\n"
+        "          'tanh': (cm.tanh(g / 1000), np.tanh(h / 1000)),\n"
+        "          'int + 1.5': (ga.to_gpu(np.arange(5)) + 1.5, np.arange(5) + 1.5),\n"
+        "          'f64 - f32': (ga.to_gpu(h.astype(np.float64)) - g, h.astype(np.float64) - h)}\n"
+        "for name, (got, want) in checks.items():\n"
+        "    got = got.get()\n"
+        "    assert got.dtype == want.dtype, (name, got.dtype, want.dtype)\n"
+        "    assert np.allclose(got, want, rtol=1e-6), name\n"
+        "print('ok')\n")
+    run = shared.harp_run(gpu_agent.endpoint, script)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("ok")

@@ -62,8 +62,9 @@ function panelSettings(settings: ISettingRegistry.ISettings): IPanelSettings {
 async function confirmRelease(kernel: IKernelLease): Promise<boolean> {
   const parked =
     kernel.memory_used !== null && kernel.memory_used > 0
-      ? ` Its ${formatBytes(kernel.memory_used)} of device memory is parked on the agent`
-      : ' Its device memory is parked on the agent';
+      ? ` Its ${formatBytes(kernel.memory_used)} of device memory, with what recreates its ` +
+        'session, is parked on the agent'
+      : ' Its device memory, with what recreates its session, is parked on the agent';
   const result = await showDialog({
     title: 'Release the GPU?',
     body:

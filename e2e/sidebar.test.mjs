@@ -434,7 +434,10 @@ describe('with one emulated GPU agent', { timeout: 600_000 }, () => {
     await release.click();
     const dialog = page.locator('.jp-Dialog');
     await dialog.waitFor();
-    assert.match(await dialog.textContent(), /Release the GPU\?/);
+    const said = await dialog.textContent();
+    assert.match(said, /Release the GPU\?/);
+    // its figure is the held one: the parked state is that and what recreates the session
+    assert.match(said, /with what recreates its session, is parked on the agent/);
     await dialog.locator('button', { hasText: /^Cancel$/ }).click();
     await dialog.waitFor({ state: 'detached' });
     assert.equal(await stateOf(page, 'alpha.ipynb'), 'held', 'Cancel keeps the GPU');

@@ -287,6 +287,49 @@ def test_unread_replies_bound_a_slow_readers_replies_in_the_worker(
         neighbour.close()
 
 
+def test_unread_replies_bound_what_the_supervisor_keeps_for_a_slow_reader(
+        agent_starter: Any) -> None:
+    """The supervisor's socket keeps --unread-replies (plus room for one push per queued
+    lease) of a client's replies; past that, a client that does not read loses its own
+    replies, the supervisor goes on and answers everyone else."""
+    agent = agent_starter("--unread-replies", "2", "--max-queue", "1")
+    sent = 5000
+    # a raw socket that takes almost nothing off the wire unread, so that what it does not
+    # read backs up into the supervisor's socket rather than into this process's buffers
+    slow = zmq.Context.instance().socket(zmq.DEALER)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow.setsockopt(zmq.RCVHWM, 1)
+    slow.setsockopt(zmq.RCVBUF, 4096)
+    slow.setsockopt(zmq.RCVTIMEO, 10_000)
+    slow.connect(agent.endpoint)
+    neighbour = RawClient(agent.endpoint)
+    try:
+        refused = P.encode({"t": P.BATCH, "q": 1, "c": []})  # each answered with an error
+        for _ in range(sent):
+            slow.send_multipart(refused)
+        wait_for(lambda: neighbour.status()["leases"]["refusals"].get("SessionError") == sent,
+                 what="the supervisor handled every request")
+        assert neighbour.take_lease()["state"] == "held"  # the neighbour is served meanwhile
+        errors = 0
+        slow.send_multipart(P.encode({"t": P.STATUS, "rid": "last"}))
+        while True:  # what the supervisor kept arrives in order, ahead of a later status
+            if not slow.poll(500):  # that status was dropped too: ask again
+                slow.send_multipart(P.encode({"t": P.STATUS, "rid": "last"}))
+                continue
+            header, _ = P.decode(slow.recv_multipart())
+            if header["t"] == P.STATUS:  # and the slow reader is still served
+                break
+            assert header["t"] == P.ERROR and header["e"]["kind"] == "SessionError", header
+            errors += 1
+        # unbounded, the supervisor would keep all of them for the reader; bounded, it keeps
+        # a few and the kernel's socket buffers hold some more
+        assert 0 < errors < sent // 2, errors
+        assert agent.process.poll() is None
+    finally:
+        slow.close()
+        neighbour.close()
+
+
 def _worker_listening_on(agent: Any, port: int) -> psutil.Process:
     for child in psutil.Process(agent.process.pid).children():
         for connection in child.net_connections(kind="tcp"):

@@ -287,6 +287,60 @@ def test_unread_replies_bound_a_slow_readers_replies_in_the_worker(
         neighbour.close()
 
 
+def test_unread_replies_bound_what_the_supervisor_keeps_for_a_slow_reader(
+        agent_starter: Any) -> None:
+    """The supervisor's socket keeps --unread-replies (plus room for one push per queued
+    lease) of a client's replies; past that, a client that does not read loses its own
+    replies, and the supervisor neither holds the rest nor stops answering everyone else."""
+    agent = agent_starter("--unread-replies", "2", "--max-queue", "1", "--slots", "2")
+    supervisor = psutil.Process(agent.process.pid)
+    owner, neighbour = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    # a session whose client description makes every full status reply about 100 KiB
+    assert owner.hello(client={"note": "x" * 100_000})["t"] == P.WELCOME
+    # a raw socket that takes almost nothing off the wire unread, so that what it does not
+    # read backs up into the supervisor's socket rather than into this process's buffers
+    slow = zmq.Context.instance().socket(zmq.DEALER)
+    slow.setsockopt(zmq.LINGER, 0)
+    slow.setsockopt(zmq.RCVHWM, 1)
+    slow.setsockopt(zmq.RCVBUF, 4096)
+    slow.connect(agent.endpoint)
+    try:
+        rss = supervisor.memory_info().rss
+        sent = 2000  # 200 MiB of replies, which it does not read
+        for _ in range(sent):
+            slow.send_multipart(P.encode({"t": P.STATUS, "rid": 0}))
+        slow.send_multipart(P.encode({"t": P.BATCH, "q": 1, "c": []}))  # refused, after them
+        wait_for(lambda: neighbour.status()["leases"]["refusals"].get("SessionError") == 1,
+                 what="the supervisor handled every request of the slow reader")
+        # unbounded (ZeroMQ's default of 1000), it holds about 100 MiB of them
+        growth = supervisor.memory_info().rss - rss
+        assert growth < 48 * MiB, f"the supervisor grew by {growth >> 20} MiB"
+        assert neighbour.take_lease()["state"] == "held"  # the neighbour is served
+        kept = 0
+        slow.send_multipart(P.encode({"t": P.STATUS, "rid": "last"}))
+        while True:  # what the supervisor kept arrives in order, ahead of a later status
+            if not slow.poll(500):  # that status was dropped too: ask again
+                slow.send_multipart(P.encode({"t": P.STATUS, "rid": "last"}))
+                continue
+            header, _ = P.decode(slow.recv_multipart())
+            if header.get("rid") == "last":  # and the slow reader is still served
+                break
+            if header["t"] == P.ERROR:  # the refused batch's answer, when it was kept
+                assert header["e"]["kind"] == "SessionError", header
+                continue
+            assert header["t"] == P.STATUS and header["rid"] == 0, header
+            kept += 1
+        # a few in the supervisor's socket, some more in the kernel's socket buffers (at most
+        # a few MiB); the rest of its replies were the slow reader's own loss
+        assert kept < sent // 8, kept
+        assert read_back(owner, stored(owner, b"owner"), 5) == b"owner"  # and the session
+        assert agent.process.poll() is None
+    finally:
+        slow.close()
+        owner.close()
+        neighbour.close()
+
+
 def _worker_listening_on(agent: Any, port: int) -> psutil.Process:
     for child in psutil.Process(agent.process.pid).children():
         for connection in child.net_connections(kind="tcp"):

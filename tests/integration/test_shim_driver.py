@@ -196,6 +196,46 @@ def test_a_lone_sync_read_fails_at_the_users_line_and_the_session_goes_on(
     assert list(host) == [0, 1, 2, 3]
 
 
+def test_an_answered_deferred_error_is_raised_by_the_next_lone_sync_read(
+        cuda: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fire-and-forget call fails, its reply arrives before any sync point; the next sync
+    point is a read with nothing queued (a batch of its own): it raises that error, at the
+    failed call's line, once."""
+    session = get_session()
+    base, size = session.address_range
+    unmapped = base + size - (1 << 20)
+    dev = cuda.to_device(np.arange(4, dtype=np.uint8))
+    cuda.Context.synchronize()
+    writer = session.current_writer()
+    assert writer is not None
+    line = line_of_next_statement()
+    cuda.memset_d8(unmapped, 1, 16)  # fire-and-forget: fails on the agent
+    writer.drain()  # its batch answered: the error waits for a sync point
+    assert writer.inflight == 0 and writer.queued_calls == 0
+    sent, syncs = writer.batches_sent, session.sync_points
+    alone: list[bool] = []
+    call_alone = writer.call_alone
+
+    def noting_call_alone(*args: Any) -> bool:
+        alone.append(call_alone(*args))
+        return alone[-1]
+
+    monkeypatch.setattr(writer, "call_alone", noting_call_alone)
+    host = np.full(4, 9, np.uint8)
+    with pytest.raises(cuda.LogicError) as failure:
+        cuda.memcpy_dtoh(host, dev)
+    assert alone == [True]  # the read went as a batch of its own, straight to its reply
+    assert (writer.batches_sent, session.sync_points) == (sent + 1, syncs + 1)
+    message = str(failure.value)
+    assert f"{__file__}:{line}" in message and "memset" in message
+    assert failure.value.site[:2] == (__file__, line)
+    # the session, its link and its memory are as they were
+    assert not session.lost and session.current_writer() is writer
+    back = np.empty(4, np.uint8)
+    cuda.memcpy_dtoh(back, dev)  # reported once; the next sync point works
+    assert list(back) == [0, 1, 2, 3] and alone == [True, True]
+
+
 def _entries(tb: Any) -> list[Any]:
     entries = []
     while tb is not None:

@@ -34,6 +34,19 @@ def _parking_not_wired(session: Session, why: str) -> None:
     raise RuntimeError("LeaseDesk.park_session was not installed")
 
 
+
+def described_map(header: dict[str, Any], key: str, what: str, limits: AgentLimits
+                  ) -> dict[str, Any]:
+    """``header[key]`` when it is a map no larger packed than ``--max-lease-info`` ({} when it
+    is not a map): what a client says of itself (lease info, the client description of hello),
+    which the agent keeps and shows in every status reply."""
+    value = header.get(key) if isinstance(header.get(key), dict) else {}
+    if (packed := len(msgpack.packb(value, default=str))) > limits.max_lease_info:
+        raise AgentError("ProtocolError", (
+            f"{what} of {format_bytes(packed)}: this agent takes at most "
+            f"{format_bytes(limits.max_lease_info)} (harp-agent --max-lease-info)"))
+    return value
+
 class LeaseDesk:
     """See the module docstring."""
 
@@ -68,11 +81,7 @@ class LeaseDesk:
         if len(user) > self.limits.max_secret:
             raise AgentError("ProtocolError", f"user name of {len(user)} characters: this agent "
                              f"takes at most {self.limits.max_secret} (harp-agent --max-secret)")
-        info = header.get("info") if isinstance(header.get("info"), dict) else {}
-        if (packed := len(msgpack.packb(info, default=str))) > self.limits.max_lease_info:
-            raise AgentError("ProtocolError", (
-                f"lease info of {format_bytes(packed)}: this agent takes at most "
-                f"{format_bytes(self.limits.max_lease_info)} (harp-agent --max-lease-info)"))
+        info = described_map(header, "info", "lease info", self.limits)
         self.book.check_secret(kernel_id, secret)
         for lease in self.active_leases():
             if lease.kernel_id == kernel_id:  # a resent request: the same lease again

@@ -105,7 +105,11 @@ class AgentLimits:
         metavar="N",
     )
     max_lease_info: int = _flag(
-        16 << 10, "largest lease info map (packed) a client may send", unit="bytes", metavar="BYTES"
+        16 << 10,
+        "largest lease info map, and largest client description in hello, (packed) a client or "
+        "a peer agent may send: the agent keeps both and shows them in status replies",
+        unit="bytes",
+        metavar="BYTES",
     )
     watchdog: float = _flag(
         600.0,

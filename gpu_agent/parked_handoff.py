@@ -13,7 +13,7 @@ from typing import Any
 
 from gpu_agent import protocol as P
 from gpu_agent.errors import AgentError
-from gpu_agent.lease_desk import LeaseDesk
+from gpu_agent.lease_desk import LeaseDesk, described_map
 from gpu_agent.limits import AgentLimits
 from gpu_agent.parking import ParkedState, ParkStore
 from gpu_agent.session_lifecycle import SessionLifecycle
@@ -100,7 +100,7 @@ class ParkedHandoff:
         if not self.desk.leases.free_slots:
             raise AgentError("SessionError", "no free slot here to take parked state through")
         self.book.make_room(kernel_id)
-        client = header.get("client") if isinstance(header.get("client"), dict) else {}
+        client = described_map(header, "client", "client description", self.limits)
         session = Session(session_id, kernel_id, resume_token, self.book.free_slot(wanted[0]),
                           client, resumed=True, adopting=True)
         if session.base != wanted[0]:

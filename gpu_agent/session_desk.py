@@ -12,7 +12,7 @@ from typing import Any
 
 from gpu_agent import protocol as P
 from gpu_agent.errors import AgentError
-from gpu_agent.lease_desk import LeaseDesk
+from gpu_agent.lease_desk import LeaseDesk, described_map
 from gpu_agent.leases import Lease
 from gpu_agent.limits import AgentLimits
 from gpu_agent.parking import ParkStore, discard
@@ -44,7 +44,7 @@ class SessionDesk:
 
     def hello(self, route: bytes, header: dict[str, Any]) -> None:
         lease = self.desk.held(header.get("lease"))
-        client = header.get("client") if isinstance(header.get("client"), dict) else {}
+        client = described_map(header, "client", "client description", self.limits)
         resume = header.get("resume") if isinstance(header.get("resume"), dict) else None
         current = self.book.of_lease(lease.lease_id)
         if resume is None:

@@ -96,6 +96,26 @@ def test_max_lease_info_bounds_the_info_a_lease_carries(agent_starter: Any) -> N
         neighbour.close()
 
 
+def test_max_lease_info_bounds_the_client_description_a_session_keeps(agent_starter: Any
+                                                                      ) -> None:
+    """What hello says of its client is kept with the session and repeated in every status
+    reply to everyone: bounded as lease info is, refused to that client alone."""
+    agent = agent_starter("--max-lease-info", "1KiB", "--slots", "2")
+    neighbour, bad = RawClient(agent.endpoint), RawClient(agent.endpoint)
+    try:
+        base = stored(neighbour, b"neighbour")
+        reply = bad.hello(client={"note": "x" * 4096})
+        assert reply["t"] == P.ERROR and reply["e"]["kind"] == "ProtocolError", reply
+        message = reply["e"]["msg"]
+        assert "client description of 4.0 KiB" in message and "at most 1.0 KiB" in message
+        assert "--max-lease-info" in message, message
+        assert bad.hello(client={"note": "x" * 100})["t"] == P.WELCOME
+        assert read_back(neighbour, base, 9) == b"neighbour"
+    finally:
+        bad.close()
+        neighbour.close()
+
+
 def test_min_lease_ttl_raises_a_ttl_asked_below_it(agent_starter: Any) -> None:
     """A lease asking to expire sooner than --min-lease-ttl gets that ttl, and its reply says
     so (its keeper renews by what the agent granted)."""
@@ -292,7 +312,8 @@ def test_unread_replies_bound_what_the_supervisor_keeps_for_a_slow_reader(
     """The supervisor's socket keeps --unread-replies (plus room for one push per queued
     lease) of a client's replies; past that, a client that does not read loses its own
     replies, and the supervisor neither holds the rest nor stops answering everyone else."""
-    agent = agent_starter("--unread-replies", "2", "--max-queue", "1", "--slots", "2")
+    agent = agent_starter("--unread-replies", "2", "--max-queue", "1", "--slots", "2",
+                          "--max-lease-info", "200KiB")
     supervisor = psutil.Process(agent.process.pid)
     owner, neighbour = RawClient(agent.endpoint), RawClient(agent.endpoint)
     # a session whose client description makes every full status reply about 100 KiB

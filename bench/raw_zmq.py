@@ -11,15 +11,16 @@ import json
 import multiprocessing
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import zmq
 from workloads import COPY_SIZES, copy_key
 
 
-def serve(endpoint: str) -> None:
+def serve(ports: Any) -> None:
     socket = zmq.Context.instance().socket(zmq.ROUTER)
-    socket.bind(endpoint)
+    ports.put(socket.bind_to_random_port("tcp://127.0.0.1"))
     blobs = {nbytes: np.ones(nbytes, np.uint8) for nbytes, _reps in COPY_SIZES}
     while True:
         ident, command, *_payload = socket.recv_multipart(copy=False)
@@ -34,12 +35,13 @@ def serve(endpoint: str) -> None:
 
 
 def main() -> None:
-    endpoint = "tcp://127.0.0.1:5791"
-    server = multiprocessing.Process(target=serve, args=(endpoint,), daemon=True)
+    ports: Any = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
     server.start()
     socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.connect(endpoint)
-    time.sleep(0.3)
+    socket.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
+    socket.send(b"ping")  # the connection is up once the first answer came
+    socket.recv()
     results: dict[str, float] = {}
     samples = []
     for _ in range(3000):

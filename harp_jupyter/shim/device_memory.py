@@ -103,8 +103,12 @@ class DeviceMemory:
         for)."""
         allocator = self.allocator
         assert allocator is not None
-        need = allocator.bytes_to_map(nbytes)
-        if need and nbytes >= allocator.granularity:  # (a cached chunk needs no room)
+        large = nbytes >= allocator.granularity
+        # what this allocation maps matters only for what may be unmapped first: the spare
+        # shared chunk (a large one's) and cached chunks, when there are any; a small one with
+        # nothing cached skips the search allocate() makes anyway
+        need = allocator.bytes_to_map(nbytes) if large or allocator.cached_bytes else 0
+        if need and large:  # (a cached chunk needs no room)
             self._unmap(add, allocator.release_spare(), site)
         self._make_room(add, need, site)
         try:

@@ -83,8 +83,7 @@ class BatchRunner:
                 value = self.call(name, args, timer, seq, index)
                 if name in _RESULT_OPS:
                     if isinstance(value, _BUFFER_TYPES):
-                        out_frames.append(value)
-                        value = P.frame_ref(len(out_frames))
+                        value = _buffer_result(value, out_frames)
                     results.append([index, value])
             except Exception as e:
                 first_error = first_error or self._failed(e, index, call)
@@ -108,7 +107,9 @@ class BatchRunner:
         if name not in _RESULT_OPS:
             return {"t": P.REPLY, "q": seq, "r": [], "e": None}, []
         if isinstance(value, _BUFFER_TYPES):
-            return {"t": P.REPLY, "q": seq, "r": [[0, _FIRST_FRAME]], "e": None}, [value]
+            out_frames: list[Any] = []
+            value = _buffer_result(value, out_frames)
+            return {"t": P.REPLY, "q": seq, "r": [[0, value]], "e": None}, out_frames
         return {"t": P.REPLY, "q": seq, "r": [[0, value]], "e": None}, []
 
     def _failed(self, e: Exception, index: int, call: Any) -> dict[str, Any]:
@@ -245,7 +246,19 @@ _CREATING_OPS = frozenset(name for name, op in P.OPS.items() if op.creates is no
 _TOUCHES = {name: op.touches for name, op in P.OPS.items() if op.touches is not None}
 #: results that travel as frames of their own
 _BUFFER_TYPES = (bytes, bytearray, memoryview, np.ndarray)
-_FIRST_FRAME = P.frame_ref(1)
+#: a buffer result smaller than this goes inline in the reply's header (a scalar's read): a
+#: frame of its own costs both sides more than copying a few bytes
+INLINE_RESULT_BYTES = 4096
+
+
+def _buffer_result(value: Any, out_frames: list[Any]) -> Any:
+    """The wire value of a buffer result: its bytes when small, else a ``FrameRef`` to it,
+    appended to ``out_frames``."""
+    view = memoryview(value)
+    if view.nbytes < INLINE_RESULT_BYTES:
+        return view.tobytes()
+    out_frames.append(value)
+    return P.frame_ref(len(out_frames))
 
 
 def _op_name(call: Any) -> str | None:

@@ -53,7 +53,8 @@ Errors of requests with a ``rid`` echo it.
 Every batch gets exactly one ``reply``, in order, after the agent has executed it: that is both the
 result channel and the flow-control acknowledgement (the client keeps at most a bounded number of
 batches unacknowledged). ``r`` carries the values of the calls that produce one (the ``OPS`` entries
-with ``result=True``); byte results are ``FrameRef``s into the reply's frames.
+with ``result=True``); byte results are ``FrameRef``s into the reply's frames, or under 4 KiB
+(``batches.INLINE_RESULT_BYTES``) the bytes themselves.
 
 Errors
 ------

@@ -144,7 +144,14 @@ def stored(client: RawClient, data: bytes) -> int:
     return base
 
 
+def result_bytes(reply: dict, frames: list[Any], index: int = 0) -> bytes:
+    """The bytes call ``index`` of a batch produced: inline in the reply when small, else the
+    frame it names."""
+    value = dict(reply["r"])[index]
+    return bytes(frames[value.index - 1]) if isinstance(value, P.FrameRef) else bytes(value)
+
+
 def read_back(client: RawClient, base: int, n: int) -> bytes:
     reply, frames = client.batch(["dtoh", base, n, None])
     assert reply["e"] is None, reply
-    return bytes(frames[0])
+    return result_bytes(reply, frames)

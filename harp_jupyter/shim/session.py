@@ -43,9 +43,17 @@ from harp_jupyter.shim.memory_calls import MemoryCalls
 from harp_jupyter.shim.parking import SessionParking
 from harp_jupyter.shim.restore import SessionRestore
 
-#: host<->device copies larger than this travel in chunks of this size, one message each, so
-#: the agent copies chunk i while chunk i+1 is on the wire
-TRANSFER_CHUNK_BYTES = 16 << 20
+#: a host<->device copy of at least this many bytes goes in pieces, one message each, so that
+#: the agent copies one piece to (or from) the GPU while the next is on the wire, and the
+#: notebook copies one out while the next arrives: done one after another, the wire, the device
+#: copy and the host copy of a 1-16 MiB copy leave at most 0.7x of the wire's own speed
+#: (bench/forwarding.py's bounds table)
+PIPELINE_MIN_BYTES = 512 << 10
+#: the pieces a pipelined copy is cut into, at least (more for a copy past their size bound)
+PIPELINE_PIECES = 4
+#: the largest piece: each is a message the agent holds whole before copying it. On an H200
+#: host, 16 MiB went fastest in 1 MiB pieces, 4 MiB in 512 KiB ones and 1 MiB in 256 KiB ones
+PIECE_MAX_BYTES = 1 << 20
 
 #: a synchronous host->device copy up to this size is snapshotted by a copy and returns at once;
 #: a larger one goes zero-copy and returns when its data is on the wire
@@ -417,9 +425,10 @@ class RemoteSession:
 
     def htod(self, dst: int, buffer: Any, stream: int | None = None, *,
              keep: bool = False) -> None:
-        """Copy ``buffer`` to device address ``dst``. Large buffers go zero-copy in chunks; the
-        call returns once they are sent (the buffer may then change), or at once with ``keep``
-        (the buffer must stay unchanged until the copy executed, as for cuMemcpyHtoDAsync)."""
+        """Copy ``buffer`` to device address ``dst``, in ``copy_pieces``. Large buffers go
+        zero-copy; the call returns once they are sent (the buffer may then change), or at once
+        with ``keep`` (the buffer must stay unchanged until the copy executed, as for
+        cuMemcpyHtoDAsync)."""
         view = byte_view(buffer)
         nbytes = view.nbytes
         if nbytes == 0:
@@ -428,16 +437,21 @@ class RemoteSession:
         if self._deferred:
             self._memory_calls.send_deferred()
         site = user_call_site(2)
+        pieces = copy_pieces(nbytes)
         if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
-            # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer
-            self._add(writer, "htod", [int(dst), view.tobytes(), stream], site)
+            # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer; a
+            # piece goes as soon as it is copied, so the next copy overlaps its sending
+            for offset, size in pieces:
+                self._add(writer, "htod", [int(dst) + offset,
+                                           view[offset:offset + size].tobytes(), stream],
+                          site, end_batch=len(pieces) > 1)
             return
-        chunks = [("htod", [int(dst) + offset, view[offset:offset + TRANSFER_CHUNK_BYTES],
-                            stream]) for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES)]
+        calls = [("htod", [int(dst) + offset, view[offset:offset + size], stream])
+                 for offset, size in pieces]
         if not keep:
-            self._restore.send_tracked(writer, chunks, site)
+            self._restore.send_tracked(writer, calls, site)
             return
-        for op, args in chunks:
+        for op, args in calls:
             self._add(writer, op, args, site, end_batch=True)
 
     def dtoh_into(self, dest: Any, src: int, stream: int | None = None, *,
@@ -454,15 +468,15 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._memory_calls.send_deferred()
-            if wait and 0 < nbytes <= TRANSFER_CHUNK_BYTES:
+            pieces = copy_pieces(nbytes)
+            if wait and len(pieces) == 1:
                 self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
                                ("dtoh", site, _copy_into(view), None))
                 return
-            for offset in range(0, nbytes, TRANSFER_CHUNK_BYTES):
-                size = min(TRANSFER_CHUNK_BYTES, nbytes - offset)
+            for offset, size in pieces:
                 self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
                           _copy_into(view[offset:offset + size]),
-                          end_batch=wait or nbytes > TRANSFER_CHUNK_BYTES)
+                          end_batch=wait or len(pieces) > 1)
             if wait:
                 self._wait_all(self._current_or_restored(writer))
 
@@ -485,6 +499,16 @@ class RemoteSession:
             connection.close(bye=True)
         self._link.close_stale()
         atexit.unregister(self.close)
+
+
+def copy_pieces(nbytes: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the pieces a copy of ``nbytes`` goes in: none for nothing, one
+    below ``PIPELINE_MIN_BYTES``, else at least ``PIPELINE_PIECES`` of whole pages, none larger than
+    ``PIECE_MAX_BYTES``."""
+    if nbytes < PIPELINE_MIN_BYTES:
+        return [(0, nbytes)] if nbytes else []
+    size = min(PIECE_MAX_BYTES, (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095)
+    return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
 
 
 def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:

@@ -22,7 +22,7 @@ import torch
 
 from gpu_agent import protocol
 from harp_jupyter.shim.errors import Error as ShimError
-from harp_jupyter.shim.session import TRANSFER_CHUNK_BYTES, RemoteSession, get_session
+from harp_jupyter.shim.session import RemoteSession, copy_pieces, get_session
 
 
 class HarpTorchError(RuntimeError):
@@ -121,6 +121,13 @@ class TorchClient:
         except ShimError as e:
             raise raise_as_torch_error(e) from None
 
+    def flush(self) -> None:
+        """Send what is queued now, as a batch of its own."""
+        try:
+            self.session().flush()
+        except ShimError as e:
+            raise raise_as_torch_error(e) from None
+
     def call_sync(self, op: str, *args: Any,
                   on_result: Callable[[Any], None] | None = None) -> Any:
         session = self.session()
@@ -137,10 +144,8 @@ class TorchClient:
     def write(self, handle: int, host: torch.Tensor) -> None:
         """Copy the contiguous host tensor ``host`` into the contiguous tensor ``handle``."""
         data = _bytes_of(host)
-        for offset in range(0, max(data.nbytes, 1), TRANSFER_CHUNK_BYTES):
-            piece = data[offset:offset + TRANSFER_CHUNK_BYTES]
-            if piece.nbytes:
-                self.call("torch_write", handle, offset, piece)
+        for offset, size in copy_pieces(data.nbytes):
+            self.call("torch_write", handle, offset, data[offset:offset + size])
 
     def read(self, handle: int, out: torch.Tensor) -> None:
         """Fill the contiguous host tensor ``out`` from the contiguous tensor ``handle`` (a
@@ -150,11 +155,12 @@ class TorchClient:
         if nbytes == 0:
             self.call_sync("synchronize")
             return
-        starts = list(range(0, nbytes, TRANSFER_CHUNK_BYTES))
-        for offset in starts[:-1]:
-            self.call_later("torch_download", handle, offset, TRANSFER_CHUNK_BYTES,
-                            on_result=_copy_into(target[offset:offset + TRANSFER_CHUNK_BYTES]))
-        last = starts[-1]
+        pieces = copy_pieces(nbytes)
+        for offset, size in pieces[:-1]:
+            self.call_later("torch_download", handle, offset, size,
+                            on_result=_copy_into(target[offset:offset + size]))
+            self.flush()  # a batch each: the agent sends one piece while it reads the next
+        last = pieces[-1][0]
         value = self.call_sync("torch_download", handle, last, nbytes - last)
         _copy_into(target[last:])(value)
 

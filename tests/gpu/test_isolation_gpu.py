@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gpu_agent import protocol as P
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, result_bytes
 from tests.conftest import running_agent
 
 pytestmark = pytest.mark.timeout(600)
@@ -114,14 +114,14 @@ def test_illegal_address_in_one_slot_leaves_the_neighbour_and_the_parked_intact(
             assert "cpu state 42" in out and "next 4.0" in out
             for _ in range(3):  # the neighbour's data and work go on
                 reply, frames = neighbour.batch(["dtoh", base_b, 9, None], ["synchronize"])
-                assert reply["e"] is None and bytes(frames[0]) == b"neighbour"
+                assert reply["e"] is None and result_bytes(reply, frames) == b"neighbour"
             neighbour.release()
             parked.take_lease()
             welcome = parked.hello(resume={"session": parked.welcome["session"],
                                            "resume_token": parked.welcome["resume_token"]})
             assert welcome["t"] == P.WELCOME, welcome
             reply, frames = parked.batch(["dtoh", base_c, 8, None])
-            assert reply["e"] is None and bytes(frames[0]) == b"parked!!"
+            assert reply["e"] is None and result_bytes(reply, frames) == b"parked!!"
             assert agent.process.poll() is None
         finally:
             parked.close()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gpu_agent import protocol as P
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, result_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +30,7 @@ def good_client_still_served(good: RawClient) -> None:
     reply, frames = good.batch(["alloc", base, P.GRANULARITY], ["htod", base, b"harp", None],
                                ["dtoh", base, 4, None], ["free", base])
     assert reply["e"] is None
-    assert bytes(frames[0]) == b"harp"
+    assert result_bytes(reply, frames, 2) == b"harp"
 
 
 @pytest.mark.parametrize("frames", [
@@ -182,8 +182,8 @@ def test_freed_memory_is_refused_and_sessions_cannot_see_each_other(
     assert other_base != base
     reply, _ = good.batch(["alloc", other_base, P.GRANULARITY], ["dtoh", base, 4, None])
     assert reply["e"]["kind"] == "HandleError"  # bad's parked memory is not good's to read
-    reply, _ = good.batch(["dtoh", other_base, 4, None])
-    assert bytes(reply["r"] and _[0]) == b"\0\0\0\0"  # scrubbed, never another tenant's
+    reply, frames = good.batch(["dtoh", other_base, 4, None])
+    assert result_bytes(reply, frames) == b"\0\0\0\0"  # scrubbed, never another tenant's
 
 
 def test_out_of_memory_is_a_memory_error(clients: tuple[RawClient, RawClient]) -> None:

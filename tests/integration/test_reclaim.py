@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gpu_agent import protocol as P
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, result_bytes
 from tests.integration.prometheus_server import prometheus_binary, running_prometheus
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,7 +48,7 @@ def test_an_idle_holder_is_reclaimed_for_a_waiter_and_comes_back_intact(
         welcome = holder.hello(resume={"session": session[0], "resume_token": session[1]})
         assert welcome["t"] == P.WELCOME, welcome
         reply, frames = holder.batch(["dtoh", base, 8, None])
-        assert reply["e"] is None and bytes(frames[0]) == b"holder's"
+        assert reply["e"] is None and result_bytes(reply, frames) == b"holder's"
     finally:
         holder.close()
         waiter.close()

@@ -17,7 +17,7 @@ from gpu_agent import protocol as P
 from harp_jupyter import remote
 from harp_jupyter.shim.errors import MemoryError
 from harp_jupyter.shim.session import get_session
-from tests.agent_client import RawClient
+from tests.agent_client import RawClient, result_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -334,7 +334,7 @@ def test_raw_protocol_data_calls_are_checked(agent_starter: Callable[..., Any],
             ["mem_get_info"], ["synchronize"], ["dtoh", base, 96, None]]})
         assert reply["e"]["kind"] == "DataError" and reply["e"]["code"] == "CHANGED"
         assert [i for i, _ in reply["r"]] == [1, 3, 4, 5]  # the other calls ran
-        assert np.array_equal(np.frombuffer(frames[0], np.float32),
+        assert np.array_equal(np.frombuffer(result_bytes(reply, frames, 5), np.float32),
                               np.arange(24, dtype=np.float32))
         reply = request({"t": P.BATCH, "q": 4, "c": [
             ["data_write", [base + P.GRANULARITY, "<f4", [4], [4]], "w.npy", {}]]})

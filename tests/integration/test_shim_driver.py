@@ -53,6 +53,35 @@ def test_memcpy_round_trip_small_and_chunked(cuda: ModuleType) -> None:
         dev.free()
 
 
+@pytest.mark.parametrize("nbytes", [(512 << 10) - 8, 512 << 10, (3 << 20) + 24, 6 << 20])
+def test_copies_from_half_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
+        cuda: ModuleType, nbytes: int) -> None:
+    """From ``PIPELINE_MIN_BYTES`` a copy goes as ``copy_pieces``, each piece a batch of its
+    own (so the agent copies one while the next is on the wire), both ways, snapshotted (up to
+    4 MiB) or zero-copy; below it one call. Every byte arrives in its place."""
+    from harp_jupyter.shim.session import PIPELINE_MIN_BYTES, copy_pieces
+
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    dev = cuda.mem_alloc(nbytes)
+    cuda.Context.synchronize()
+    session = get_session()
+    writer = session.current_writer()
+    assert writer is not None
+    pieces = len(copy_pieces(nbytes))
+    assert (pieces >= 4) == (nbytes >= PIPELINE_MIN_BYTES)
+    sent = writer.batches_sent
+    cuda.memcpy_htod(dev, data)
+    cuda.Context.synchronize()
+    uploads = writer.batches_sent - sent
+    assert uploads == (pieces + 1 if pieces > 1 else 1)  # (the synchronize ends the batch)
+    back = np.zeros_like(data)
+    sent = writer.batches_sent
+    cuda.memcpy_dtoh(back, dev)
+    assert writer.batches_sent - sent == pieces
+    assert np.array_equal(back, data)
+    dev.free()
+
+
 def test_htod_source_may_change_once_the_call_returns(cuda: ModuleType) -> None:
     data = np.full(1 << 20, 7, dtype=np.int32)  # 4 MiB: a zero-copy frame
     dev = cuda.mem_alloc(data.nbytes)

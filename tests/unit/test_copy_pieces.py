@@ -1,0 +1,40 @@
+"""How the shim cuts a host<->device copy into pieces (``session.copy_pieces``)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from harp_jupyter.shim.session import (
+    PIECE_MAX_BYTES,
+    PIPELINE_MIN_BYTES,
+    PIPELINE_PIECES,
+    copy_pieces,
+)
+
+
+@pytest.mark.parametrize("nbytes", [1, 4096, PIPELINE_MIN_BYTES - 1, PIPELINE_MIN_BYTES,
+                                    PIPELINE_MIN_BYTES + 1, (1 << 20) + 3, 3 << 20,
+                                    (16 << 20) - 1, 256 << 20])
+def test_pieces_cover_the_copy_once_in_order(nbytes: int) -> None:
+    pieces = copy_pieces(nbytes)
+    assert pieces[0][0] == 0
+    for (offset, size), (following, _) in itertools.pairwise(pieces):
+        assert following == offset + size
+    assert sum(size for _, size in pieces) == nbytes
+    assert all(0 < size <= PIECE_MAX_BYTES for _, size in pieces)
+
+
+def test_small_copies_are_one_piece_and_large_ones_at_least_the_pipeline() -> None:
+    assert copy_pieces(0) == []
+    assert copy_pieces(PIPELINE_MIN_BYTES - 1) == [(0, PIPELINE_MIN_BYTES - 1)]
+    assert len(copy_pieces(PIPELINE_MIN_BYTES)) == PIPELINE_PIECES
+    assert len(copy_pieces(64 << 20)) == (64 << 20) // PIECE_MAX_BYTES
+
+
+def test_every_piece_but_the_last_starts_and_ends_on_a_page() -> None:
+    for nbytes in (PIPELINE_MIN_BYTES + 12345, (3 << 20) + 7):
+        pieces = copy_pieces(nbytes)
+        assert all(offset % 4096 == 0 for offset, _ in pieces)
+        assert all(size % 4096 == 0 for _, size in pieces[:-1])

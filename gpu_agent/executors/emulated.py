@@ -18,9 +18,9 @@ from gpu_agent import protocol as P
 from gpu_agent.datastore import OpenedFile, read_exactly, write_all
 from gpu_agent.executors.base import AgentError, Executor, ExecutorSession, resident_threads
 from gpu_agent.executors.numpy_arrays import ArrayFunctionError, ArrayFunctionNeedsGPU, apply
-from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.sizes import format_bytes
+from gpu_agent.staging_buffers import StagingBuffers
 
 DEVICE_NAME = "HARP emulated device (host memory, no GPU)"
 
@@ -304,7 +304,7 @@ class EmulatedExecutor(Executor):
         self.used = 0
         # host buffers for device-to-host copies, reused once their reply is sent (what the
         # pycuda executor does with page-locked ones): a copy does not pay for fresh pages
-        self.staging = PinnedStaging(staging, lambda nbytes: np.empty(nbytes, np.uint8))
+        self.staging = StagingBuffers(staging, lambda nbytes: np.empty(nbytes, np.uint8))
 
     def reserve(self, size: int) -> None:
         if self.used + size > self.total:

@@ -25,11 +25,11 @@ from gpu_agent.datastore import OpenedFile
 from gpu_agent.errors import AgentError
 from gpu_agent.executors import pycuda_arrays, pycuda_curand
 from gpu_agent.executors.base import Executor, ExecutorSession, resident_threads
-from gpu_agent.executors.pinned_staging import PinnedStaging
 from gpu_agent.executors.pycuda_files import FileTransfers, choose_reader
 from gpu_agent.executors.torch_ops import TorchOps
 from gpu_agent.executors.vmm import SessionMemory, VirtualMemory, VmmError
 from gpu_agent.sizes import format_bytes
+from gpu_agent.staging_buffers import StagingBuffers
 
 log = logging.getLogger("harp.agent.pycuda")
 
@@ -524,7 +524,7 @@ class PycudaExecutor(Executor):
             log.warning("nvcc runs unsandboxed here: %s", nvcc_sandbox.UNAVAILABLE)
         self.vmm = VirtualMemory(device)
         self.pool = DeviceMemoryPool()
-        self.staging = PinnedStaging(
+        self.staging = StagingBuffers(
             pinned_staging, lambda nbytes: cuda.pagelocked_empty(nbytes, np.uint8))
         self.sessions: set[PycudaSession] = set()
         self._info = self._read_info()

@@ -30,7 +30,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from gpu_agent import protocol
+from gpu_agent.staging_buffers import StagingBuffers
 from harp_jupyter.shim import kernel_output
 from harp_jupyter.shim.agent_link import AgentLink
 from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
@@ -48,16 +51,21 @@ from harp_jupyter.shim.restore import SessionRestore
 #: notebook copies one out while the next arrives: done one after another, the wire, the device
 #: copy and the host copy of a 1-16 MiB copy leave at most 0.7x of the wire's own speed
 #: (bench/forwarding.py's bounds table)
-PIPELINE_MIN_BYTES = 512 << 10
+PIPELINE_MIN_BYTES = 1 << 20
 #: the pieces a pipelined copy is cut into, at least (more for a copy past their size bound)
 PIPELINE_PIECES = 4
-#: the largest piece: each is a message the agent holds whole before copying it. On an H200
-#: host, 16 MiB went fastest in 1 MiB pieces, 4 MiB in 512 KiB ones and 1 MiB in 256 KiB ones
+#: the size bounds of a piece: each piece costs a message's work on both sides, and each is a
+#: message the agent holds whole before copying it. On an H200 host, 16 MiB went fastest in
+#: 1 MiB pieces, 4 MiB in 512 KiB-1 MiB ones, and 1 MiB in two as fast as in four
+PIECE_MIN_BYTES = 512 << 10
 PIECE_MAX_BYTES = 1 << 20
 
 #: a synchronous host->device copy up to this size is snapshotted by a copy and returns at once;
 #: a larger one goes zero-copy and returns when its data is on the wire
 SNAPSHOT_COPY_BYTES = 4 << 20
+#: the snapshots' buffers kept for reuse, at most (a new one would be fresh pages, each faulted
+#: in by the copy)
+SNAPSHOT_STAGING_BYTES = 16 << 20
 
 #: how many times in a row a restore may be parked again while it sends the calls that did not
 #: run before the error says so (each park means another kernel was waiting for the GPU)
@@ -87,6 +95,7 @@ class RemoteSession:
         self._writer: BatchWriter | None = None
         self._handles = itertools.count(1)
         self._errors = CallErrors(self.lock)
+        self._snapshots = StagingBuffers(SNAPSHOT_STAGING_BYTES, _host_buffer)
         self._closed = False
         #: times the user's code waited for the agent (sync points), for tests and profiles
         self.sync_points = 0
@@ -443,7 +452,7 @@ class RemoteSession:
             # piece goes as soon as it is copied, so the next copy overlaps its sending
             for offset, size in pieces:
                 self._add(writer, "htod", [int(dst) + offset,
-                                           view[offset:offset + size].tobytes(), stream],
+                                           self._snapshot(view[offset:offset + size]), stream],
                           site, end_batch=len(pieces) > 1)
             return
         calls = [("htod", [int(dst) + offset, view[offset:offset + size], stream])
@@ -453,6 +462,14 @@ class RemoteSession:
             return
         for op, args in calls:
             self._add(writer, op, args, site, end_batch=True)
+
+    def _snapshot(self, piece: memoryview) -> Any:
+        """A copy of ``piece``: bytes when it goes inline, else a reused buffer's view."""
+        if piece.nbytes < protocol.MAX_INLINE_BYTES:
+            return piece.tobytes()
+        copy = self._snapshots.take(piece.nbytes)
+        copy[:] = piece
+        return copy
 
     def dtoh_into(self, dest: Any, src: int, stream: int | None = None, *,
                   wait: bool = True) -> None:
@@ -503,12 +520,17 @@ class RemoteSession:
 
 def copy_pieces(nbytes: int) -> list[tuple[int, int]]:
     """``(offset, size)`` of the pieces a copy of ``nbytes`` goes in: none for nothing, one
-    below ``PIPELINE_MIN_BYTES``, else at least ``PIPELINE_PIECES`` of whole pages, none larger than
-    ``PIECE_MAX_BYTES``."""
+    below ``PIPELINE_MIN_BYTES``, else ``PIPELINE_PIECES`` of whole pages, each within
+    ``PIECE_MIN_BYTES`` and ``PIECE_MAX_BYTES`` (the last may be shorter)."""
     if nbytes < PIPELINE_MIN_BYTES:
         return [(0, nbytes)] if nbytes else []
-    size = min(PIECE_MAX_BYTES, (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095)
+    quarter = (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095
+    size = min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter))
     return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
+
+
+def _host_buffer(nbytes: int) -> np.ndarray:
+    return np.empty(nbytes, np.uint8)
 
 
 def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:

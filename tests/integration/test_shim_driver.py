@@ -53,8 +53,8 @@ def test_memcpy_round_trip_small_and_chunked(cuda: ModuleType) -> None:
         dev.free()
 
 
-@pytest.mark.parametrize("nbytes", [(512 << 10) - 8, 512 << 10, (3 << 20) + 24, 6 << 20])
-def test_copies_from_half_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
+@pytest.mark.parametrize("nbytes", [(1 << 20) - 8, 1 << 20, (3 << 20) + 24, 6 << 20])
+def test_copies_from_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
         cuda: ModuleType, nbytes: int) -> None:
     """From ``PIPELINE_MIN_BYTES`` a copy goes as ``copy_pieces``, each piece a batch of its
     own (so the agent copies one while the next is on the wire), both ways, snapshotted (up to
@@ -68,7 +68,7 @@ def test_copies_from_half_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
     writer = session.current_writer()
     assert writer is not None
     pieces = len(copy_pieces(nbytes))
-    assert (pieces >= 4) == (nbytes >= PIPELINE_MIN_BYTES)
+    assert (pieces > 1) == (nbytes >= PIPELINE_MIN_BYTES)
     sent = writer.batches_sent
     cuda.memcpy_htod(dev, data)
     cuda.Context.synchronize()
@@ -79,6 +79,29 @@ def test_copies_from_half_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
     cuda.memcpy_dtoh(back, dev)
     assert writer.batches_sent - sent == pieces
     assert np.array_equal(back, data)
+    dev.free()
+
+
+def test_snapshots_reuse_buffers_only_once_their_batches_were_answered(
+        cuda: ModuleType) -> None:
+    """A synchronous upload of 64 KiB to 4 MiB is copied into a reused buffer and returns at
+    once. Many uploads in a row, the source changed after each, past the buffers' bound: none
+    is overwritten by a later one (a buffer is reused only once its batch was answered), and
+    the buffers kept stay within their bound."""
+    from harp_jupyter.shim.session import SNAPSHOT_STAGING_BYTES
+
+    count, nbytes = 80, 256 << 10
+    assert count * nbytes > SNAPSHOT_STAGING_BYTES
+    dev = cuda.mem_alloc(count * nbytes)
+    source = np.empty(nbytes, np.uint8)
+    for i in range(count):
+        source[:] = i
+        cuda.memcpy_htod(int(dev) + i * nbytes, source)
+    source[:] = 255
+    back = np.empty(count * nbytes, np.uint8)
+    cuda.memcpy_dtoh(back, dev)
+    assert (back.reshape(count, nbytes) == np.arange(count, dtype=np.uint8)[:, None]).all()
+    assert 0 < get_session()._snapshots.held_bytes <= SNAPSHOT_STAGING_BYTES
     dev.free()
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from harp_jupyter.shim.session import (
     PIECE_MAX_BYTES,
+    PIECE_MIN_BYTES,
     PIPELINE_MIN_BYTES,
     PIPELINE_PIECES,
     copy_pieces,
@@ -24,12 +25,15 @@ def test_pieces_cover_the_copy_once_in_order(nbytes: int) -> None:
         assert following == offset + size
     assert sum(size for _, size in pieces) == nbytes
     assert all(0 < size <= PIECE_MAX_BYTES for _, size in pieces)
+    if len(pieces) > 1:
+        assert all(size >= PIECE_MIN_BYTES for _, size in pieces[:-1])
 
 
 def test_small_copies_are_one_piece_and_large_ones_at_least_the_pipeline() -> None:
     assert copy_pieces(0) == []
     assert copy_pieces(PIPELINE_MIN_BYTES - 1) == [(0, PIPELINE_MIN_BYTES - 1)]
-    assert len(copy_pieces(PIPELINE_MIN_BYTES)) == PIPELINE_PIECES
+    assert len(copy_pieces(PIPELINE_MIN_BYTES)) == PIPELINE_MIN_BYTES // PIECE_MIN_BYTES
+    assert len(copy_pieces(PIPELINE_PIECES * PIECE_MAX_BYTES)) == PIPELINE_PIECES
     assert len(copy_pieces(64 << 20)) == (64 << 20) // PIECE_MAX_BYTES
 
 

@@ -1,11 +1,14 @@
-"""Reusable page-locked host buffers for device-to-host copies.
+"""Reusable host buffers for the bytes of copies that travel as zero-copy frames.
 
-A copy into page-locked memory runs at the bus's speed; into pageable memory CUDA stages it
-through a buffer of its own, at a fraction of that. Allocating page-locked memory is slow (it
-pins pages), so a worker keeps what it allocated and reuses a buffer once nothing else refers to
-it: the reply that carried it was sent and ZeroMQ released it (a zero-copy frame holds a
-reference to its buffer until then). The pool is bounded by ``limit`` bytes; past that, or for
-small copies, a plain pageable array is returned.
+A worker stages device-to-host copies in page-locked buffers: a copy into page-locked memory
+runs at the bus's speed, into pageable memory CUDA stages it through a buffer of its own, at a
+fraction of that, and allocating page-locked memory is slow (it pins pages). The shim snapshots
+a synchronous host-to-device copy into plain buffers: a fresh allocation of a few hundred KiB
+is a fresh mapping, whose first touch costs a page fault per page. Either way a buffer is
+reused once nothing else refers to it: the message that carried it was sent and ZeroMQ released
+it (a zero-copy frame holds a reference to its buffer until then), and, in the shim, the batch
+was answered. The pool is bounded by ``limit`` bytes; past that, or for small copies, a new
+array is returned.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ MIN_STAGED_BYTES = 64 << 10
 _FREE_REFS = 3
 
 
-class PinnedStaging:
-    """Page-locked buffers by power-of-two size, up to ``limit`` bytes in all."""
+class StagingBuffers:
+    """Buffers made by ``allocate`` (page-locked ones in a worker) by power-of-two size, up to
+    ``limit`` bytes in all."""
 
     def __init__(self, limit: int, allocate: Callable[[int], np.ndarray]) -> None:
         self.limit = max(0, limit)
@@ -31,8 +35,8 @@ class PinnedStaging:
         self.held_bytes = 0
 
     def take(self, nbytes: int) -> np.ndarray:
-        """A writable uint8 array of ``nbytes``: a view of a free page-locked buffer where one
-        fits, else a new pageable one."""
+        """A writable uint8 array of ``nbytes``: a view of a free buffer of the pool where one
+        fits, else a new plain one."""
         if nbytes < MIN_STAGED_BYTES:
             return np.empty(nbytes, np.uint8)
         size = 1 << (nbytes - 1).bit_length()

@@ -1,8 +1,7 @@
-"""The worker's reusable page-locked staging for device-to-host copies (gpu_agent.executors
-.pinned_staging), with host arrays standing in for page-locked ones: a buffer is reused only once
-nothing refers to it, the pool never holds more than its limit (harp-agent --pinned-staging; its
-workers pass it to the pycuda executor, the emulated one stages nothing), small copies are not
-staged."""
+"""Reusable staging buffers (gpu_agent.staging_buffers) as the worker's page-locked staging
+for device-to-host copies uses them, with host arrays standing in for page-locked ones: a
+buffer is reused only once nothing refers to it, the pool never holds more than its limit
+(harp-agent --pinned-staging), small copies are not staged."""
 
 from __future__ import annotations
 
@@ -12,19 +11,19 @@ import time
 import numpy as np
 import zmq
 
-from gpu_agent.executors.pinned_staging import MIN_STAGED_BYTES, PinnedStaging
+from gpu_agent.staging_buffers import MIN_STAGED_BYTES, StagingBuffers
 
 MiB = 1 << 20
 
 
-def pool(limit: int) -> tuple[PinnedStaging, list[int]]:
+def pool(limit: int) -> tuple[StagingBuffers, list[int]]:
     allocated: list[int] = []
 
     def allocate(nbytes: int) -> np.ndarray:
         allocated.append(nbytes)
         return np.zeros(nbytes, np.uint8)
 
-    return PinnedStaging(limit, allocate), allocated
+    return StagingBuffers(limit, allocate), allocated
 
 
 def test_a_buffer_is_reused_once_its_reply_is_gone_and_not_before() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-#: copies smaller than this are cheap either way (and ZeroMQ copies such frames on send)
+#: by default copies smaller than this are not staged: ZeroMQ copies such frames on send
 MIN_STAGED_BYTES = 64 << 10
 #: the references a free buffer has inside ``take``: its list, the loop variable, the argument
 _FREE_REFS = 3
@@ -28,8 +28,10 @@ class StagingBuffers:
     """Buffers made by ``allocate`` (page-locked ones in a worker) by power-of-two size, up to
     ``limit`` bytes in all."""
 
-    def __init__(self, limit: int, allocate: Callable[[int], np.ndarray]) -> None:
+    def __init__(self, limit: int, allocate: Callable[[int], np.ndarray], *,
+                 min_bytes: int = MIN_STAGED_BYTES) -> None:
         self.limit = max(0, limit)
+        self.min_bytes = min_bytes
         self._allocate = allocate
         self._buffers: dict[int, list[np.ndarray]] = {}
         self.held_bytes = 0
@@ -37,7 +39,7 @@ class StagingBuffers:
     def take(self, nbytes: int) -> np.ndarray:
         """A writable uint8 array of ``nbytes``: a view of a free buffer of the pool where one
         fits, else a new plain one."""
-        if nbytes < MIN_STAGED_BYTES:
+        if nbytes < self.min_bytes:
             return np.empty(nbytes, np.uint8)
         size = 1 << (nbytes - 1).bit_length()
         buffers = self._buffers.setdefault(size, [])

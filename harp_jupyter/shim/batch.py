@@ -15,7 +15,7 @@ batch goes, sends it, and waits on the window. A call added with ``track=True`` 
 once and returns a tracker; ``wait_sent`` returns once ZeroMQ sent its frames whole on a
 live link (the caller's buffer may then be reused, so the batch can no longer be sent again).
 
-A sync point with nothing queued or in flight sends its call as a batch of its own and waits
+A sync point with nothing in flight sends the calls queued and its own as one batch and waits
 for the reply at once (``call_alone``), with the same in-flight record and delivery.
 
 A call added after the link dropped is kept with the calls not sent yet, and the drop raised:
@@ -196,28 +196,34 @@ class BatchWriter:
         return tracker
 
     def call_alone(self, call: list[Any], meta: CallMeta) -> bool:
-        """A sync point's fast path: send ``call`` as a batch of its own and handle its reply,
-        when nothing is queued, in flight or failed, no profile runs and the call has no buffer
-        to convert or kernel to name; False (nothing sent) otherwise. The batch is in the
-        in-flight record from its send to its reply, as any batch, so a park in between sends
-        it again after the restore; its value goes to ``meta``'s ``on_result``, its error to
-        ``on_call_error``, as ``add`` then ``wait_for`` would."""
+        """A sync point's fast path: send the calls queued and ``call`` as one batch and handle
+        its reply at once, when nothing is in flight or failed, no profile runs and ``call``
+        has no buffer to convert or kernel to name; False (nothing sent) otherwise. The batch
+        is in the in-flight record from its send to its reply, as any batch, so a park in
+        between sends it again after the restore; the values go to the metas' ``on_result``,
+        the error to ``on_call_error``, as ``add`` then ``wait_for`` would."""
         with self.lock:
             window = self._window
             batches = window.batches
-            if (window.fatal is not None or self._queue.calls or batches
-                    or profiling.active is not None or call[0] in _GENERAL_OPS):
+            if (window.fatal is not None or batches or profiling.active is not None
+                    or call[0] in _GENERAL_OPS):
                 return False
             seq = window.next_seq
-            calls, metas = [call], [meta]
+            queue = self._queue
+            if queue.calls:
+                calls, metas, frames = queue.take()
+                calls.append(call)
+                metas.append(meta)
+            else:
+                calls, metas, frames = [call], [meta], []
             try:
-                self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls})
+                self.connection.send({"t": protocol.BATCH, "q": seq, "c": calls}, frames)
             except GPULostError as e:
                 window.fatal = e
-                self._queue.put_back(calls, metas, [])  # sent again after a restore
+                queue.put_back(calls, metas, frames)  # sent again after a restore
                 raise
             window.next_seq = seq + 1
-            pending = PendingBatch(seq, metas, calls=calls)
+            pending = PendingBatch(seq, metas, calls=calls, frames=frames)
             batches.append(pending)
             self.batches_sent += 1
             self.peak_inflight = self.peak_inflight or 1

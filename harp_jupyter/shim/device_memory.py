@@ -68,6 +68,9 @@ class DeviceMemory:
     def __init__(self) -> None:
         self.allocator: AddressAllocator | None = None
         self.free_estimate: int | None = None
+        #: bytes mapped minus bytes unmapped by the calls queued so far: what a ``mem_get_info``
+        #: reply does not count yet of the calls queued after it
+        self.net_mapped = 0
         #: the slot's bytes (the welcome's total memory): mapped memory, cached included, fits it
         self.slot_bytes: int | None = None
         #: HARP_CACHED_MEMORY, read when the session is made so that a bad value says so early
@@ -124,6 +127,7 @@ class DeviceMemory:
         failed: list[int] = []
         for chunk_addr, size in chunks:
             estimate = self.free_estimate
+            self.net_mapped += size
             if estimate is not None:
                 must_wait = must_wait or size > estimate
                 self.free_estimate = estimate - size
@@ -185,15 +189,23 @@ class DeviceMemory:
         return self.allocator is not None and self.allocator.owns(addr)
 
     def note_unmapped(self, size: int) -> None:
+        self.net_mapped -= size
         if self.free_estimate is not None:
             self.free_estimate += size
 
-    def note_mem_info(self, value: Any) -> None:
-        """``on_result`` of a ``mem_get_info``: the agent's free memory, as it replied."""
-        try:
-            self.free_estimate = int(value[0])
-        except (TypeError, ValueError, IndexError):
-            pass
+    def mem_info_receiver(self) -> Callable[[Any], None]:
+        """The ``on_result`` of a ``mem_get_info`` queued now: the free memory it replies, less
+        what the calls queued after it map (the agent ran them after it; their reply may come
+        after some were queued)."""
+        mark = self.net_mapped
+
+        def note(value: Any) -> None:
+            try:
+                self.free_estimate = int(value[0]) - (self.net_mapped - mark)
+            except (TypeError, ValueError, IndexError):
+                pass
+
+        return note
 
     @property
     def requested_bytes(self) -> int:

@@ -80,7 +80,7 @@ class SessionRestore:
             try:
                 parking.send_carried(writer)
                 # learn the real free memory with the first reply, at no extra round trip
-                writer.add("mem_get_info", [], None, self._memory.note_mem_info)
+                writer.add("mem_get_info", [], None, self._memory.mem_info_receiver())
             except GPULostError as e:
                 loss = parking.explain_loss(e)
                 if loss is not None:

@@ -351,10 +351,10 @@ class RemoteSession:
 
     def _sync_one(self, writer: BatchWriter, call: list[Any], meta: CallMeta) -> None:
         """Send everything queued plus ``call`` and wait for every reply (a sync point), the
-        lock held. Alone on the link it goes as a batch of its own straight to its reply
-        (``BatchWriter.call_alone``); otherwise, or when the link drops meanwhile, the general
-        way: queued, sent, waited for, and when the agent parked the session, restored and
-        sent again."""
+        lock held. With nothing in flight it goes with the calls queued as one batch straight
+        to its reply (``BatchWriter.call_alone``); otherwise, or when the link drops
+        meanwhile, the general way: queued, sent, waited for, and when the agent parked the
+        session, restored and sent again."""
         try:
             if writer.call_alone(call, meta):
                 self.sync_points += 1

@@ -191,7 +191,7 @@ class AgentConnection:
             self._socket.send(head, copy=True)
             return None
         if not track:
-            self._socket.send_multipart([head, *frames], copy=False)
+            multipart.send(self._socket, [head, *frames])
             return None
         zframes = [zmq.Frame(f, copy=False, track=True) for f in frames]
         tracker = zmq.MessageTracker(*(f.tracker for f in zframes))

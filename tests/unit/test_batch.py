@@ -246,9 +246,16 @@ def test_a_lone_sync_call_goes_as_a_batch_of_its_own(peer: ScriptedPeer) -> None
     assert writer.call_alone(["ping"], ("ping", None, values.append, None))
     assert values == [42] and writer.inflight == 0
     assert [h["c"] for h, _ in peer.batches] == [[["ping"]]]
-    writer.add("free", [1], None)  # something queued: the general way, nothing sent here
+    writer.add("free", [1], None)  # something queued: it goes with the sync call
+    assert writer.call_alone(["ping"], ("ping", None, values.append, None))
+    assert values == [42, 42] and writer.inflight == 0 and writer.queued_calls == 0
+    assert [h["c"] for h, _ in peer.batches] == [[["ping"]], [["free", 1], ["ping"]]]
+    writer.add("free", [2], None)
+    writer.flush()  # in flight: the general way, nothing sent here
     assert not writer.call_alone(["ping"], ("ping", None, values.append, None))
-    assert len(peer.batches) == 1 and values == [42]
+    peer.wait_for_batches(3)
+    writer.drain()
+    assert len(peer.batches) == 3 and values == [42, 42]
     close(writer)
 
 

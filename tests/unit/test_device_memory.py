@@ -123,3 +123,20 @@ def test_a_reuse_keeps_the_empty_shared_chunk_a_new_mapping_unmaps(
     assert add.take() == ["memset"]  # no free: the reuse needs no room
     mem.allocate(add, 6 * MIB, None)
     assert add.take() == ["free", "alloc"]  # a new mapping unmaps the empty chunk, as before
+
+
+def test_a_late_mem_get_info_reply_counts_what_was_mapped_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore queues a ``mem_get_info`` with its first calls; its reply may come after more
+    were queued (uploads in pieces, a full window). The agent ran it before them, so the free
+    memory it says is less what they map and more what they unmap: an allocation the slot
+    cannot hold still waits for the agent and fails at its line."""
+    mem, add = memory(0, monkeypatch), Queued()
+    note = mem.mem_info_receiver()  # queued first, answered later
+    first, _, _ = mem.allocate(add, 8 * MIB, None)
+    mem.allocate(add, 8 * MIB, None)
+    mem.release(add, first, None)
+    note([SLOT, SLOT])  # the agent's free memory when it ran, before the calls after it
+    assert mem.free_estimate == SLOT - 8 * MIB
+    _, _, wait = mem.allocate(add, SLOT, None)
+    assert wait

@@ -51,10 +51,16 @@ def test_the_pool_stays_within_its_limit_and_falls_back_to_pageable_arrays() -> 
     assert off.take(4 * MiB).nbytes == 4 * MiB and none == []
 
 
-def test_small_copies_are_not_staged() -> None:
+def test_small_copies_are_not_staged_unless_asked() -> None:
     staging, allocated = pool(8 * MiB)
     assert staging.take(MIN_STAGED_BYTES - 1).nbytes == MIN_STAGED_BYTES - 1
     assert allocated == []
+    every = StagingBuffers(8 * MiB, lambda nbytes: np.zeros(nbytes, np.uint8), min_bytes=1)
+    word = every.take(4)
+    assert word.nbytes == 4 and word.base is not None and every.held_bytes == 4
+    base = id(word.base)
+    del word
+    assert id(every.take(3).base) == base and every.held_bytes == 4  # reused, not a new one
 
 
 def test_a_buffer_zeromq_still_holds_is_not_reused() -> None:

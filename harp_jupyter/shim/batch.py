@@ -1,11 +1,11 @@
 """BatchWriter: queues forwarded calls and sends them to the agent as batches.
 
 A batch goes out when a sync point needs it (``flush``), when it holds ``max_calls`` calls or
-``flush_bytes`` of frames, or ``linger`` seconds after its first call: the caller's thread sends it
-when it queues a later call past that time, and a daemon thread when nobody queues one (a thread
-waiting for the GIL behind a busy notebook gets it only every switch interval, 5 ms). At most
-``max_inflight`` batches are unacknowledged: the sender receives replies before it sends more, so
-a loop of a million launches applies back-pressure instead of growing memory.
+``flush_bytes`` of frames, or within ``linger`` seconds of its first call: the caller's thread
+sends it when it queues a later call past that time, and a daemon thread when nobody queues one
+(a thread waiting for the GIL behind a busy notebook gets it only every switch interval, 5 ms).
+At most ``max_inflight`` batches are unacknowledged: the sender receives replies before it sends
+more, so a loop of a million launches applies back-pressure instead of growing memory.
 
 The calls not sent yet are a ``CallQueue`` (call_queue.py: small buffers copied into the call,
 large ones zero-copy frames), the linger timer a ``LingerThread`` (linger.py), what a reply's
@@ -78,7 +78,7 @@ class BatchWriter:
         self._queue = CallQueue()
         self._window = InflightWindow(connection, on_call_error)
         self._closing = False
-        self._linger = LingerThread(linger, self._on_linger)
+        self._linger = LingerThread(linger, self._on_linger, self._has_queued)
         self._clock = clock
         #: when the batch being queued got its first call (``clock``)
         self._first_queued_at = 0.0
@@ -350,21 +350,21 @@ class BatchWriter:
 
     # {{{ the linger thread
 
+    def _has_queued(self) -> bool:
+        return bool(self._queue.calls)  # (no lock: a list's length, read under the GIL)
+
     def _on_linger(self) -> bool:
-        """Send what is queued (the linger thread, ``linger`` after a batch's first call);
-        True when the writer is closing."""
+        """Send what is queued (the linger thread, each ``linger`` while calls are queued);
+        True when the writer is closing. With the window full it waits for the next period."""
         with self.lock:
             if self._closing:
                 return True
-            self._linger.clear()
             if self._window.fatal is not None or not self._queue:
                 return False
             try:
                 self._window.reap()
                 if len(self._window.batches) < self.max_inflight:
                     self._flush_locked(False)
-                else:
-                    self._linger.wake()  # window full: try again after another linger
             except Error as e:
                 self._window.fatal = self._window.fatal or e
             except Exception as e:  # never let the thread die silently

@@ -140,6 +140,35 @@ def test_linger_sends_a_lone_call(peer: ScriptedPeer) -> None:
     close(writer)
 
 
+def test_a_sync_loop_wakes_the_linger_thread_once_not_per_batch(peer: ScriptedPeer) -> None:
+    """A call queued then sent by a sync point, again and again: the linger thread, once
+    awake, keeps its period instead of being woken (a thread wake-up and a turn at the GIL)
+    for each batch's first call."""
+    writer = make_writer(peer, linger=0.005)
+    for i in range(200):
+        writer.add("free", [i], None)
+        assert writer.call_alone(["ping"], ("ping", None, None, None))
+    assert writer._linger.wakeups == 1
+    close(writer)
+
+
+def test_the_linger_thread_sleeps_when_quiet_and_the_next_call_wakes_it(
+        peer: ScriptedPeer) -> None:
+    from harp_jupyter.shim.linger import QUIET_PERIODS
+
+    writer = make_writer(peer, linger=0.001)
+    writer.add("free", [1], None)
+    peer.wait_for_batches(1)  # sent by the linger thread
+    deadline = time.monotonic() + 10 + QUIET_PERIODS * 0.001
+    while writer._linger._awake:  # quiet periods pass: it goes to sleep
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    writer.add("free", [2], None)
+    peer.wait_for_batches(2)  # woken, not lost: nobody else sends it
+    assert writer._linger.wakeups == 2
+    close(writer)
+
+
 def test_a_call_queued_past_the_linger_sends_the_batch_from_the_callers_thread(
         peer: ScriptedPeer) -> None:
     # the linger thread needs the GIL, which a busy notebook thread gives up only every 5 ms:

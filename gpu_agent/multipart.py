@@ -5,9 +5,12 @@ can afford: a synchronous GPU call is one such message each way, and pyzmq's gen
 
 ``receive`` reads frames as long as the last one says more follow (after busy-polling the socket
 for up to ``busy_poll_ns``, when given: a thread blocked in ZeroMQ is woken by the kernel, which on
-a virtual machine costs more than the whole Python side of a small reply); ``send`` copies small
-``bytes`` frames (cheaper than ZeroMQ's zero-copy bookkeeping) and hands every other buffer to
-ZeroMQ zero-copy. Both raise as the pyzmq calls do (``zmq.Again`` past a time limit or with
+a virtual machine costs more than the whole Python side of a small reply); ``send`` copies frames
+under ``COPY_BELOW_BYTES`` into ZeroMQ's own messages and hands larger buffers to ZeroMQ
+zero-copy. A zero-copy frame is released by pyzmq's garbage-collector thread, a Python thread
+that needs the GIL once ZeroMQ has sent it: behind a thread that busy-polls with the GIL held it
+waits for the switch interval, and takes its turn in the middle of a later call. Both raise as
+the pyzmq calls do (``zmq.Again`` past a time limit or with
 ``NOBLOCK``).
 """
 
@@ -22,8 +25,10 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-#: a bytes frame smaller than this is copied into ZeroMQ's message (pyzmq's own threshold)
-_COPY_BELOW = zmq.COPY_THRESHOLD
+#: a frame smaller than this is copied into ZeroMQ's message: on an H200 host a copied 128 KiB
+#: frame's round trip was as fast as a zero-copy one (without busy polling), a 256 KiB one 10-18 µs
+#: slower (a loopback round trip of one frame each way, 2026-12-02)
+COPY_BELOW_BYTES = 256 << 10
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 #: the longest busy poll a flag may ask for: past a millisecond it only burns CPU
@@ -81,5 +86,8 @@ def send(socket: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
     last = len(parts) - 1
     more = flags | _SNDMORE
     for i, part in enumerate(parts):
-        copy = type(part) is bytes and len(part) < _COPY_BELOW
+        if type(part) is bytes:
+            copy = len(part) < COPY_BELOW_BYTES
+        else:
+            copy = not isinstance(part, zmq.Frame) and memoryview(part).nbytes < COPY_BELOW_BYTES
         socket.send(part, more if i < last else flags, copy=copy)

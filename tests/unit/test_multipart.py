@@ -39,6 +39,22 @@ def test_a_message_of_mixed_parts_arrives_whole(pair: tuple[zmq.Socket, zmq.Sock
     assert [f.bytes for f in multipart.receive(b)] == [b"next"]
 
 
+def test_frames_under_the_copy_bound_are_copied_and_larger_ones_are_not(
+        pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """A buffer under ``COPY_BELOW_BYTES`` goes as ZeroMQ's own copy (no garbage-collector
+    thread to release it); a larger one is handed over zero-copy. Over inproc a zero-copy frame
+    is the sender's memory itself, so a change after the send shows in what arrives."""
+    a, b = pair
+    small = np.zeros(multipart.COPY_BELOW_BYTES - 1, np.uint8)
+    large = np.zeros(multipart.COPY_BELOW_BYTES, np.uint8)
+    multipart.send(a, [b"h", small, large])
+    small[:] = 1
+    large[:] = 1
+    _head, got_small, got_large = multipart.receive(b)
+    assert not np.frombuffer(got_small.buffer, np.uint8).any()  # copied at the send
+    assert np.frombuffer(got_large.buffer, np.uint8).all()  # the sender's own buffer
+
+
 def test_a_send_past_the_high_water_mark_raises_again_with_noblock() -> None:
     context = zmq.Context()
     sender = context.socket(zmq.DEALER)

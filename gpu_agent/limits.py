@@ -49,7 +49,7 @@ class AgentLimits:
     max_frame: int = _flag(
         256 * MiB,
         "largest frame a worker takes from its client, and largest dtoh one call may return "
-        "(the shim sends copies in 16 MiB pieces)",
+        "(the shim sends copies from 1 MiB in pieces of at most 1 MiB)",
         unit="bytes",
         metavar="BYTES",
     )

@@ -19,6 +19,7 @@ from gpu_agent import protocol
 from harp_jupyter.shim.batch import BatchWriter, byte_view
 from harp_jupyter.shim.errors import GPULostError
 from harp_jupyter.shim.transport import AgentConnection
+from tests.agent_client import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -159,10 +160,8 @@ def test_the_linger_thread_sleeps_when_quiet_and_the_next_call_wakes_it(
     writer = make_writer(peer, linger=0.001)
     writer.add("free", [1], None)
     peer.wait_for_batches(1)  # sent by the linger thread
-    deadline = time.monotonic() + 10 + QUIET_PERIODS * 0.001
-    while writer._linger._awake:  # quiet periods pass: it goes to sleep
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
+    wait_for(lambda: not writer._linger._awake, 10 + QUIET_PERIODS * 0.001,
+             "the linger thread to sleep after its quiet periods")
     writer.add("free", [2], None)
     peer.wait_for_batches(2)  # woken, not lost: nobody else sends it
     assert writer._linger.wakeups == 2

@@ -1,8 +1,10 @@
 """The benchmark's workloads, written once against pycuda's API.
 
 ``python bench/workloads.py local OUT.json`` runs them with local pycuda;
-``python bench/workloads.py shim OUT.json tcp://HOST:PORT`` runs the same code through HARP's
-shim against that agent. Each prints nothing but writes its figures as JSON.
+``python bench/workloads.py shim OUT.json tcp://HOST:PORT [AGENT_PID]`` runs the same code through
+HARP's shim against that agent. Each prints nothing but writes its figures as JSON.
+``--hot-path-only`` leaves out the long loops (compute-bound, a million launches): a repeated
+round of bench/forwarding.py measures only the launch, the read and the copies again.
 """
 
 from __future__ import annotations
@@ -82,12 +84,13 @@ def host_copy_GBps(nbytes: int, reps: int) -> float:
 
 
 def main() -> None:
-    mode, out = sys.argv[1], sys.argv[2]
-    agent_pid = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    hot_path_only = "--hot-path-only" in sys.argv
+    mode, out, *target = [arg for arg in sys.argv[1:] if arg != "--hot-path-only"]
+    agent_pid = int(target[1]) if len(target) > 1 else None
     if mode == "shim":
         from harp_jupyter.shim import activate
 
-        activate(agent=sys.argv[3])
+        activate(agent=target[0])
     import pycuda.autoinit  # noqa: F401
     import pycuda.driver as cuda
     from pycuda.compiler import SourceModule
@@ -147,7 +150,7 @@ def main() -> None:
         if mode == "local":
             results[copy_key("host", nbytes)] = host_copy_GBps(nbytes, reps)
 
-    if not kernels:
+    if not kernels or hot_path_only:
         with open(out, "w") as f:
             json.dump(results, f)
         return

@@ -46,11 +46,11 @@ from harp_jupyter.shim.memory_calls import MemoryCalls
 from harp_jupyter.shim.parking import SessionParking
 from harp_jupyter.shim.restore import SessionRestore
 
-#: a host<->device copy of at least this many bytes goes in pieces, one message each, so that
-#: the agent copies one piece to (or from) the GPU while the next is on the wire, and the
-#: notebook copies one out while the next arrives: done one after another, the wire, the device
-#: copy and the host copy of a 1-16 MiB copy leave at most 0.7x of the wire's own speed
-#: (bench/forwarding.py's bounds table)
+#: a host<->device copy the caller waits for, of at least this many bytes, goes in pieces, one
+#: message each, so that the agent copies one piece to (or from) the GPU while the next is on
+#: the wire, and the notebook copies one out while the next arrives: done one after another,
+#: the wire, the device copy and the host copy of a 1-16 MiB copy leave at most 0.7x of the
+#: wire's own speed (bench/forwarding.py's bounds table)
 PIPELINE_MIN_BYTES = 1 << 20
 #: the pieces a pipelined copy is cut into, at least (more for a copy past their size bound)
 PIPELINE_PIECES = 4
@@ -59,6 +59,12 @@ PIPELINE_PIECES = 4
 #: 1 MiB pieces, 4 MiB in 512 KiB-1 MiB ones, and 1 MiB in two as fast as in four
 PIECE_MIN_BYTES = 512 << 10
 PIECE_MAX_BYTES = 1 << 20
+#: an asynchronous copy (``memcpy_htod_async``, ``memcpy_dtoh_async``) goes in calls of at most
+#: this many bytes: the caller does not wait for it, so the copies around it overlap it already,
+#: and pieces would only add batches. Under a network's delay a batch a piece costs round trips:
+#: at most ``protocol.MAX_INFLIGHT_BATCHES`` are in flight (bench/network_delay.py's image
+#: pipeline, 1 MiB frames, spent 2.7 round trips of a 1 ms delay per sync point with pieces)
+ASYNC_CHUNK_BYTES = 16 << 20
 
 #: a synchronous host->device copy up to this size is snapshotted by a copy and returns at once;
 #: a larger one goes zero-copy and returns when its data is on the wire
@@ -434,10 +440,10 @@ class RemoteSession:
 
     def htod(self, dst: int, buffer: Any, stream: int | None = None, *,
              keep: bool = False) -> None:
-        """Copy ``buffer`` to device address ``dst``, in ``copy_pieces``. Large buffers go
-        zero-copy; the call returns once they are sent (the buffer may then change), or at once
-        with ``keep`` (the buffer must stay unchanged until the copy executed, as for
-        cuMemcpyHtoDAsync)."""
+        """Copy ``buffer`` to device address ``dst``: in ``copy_pieces``, returning once they
+        are sent (large buffers go zero-copy; the buffer may then change); or, with ``keep``,
+        in ``async_chunks``, returning at once (the buffer must stay unchanged until the copy
+        executed, as for cuMemcpyHtoDAsync)."""
         view = byte_view(buffer)
         nbytes = view.nbytes
         if nbytes == 0:
@@ -446,8 +452,13 @@ class RemoteSession:
         if self._deferred:
             self._memory_calls.send_deferred()
         site = user_call_site(2)
+        if keep:
+            for offset, size in async_chunks(nbytes):
+                self._add(writer, "htod", [int(dst) + offset, view[offset:offset + size],
+                                           stream], site, end_batch=True)
+            return
         pieces = copy_pieces(nbytes)
-        if nbytes <= SNAPSHOT_COPY_BYTES and not keep:
+        if nbytes <= SNAPSHOT_COPY_BYTES:
             # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer; a
             # piece goes as soon as it is copied, so the next copy overlaps its sending
             for offset, size in pieces:
@@ -455,13 +466,9 @@ class RemoteSession:
                                            self._snapshot(view[offset:offset + size]), stream],
                           site, end_batch=len(pieces) > 1)
             return
-        calls = [("htod", [int(dst) + offset, view[offset:offset + size], stream])
-                 for offset, size in pieces]
-        if not keep:
-            self._restore.send_tracked(writer, calls, site)
-            return
-        for op, args in calls:
-            self._add(writer, op, args, site, end_batch=True)
+        self._restore.send_tracked(writer, [
+            ("htod", [int(dst) + offset, view[offset:offset + size], stream])
+            for offset, size in pieces], site)
 
     def _snapshot(self, piece: memoryview) -> Any:
         """A copy of ``piece``: bytes when it goes inline, else a reused buffer's view."""
@@ -485,7 +492,7 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._memory_calls.send_deferred()
-            pieces = copy_pieces(nbytes)
+            pieces = copy_pieces(nbytes) if wait else async_chunks(nbytes)
             if wait and len(pieces) == 1:
                 self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
                                ("dtoh", site, _copy_into(view), None))
@@ -527,6 +534,12 @@ def copy_pieces(nbytes: int) -> list[tuple[int, int]]:
     quarter = (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095
     size = min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter))
     return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
+
+
+def async_chunks(nbytes: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the calls an asynchronous copy of ``nbytes`` goes in."""
+    return [(offset, min(ASYNC_CHUNK_BYTES, nbytes - offset))
+            for offset in range(0, nbytes, ASYNC_CHUNK_BYTES)]
 
 
 def _host_buffer(nbytes: int) -> np.ndarray:

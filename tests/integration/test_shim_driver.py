@@ -473,3 +473,31 @@ def test_prepared_formats_and_host_helpers(cuda: ModuleType) -> None:
     assert aligned.ctypes.data % 4096 == 0 and aligned.shape == (3, 5) and not aligned.any()
     host = cuda.pagelocked_zeros_like(np.ones((2, 3), order="F"))
     assert host.flags.f_contiguous and host.shape == (2, 3)
+
+
+def test_async_copies_go_whole_in_the_batch_they_join(cuda: ModuleType) -> None:
+    """An asynchronous copy is not cut into pieces: the caller does not wait for it, and under
+    a network's delay every extra batch costs round trips (at most 8 are in flight). A 3 MiB
+    ``memcpy_htod_async`` ends its batch as one call; a ``memcpy_dtoh_async`` of the same size
+    rides in the batch of the calls around it; the bytes arrive by the next sync point."""
+    from harp_jupyter.shim.session import ASYNC_CHUNK_BYTES, PIPELINE_MIN_BYTES
+
+    nbytes = 3 << 20
+    assert PIPELINE_MIN_BYTES <= nbytes < ASYNC_CHUNK_BYTES
+    data = cuda.pagelocked_empty(nbytes, np.uint8)
+    data[:] = np.random.default_rng(3).integers(0, 256, nbytes, dtype=np.uint8)
+    back = cuda.pagelocked_zeros(nbytes, np.uint8)
+    dev = cuda.mem_alloc(nbytes)
+    stream = cuda.Stream()
+    stream.synchronize()
+    writer = get_session().current_writer()
+    assert writer is not None
+    sent = writer.batches_sent
+    cuda.memcpy_htod_async(dev, data, stream)
+    assert writer.batches_sent - sent == 1
+    sent = writer.batches_sent
+    cuda.memcpy_dtoh_async(back, dev, stream)
+    stream.synchronize()
+    assert writer.batches_sent - sent == 1  # the dtoh rode in the synchronize's batch
+    assert np.array_equal(back, data)
+    dev.free()

@@ -133,27 +133,41 @@ def table(local: dict, shim: dict, raw: dict, agent_rss: float) -> list[str]:
 
 
 def bounds(local: dict, shim: dict, raw: dict) -> list[str]:
-    """What a copy through the shim cannot go below without overlapping its steps: the wire
-    (raw pyzmq's put or get), the device copy (local pycuda's), and one host copy (the shim's
-    snapshot of a small H2D source, or the D2H data copied from ZeroMQ's frame into the
-    user's array), each measured in this run."""
+    """What a copy through the shim cannot go below, from the times of its steps measured in
+    this run: the wire (raw pyzmq's put or get), the device copy (local pycuda's), and one host
+    copy (the shim's snapshot of an H2D source up to ``SNAPSHOT_COPY_BYTES``, or the D2H data
+    copied from ZeroMQ's frame into the user's array). Done one after another, their sum; in
+    ``copy_pieces``, the wire plus what the pieces cannot overlap: one piece's host copy and
+    one piece's device copy (the first piece's snapshot before anything is on the wire, the
+    last piece's device copy after everything arrived; the other way round for D2H)."""
     if not local or copy_key("host", COPY_SIZES[0][0]) not in local:
         return []
-    lines = ["", "What bounds each copy: the time of its steps done one after another, each "
-             "measured in this run (µs), and the ratio to raw pyzmq that leaves.", "",
+    from harp_jupyter.shim.session import SNAPSHOT_COPY_BYTES, copy_pieces
+
+    lines = ["", "What bounds each copy: the time of its steps (µs, each measured in this run) "
+             "done one after another, and with the shim's pieces overlapping all but one "
+             "piece's host copy and one piece's device copy; the ratio to raw pyzmq each "
+             "leaves.", "",
              "| copy | raw pyzmq | local device copy | host copy | steps in sequence | "
-             "its ratio to raw | through the shim | shim over the steps |",
-             "|---|---|---|---|---|---|---|---|"]
+             "its ratio to raw | pieces | their floor | its ratio to raw | through the shim | "
+             "shim over the floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for direction in ("h2d", "d2h"):
         for nbytes, _reps in COPY_SIZES:
             key = copy_key(direction, nbytes)
             t_raw, t_local = nbytes / raw[key] / 1e3, nbytes / local[key] / 1e3
-            t_host = nbytes / local[copy_key("host", nbytes)] / 1e3
+            host_copied = direction == "d2h" or nbytes <= SNAPSHOT_COPY_BYTES
+            t_host = nbytes / local[copy_key("host", nbytes)] / 1e3 if host_copied else 0.0
             t_shim = nbytes / shim[key] / 1e3
             steps = t_raw + t_local + t_host
+            pieces = copy_pieces(nbytes)
+            edge = (pieces[0][1] if direction == "h2d" else pieces[-1][1]) / nbytes
+            far_edge = (pieces[-1][1] if direction == "h2d" else pieces[0][1]) / nbytes
+            floor = t_raw + t_host * edge + t_local * far_edge
             lines.append(f"| {direction.upper()} {size_label(nbytes)} | {t_raw:.1f} | "
                          f"{t_local:.1f} | {t_host:.1f} | {steps:.1f} | {t_raw / steps:.2f} | "
-                         f"{t_shim:.1f} | {t_shim - steps:+.1f} |")
+                         f"{len(pieces)} | {floor:.1f} | {t_raw / floor:.2f} | {t_shim:.1f} | "
+                         f"{t_shim - floor:+.1f} |")
     return lines
 
 

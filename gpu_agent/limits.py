@@ -49,7 +49,8 @@ class AgentLimits:
     max_frame: int = _flag(
         256 * MiB,
         "largest frame a worker takes from its client, and largest dtoh one call may return "
-        "(the shim sends copies from 1 MiB in pieces of at most 1 MiB)",
+        "(told to the shim in its welcome: copies go in pieces within it, and a larger "
+        "buffer, such as a module image, is the user's clear error)",
         unit="bytes",
         metavar="BYTES",
     )

@@ -28,7 +28,8 @@ client -> worker
     ``batch``   {t, q: seq, c: [call, ...]}    each call is ``[op, *args]`` (see ``OPS``)
 supervisor -> client
     ``welcome`` {t, v, session, resume_token, resumed, range: [base, size], device: {...},
-                 executor, agent: {...}, worker: endpoint, attach: token, slot: {...}}
+                 executor, agent: {...}, worker: endpoint, attach: token, slot: {...},
+                 max_frame: bytes}              the largest frame the worker takes
     ``parked``  {t, rid, session, bytes}
     ``lost``    {t, session, e: error}          pushed when the session's worker is gone
     ``status``  {t, ...}

@@ -91,6 +91,7 @@ class SessionLifecycle:
             "executor": self.agent_info["executor"], "emulated": self.agent_info["emulated"],
             "agent": self.agent_info, "worker": worker.endpoint, "attach": session.attach,
             "slot": {"slots": self.desk.leases.slots, "memory": self.workers.config.memory_cap},
+            "max_frame": self.workers.config.max_frame,
         })
 
     def park(self, session: Session, why: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gpu_agent import protocol
 from harp_jupyter.shim import hooks
 from harp_jupyter.shim.endpoints import configured_endpoint
 from harp_jupyter.shim.errors import (
@@ -49,6 +50,8 @@ class Opened:
     granted: int
     base: int
     size: int
+    #: the largest frame the session's worker takes (an agent that predates it: the protocol's)
+    max_frame: int = protocol.MAX_FRAME_BYTES
 
     def close(self) -> None:
         self.connection.close()
@@ -143,6 +146,9 @@ class AgentLink:
         data: AgentConnection | None = None
         try:
             base, size = welcome["range"]
+            max_frame = int(welcome.get("max_frame", protocol.MAX_FRAME_BYTES))
+            if not 0 < max_frame <= protocol.MAX_FRAME_BYTES:
+                raise ValueError(f"max_frame {max_frame}")
             data = AgentConnection(worker_endpoint(str(welcome["worker"]), grant.agent),
                                    token=self.token, timeout=self.timeout, label=grant.agent)
             data.attach(welcome["session"], str(welcome["attach"]))
@@ -158,7 +164,8 @@ class AgentLink:
             if data is not None:
                 data.close()
             raise ProtocolError(f"malformed welcome from {grant.agent}: {e!r}") from None
-        return Opened(connection, data, welcome, grant, resume, asked, granted, base, size)
+        return Opened(connection, data, welcome, grant, resume, asked, granted, base, size,
+                      max_frame)
 
     def commit(self, opened: Opened) -> None:
         """Take ``opened`` into use: its connection is the link's, its welcome the resume's."""

@@ -69,13 +69,14 @@ class BatchWriter:
                  flush_bytes: int = DEFAULT_FLUSH_BYTES,
                  max_calls: int = protocol.MAX_CALLS_PER_BATCH,
                  max_inflight: int = protocol.MAX_INFLIGHT_BATCHES,
+                 max_frame: int = protocol.MAX_FRAME_BYTES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.connection = connection
         self.lock = lock or threading.RLock()
         self.flush_bytes = flush_bytes
         self.max_calls = min(max_calls, protocol.MAX_CALLS_PER_BATCH)
         self.max_inflight = max(1, min(max_inflight, protocol.MAX_INFLIGHT_BATCHES))
-        self._queue = CallQueue()
+        self._queue = CallQueue(max_frame)
         self._window = InflightWindow(connection, on_call_error)
         self._closing = False
         self._linger = LingerThread(linger, self._on_linger, self._has_queued)
@@ -134,6 +135,11 @@ class BatchWriter:
                 self._linger.wake()  # the linger thread sends it if nobody else does soon
             elif self._clock() - self._first_queued_at >= self._linger.linger:
                 self._flush_locked(False)
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame the agent takes (its welcome's ``max_frame``)."""
+        return self._queue.max_frame
 
     @property
     def queued_calls(self) -> int:

@@ -2,7 +2,9 @@
 
 Buffer arguments (the ``BUF`` arguments of ``protocol.OPS``) smaller than
 ``protocol.MAX_INLINE_BYTES`` are copied into the call (a snapshot); larger ones become the
-batch's zero-copy frames, referenced by ``FrameRef``. Each call has its ``CallMeta`` (op, the
+batch's zero-copy frames, referenced by ``FrameRef``; one larger than the agent's largest frame
+(``max_frame``, from its welcome) is the user's ``LogicError``, before anything is queued. Each
+call has its ``CallMeta`` (op, the
 user's call site, the callbacks of its result and its error). The profiler's recorder, when a
 profile runs, is told of every call as it is queued. Not thread-safe: the writer's lock guards it.
 """
@@ -13,8 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gpu_agent import protocol
+from gpu_agent.sizes import format_bytes
 from harp_jupyter.profiler import recorder as profiling
 from harp_jupyter.shim.callsite import CallSite
+from harp_jupyter.shim.errors import LogicError
 
 #: (op, call site, on_result, on_error) of one queued call
 CallMeta = tuple[str, CallSite | None, Callable[[Any], None] | None, Callable[[], None] | None]
@@ -39,7 +43,9 @@ def byte_view(buffer: Any) -> memoryview:
 class CallQueue:
     """Calls, their metas and frames, in the order they were added."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = protocol.MAX_FRAME_BYTES) -> None:
+        #: the largest frame the agent takes (``harp-agent --max-frame``)
+        self.max_frame = max_frame
         self.calls: list[list[Any]] = []
         self.metas: list[CallMeta] = []
         self.frames: list[memoryview] = []
@@ -56,8 +62,14 @@ class CallQueue:
         positions = BUF_POSITIONS.get(op)
         call = [op, *args]
         if positions:
-            for i in positions:
-                call[i + 1] = self._buffer_argument(call[i + 1])
+            frames = len(self.frames)
+            try:
+                for i in positions:
+                    call[i + 1] = self._buffer_argument(op, call[i + 1])
+            except LogicError:
+                del self.frames[frames:]
+                self.frame_bytes = sum(frame.nbytes for frame in self.frames)
+                raise
         if op in profiling.NAMING_OPS:
             profiling.note_kernel_name(op, call[1:])
         if profiling.active is not None:
@@ -76,7 +88,7 @@ class CallQueue:
         self.calls.append(call)
         self.metas.append((op, site, None, None))
 
-    def _buffer_argument(self, value: Any) -> Any:
+    def _buffer_argument(self, op: str, value: Any) -> Any:
         if type(value) is bytes and len(value) < protocol.MAX_INLINE_BYTES:
             return value  # the common case (a kernel's packed arguments): inline as it is
         if isinstance(value, protocol.FrameRef):
@@ -84,6 +96,12 @@ class CallQueue:
         view = byte_view(value)
         if view.nbytes < protocol.MAX_INLINE_BYTES:
             return value if isinstance(value, bytes) else view.tobytes()
+        if view.nbytes > self.max_frame:
+            raise LogicError(
+                f"{op}: its data is {format_bytes(view.nbytes)}, more than the "
+                f"{format_bytes(self.max_frame)} the agent takes in one piece (harp-agent "
+                "--max-frame): make it smaller, or ask the agent's operator for a larger "
+                "--max-frame. Nothing was sent; the session goes on.")
         self.frames.append(view)
         self.frame_bytes += view.nbytes
         return protocol.FrameRef(len(self.frames))

@@ -75,7 +75,8 @@ class SessionRestore:
             if restored:
                 self.restores += 1
             link.commit(opened)
-            writer = BatchWriter(opened.data, host._on_call_error, lock=host.lock)
+            writer = BatchWriter(opened.data, host._on_call_error, lock=host.lock,
+                                 max_frame=opened.max_frame)
             host.use_writer(writer)
             try:
                 parking.send_carried(writer)

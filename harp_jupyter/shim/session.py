@@ -189,6 +189,12 @@ class RemoteSession:
 
     # the ParkingHost side: what parking and the link tell this session
 
+    @property
+    def max_frame(self) -> int:
+        """The largest frame the agent takes (its welcome's; the protocol's before one)."""
+        writer = self._writer
+        return writer.max_frame if writer is not None else protocol.MAX_FRAME_BYTES
+
     def current_writer(self) -> BatchWriter | None:
         return self._writer
 
@@ -453,11 +459,11 @@ class RemoteSession:
             self._memory_calls.send_deferred()
         site = user_call_site(2)
         if keep:
-            for offset, size in async_chunks(nbytes):
+            for offset, size in async_chunks(nbytes, writer.max_frame):
                 self._add(writer, "htod", [int(dst) + offset, view[offset:offset + size],
                                            stream], site, end_batch=True)
             return
-        pieces = copy_pieces(nbytes)
+        pieces = copy_pieces(nbytes, writer.max_frame)
         if nbytes <= SNAPSHOT_COPY_BYTES:
             # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer; a
             # piece goes as soon as it is copied, so the next copy overlaps its sending
@@ -492,7 +498,8 @@ class RemoteSession:
         with self.lock:
             if self._deferred:
                 self._memory_calls.send_deferred()
-            pieces = copy_pieces(nbytes) if wait else async_chunks(nbytes)
+            pieces = (copy_pieces(nbytes, writer.max_frame) if wait
+                      else async_chunks(nbytes, writer.max_frame))
             if wait and len(pieces) == 1:
                 self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
                                ("dtoh", site, _copy_into(view), None))
@@ -525,21 +532,24 @@ class RemoteSession:
         atexit.unregister(self.close)
 
 
-def copy_pieces(nbytes: int) -> list[tuple[int, int]]:
+def copy_pieces(nbytes: int, max_frame: int = protocol.MAX_FRAME_BYTES
+                ) -> list[tuple[int, int]]:
     """``(offset, size)`` of the pieces a copy of ``nbytes`` goes in: none for nothing, one
     below ``PIPELINE_MIN_BYTES``, else ``PIPELINE_PIECES`` of whole pages, each within
-    ``PIECE_MIN_BYTES`` and ``PIECE_MAX_BYTES`` (the last may be shorter)."""
-    if nbytes < PIPELINE_MIN_BYTES:
+    ``PIECE_MIN_BYTES`` and ``PIECE_MAX_BYTES`` (the last may be shorter); none larger than
+    the agent's ``max_frame``."""
+    if nbytes <= max_frame and nbytes < PIPELINE_MIN_BYTES:
         return [(0, nbytes)] if nbytes else []
     quarter = (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095
-    size = min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter))
+    size = max(1, min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter), max_frame))
     return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
 
 
-def async_chunks(nbytes: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the calls an asynchronous copy of ``nbytes`` goes in."""
-    return [(offset, min(ASYNC_CHUNK_BYTES, nbytes - offset))
-            for offset in range(0, nbytes, ASYNC_CHUNK_BYTES)]
+def async_chunks(nbytes: int, max_frame: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the calls an asynchronous copy of ``nbytes`` goes in, each within
+    ``ASYNC_CHUNK_BYTES`` and the agent's ``max_frame``."""
+    chunk = max(1, min(ASYNC_CHUNK_BYTES, max_frame))
+    return [(offset, min(chunk, nbytes - offset)) for offset in range(0, nbytes, chunk)]
 
 
 def _host_buffer(nbytes: int) -> np.ndarray:

@@ -144,7 +144,7 @@ class TorchClient:
     def write(self, handle: int, host: torch.Tensor) -> None:
         """Copy the contiguous host tensor ``host`` into the contiguous tensor ``handle``."""
         data = _bytes_of(host)
-        for offset, size in copy_pieces(data.nbytes):
+        for offset, size in copy_pieces(data.nbytes, self.session().max_frame):
             self.call("torch_write", handle, offset, data[offset:offset + size])
 
     def read(self, handle: int, out: torch.Tensor) -> None:
@@ -155,7 +155,7 @@ class TorchClient:
         if nbytes == 0:
             self.call_sync("synchronize")
             return
-        pieces = copy_pieces(nbytes)
+        pieces = copy_pieces(nbytes, self.session().max_frame)
         for offset, size in pieces[:-1]:
             self.call_later("torch_download", handle, offset, size,
                             on_result=_copy_into(target[offset:offset + size]))

@@ -7,10 +7,12 @@ import itertools
 import pytest
 
 from harp_jupyter.shim.session import (
+    ASYNC_CHUNK_BYTES,
     PIECE_MAX_BYTES,
     PIECE_MIN_BYTES,
     PIPELINE_MIN_BYTES,
     PIPELINE_PIECES,
+    async_chunks,
     copy_pieces,
 )
 
@@ -42,3 +44,20 @@ def test_every_piece_but_the_last_starts_and_ends_on_a_page() -> None:
         pieces = copy_pieces(nbytes)
         assert all(offset % 4096 == 0 for offset, _ in pieces)
         assert all(size % 4096 == 0 for _, size in pieces[:-1])
+
+
+@pytest.mark.parametrize("max_frame", [4096, 100_000, PIECE_MIN_BYTES, 3 << 20])
+@pytest.mark.parametrize("nbytes", [1, 5000, PIPELINE_MIN_BYTES - 1, 3 << 20, (40 << 20) + 9])
+def test_no_piece_or_chunk_is_larger_than_the_agents_frame_bound(nbytes: int,
+                                                                 max_frame: int) -> None:
+    for cut in (copy_pieces(nbytes, max_frame), async_chunks(nbytes, max_frame)):
+        assert sum(size for _, size in cut) == nbytes
+        assert all(0 < size <= max_frame for _, size in cut)
+        for (offset, size), (following, _) in itertools.pairwise(cut):
+            assert following == offset + size
+
+
+def test_async_copies_go_in_chunks_not_pieces() -> None:
+    assert async_chunks(3 << 20, 1 << 40) == [(0, 3 << 20)]
+    assert len(async_chunks(ASYNC_CHUNK_BYTES + 1, 1 << 40)) == 2
+    assert async_chunks(0, 1 << 40) == []

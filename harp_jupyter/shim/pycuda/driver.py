@@ -653,6 +653,7 @@ class Module:
         raise _unsupported("surface references (Module.get_surfref)")
 
 
+@user_facing
 def module_from_buffer(buffer: Any, options: Sequence[Any] | None = None,
                        message_handler: Callable[..., Any] | None = None) -> Module:
     """A module from a cubin/PTX/fatbin image (loaded on the agent; ``options`` are ignored)."""
@@ -663,6 +664,7 @@ def module_from_buffer(buffer: Any, options: Sequence[Any] | None = None,
     return Module(session, handle)
 
 
+@user_facing
 def module_from_file(filename: str) -> Module:
     with open(filename, "rb") as f:
         return module_from_buffer(f.read())

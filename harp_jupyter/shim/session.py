@@ -56,8 +56,9 @@ PIPELINE_MIN_BYTES = 1 << 20
 PIPELINE_PIECES = 4
 #: the size bounds of a piece: each piece costs a message's work on both sides, and each is a
 #: message the agent holds whole before copying it. On an H200 host, 16 MiB went fastest in
-#: 1 MiB pieces, 4 MiB in 512 KiB-1 MiB ones, and 1 MiB in two as fast as in four
-PIECE_MIN_BYTES = 512 << 10
+#: 1 MiB pieces and 4 MiB in 512 KiB-1 MiB ones; 1 MiB went in four pieces 0-15% faster up
+#: than in two, and as fast down, over three runs (8 interleaved rounds in the last)
+PIECE_MIN_BYTES = 256 << 10
 PIECE_MAX_BYTES = 1 << 20
 #: an asynchronous copy (``memcpy_htod_async``, ``memcpy_dtoh_async``) goes in calls of at most
 #: this many bytes: the caller does not wait for it, so the copies around it overlap it already,

@@ -25,10 +25,13 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-#: a frame smaller than this is copied into ZeroMQ's message: on an H200 host a copied 128 KiB
-#: frame's round trip was as fast as a zero-copy one (without busy polling), a 256 KiB one 10-18 µs
-#: slower (a loopback round trip of one frame each way, 2026-12-02)
-COPY_BELOW_BYTES = 256 << 10
+#: a frame smaller than this is copied into ZeroMQ's message, which covers the pieces of a 1-2 MiB
+#: copy (harp_jupyter.shim.session.copy_pieces). Without busy polling a copied 256 KiB-1 MiB frame
+#: made a slower round trip than a zero-copy one (bench/results/copy-pipeline-nvidia-h200.md), but
+#: through the shim, where both sides poll, copying frames up to 1 MiB took a 1 MiB download from
+#: 484-523 to 392-408 µs (p50) and an upload from 408-475 to 401-404, with fewer wake-ups of the
+#: sender's threads (bench/op_costs.py, H200, two interleaved pairs of runs, 2026-12-02)
+COPY_BELOW_BYTES = 1 << 20
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 #: the longest busy poll a flag may ask for: past a millisecond it only burns CPU

@@ -61,3 +61,12 @@ def test_async_copies_go_in_chunks_not_pieces() -> None:
     assert async_chunks(3 << 20, 1 << 40) == [(0, 3 << 20)]
     assert len(async_chunks(ASYNC_CHUNK_BYTES + 1, 1 << 40)) == 2
     assert async_chunks(0, 1 << 40) == []
+
+
+def test_the_pieces_of_a_copy_up_to_two_mib_go_as_copied_frames() -> None:
+    """Each such piece is sent as ZeroMQ's own copy, not zero-copy: a zero-copy frame is freed
+    by pyzmq's collector thread, a wake-up per piece (bench/op_costs.py)."""
+    from gpu_agent import multipart
+
+    for nbytes in (PIPELINE_MIN_BYTES, 2 << 20):
+        assert all(size < multipart.COPY_BELOW_BYTES for _, size in copy_pieces(nbytes))

@@ -2,11 +2,12 @@
 
 Buffer arguments (the ``BUF`` arguments of ``protocol.OPS``) smaller than
 ``protocol.MAX_INLINE_BYTES`` are copied into the call (a snapshot); larger ones become the
-batch's zero-copy frames, referenced by ``FrameRef``; one larger than the agent's largest frame
-(``max_frame``, from its welcome) is the user's ``LogicError``, before anything is queued. Each
-call has its ``CallMeta`` (op, the
-user's call site, the callbacks of its result and its error). The profiler's recorder, when a
-profile runs, is told of every call as it is queued. Not thread-safe: the writer's lock guards it.
+batch's frames, referenced by ``FrameRef`` (``gpu_agent.multipart.send`` decides whether ZeroMQ
+copies one or takes it zero-copy); one larger than the agent's largest frame (``max_frame``,
+from its welcome) is the user's ``LogicError``, before anything is queued. Each call has its
+``CallMeta`` (op, the user's call site, the callbacks of its result and its error). The
+profiler's recorder, when a profile runs, is told of every call as it is queued. Not
+thread-safe: the writer's lock guards it.
 """
 
 from __future__ import annotations

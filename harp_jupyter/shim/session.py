@@ -56,8 +56,8 @@ PIPELINE_MIN_BYTES = 1 << 20
 PIPELINE_PIECES = 4
 #: the size bounds of a piece: each piece costs a message's work on both sides, and each is a
 #: message the agent holds whole before copying it. On an H200 host, 16 MiB went fastest in
-#: 1 MiB pieces and 4 MiB in 512 KiB-1 MiB ones; 1 MiB went in four pieces 0-15% faster up
-#: than in two, and as fast down, over three runs (8 interleaved rounds in the last)
+#: 1 MiB pieces and 4 MiB in 512 KiB-1 MiB ones; in four interleaved comparisons a 1 MiB copy
+#: went up 1-14% faster in four pieces than in two, and down within 5% either way
 PIECE_MIN_BYTES = 256 << 10
 PIECE_MAX_BYTES = 1 << 20
 #: an asynchronous copy (``memcpy_htod_async``, ``memcpy_dtoh_async``) goes in calls of at most
@@ -188,13 +188,13 @@ class RemoteSession:
         finally:
             self.lock.release()
 
-    # the ParkingHost side: what parking and the link tell this session
-
     @property
     def max_frame(self) -> int:
         """The largest frame the agent takes (its welcome's; the protocol's before one)."""
         writer = self._writer
         return writer.max_frame if writer is not None else protocol.MAX_FRAME_BYTES
+
+    # the ParkingHost side: what parking and the link tell this session
 
     def current_writer(self) -> BatchWriter | None:
         return self._writer

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from forwarding import report  # noqa: E402
-from workloads import size_label  # noqa: E402
+from workloads import run_times, size_label  # noqa: E402
 
 SIZES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
 PIECES = (2, 4, 8, 16)
@@ -104,13 +103,7 @@ def serve(ports: Any, emulated: bool) -> None:
 
 def timed_us(once: Any, reps: int, best: bool) -> float:
     """``once()``'s time in µs over ``reps`` runs after a warm-up: the best, or the p50."""
-    for _ in range(max(2, reps // 10)):
-        once()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
+    times = run_times(once, reps, warmup=max(2, reps // 10))
     return (min(times) if best else float(np.percentile(times, 50))) * 1e6
 
 

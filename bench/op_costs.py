@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from forwarding import ENV, report, start_agent  # noqa: E402
 from raw_zmq import serve  # noqa: E402
+from workloads import run_times  # noqa: E402
 
 COUNTERS = ("vcsw", "ivcsw", "minflt")
 KiB, MiB = 1 << 10, 1 << 20
@@ -67,14 +67,9 @@ def counters(pid: int, descendants: bool) -> dict[str, int]:
 def measure(once: Callable[[], Any], server_pid: int, reps: int) -> dict[str, float]:
     """``once`` ``reps`` times (after 30 not counted): its p50 and best (µs), and per call
     the counters of this process and of ``server_pid`` with its descendants."""
-    for _ in range(30):
-        once()
+    run_times(once, 0, warmup=30)
     client, server = counters(os.getpid(), False), counters(server_pid, True)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
+    times = run_times(once, reps, warmup=0)
     client_after, server_after = counters(os.getpid(), False), counters(server_pid, True)
     figures = {"p50_us": float(np.median(times)) * 1e6, "best_us": min(times) * 1e6}
     for side, before, after in (("client", client, client_after),

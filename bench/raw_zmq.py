@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import zmq
-from workloads import COPY_SIZES, copy_key
+from workloads import COPY_SIZES, copy_key, run_times
 
 
 def serve(ports: Any) -> None:
@@ -58,12 +58,7 @@ def main() -> None:
                                     socket.recv())),
             ("d2h", lambda n=nbytes: (socket.send(b"get%d" % n), socket.recv(copy=False))),
         ):
-            once()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                once()
-                times.append(time.perf_counter() - start)
+            times = run_times(once, reps)
             results[copy_key(name, nbytes)] = data.nbytes / min(times) / 1e9
     socket.send(b"stop")
     socket.recv()

@@ -14,7 +14,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +43,18 @@ def size_label(nbytes: int) -> str:
 
 def copy_key(direction: str, nbytes: int) -> str:
     return f"{direction}_{size_label(nbytes)}_GBps"
+
+
+def run_times(once: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
+    """Seconds each of ``reps`` calls of ``once()`` took, after ``warmup`` calls not timed."""
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def tree_cpu(pid: int) -> dict[tuple[int, str], float]:
@@ -139,12 +153,7 @@ def main() -> None:
         for name, copy in (("h2d", lambda d=dev, h=data: (cuda.memcpy_htod(d, h),
                                                           cuda.Context.synchronize())),
                            ("d2h", lambda d=dev, h=data: cuda.memcpy_dtoh(h, d))):
-            copy()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                copy()
-                times.append(time.perf_counter() - start)
+            times = run_times(copy, reps)
             results[copy_key(name, nbytes)] = data.nbytes / min(times) / 1e9
         dev.free()
         if mode == "local":

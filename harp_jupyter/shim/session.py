@@ -542,15 +542,19 @@ def copy_pieces(nbytes: int, max_frame: int = protocol.MAX_FRAME_BYTES
     if nbytes <= max_frame and nbytes < PIPELINE_MIN_BYTES:
         return [(0, nbytes)] if nbytes else []
     quarter = (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095
-    size = max(1, min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter), max_frame))
-    return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
+    return _cut(nbytes, min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter), max_frame))
 
 
 def async_chunks(nbytes: int, max_frame: int) -> list[tuple[int, int]]:
     """``(offset, size)`` of the calls an asynchronous copy of ``nbytes`` goes in, each within
     ``ASYNC_CHUNK_BYTES`` and the agent's ``max_frame``."""
-    chunk = max(1, min(ASYNC_CHUNK_BYTES, max_frame))
-    return [(offset, min(chunk, nbytes - offset)) for offset in range(0, nbytes, chunk)]
+    return _cut(nbytes, min(ASYNC_CHUNK_BYTES, max_frame))
+
+
+def _cut(nbytes: int, size: int) -> list[tuple[int, int]]:
+    """``(offset, size)`` of ``nbytes`` in parts of ``size`` (at least 1), the last shorter."""
+    size = max(1, size)
+    return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
 
 
 def _host_buffer(nbytes: int) -> np.ndarray:

@@ -390,6 +390,26 @@ def test_max_frame_bounds_one_dtoh(agent_starter: Any) -> None:
         neighbour.close()
 
 
+def test_an_upload_frame_over_max_frame_drops_that_client_alone(agent_starter: Any) -> None:
+    """The welcome says the bound (the shim cuts its copies to it and refuses a larger buffer
+    before sending); a raw client that sends a larger frame anyway is cut off by ZeroMQ's
+    message size limit, unanswered, and its neighbour is served as before."""
+    agent = agent_starter("--max-frame", "1MiB", "--slots", "2")
+    bad, neighbour = RawClient(agent.endpoint, timeout_ms=2000), RawClient(agent.endpoint)
+    try:
+        welcome = bad.hello()
+        assert welcome["max_frame"] == MiB
+        base = welcome["range"][0]
+        neighbour_base = stored(neighbour, b"neighbour")
+        assert bad.batch(["alloc", base, 4 * MiB])[0]["e"] is None
+        with pytest.raises(zmq.Again):
+            bad.batch(["htod", base, P.FrameRef(1), None], frames=(b"x" * (3 * MiB),))
+        assert read_back(neighbour, neighbour_base, 9) == b"neighbour"
+    finally:
+        bad.close()
+        neighbour.close()
+
+
 def test_fetch_timeout_bounds_the_wait_for_an_agent_that_never_answers(
         agent_starter: Any) -> None:
     agent = agent_starter("--fetch-timeout", "1", "--slots", "2")

@@ -18,7 +18,7 @@ times; raw pyzmq's round trip, put and get of the same sizes run in the same rou
 - **batch to batch**: from one batch's start to the next's, the pace the worker was fed at;
 - **reply after**: from the worker's last batch's end to the notebook having the answer.
 
-A copy in pieces (``harp_jupyter.shim.session.copy_pieces``) is a pipeline: its pace is its
+A copy in pieces (``harp_jupyter.shim.host_copies.copy_pieces``) is a pipeline: its pace is its
 slowest stage, so the table also gives what each piece costs the notebook (its copy and send,
 from one send's start to the next) and the wire (raw pyzmq's time at that size less its round
 trip, per piece). Each round runs every side, in rotated order; each operation's figures come

@@ -142,7 +142,7 @@ def bounds(local: dict, shim: dict, raw: dict) -> list[str]:
     last piece's device copy after everything arrived; the other way round for D2H)."""
     if not local or copy_key("host", COPY_SIZES[0][0]) not in local:
         return []
-    from harp_jupyter.shim.session import SNAPSHOT_COPY_BYTES, copy_pieces
+    from harp_jupyter.shim.host_copies import SNAPSHOT_COPY_BYTES, copy_pieces
 
     lines = ["", "What bounds each copy: the time of its steps (µs, each measured in this run) "
              "done one after another, and with the shim's pieces overlapping all but one "

@@ -10,7 +10,7 @@ threads) and of the server side: raw pyzmq's ROUTER process (``bench/raw_zmq.py`
 trip, a 64 KiB and a 1 MiB put and get; the agent's processes for a 4-byte read, a
 synchronize, and a 64 KiB and a 1 MiB upload (then a synchronize) and download through the shim
 (the shim's side in a process of its own). A copy the shim cuts into pieces
-(``harp_jupyter.shim.session.copy_pieces``) sends a batch per piece, each answered: the
+(``harp_jupyter.shim.host_copies.copy_pieces``) sends a batch per piece, each answered: the
 switches per copy against raw pyzmq's say what that costs on this machine.
 """
 

@@ -30,49 +30,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from gpu_agent import protocol
-from gpu_agent.staging_buffers import StagingBuffers
 from harp_jupyter.shim import kernel_output
 from harp_jupyter.shim.agent_link import AgentLink
-from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta, byte_view
+from harp_jupyter.shim.batch import BUF_POSITIONS, BatchWriter, CallMeta
 from harp_jupyter.shim.call_errors import CallErrors, lost_sessions
 from harp_jupyter.shim.callsite import CallSite, user_call_site
 from harp_jupyter.shim.device_memory import DeviceMemory
-from harp_jupyter.shim.errors import Error, GPULostError, ProtocolError
+from harp_jupyter.shim.errors import Error, GPULostError
+from harp_jupyter.shim.host_copies import HostCopies
 from harp_jupyter.shim.lease import LeaseSource, reset_lease_source
 from harp_jupyter.shim.memory_calls import MemoryCalls
 from harp_jupyter.shim.parking import SessionParking
 from harp_jupyter.shim.restore import SessionRestore
-
-#: a host<->device copy the caller waits for, of at least this many bytes, goes in pieces, one
-#: message each, so that the agent copies one piece to (or from) the GPU while the next is on
-#: the wire, and the notebook copies one out while the next arrives: done one after another,
-#: the wire, the device copy and the host copy of a 1-16 MiB copy leave at most 0.7x of the
-#: wire's own speed (bench/forwarding.py's bounds table)
-PIPELINE_MIN_BYTES = 1 << 20
-#: the pieces a pipelined copy is cut into, at least (more for a copy past their size bound)
-PIPELINE_PIECES = 4
-#: the size bounds of a piece: each piece costs a message's work on both sides, and each is a
-#: message the agent holds whole before copying it. On an H200 host, 16 MiB went fastest in
-#: 1 MiB pieces and 4 MiB in 512 KiB-1 MiB ones; in four interleaved comparisons a 1 MiB copy
-#: went up 1-14% faster in four pieces than in two, and down within 5% either way
-PIECE_MIN_BYTES = 256 << 10
-PIECE_MAX_BYTES = 1 << 20
-#: an asynchronous copy (``memcpy_htod_async``, ``memcpy_dtoh_async``) goes in calls of at most
-#: this many bytes: the caller does not wait for it, so the copies around it overlap it already,
-#: and pieces would only add batches. Under a network's delay a batch a piece costs round trips:
-#: at most ``protocol.MAX_INFLIGHT_BATCHES`` are in flight (bench/network_delay.py's image
-#: pipeline, 1 MiB frames, spent 2.7 round trips of a 1 ms delay per sync point with pieces)
-ASYNC_CHUNK_BYTES = 16 << 20
-
-#: a synchronous host->device copy up to this size is snapshotted by a copy and returns at once;
-#: a larger one goes zero-copy and returns when its data is on the wire
-SNAPSHOT_COPY_BYTES = 4 << 20
-#: the snapshots' buffers kept for reuse, at most (a new one would be fresh pages, each faulted
-#: in by the copy)
-SNAPSHOT_STAGING_BYTES = 16 << 20
 
 #: how many times in a row a restore may be parked again while it sends the calls that did not
 #: run before the error says so (each park means another kernel was waiting for the GPU)
@@ -87,8 +57,8 @@ class RemoteSession:
     """One session with one agent; see the module docstring. Its parts: ``AgentLink`` (lease,
     hello, resume), ``SessionParking`` (parks, and the agent's own), ``DeviceMemory``
     (addresses) with ``MemoryCalls`` (alloc/free), ``CallErrors`` (the deferred errors),
-    ``SessionRestore`` (connect or restore, send again what a park cut); the session keeps the
-    call API and the copies."""
+    ``SessionRestore`` (connect or restore, send again what a park cut), ``HostCopies`` (the
+    host<->device copies); the session keeps the call API."""
 
     def __init__(self, endpoint: str | None = None, *, token: str | None = None,
                  timeout: float | None = None, lease_source: LeaseSource | None = None) -> None:
@@ -102,12 +72,12 @@ class RemoteSession:
         self._writer: BatchWriter | None = None
         self._handles = itertools.count(1)
         self._errors = CallErrors(self.lock)
-        self._snapshots = StagingBuffers(SNAPSHOT_STAGING_BYTES, _host_buffer)
         self._closed = False
         #: times the user's code waited for the agent (sync points), for tests and profiles
         self.sync_points = 0
         self._restore = SessionRestore(self, self._link, self._parking, self._memory)
         self._memory_calls = MemoryCalls(self, self._memory, self._errors, self._restore)
+        self._copies = HostCopies(self, self._restore)
         # a park copies mapped memory: the cache of freed allocations is given back first
         self._parking.before_park = self._memory_calls.release_cache
 
@@ -443,74 +413,26 @@ class RemoteSession:
 
     # }}}
 
-    # {{{ bulk copies
+    # {{{ host<->device copies (HostCopies)
 
     def htod(self, dst: int, buffer: Any, stream: int | None = None, *,
              keep: bool = False) -> None:
-        """Copy ``buffer`` to device address ``dst``: in ``copy_pieces``, returning once they
-        are sent (large buffers go zero-copy; the buffer may then change); or, with ``keep``,
-        in ``async_chunks``, returning at once (the buffer must stay unchanged until the copy
+        """Copy ``buffer`` to device address ``dst``: returning once it is sent (the buffer may
+        then change); with ``keep``, at once (the buffer must stay unchanged until the copy
         executed, as for cuMemcpyHtoDAsync)."""
-        view = byte_view(buffer)
-        nbytes = view.nbytes
-        if nbytes == 0:
-            return
-        writer = self._ensure_connected()
-        if self._deferred:
-            self._memory_calls.send_deferred()
-        site = user_call_site(2)
-        if keep:
-            for offset, size in async_chunks(nbytes, writer.max_frame):
-                self._add(writer, "htod", [int(dst) + offset, view[offset:offset + size],
-                                           stream], site, end_batch=True)
-            return
-        pieces = copy_pieces(nbytes, writer.max_frame)
-        if nbytes <= SNAPSHOT_COPY_BYTES:
-            # copying is cheaper than waiting until ZeroMQ has sent the caller's buffer; a
-            # piece goes as soon as it is copied, so the next copy overlaps its sending
-            for offset, size in pieces:
-                self._add(writer, "htod", [int(dst) + offset,
-                                           self._snapshot(view[offset:offset + size]), stream],
-                          site, end_batch=len(pieces) > 1)
-            return
-        self._restore.send_tracked(writer, [
-            ("htod", [int(dst) + offset, view[offset:offset + size], stream])
-            for offset, size in pieces], site)
-
-    def _snapshot(self, piece: memoryview) -> Any:
-        """A copy of ``piece``: bytes when it goes inline, else a reused buffer's view."""
-        if piece.nbytes < protocol.MAX_INLINE_BYTES:
-            return piece.tobytes()
-        copy = self._snapshots.take(piece.nbytes)
-        copy[:] = piece
-        return copy
+        self._copies.htod(dst, buffer, stream, keep=keep)
 
     def dtoh_into(self, dest: Any, src: int, stream: int | None = None, *,
                   wait: bool = True) -> None:
         """Copy ``len(dest)`` bytes from device address ``src`` into the writable buffer
         ``dest``. With ``wait`` this is a sync point; without, ``dest`` is filled when the
         replies arrive (at the latest by the next sync point)."""
-        view = byte_view(dest)
-        if view.readonly:
-            raise TypeError("the destination buffer is read-only")
-        nbytes = view.nbytes
-        writer = self._ensure_connected()
-        site = user_call_site(2)
-        with self.lock:
-            if self._deferred:
-                self._memory_calls.send_deferred()
-            pieces = (copy_pieces(nbytes, writer.max_frame) if wait
-                      else async_chunks(nbytes, writer.max_frame))
-            if wait and len(pieces) == 1:
-                self._sync_one(writer, ["dtoh", int(src), nbytes, stream],
-                               ("dtoh", site, _copy_into(view), None))
-                return
-            for offset, size in pieces:
-                self._add(writer, "dtoh", [int(src) + offset, size, stream], site,
-                          _copy_into(view[offset:offset + size]),
-                          end_batch=wait or len(pieces) > 1)
-            if wait:
-                self._wait_all(self._current_or_restored(writer))
+        self._copies.dtoh_into(dest, src, stream, wait=wait)
+
+    def _send_deferred(self) -> None:
+        """Send what finalizers left for a user thread (``release_later``) first."""
+        if self._deferred:
+            self._memory_calls.send_deferred()
 
     # }}}
 
@@ -533,34 +455,6 @@ class RemoteSession:
         atexit.unregister(self.close)
 
 
-def copy_pieces(nbytes: int, max_frame: int = protocol.MAX_FRAME_BYTES
-                ) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the pieces a copy of ``nbytes`` goes in: none for nothing, one
-    below ``PIPELINE_MIN_BYTES``, else ``PIPELINE_PIECES`` of whole pages, each within
-    ``PIECE_MIN_BYTES`` and ``PIECE_MAX_BYTES`` (the last may be shorter); none larger than
-    the agent's ``max_frame``."""
-    if nbytes <= max_frame and nbytes < PIPELINE_MIN_BYTES:
-        return [(0, nbytes)] if nbytes else []
-    quarter = (-(-nbytes // PIPELINE_PIECES) + 4095) & ~4095
-    return _cut(nbytes, min(PIECE_MAX_BYTES, max(PIECE_MIN_BYTES, quarter), max_frame))
-
-
-def async_chunks(nbytes: int, max_frame: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of the calls an asynchronous copy of ``nbytes`` goes in, each within
-    ``ASYNC_CHUNK_BYTES`` and the agent's ``max_frame``."""
-    return _cut(nbytes, min(ASYNC_CHUNK_BYTES, max_frame))
-
-
-def _cut(nbytes: int, size: int) -> list[tuple[int, int]]:
-    """``(offset, size)`` of ``nbytes`` in parts of ``size`` (at least 1), the last shorter."""
-    size = max(1, size)
-    return [(offset, min(size, nbytes - offset)) for offset in range(0, nbytes, size)]
-
-
-def _host_buffer(nbytes: int) -> np.ndarray:
-    return np.empty(nbytes, np.uint8)
-
-
 def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool:
     for i in positions:
         value = args[i] if i < len(args) else None
@@ -572,16 +466,6 @@ def _has_large_buffer(args: tuple[Any, ...], positions: tuple[int, ...]) -> bool
         except TypeError:
             pass
     return False
-
-
-def _copy_into(target: memoryview) -> Callable[[Any], None]:
-    def copy(value: Any) -> None:
-        source = value if type(value) is memoryview else byte_view(value)
-        if source.nbytes != target.nbytes:
-            raise ProtocolError(f"dtoh returned {source.nbytes} bytes, expected {target.nbytes}")
-        target[:] = source
-
-    return copy
 
 
 # {{{ the process's session

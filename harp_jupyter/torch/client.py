@@ -22,7 +22,8 @@ import torch
 
 from gpu_agent import protocol
 from harp_jupyter.shim.errors import Error as ShimError
-from harp_jupyter.shim.session import RemoteSession, copy_pieces, get_session
+from harp_jupyter.shim.host_copies import copy_pieces
+from harp_jupyter.shim.session import RemoteSession, get_session
 
 
 class HarpTorchError(RuntimeError):

@@ -59,7 +59,7 @@ def test_copies_from_a_mib_go_in_pieces_a_batch_each_and_arrive_whole(
     """From ``PIPELINE_MIN_BYTES`` a copy goes as ``copy_pieces``, each piece a batch of its
     own (so the agent copies one while the next is on the wire), both ways, snapshotted (up to
     4 MiB) or zero-copy; below it one call. Every byte arrives in its place."""
-    from harp_jupyter.shim.session import PIPELINE_MIN_BYTES, copy_pieces
+    from harp_jupyter.shim.host_copies import PIPELINE_MIN_BYTES, copy_pieces
 
     data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
     dev = cuda.mem_alloc(nbytes)
@@ -88,7 +88,7 @@ def test_snapshots_reuse_buffers_only_once_their_batches_were_answered(
     once. Many uploads in a row, the source changed after each, past the buffers' bound: none
     is overwritten by a later one (a buffer is reused only once its batch was answered), and
     the buffers kept stay within their bound."""
-    from harp_jupyter.shim.session import SNAPSHOT_STAGING_BYTES
+    from harp_jupyter.shim.host_copies import SNAPSHOT_STAGING_BYTES
 
     count, nbytes = 80, 256 << 10
     assert count * nbytes > SNAPSHOT_STAGING_BYTES
@@ -101,7 +101,7 @@ def test_snapshots_reuse_buffers_only_once_their_batches_were_answered(
     back = np.empty(count * nbytes, np.uint8)
     cuda.memcpy_dtoh(back, dev)
     assert (back.reshape(count, nbytes) == np.arange(count, dtype=np.uint8)[:, None]).all()
-    assert 0 < get_session()._snapshots.held_bytes <= SNAPSHOT_STAGING_BYTES
+    assert 0 < get_session()._copies.snapshot_bytes <= SNAPSHOT_STAGING_BYTES
     dev.free()
 
 
@@ -480,7 +480,7 @@ def test_async_copies_go_whole_in_the_batch_they_join(cuda: ModuleType) -> None:
     a network's delay every extra batch costs round trips (at most 8 are in flight). A 3 MiB
     ``memcpy_htod_async`` ends its batch as one call; a ``memcpy_dtoh_async`` of the same size
     rides in the batch of the calls around it; the bytes arrive by the next sync point."""
-    from harp_jupyter.shim.session import ASYNC_CHUNK_BYTES, PIPELINE_MIN_BYTES
+    from harp_jupyter.shim.host_copies import ASYNC_CHUNK_BYTES, PIPELINE_MIN_BYTES
 
     nbytes = 3 << 20
     assert PIPELINE_MIN_BYTES <= nbytes < ASYNC_CHUNK_BYTES

@@ -1,4 +1,4 @@
-"""How the shim cuts a host<->device copy into pieces (``session.copy_pieces``)."""
+"""How the shim cuts a host<->device copy into pieces (``host_copies.copy_pieces``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from harp_jupyter.shim.session import (
+from harp_jupyter.shim.host_copies import (
     ASYNC_CHUNK_BYTES,
     PIECE_MAX_BYTES,
     PIECE_MIN_BYTES,

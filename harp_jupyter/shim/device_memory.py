@@ -25,11 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from harp_jupyter.shim.allocator import AddressAllocator, AddressSpaceExhausted
-from harp_jupyter.shim.callsite import CallSite
 from harp_jupyter.shim.errors import HandleError, MemoryError, ProtocolError
 
-#: how memory queues a call: the session's ``_add`` on its writer (op, args, site, on_result,
-#: on_error)
+#: how memory queues a call: ``add(op, args, on_result=None, on_error=None)``, the session's
+#: ``_add`` on its writer under the user's call site (``MemoryCalls`` makes it)
 AddCall = Callable[..., None]
 
 #: HARP_CACHED_MEMORY's default: this fraction of the slot, at most DEFAULT_CACHE_CAP bytes
@@ -99,8 +98,7 @@ class DeviceMemory:
         self.slot_bytes = total_memory
         return restored
 
-    def allocate(self, add: AddCall, nbytes: int, site: CallSite | None
-                 ) -> tuple[int, list[int], bool]:
+    def allocate(self, add: AddCall, nbytes: int) -> tuple[int, list[int], bool]:
         """Choose the address and queue the chunk maps with ``add`` (the session's, lock held):
         (address, the list the chunks that fail are added to, whether the agent must be waited
         for)."""
@@ -112,8 +110,8 @@ class DeviceMemory:
         # nothing cached skips the search allocate() makes anyway
         need = allocator.bytes_to_map(nbytes) if large or allocator.cached_bytes else 0
         if need and large:  # (a cached chunk needs no room)
-            self._unmap(add, allocator.release_spare(), site)
-        self._make_room(add, need, site)
+            self._unmap(add, allocator.release_spare())
+        self._make_room(add, need)
         try:
             addr, chunks = allocator.allocate(nbytes)
         except AddressSpaceExhausted as e:
@@ -122,7 +120,7 @@ class DeviceMemory:
             # a cached chunk: work queued on another stream may still use it. cuMemAlloc is an
             # ordering point between streams (CUDA's implicit synchronization); a 1-byte memset
             # on the legacy default stream is one too, without draining the GPU
-            add("memset", [addr, 0, 1, 1, None], site)
+            add("memset", [addr, 0, 1, 1, None])
         must_wait = False
         failed: list[int] = []
         for chunk_addr, size in chunks:
@@ -131,11 +129,10 @@ class DeviceMemory:
             if estimate is not None:
                 must_wait = must_wait or size > estimate
                 self.free_estimate = estimate - size
-            add("alloc", [chunk_addr, size], site, None,
-                _chunk_failed(allocator, chunk_addr, failed))
+            add("alloc", [chunk_addr, size], None, _chunk_failed(allocator, chunk_addr, failed))
         return addr, failed, must_wait
 
-    def release(self, add: AddCall, addr: int, site: CallSite | None) -> None:
+    def release(self, add: AddCall, addr: int) -> None:
         """Queue the unmapping of the allocation at ``addr`` (lock held)."""
         allocator = self.allocator
         assert allocator is not None
@@ -143,13 +140,13 @@ class DeviceMemory:
             chunks = allocator.release(addr)
         except ValueError:
             raise HandleError(f"cuMemFree failed: no allocation at {addr:#x}") from None
-        self._unmap(add, chunks, site)
+        self._unmap(add, chunks)
 
-    def release_cache(self, add: AddCall, site: CallSite | None) -> None:
+    def release_cache(self, add: AddCall) -> None:
         """Unmap every cached chunk (lock held): before a park, at a ``mem_get_info``."""
         allocator = self.allocator
         if allocator is not None:
-            self._unmap(add, allocator.evict_cached(), site)
+            self._unmap(add, allocator.evict_cached())
 
     @property
     def cached_bytes(self) -> int:
@@ -158,7 +155,7 @@ class DeviceMemory:
         allocator = self.allocator
         return allocator.cached_bytes if allocator is not None else 0
 
-    def _make_room(self, add: AddCall, need: int, site: CallSite | None) -> None:
+    def _make_room(self, add: AddCall, need: int) -> None:
         """Unmap cached chunks, oldest first, until the free memory as last known (and the
         slot's room) would still hold what stays cached once ``need`` new bytes are mapped:
         the cache never takes the room an allocation needs, with a margin of its own size
@@ -177,12 +174,11 @@ class DeviceMemory:
         short = need + cached - min(rooms)
         if short > 0:
             # each byte unmapped leaves the cache and joins the free memory: half suffices
-            self._unmap(add, allocator.evict_cached((short + 1) // 2), site)
+            self._unmap(add, allocator.evict_cached((short + 1) // 2))
 
-    def _unmap(self, add: AddCall, chunks: list[tuple[int, int]],
-               site: CallSite | None) -> None:
+    def _unmap(self, add: AddCall, chunks: list[tuple[int, int]]) -> None:
         for chunk, size in chunks:
-            add("free", [chunk], site)
+            add("free", [chunk])
             self.note_unmapped(size)
 
     def owns(self, addr: int) -> bool:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from functools import partial
 from typing import Any, Protocol
 
 from harp_jupyter.shim.batch import BatchWriter
 from harp_jupyter.shim.call_errors import CallErrors
 from harp_jupyter.shim.callsite import CallSite, user_call_site
-from harp_jupyter.shim.device_memory import DeviceMemory
+from harp_jupyter.shim.device_memory import AddCall, DeviceMemory
 from harp_jupyter.shim.errors import LogicError
 from harp_jupyter.shim.restore import SessionRestore
 
@@ -64,15 +63,29 @@ class MemoryCalls:
             raise LogicError("cuMemAlloc failed: invalid argument (size must be positive)")
         host = self._host
         writer = host._ensure_connected()
-        site = user_call_site(3)
         with host.lock:
             if self._deferred:
                 self.send_deferred()
-            addr, failed, must_wait = self._memory.allocate(partial(host._add, writer), nbytes,
-                                                            site)
+            addr, failed, must_wait = self._memory.allocate(self._queue_on(writer), nbytes)
             if must_wait:
                 self._wait_for_alloc(host._current_or_restored(writer), addr, failed)
         return addr
+
+    def _queue_on(self, writer: BatchWriter, *, site: bool = True) -> AddCall:
+        """What ``DeviceMemory`` queues its calls with: the session's ``_add`` on ``writer``,
+        under the user's call site (with ``site``), found when the first call is queued. Most
+        allocations and frees queue none (sub-allocated, or cached), and walking the stack
+        for them had been two of the three walks of a small array operation."""
+        host = self._host
+        found: list[CallSite | None] = [] if site else [None]
+
+        def add(op: str, args: list[Any], on_result: Callable[[Any], None] | None = None,
+                on_error: Callable[[], None] | None = None) -> None:
+            if not found:
+                found.append(user_call_site())
+            host._add(writer, op, args, found[0], on_result, on_error)
+
+        return add
 
     def _wait_for_alloc(self, writer: BatchWriter, addr: int, failed: list[int]) -> None:
         self._restore.wait_everything(writer)
@@ -91,7 +104,7 @@ class MemoryCalls:
             self._deferred.append(("free", int(addr)))
             return
         with host.lock:
-            self._memory.release(partial(host._add, writer), int(addr), user_call_site(3))
+            self._memory.release(self._queue_on(writer), int(addr))
 
     def release_later(self, op: str, *args: Any) -> None:
         if not self._host.closed and self._errors.lost is None:
@@ -120,7 +133,7 @@ class MemoryCalls:
                 self.send_deferred()
             writer = writer or host.current_writer()
             if writer is not None and self._memory.cached_bytes:
-                self._memory.release_cache(partial(host._add, writer), None)
+                self._memory.release_cache(self._queue_on(writer, site=False))
 
     def mem_get_info(self) -> tuple[int, int]:
         # the user asks how much is free: cached chunks would count as used

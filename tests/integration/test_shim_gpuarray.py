@@ -93,6 +93,51 @@ def test_a_thousand_array_ops_make_no_round_trip_before_get(emulated_agent: Any)
         shim.deactivate()
 
 
+def test_an_array_operation_looks_for_the_users_line_once(
+        emulated_agent: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result array sub-allocated in a chunk already mapped queues no ``alloc``, and its
+    ``free`` none: the user's call site is looked for once per operation (the operation's own
+    call), not for the allocation and the free too; an allocation that does map a chunk still
+    carries the user's line."""
+    from harp_jupyter import shim
+    from harp_jupyter.shim import callsite, memory_calls
+    from harp_jupyter.shim import session as session_module
+    from harp_jupyter.shim.session import get_session, reset_session
+
+    walks: list[Any] = []
+
+    def counted(skip: int = 1) -> Any:
+        site = callsite.user_call_site(skip + 1)
+        walks.append(site)
+        return site
+
+    reset_session()
+    shim.activate(agent=emulated_agent.endpoint)
+    try:
+        import pycuda.autoinit  # noqa: F401
+        import pycuda.gpuarray as gpuarray
+
+        a = gpuarray.to_gpu(np.ones(1000, np.float32))
+        b = a - a  # the shared chunk is mapped now
+        del b
+        monkeypatch.setattr(memory_calls, "user_call_site", counted)
+        monkeypatch.setattr(session_module, "user_call_site", counted)
+        for _ in range(10):
+            b = a - a
+            del b
+        assert len(walks) == 10
+        assert {site[0] for site in walks} == {__file__}
+        walks.clear()
+        big = gpuarray.empty(1 << 22, np.float32)  # 16 MiB: chunks of its own, mapped now
+        queued = get_session()
+        assert [site[0] for site in walks] == [__file__]  # the alloc's, found when queued
+        del big
+        assert queued.lost is False
+    finally:
+        reset_session()
+        shim.deactivate()
+
+
 def test_structured_vector_arrays_travel_with_their_fields(emulated_agent: Any,
                                                            tmp_path: Path) -> None:
     script = tmp_path / "vec.py"

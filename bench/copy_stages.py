@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from forwarding import ENV, report  # noqa: E402
-from raw_zmq import serve  # noqa: E402
+import raw_zmq  # noqa: E402
+from forwarding import ENV, report, start_agent  # noqa: E402
 from workloads import run_times, size_label  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -111,39 +110,23 @@ def shim_side(endpoint: str, reps: int, out: str) -> None:
 
 def raw_side(reps: int) -> dict[str, list[float]]:
     """Raw pyzmq's time (µs) for each operation, ``reps`` times each."""
-    ports: Any = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
-    server.start()
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
-    times = {"read 4 B": run_times(lambda: (socket.send(b"ping"), socket.recv()), reps, 30)}
+    server, socket = raw_zmq.start_server()
+    times = {"read 4 B": run_times(lambda: raw_zmq.round_trip(socket), reps, 30)}
     for nbytes in SIZES:
         data = np.ones(nbytes, np.uint8)
         times[f"upload {size_label(nbytes)}"] = run_times(
-            lambda d=data: (socket.send_multipart([b"put", d], copy=False), socket.recv()),
-            reps, 30)
+            lambda d=data: raw_zmq.put(socket, d), reps, 30)
         times[f"download {size_label(nbytes)}"] = run_times(
-            lambda n=nbytes: (socket.send(b"get%d" % n), socket.recv(copy=False)), reps, 30)
-    socket.send(b"stop")
-    socket.recv()
-    server.join(5)
-    socket.close(0)
+            lambda n=nbytes: raw_zmq.get(socket, n), reps, 30)
+    raw_zmq.stop_server(server, socket)
     return {name: [t * 1e6 for t in values] for name, values in times.items()}
 
 
 def agent_with_stamps(emulated: bool, folder: str) -> tuple[subprocess.Popen, str]:
-    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(HERE / "stage_stamps"), ENV["PYTHONPATH"]]),
-               HARP_STAGE_STAMPS=folder)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpu_agent.cli", "--listen", "tcp://127.0.0.1:0",
-         "--log-level", "WARNING", "--executor", "emulated" if emulated else "pycuda"],
-        env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("harp-agent: serving"):
-            return proc, line.split()[2]
-    proc.kill()
-    raise SystemExit("the agent did not start")
+    """``start_agent`` with ``bench/stage_stamps`` in its processes, writing into ``folder``."""
+    return start_agent(emulated, env=dict(
+        ENV, PYTHONPATH=os.pathsep.join([str(HERE / "stage_stamps"), ENV["PYTHONPATH"]]),
+        HARP_STAGE_STAMPS=folder))
 
 
 def worker_stamps(folder: Path, deadline_s: float = STAMPS_WAIT_S) -> list[Stamp]:
@@ -179,12 +162,13 @@ def stages(marks: list[tuple[int, int]], client: list[Stamp], worker: list[Stamp
         rows["total"].append((ended - began) * us)
         rows["client_sent"].append((sends[-1][2] - began) * us)
         rows["first_batch"].append((runs[0][1] - began) * us)
-        rows["worker_run"].append(float(np.median([(r[2] - r[1]) * us for r in runs])))
+        run = float(np.median([(r[2] - r[1]) * us for r in runs]))
+        rows["worker_run"].append(run)
         rows["worker_op"].append(float(np.median([(o[2] - o[1]) * us for o in ops]))
                                  if ops else 0.0)
-        rows["worker_per_batch"].append(float(np.median(
-            [(r[2] - r[1]) * us for r in runs]) + np.median([(r[2] - r[1]) * us for r in replies]))
-            if replies else float("nan"))
+        rows["worker_per_batch"].append(
+            run + float(np.median([(r[2] - r[1]) * us for r in replies])) if replies
+            else float("nan"))
         rows["batch_to_batch"].append(float(np.median(np.diff([r[1] for r in runs]) * us))
                                       if len(runs) > 1 else 0.0)
         rows["send_to_send"].append(float(np.median(np.diff([s[1] for s in sends]) * us))

@@ -54,12 +54,14 @@ def run_json(args: list[str], timeout: float = 900,
     return json.loads(Path(out).read_text())
 
 
-def start_agent(emulated: bool, *extra: str) -> tuple[subprocess.Popen, str]:
-    """A local harp-agent on a free port; (process, endpoint) once it says it is serving."""
+def start_agent(emulated: bool, *extra: str, env: dict[str, str] | None = None
+                ) -> tuple[subprocess.Popen, str]:
+    """A local harp-agent on a free port (its environment ``env``, else ``ENV``); (process,
+    endpoint) once it says it is serving."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpu_agent.cli", "--listen", "tcp://127.0.0.1:0",
          "--log-level", "WARNING", "--executor", "emulated" if emulated else "pycuda", *extra],
-        env=ENV, stdout=subprocess.PIPE, text=True)
+        env=env or ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zmq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import raw_zmq  # noqa: E402
 from forwarding import ENV, report, start_agent  # noqa: E402
-from raw_zmq import serve  # noqa: E402
 from workloads import run_times  # noqa: E402
 
 COUNTERS = ("vcsw", "ivcsw", "minflt")
@@ -80,26 +78,16 @@ def measure(once: Callable[[], Any], server_pid: int, reps: int) -> dict[str, fl
 
 
 def raw_ops(reps: int) -> dict[str, dict[str, float]]:
-    ports: Any = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
-    server.start()
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
+    server, socket = raw_zmq.start_server()
     assert server.pid is not None
-    found = {"round trip": measure(lambda: (socket.send(b"ping"), socket.recv()), server.pid,
-                                   reps)}
+    found = {"round trip": measure(lambda: raw_zmq.round_trip(socket), server.pid, reps)}
     for nbytes in (64 * KiB, MiB):
         data = np.ones(nbytes, np.uint8)
         label = size_label(nbytes)
-        found[f"put {label}"] = measure(
-            lambda d=data: (socket.send_multipart([b"put", d], copy=False), socket.recv()),
-            server.pid, reps)
-        found[f"get {label}"] = measure(
-            lambda n=nbytes: (socket.send(b"get%d" % n), socket.recv(copy=False)),
-            server.pid, reps)
-    socket.send(b"stop")
-    socket.recv()
-    server.join(5)
+        found[f"put {label}"] = measure(lambda d=data: raw_zmq.put(socket, d), server.pid, reps)
+        found[f"get {label}"] = measure(lambda n=nbytes: raw_zmq.get(socket, n), server.pid,
+                                        reps)
+    raw_zmq.stop_server(server, socket)
     return found
 
 

@@ -34,14 +34,47 @@ def serve(ports: Any) -> None:
             socket.send_multipart([ident, b"ok"])
 
 
-def main() -> None:
+# {{{ the server in a process of its own, and its operations (other benchmarks use them too)
+
+def start_server() -> tuple[multiprocessing.Process, zmq.Socket]:
+    """The ROUTER process and a DEALER connected to it (the connection up: one ping answered)."""
     ports: Any = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
     server.start()
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.connect(f"tcp://127.0.0.1:{ports.get(timeout=30)}")
-    socket.send(b"ping")  # the connection is up once the first answer came
+    round_trip(socket)
+    return server, socket
+
+
+def round_trip(socket: zmq.Socket) -> None:
+    socket.send(b"ping")
     socket.recv()
+
+
+def put(socket: zmq.Socket, data: Any) -> None:
+    """``data`` to the server, zero-copy, and its answer once the frame arrived."""
+    socket.send_multipart([b"put", data], copy=False)
+    socket.recv()
+
+
+def get(socket: zmq.Socket, nbytes: int) -> None:
+    """``nbytes`` from the server (one of ``COPY_SIZES``), received zero-copy."""
+    socket.send(b"get%d" % nbytes)
+    socket.recv(copy=False)
+
+
+def stop_server(server: multiprocessing.Process, socket: zmq.Socket) -> None:
+    socket.send(b"stop")
+    socket.recv()
+    server.join(5)
+    socket.close(0)
+
+# }}}
+
+
+def main() -> None:
+    server, socket = start_server()
     results: dict[str, float] = {}
     samples = []
     for _ in range(3000):
@@ -53,16 +86,11 @@ def main() -> None:
     results["rtt_p99_us"] = float(np.percentile(samples[200:], 99))
     for nbytes, reps in COPY_SIZES:
         data = np.ones(nbytes, np.uint8)
-        for name, once in (
-            ("h2d", lambda d=data: (socket.send_multipart([b"put", d], copy=False),
-                                    socket.recv())),
-            ("d2h", lambda n=nbytes: (socket.send(b"get%d" % n), socket.recv(copy=False))),
-        ):
+        for name, once in (("h2d", lambda d=data: put(socket, d)),
+                           ("d2h", lambda n=nbytes: get(socket, n))):
             times = run_times(once, reps)
             results[copy_key(name, nbytes)] = data.nbytes / min(times) / 1e9
-    socket.send(b"stop")
-    socket.recv()
-    server.join(5)
+    stop_server(server, socket)
     with open(sys.argv[1], "w") as f:
         json.dump(results, f)
 
